@@ -1,0 +1,78 @@
+"""GPT2ScratchConfig: the GPT-2 hyperparameters, under GPT-2's own attribute names.
+
+This file travels to the Hub with the model: it imports nothing but `transformers`.
+"""
+
+from transformers import PretrainedConfig
+
+
+class GPT2ScratchConfig(PretrainedConfig):
+    """Configuration of a GPT-2 language model written from scratch.
+
+    The defaults are GPT-2 124M. `vocab_size` is GPT-2's 50257 tokens padded to 50304 (a multiple of 128) so the
+    embedding and LM-head matmuls hit fast kernels; the padded ids `>= tokenizer_vocab_size` never carry
+    probability (their logits are `-inf`, see `GPT2ScratchForCausalLM`).
+
+    Generic names work too: `hidden_size`, `num_hidden_layers`, `num_attention_heads`, `max_position_embeddings`
+    and the seed's `block_size` are aliases (`attribute_map`) for `n_embd`, `n_layer`, `n_head` and `n_positions`.
+
+    Raises:
+        ValueError: for a configuration that cannot work, naming the field (e.g. `n_embd` not divisible by `n_head`).
+    """
+
+    model_type = "gpt2_scratch"
+    keys_to_ignore_at_inference = ["cache"]
+    attribute_map = {
+        "hidden_size": "n_embd",
+        "num_hidden_layers": "n_layer",
+        "num_attention_heads": "n_head",
+        "max_position_embeddings": "n_positions",
+        "block_size": "n_positions",
+    }
+
+    vocab_size: int = 50304  # GPT-2's 50257 tokens padded to a multiple of 128 for speed
+    tokenizer_vocab_size: int = 50257  # ids the tokenizer can produce; logits of ids above it are -inf
+    n_positions: int = 1024  # context length
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None  # MLP width; None means 4 * n_embd
+    activation_function: str = "gelu_new"  # GPT-2's tanh approximation of GELU
+    resid_pdrop: float = 0.0  # GPT-2 used 0.1; pretraining on a large corpus does not need dropout
+    embd_pdrop: float = 0.0
+    attn_pdrop: float = 0.0
+    layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02
+    use_cache: bool = True
+    bos_token_id: int | None = 50256  # <|endoftext|>
+    eos_token_id: int | None = 50256
+    pad_token_id: int | None = None
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.validate_architecture()
+
+    def validate_architecture(self):
+        """Raise a `ValueError` naming the field for a configuration the model cannot be built from."""
+        for name in ("vocab_size", "tokenizer_vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"GPT2ScratchConfig.{name} must be a positive integer, got {value!r}.")
+        if self.n_inner is not None and (not isinstance(self.n_inner, int) or self.n_inner <= 0):
+            raise ValueError(f"GPT2ScratchConfig.n_inner must be a positive integer or None, got {self.n_inner!r}.")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(
+                f"GPT2ScratchConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): "
+                "choose n_head among the divisors of n_embd."
+            )
+        if self.vocab_size < self.tokenizer_vocab_size:
+            raise ValueError(
+                f"GPT2ScratchConfig.vocab_size ({self.vocab_size}) is smaller than the tokenizer's vocabulary "
+                f"(tokenizer_vocab_size={self.tokenizer_vocab_size}): use vocab_size >= {self.tokenizer_vocab_size} "
+                "(50304 pads GPT-2's 50257 for speed)."
+            )
+        for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"GPT2ScratchConfig.{name} must be in [0, 1), got {value!r}.")

@@ -1,0 +1,198 @@
+"""Hugging Face GPT-2 (`GPT2LMHeadModel`) <-> scratch GPT-2 weights.
+
+The module names are the same on both sides, so a conversion is a key-for-key copy plus:
+- GPT-2's `Conv1D` stores its weight as `(in_features, out_features)`, `nn.Linear` as `(out, in)`: the four
+  projection weights (`attn.c_attn`, `attn.c_proj`, `mlp.c_fc`, `mlp.c_proj`) are transposed;
+- the token embedding (and the tied LM head) is padded from GPT-2's 50257 rows to `config.vocab_size` (50304) with
+  zero rows on the way in, and sliced back on the way out;
+- the causal-mask buffers old HF checkpoints carry (`attn.bias`, `attn.masked_bias`) are dropped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from .configuration_gpt2_scratch import GPT2ScratchConfig
+
+if TYPE_CHECKING:
+    from .modeling_gpt2_scratch import GPT2ScratchForCausalLM
+
+TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+IGNORED_HF_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers, not weights
+VOCAB_MULTIPLE = 128  # pad the vocabulary to a multiple of this for fast matmuls
+
+
+def _is_transposed(key: str) -> bool:
+    return key.endswith(TRANSPOSED)
+
+
+def _is_ignored_hf_buffer(key: str) -> bool:
+    return key.endswith(IGNORED_HF_SUFFIXES)
+
+
+def config_from_hf(hf_config: GPT2Config, pad_vocab: bool = True) -> GPT2ScratchConfig:
+    """The scratch config with the same architecture as a Hugging Face `GPT2Config`.
+
+    Raises:
+        ValueError: if the HF config uses a GPT-2 variant this model does not implement.
+    """
+    unsupported = {
+        "activation_function": (hf_config.activation_function, "gelu_new"),
+        "scale_attn_weights": (hf_config.scale_attn_weights, True),
+        "scale_attn_by_inverse_layer_idx": (hf_config.scale_attn_by_inverse_layer_idx, False),
+        "add_cross_attention": (hf_config.add_cross_attention, False),
+    }
+    bad = [f"{name}={got!r} (need {want!r})" for name, (got, want) in unsupported.items() if got != want]
+    if bad:
+        raise ValueError(
+            f"This GPT-2 checkpoint uses a variant the scratch model does not implement: {', '.join(bad)}."
+        )
+    vocab = hf_config.vocab_size
+    return GPT2ScratchConfig(
+        vocab_size=math.ceil(vocab / VOCAB_MULTIPLE) * VOCAB_MULTIPLE if pad_vocab else vocab,
+        tokenizer_vocab_size=vocab,
+        n_positions=hf_config.n_positions,
+        n_embd=hf_config.n_embd,
+        n_layer=hf_config.n_layer,
+        n_head=hf_config.n_head,
+        n_inner=hf_config.n_inner,
+        layer_norm_epsilon=hf_config.layer_norm_epsilon,
+        initializer_range=hf_config.initializer_range,
+        resid_pdrop=hf_config.resid_pdrop,
+        embd_pdrop=hf_config.embd_pdrop,
+        attn_pdrop=hf_config.attn_pdrop,
+        bos_token_id=hf_config.bos_token_id,
+        eos_token_id=hf_config.eos_token_id,
+        tie_word_embeddings=True,
+    )
+
+
+def hf_config_from_scratch(config: GPT2ScratchConfig) -> GPT2Config:
+    """The Hugging Face `GPT2Config` of the same architecture, with the unpadded vocabulary."""
+    return GPT2Config(
+        vocab_size=config.tokenizer_vocab_size,
+        n_positions=config.n_positions,
+        n_embd=config.n_embd,
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        n_inner=config.n_inner,
+        activation_function="gelu_new",
+        layer_norm_epsilon=config.layer_norm_epsilon,
+        initializer_range=config.initializer_range,
+        resid_pdrop=config.resid_pdrop,
+        embd_pdrop=config.embd_pdrop,
+        attn_pdrop=config.attn_pdrop,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+        tie_word_embeddings=True,
+    )
+
+
+def hf_to_scratch_state_dict(
+    hf_state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Map a `GPT2LMHeadModel` state dict onto the scratch model's keys and shapes (`expected`).
+
+    Raises:
+        ValueError: listing the missing keys, the unexpected keys and the shape mismatches, if any.
+    """
+    hf = {k: v for k, v in hf_state_dict.items() if not _is_ignored_hf_buffer(k)}
+    hf.setdefault("lm_head.weight", hf.get("transformer.wte.weight"))  # tied: often stored once
+    out, mismatched = {}, []
+    for key, target in expected.items():
+        if key not in hf or hf[key] is None:
+            continue
+        tensor = hf[key].t() if _is_transposed(key) else hf[key]
+        if key in ("transformer.wte.weight", "lm_head.weight") and tensor.shape[0] < target.shape[0]:
+            # pad GPT-2's vocabulary rows with zeros; their logits are masked to -inf anyway
+            pad = tensor.new_zeros(target.shape[0] - tensor.shape[0], tensor.shape[1])
+            tensor = torch.cat([tensor, pad], dim=0)
+        if tensor.shape != target.shape:
+            mismatched.append(f"{key}: checkpoint {tuple(hf[key].shape)} vs model {tuple(target.shape)}")
+            continue
+        out[key] = tensor.to(target.dtype).contiguous()
+    missing = sorted(k for k in expected if k not in hf or hf[k] is None)
+    unexpected = sorted(k for k in hf if k not in expected)
+    if missing or unexpected or mismatched:
+        parts = []
+        if mismatched:
+            parts.append(f"shape mismatches: {'; '.join(mismatched)}")
+        if missing:
+            parts.append(f"missing keys: {', '.join(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {', '.join(unexpected)}")
+        raise ValueError(
+            "The GPT-2 checkpoint does not match the scratch model's configuration: "
+            + " | ".join(parts)
+            + ". Pass a GPT2LMHeadModel checkpoint of the same size (or config=None to infer it)."
+        )
+    return out
+
+
+def scratch_to_hf_state_dict(state_dict: Mapping[str, torch.Tensor], config: GPT2ScratchConfig) -> dict:
+    """The scratch model's weights under `GPT2LMHeadModel`'s layout (Conv1D transposes, unpadded vocabulary)."""
+    out = {}
+    for key, tensor in state_dict.items():
+        if _is_transposed(key):
+            tensor = tensor.t()
+        elif key in ("transformer.wte.weight", "lm_head.weight"):
+            tensor = tensor[: config.tokenizer_vocab_size]
+        out[key] = tensor.contiguous()
+    return out
+
+
+def load_hf_gpt2(source: str | Path | GPT2LMHeadModel, **from_pretrained_kwargs) -> GPT2LMHeadModel:
+    """A `GPT2LMHeadModel` from an instance, a local directory or a Hub id (e.g. `"gpt2"`)."""
+    if isinstance(source, GPT2LMHeadModel):
+        return source
+    if not isinstance(source, (str, Path)):
+        raise ValueError(
+            f"source must be a Hub id, a local directory or a GPT2LMHeadModel, got {type(source).__name__}."
+        )
+    path = Path(source)
+    if (path.is_absolute() or str(source).startswith(".")) and not path.exists():
+        raise FileNotFoundError(f"GPT-2 checkpoint directory {source} does not exist: pass a folder or a Hub id.")
+    return GPT2LMHeadModel.from_pretrained(str(source), **from_pretrained_kwargs)
+
+
+def from_hf_gpt2(
+    source: str | Path | GPT2LMHeadModel,
+    config: GPT2ScratchConfig | None = None,
+    pad_vocab: bool = True,
+    **from_pretrained_kwargs,
+) -> GPT2ScratchForCausalLM:
+    """Build a scratch `GPT2ScratchForCausalLM` holding the weights of a Hugging Face GPT-2 checkpoint.
+
+    Args:
+        source: a `GPT2LMHeadModel`, a local directory of one, or a Hub id such as `"gpt2"` (needs the Hub).
+        config: the scratch config to load into; default: the checkpoint's architecture (`config_from_hf`).
+        pad_vocab: pad the vocabulary to a multiple of 128 (50257 -> 50304) when `config` is None.
+    """
+    from .modeling_gpt2_scratch import GPT2ScratchForCausalLM
+
+    hf_model = load_hf_gpt2(source, **from_pretrained_kwargs)
+    config = config if config is not None else config_from_hf(hf_model.config, pad_vocab=pad_vocab)
+    model = GPT2ScratchForCausalLM(config).to(hf_model.dtype)
+    expected = model.state_dict()
+    state_dict = hf_to_scratch_state_dict(hf_model.state_dict(), expected)
+    model.load_state_dict(state_dict)  # strict: every key present, checked above with a clearer message
+    model.tie_weights()
+    model.train(hf_model.training)
+    return model
+
+
+def to_hf_gpt2(model: GPT2ScratchForCausalLM) -> GPT2LMHeadModel:
+    """A `transformers.GPT2LMHeadModel` with the same weights as the scratch `model` (same logits over 50257 ids)."""
+    hf_model = GPT2LMHeadModel(hf_config_from_scratch(model.config)).to(model.dtype)
+    hf_model.load_state_dict(scratch_to_hf_state_dict(model.state_dict(), model.config))
+    hf_model.tie_weights()
+    hf_model.generation_config.pad_token_id = model.generation_config.pad_token_id
+    hf_model.train(model.training)
+    return hf_model

@@ -1,0 +1,388 @@
+"""GPT-2, written from scratch as a `transformers` model.
+
+Read top to bottom: attention (eager fallback, then the module), MLP, block, the pretrained-model base
+(flags, initialisation), the base model, the LM-head model. Module names are GPT-2's own
+(`wte, wpe, h.{i}.ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj, ln_f, lm_head`), so a Hugging Face
+GPT-2 checkpoint loads key for key; only GPT-2's `Conv1D` weights are stored transposed (see `conversion.py`).
+
+This file travels to the Hub with the model: it imports nothing but `torch`, `transformers` and the config
+(relative import), so `trust_remote_code=True` works on a machine that has never seen this repository.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils.deprecation import deprecate_kwarg
+
+from .configuration_gpt2_scratch import GPT2ScratchConfig
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain softmax attention; `attention_mask` is the additive 4D causal (+ padding) mask built by the model."""
+    attn_weights = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (B, nh, T, S)
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = F.softmax(attn_weights, dim=-1).to(value.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2)  # (B, T, nh, hs)
+    return attn_output, attn_weights
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with one fused q, k, v projection."""
+
+    def __init__(self, config: GPT2ScratchConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.head_dim = config.n_embd // config.n_head
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = True  # read by transformers' sdpa/flash attention functions
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_proj.is_residual_projection = True  # scaled init, see `_init_weights`
+        self.attn_dropout = nn.Dropout(config.attn_pdrop)  # applied inside the attention function
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, T, C = hidden_states.size()
+        q, k, v = self.c_attn(hidden_states).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)  # (B, nh, S, hs), S = past + T
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        y, attn_weights = attention_interface(
+            self,
+            q,
+            k,
+            v,
+            attention_mask,
+            dropout=self.attn_dropout.p if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        y = y.reshape(B, T, C)  # (B, T, nh, hs) -> (B, T, C): re-assemble the heads side by side
+        y = self.resid_dropout(self.c_proj(y))
+        return y, attn_weights
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: Linear -> tanh-GELU (GPT-2's `gelu_new`) -> Linear."""
+
+    def __init__(self, config: GPT2ScratchConfig):
+        super().__init__()
+        n_inner = config.n_inner if config.n_inner is not None else 4 * config.n_embd
+        self.c_fc = nn.Linear(config.n_embd, n_inner)
+        self.c_proj = nn.Linear(n_inner, config.n_embd)
+        self.c_proj.is_residual_projection = True  # scaled init, see `_init_weights`
+        self.dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.c_fc(x), approximate="tanh")  # the exact GELU differs by ~5e-4 and breaks parity
+        return self.dropout(self.c_proj(x))
+
+
+class Block(GradientCheckpointingLayer):
+    """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, config: GPT2ScratchConfig, layer_idx: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attn_output, attn_weights = self.attn(self.ln_1(hidden_states), attention_mask, cache=cache, **kwargs)
+        hidden_states = hidden_states + attn_output
+        hidden_states = hidden_states + self.mlp(self.ln_2(hidden_states))
+        return hidden_states, attn_weights
+
+
+def _conversion():
+    """The `gpt2-scratch` package's conversion module (not shipped to the Hub with this file)."""
+    try:
+        return importlib.import_module("modeling_gpt2_scratch.conversion")
+    except ImportError as err:
+        raise ImportError(
+            "Converting to or from Hugging Face GPT-2 needs the gpt2-scratch package: pip install gpt2-scratch "
+            "(or run from its repository)."
+        ) from err
+
+
+class GPT2ScratchPreTrainedModel(PreTrainedModel):
+    """Flags and weight initialisation shared by the base model and the LM-head model."""
+
+    config_class = GPT2ScratchConfig
+    config: GPT2ScratchConfig
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Block"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
+    _keys_to_ignore_on_load_unexpected = [r"attn\.bias", r"attn\.masked_bias"]  # buffers of old HF checkpoints
+
+    def save_pretrained(self, save_directory: str | Path, *args, **kwargs) -> None:
+        """`PreTrainedModel.save_pretrained`, with `auto_map` naming all three Auto classes (remote code)."""
+        self.config.auto_map = {
+            **(getattr(self.config, "auto_map", None) or {}),
+            "AutoConfig": "configuration_gpt2_scratch.GPT2ScratchConfig",
+            "AutoModel": "modeling_gpt2_scratch.GPT2ScratchModel",
+            "AutoModelForCausalLM": "modeling_gpt2_scratch.GPT2ScratchForCausalLM",
+        }
+        super().save_pretrained(save_directory, *args, **kwargs)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """GPT-2 initialisation: normal(0, 0.02), zero biases, residual projections scaled by (2 * n_layer) ** -0.5.
+
+        Uses the `transformers.initialization` helpers, which skip tensors already loaded from a checkpoint.
+        """
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            if getattr(module, "is_residual_projection", False):
+                # two residual additions per block: keep the residual stream's variance independent of depth
+                std = std / math.sqrt(2 * self.config.n_layer)
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+
+
+class GPT2ScratchModel(GPT2ScratchPreTrainedModel):
+    """The GPT-2 trunk: token + position embeddings, `n_layer` blocks, final LayerNorm. Returns hidden states."""
+
+    def __init__(self, config: GPT2ScratchConfig):
+        super().__init__(config)
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token embeddings
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)  # learned position embeddings
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.h = nn.ModuleList([Block(config, layer_idx=i) for i in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.wte
+
+    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
+        self.wte = new_embeddings
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast | tuple:
+        """
+        Args:
+            input_ids: `(B, T)` token ids; with a `cache`, only the tokens not yet in it.
+            attention_mask: `(B, S)` with 1 for tokens to attend to and 0 for padding (left or right), S = past + T.
+            position_ids: `(B, T)` positions; default: `past + arange(T)`, or from `cache_position` if given.
+            cache: a `transformers` `Cache` (e.g. `DynamicCache`, `StaticCache`) holding past keys and values.
+            use_cache: create a `DynamicCache` when none is given and return it.
+        """
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            use_cache = False  # the backward replay would write the cache a second time
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+
+        if inputs_embeds is None:
+            inputs_embeds = self.wte(input_ids)  # (B, T, C)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if position_ids is None:
+            cache_position = kwargs.pop("cache_position", None)  # older callers pass absolute positions this way
+            if cache_position is None:
+                past_seen_tokens = cache.get_seq_length() if cache is not None else 0
+                cache_position = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = cache_position.unsqueeze(0)  # (1, T)
+        else:
+            kwargs.pop("cache_position", None)
+        if position_ids.max() >= self.config.n_positions:
+            raise ValueError(
+                f"position {int(position_ids.max())} is outside the model's context (n_positions="
+                f"{self.config.n_positions}): pass at most {self.config.n_positions} tokens."
+            )
+
+        # None for plain causal attention under sdpa/flash (their `is_causal` fast path), else a 4D mask.
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+        )
+
+        hidden_states = self.drop(inputs_embeds + self.wpe(position_ids))  # (B, T, C)
+        all_hidden_states = () if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for block in self.h:
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            hidden_states, attn_weights = block(hidden_states, causal_mask, cache=cache, **kwargs)
+            if output_attentions:
+                all_attentions += (attn_weights,)
+        hidden_states = self.ln_f(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+
+        output = BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            cache=cache if use_cache else None,
+            hidden_states=all_hidden_states,
+            attentions=all_attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
+    """GPT-2 with its language-modelling head (tied to the token embedding).
+
+    The padded vocabulary: `config.vocab_size` (50304) rows exist so the LM-head matmul runs at an aligned width,
+    but only the first `config.tokenizer_vocab_size` (50257) ids are real tokens. The forward masks the padded
+    columns to `-inf` before the loss (so the loss equals an unpadded model's and the padded rows get no gradient)
+    and returns `logits[..., :tokenizer_vocab_size]` (a view, shape `(B, T, 50257)` like Hugging Face GPT-2), so the
+    padded ids carry no probability and `generate()` can never produce them; sampling with a fixed seed draws the
+    same ids as `GPT2LMHeadModel`.
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+
+    def __init__(self, config: GPT2ScratchConfig):
+        super().__init__(config)
+        self.transformer = GPT2ScratchModel(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.post_init()
+        if self.generation_config is not None and self.generation_config.pad_token_id is None:
+            self.generation_config.pad_token_id = config.eos_token_id  # GPT-2 has no pad token: pad with eos
+
+    @classmethod
+    def from_hf_gpt2(cls, source: str | Path | nn.Module, **kwargs) -> GPT2ScratchForCausalLM:
+        """The scratch model with the weights of a Hugging Face GPT-2 (`GPT2LMHeadModel`).
+
+        `source` is a Hub id (e.g. `"gpt2"`, needs the Hub), a local directory of a `GPT2LMHeadModel` checkpoint,
+        or a `GPT2LMHeadModel` instance. Keyword arguments: see `modeling_gpt2_scratch.conversion.from_hf_gpt2`.
+        """
+        return _conversion().from_hf_gpt2(source, **kwargs)
+
+    def to_hf_gpt2(self) -> nn.Module:
+        """A `transformers.GPT2LMHeadModel` with the same weights (and the same logits over GPT-2's 50257 ids)."""
+        return _conversion().to_hf_gpt2(self)
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast | tuple:
+        """
+        Args:
+            labels: `(B, T)` targets, usually `input_ids`; shifted inside (position t predicts t+1), `-100` ignored.
+            logits_to_keep: compute logits only for the last `n` positions (0 = all), or for the given indices.
+            Other arguments: see `GPT2ScratchModel.forward`.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.transformer(
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])  # (B, T, vocab_size): the padded width keeps the matmul fast
+        real_vocab = self.config.tokenizer_vocab_size
+        logits[..., real_vocab:] = float("-inf")  # padded ids: zero probability in the loss, zero gradient
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
+        logits = logits[..., :real_vocab]  # (B, T, tokenizer_vocab_size) view: only real tokens are returned
+
+        output = CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+        return output if return_dict else output.to_tuple()

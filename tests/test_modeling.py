@@ -1,0 +1,489 @@
+"""Parity of the scratch GPT-2 with Hugging Face's `GPT2LMHeadModel` (the reference), and its Hub format."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM, GPT2ScratchModel
+from modeling_gpt2_scratch.conversion import from_hf_gpt2
+
+GPT2_VOCAB = 50257
+SMALL = dict(n_embd=32, n_layer=2, n_head=4, n_positions=64)
+
+
+def make_pair(seed: int = 0, **shape) -> tuple[GPT2LMHeadModel, GPT2ScratchForCausalLM]:
+    """A random HF GPT-2 (eval mode) and the scratch model holding the same weights."""
+    torch.manual_seed(seed)
+    hf = GPT2LMHeadModel(GPT2Config(**(shape or SMALL))).eval()
+    return hf, GPT2ScratchForCausalLM.from_hf_gpt2(hf).eval()
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return make_pair()
+
+
+def random_ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, GPT2_VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+# --- config ----------------------------------------------------------------------------------------------------------
+
+
+def test_config_defaults_are_gpt2_124m_with_padded_vocab():
+    config = GPT2ScratchConfig()
+    assert (config.n_layer, config.n_head, config.n_embd, config.n_positions) == (12, 12, 768, 1024)
+    assert config.vocab_size == 50304 and config.vocab_size % 128 == 0
+    assert config.tokenizer_vocab_size == GPT2_VOCAB
+    assert config.model_type == "gpt2_scratch"
+
+
+def test_config_generic_names_are_aliases():
+    config = GPT2ScratchConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=8, block_size=128)
+    assert (config.n_embd, config.n_layer, config.n_head, config.n_positions) == (64, 3, 8, 128)
+    assert config.max_position_embeddings == 128
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(n_embd=30, n_head=4), "n_embd"),
+        (dict(n_layer=0), "n_layer"),
+        (dict(n_head=-2), "n_head"),
+        (dict(n_positions=0), "n_positions"),
+        (dict(vocab_size=1000), "vocab_size"),
+        (dict(n_inner=0), "n_inner"),
+        (dict(attn_pdrop=1.5), "attn_pdrop"),
+    ],
+)
+def test_bad_config_raises_naming_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        GPT2ScratchConfig(**kwargs)
+
+
+# --- initialisation --------------------------------------------------------------------------------------------------
+
+
+def test_gpt2_initialisation():
+    torch.manual_seed(0)
+    config = GPT2ScratchConfig(n_embd=256, n_layer=8, n_head=4, n_positions=64)
+    model = GPT2ScratchForCausalLM(config)
+    block = model.transformer.h[0]
+    assert block.attn.c_attn.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.transformer.wte.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    residual_std = 0.02 / (2 * config.n_layer) ** 0.5
+    assert block.attn.c_proj.weight.std().item() == pytest.approx(residual_std, rel=0.05)
+    assert block.mlp.c_proj.weight.std().item() == pytest.approx(residual_std, rel=0.05)
+    assert torch.count_nonzero(block.mlp.c_fc.bias) == 0
+    assert torch.equal(block.ln_1.weight, torch.ones_like(block.ln_1.weight))
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+# --- forward parity --------------------------------------------------------------------------------------------------
+
+
+def test_logits_and_loss_match_hf_small(pair):
+    hf, model = pair
+    ids = random_ids(3, 40)
+    with torch.no_grad():
+        ref, out = hf(ids, labels=ids), model(ids, labels=ids)
+    assert out.logits.shape == ref.logits.shape == (3, 40, GPT2_VOCAB)
+    assert (out.logits - ref.logits).abs().max().item() <= 1e-4
+    assert abs(out.loss.item() - ref.loss.item()) <= 1e-5
+
+
+@pytest.mark.slow
+def test_logits_and_loss_match_hf_124m():
+    hf, model = make_pair(seed=0, n_embd=768, n_layer=12, n_head=12, n_positions=1024)
+    ids = random_ids(2, 64)
+    with torch.no_grad():
+        ref, out = hf(ids, labels=ids), model(ids, labels=ids)
+    assert (out.logits - ref.logits).abs().max().item() <= 1e-4
+    assert abs(out.loss.item() - ref.loss.item()) <= 1e-5
+
+
+def test_labels_minus_100_are_ignored(pair):
+    hf, model = pair
+    ids = random_ids(2, 20)
+    labels = ids.clone()
+    labels[:, :7] = -100
+    with torch.no_grad():
+        ref, out = hf(ids, labels=labels).loss, model(ids, labels=labels).loss
+    assert abs(out.item() - ref.item()) <= 1e-5
+    assert abs(out.item() - model(ids, labels=ids).loss.item()) > 1e-4
+
+
+def test_left_padded_batch_matches_hf_on_real_tokens(pair):
+    hf, model = pair
+    ids = random_ids(3, 24)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    mask[1, :11] = 0
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ref = hf(ids, attention_mask=mask, position_ids=position_ids).logits
+        out = model(ids, attention_mask=mask, position_ids=position_ids).logits
+    real = mask.bool()
+    assert (out[real] - ref[real]).abs().max().item() <= 1e-4
+    # the padding really changes the result: without the mask the first row differs
+    unmasked = model(ids, position_ids=position_ids).logits
+    assert (unmasked[0, 5:] - out[0, 5:]).abs().max().item() > 1e-3
+
+
+def test_right_padded_batch_matches_unpadded_rows(pair):
+    _, model = pair
+    ids = random_ids(2, 16)
+    mask = torch.ones_like(ids)
+    mask[1, 10:] = 0
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask).logits
+        alone = model(ids[1:, :10]).logits
+    assert (out[1, :10] - alone[0]).abs().max().item() <= 1e-5
+
+
+def test_explicit_position_ids_match_hf(pair):
+    hf, model = pair
+    ids = random_ids(2, 12)
+    position_ids = torch.arange(20, 32).unsqueeze(0).expand(2, -1)
+    with torch.no_grad():
+        ref = hf(ids, position_ids=position_ids).logits
+        out = model(ids, position_ids=position_ids).logits
+        default = model(ids).logits
+    assert (out - ref).abs().max().item() <= 1e-4
+    assert (out - default).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_attention_implementations_agree(attn_implementation):
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(**SMALL)).eval()
+    model = GPT2ScratchForCausalLM.from_hf_gpt2(hf).eval()
+    model.set_attn_implementation(attn_implementation)
+    assert model.config._attn_implementation == attn_implementation
+    ids = random_ids(2, 20)
+    mask = torch.ones_like(ids)
+    mask[0, :6] = 0
+    with torch.no_grad():
+        ref = hf(ids, attention_mask=mask).logits
+        out = model(ids, attention_mask=mask).logits
+    assert (out[mask.bool()] - ref[mask.bool()]).abs().max().item() <= 1e-4
+
+
+def test_output_hidden_states_and_attentions_match_hf(pair):
+    hf, model = pair
+    ids = random_ids(1, 10)
+    with torch.no_grad():
+        ref = hf(ids, output_hidden_states=True)
+        out = model(ids, output_hidden_states=True)
+    assert len(out.hidden_states) == len(ref.hidden_states) == SMALL["n_layer"] + 1
+    for ours, theirs in zip(out.hidden_states, ref.hidden_states, strict=True):
+        assert (ours - theirs).abs().max().item() <= 1e-4
+    model.set_attn_implementation("eager")
+    try:
+        attentions = model(ids, output_attentions=True).attentions
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert len(attentions) == SMALL["n_layer"] and attentions[0].shape == (1, SMALL["n_head"], 10, 10)
+    assert torch.allclose(attentions[0].sum(-1), torch.ones(1, SMALL["n_head"], 10))
+
+
+def test_return_dict_false_gives_tuple(pair):
+    _, model = pair
+    ids = random_ids(1, 8)
+    loss, logits = model(ids, labels=ids, use_cache=False, return_dict=False)[:2]
+    assert loss.ndim == 0 and logits.shape == (1, 8, GPT2_VOCAB)
+
+
+def test_padded_vocab_carries_no_probability(pair):
+    _, model = pair
+    ids = random_ids(2, 8)
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert logits.shape[-1] == GPT2_VOCAB  # padded ids are not returned at all
+    probs = logits.softmax(-1)
+    assert torch.allclose(probs.sum(-1), torch.ones(2, 8))
+    # with the padded rows made to win, no probability leaks there and generate never picks them
+    with torch.no_grad():  # padded rows aligned with the hidden states: huge raw logits (inputs never use these rows)
+        hidden = model.transformer(ids).last_hidden_state
+        model.transformer.wte.weight[GPT2_VOCAB:] = 100.0 * hidden.reshape(-1, hidden.shape[-1]).sum(0)
+    try:
+        full = model.lm_head(model.transformer(ids).last_hidden_state)
+        assert full.argmax(-1).min() >= GPT2_VOCAB  # the raw head would pick a padded id...
+        out = model.generate(ids[:1], max_new_tokens=8, do_sample=False)
+        assert out.max() < GPT2_VOCAB  # ...the model never does
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        assert model.transformer.wte.weight.grad[GPT2_VOCAB:].abs().max() == 0
+    finally:
+        with torch.no_grad():
+            model.transformer.wte.weight[GPT2_VOCAB:] = 0.0
+        model.zero_grad(set_to_none=True)
+
+
+def test_logits_to_keep(pair):
+    _, model = pair
+    ids = random_ids(2, 10)
+    with torch.no_grad():
+        full = model(ids).logits
+        last = model(ids, logits_to_keep=1).logits
+    assert last.shape == (2, 1, GPT2_VOCAB)
+    assert torch.allclose(last[:, 0], full[:, -1], atol=1e-5)
+
+
+def test_input_longer_than_context_raises(pair):
+    _, model = pair
+    with pytest.raises(ValueError, match="n_positions"):
+        model(random_ids(1, SMALL["n_positions"] + 1))
+
+
+# --- cache and generate ----------------------------------------------------------------------------------------------
+
+
+def test_token_by_token_cache_matches_full_forward(pair):
+    _, model = pair
+    ids = random_ids(2, 16)
+    with torch.no_grad():
+        full = model(ids).logits
+        out = model(ids[:, :5], use_cache=True)
+        cache, steps = out.cache, [out.logits]
+        for t in range(5, 16):
+            out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
+            cache = out.cache
+            steps.append(out.logits)
+    assert cache.get_seq_length() == 16
+    assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-4
+
+
+def test_past_key_values_keyword_still_accepted(pair):
+    _, model = pair
+    ids = random_ids(1, 6)
+    with torch.no_grad():
+        cache = model(ids[:, :5], use_cache=True).cache
+        step = model(ids[:, 5:], past_key_values=cache).logits
+        full = model(ids).logits
+    assert (step[:, 0] - full[:, -1]).abs().max().item() <= 1e-4
+
+
+def test_greedy_generate_matches_hf(pair):
+    hf, model = pair
+    prompt = random_ids(1, 8)
+    ref = hf.generate(prompt, max_new_tokens=32, do_sample=False)
+    out = model.generate(prompt, max_new_tokens=32, do_sample=False)
+    assert out.shape == (1, 40)
+    assert torch.equal(out, ref)
+
+
+def test_sampling_top_k_matches_hf_with_same_seed(pair):
+    hf, model = pair
+    prompt = random_ids(2, 8)
+    torch.manual_seed(123)
+    ref = hf.generate(prompt, max_new_tokens=32, do_sample=True, top_k=50)
+    torch.manual_seed(123)
+    out = model.generate(prompt, max_new_tokens=32, do_sample=True, top_k=50)
+    assert torch.equal(out, ref)
+
+
+def test_batched_left_padded_greedy_matches_hf(pair):
+    hf, model = pair
+    ids = random_ids(3, 12)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    mask[2, :9] = 0
+    ids = ids.masked_fill(mask == 0, 50256)
+    ref = hf.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=50256)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
+    assert torch.equal(out, ref)
+
+
+def test_static_cache_generate_matches_dynamic(pair):
+    _, model = pair
+    prompt = random_ids(1, 8)
+    dynamic = model.generate(prompt, max_new_tokens=12, do_sample=False)
+    static = model.generate(prompt, max_new_tokens=12, do_sample=False, cache_implementation="static")
+    assert torch.equal(dynamic, static)
+
+
+# --- gradients -------------------------------------------------------------------------------------------------------
+
+
+def test_gradients_match_hf():
+    hf, model = make_pair(seed=3, **SMALL, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # no dropout noise
+    hf.train()
+    model.train()
+    ids = random_ids(2, 24)
+    hf(ids, labels=ids).loss.backward()
+    model(ids, labels=ids).loss.backward()
+    hf_grads = dict(hf.named_parameters())
+    for name, param in model.named_parameters():
+        ref = hf_grads[name].grad
+        grad = param.grad
+        if name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+            ref = ref.t()
+        if name == "transformer.wte.weight":
+            assert grad[GPT2_VOCAB:].abs().max() == 0
+            grad = grad[:GPT2_VOCAB]
+        torch.testing.assert_close(grad, ref, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    torch.manual_seed(0)
+    model = GPT2ScratchForCausalLM(GPT2ScratchConfig(**SMALL)).train()
+    ids = random_ids(2, 16)
+    model(ids, labels=ids).loss.backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    model.gradient_checkpointing_enable()
+    assert all(block.gradient_checkpointing for block in model.transformer.h)
+    model(ids, labels=ids).loss.backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, plain[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+# --- conversion ------------------------------------------------------------------------------------------------------
+
+
+def test_to_hf_round_trip_gives_identical_weights_and_logits(pair):
+    hf, model = pair
+    back = model.to_hf_gpt2().eval()
+    assert isinstance(back, GPT2LMHeadModel) and back.config.vocab_size == GPT2_VOCAB
+    original = hf.state_dict()
+    for name, tensor in back.state_dict().items():  # HF -> scratch -> HF is lossless
+        assert torch.equal(tensor, original[name]), name
+    ids = random_ids(2, 16)
+    with torch.no_grad():  # Conv1D (addmm) and nn.Linear round differently: equal up to float32 rounding
+        assert (back(ids).logits - model(ids).logits).abs().max().item() <= 1e-5
+
+
+def test_from_hf_local_directory(tmp_path, pair):
+    hf, model = pair
+    hf.save_pretrained(tmp_path / "gpt2")
+    loaded = GPT2ScratchForCausalLM.from_hf_gpt2(tmp_path / "gpt2").eval()
+    ids = random_ids(1, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_from_hf_missing_directory_raises(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        GPT2ScratchForCausalLM.from_hf_gpt2(tmp_path / "nope")
+
+
+def test_mismatched_size_lists_what_did_not_match(pair):
+    hf, _ = pair
+    with pytest.raises(ValueError, match=r"shape mismatches: .*transformer\.wpe\.weight"):
+        from_hf_gpt2(hf, config=GPT2ScratchConfig(n_embd=32, n_layer=2, n_head=4, n_positions=128))
+    with pytest.raises(ValueError, match=r"missing keys: .*transformer\.h\.2\."):
+        from_hf_gpt2(hf, config=GPT2ScratchConfig(n_embd=32, n_layer=3, n_head=4, n_positions=64))
+
+
+def test_unexpected_keys_are_listed():
+    torch.manual_seed(0)
+    deeper = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=3, n_head=4, n_positions=64))
+    with pytest.raises(ValueError, match=r"unexpected keys: .*transformer\.h\.2\.attn\.c_attn\.weight"):
+        from_hf_gpt2(deeper, config=GPT2ScratchConfig(**SMALL))
+
+
+def test_unsupported_gpt2_variant_raises():
+    hf = GPT2LMHeadModel(GPT2Config(**SMALL, activation_function="relu"))
+    with pytest.raises(ValueError, match="activation_function"):
+        GPT2ScratchForCausalLM.from_hf_gpt2(hf)
+
+
+# --- Hub format ------------------------------------------------------------------------------------------------------
+
+
+def test_auto_classes_work_without_remote_code():
+    config = GPT2ScratchConfig(**SMALL)
+    assert isinstance(AutoModelForCausalLM.from_config(config), GPT2ScratchForCausalLM)
+    assert isinstance(AutoModel.from_config(config), GPT2ScratchModel)
+    assert AutoConfig.for_model("gpt2_scratch").__class__ is GPT2ScratchConfig
+
+
+def test_save_pretrained_writes_hub_files(tmp_path, pair):
+    _, model = pair
+    model.save_pretrained(tmp_path)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json"} <= names
+    assert {"configuration_gpt2_scratch.py", "modeling_gpt2_scratch.py"} <= names
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "gpt2_scratch"
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_gpt2_scratch.GPT2ScratchConfig",
+        "AutoModel": "modeling_gpt2_scratch.GPT2ScratchModel",
+        "AutoModelForCausalLM": "modeling_gpt2_scratch.GPT2ScratchForCausalLM",
+    }
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert "transformer.wte.weight" in keys and "lm_head.weight" not in keys  # tied weight stored once
+    assert not any("_orig_mod" in k for k in keys)
+    generation = json.loads((tmp_path / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == generation["bos_token_id"] == generation["pad_token_id"] == 50256
+
+
+def test_saved_code_imports_only_torch_transformers_and_itself(tmp_path, pair):
+    _, model = pair
+    model.save_pretrained(tmp_path)
+    for name in ("configuration_gpt2_scratch.py", "modeling_gpt2_scratch.py"):
+        for line in (tmp_path / name).read_text().splitlines():
+            if line.startswith(("import ", "from ")):
+                module = line.split()[1]
+                allowed = ("torch", "transformers", ".configuration_gpt2_scratch", "__future__")
+                stdlib = ("importlib", "math", "collections", "pathlib")
+                assert module.startswith(allowed + stdlib), f"{name}: {line}"
+
+
+@pytest.mark.slow
+def test_checkpoint_loads_with_remote_code_in_fresh_offline_process(tmp_path, pair):
+    _, model = pair
+    ckpt = tmp_path / "ckpt"
+    model.save_pretrained(ckpt)
+    ids = random_ids(2, 12)
+    with torch.no_grad():
+        torch.save({"ids": ids, "logits": model(ids).logits.contiguous()}, tmp_path / "expected.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys
+
+        class BlockRepo:  # the repository's package must not be importable, even if pip-installed
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "modeling_gpt2_scratch":
+                    raise ImportError("the gpt2-scratch repository is hidden from this process")
+
+        sys.meta_path.insert(0, BlockRepo())
+        try:
+            import modeling_gpt2_scratch  # noqa: F401
+            raise SystemExit("repository importable")
+        except ImportError:
+            pass
+        import torch
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+        path = {str(ckpt)!r}
+        expected = torch.load({str(tmp_path / "expected.pt")!r})
+        config = AutoConfig.from_pretrained(path, trust_remote_code=True)
+        assert type(config).__name__ == "GPT2ScratchConfig", type(config)
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+        assert type(model).__name__ == "GPT2ScratchForCausalLM" and not model.training
+        with torch.no_grad():
+            assert torch.equal(model(expected["ids"]).logits, expected["logits"])
+        base = AutoModel.from_pretrained(path, trust_remote_code=True)
+        assert type(base).__name__ == "GPT2ScratchModel"
+        assert torch.equal(base.wte.weight, model.transformer.wte.weight)
+        out = model.generate(expected["ids"][:1], max_new_tokens=5, do_sample=False)
+        assert out.shape == (1, 17)
+        print("OK")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("OK")
