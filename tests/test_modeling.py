@@ -487,3 +487,66 @@ def test_checkpoint_loads_with_remote_code_in_fresh_offline_process(tmp_path, pa
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("OK")
+
+
+# --- fused LM-head loss ----------------------------------------------------------------------------------------------
+
+
+def _loss_and_grads(model, ids, labels, skip_logits, **kwargs):
+    model.zero_grad(set_to_none=True)
+    out = model(ids, labels=labels, skip_logits=skip_logits, **kwargs)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_fused_loss_matches_plain_loss_and_gradients(masked):
+    torch.manual_seed(0)
+    model = GPT2ScratchForCausalLM(GPT2ScratchConfig(**SMALL)).train()
+    ids = random_ids(3, 20)
+    labels = ids.clone()
+    if masked:
+        labels[0, :9] = -100
+    plain, plain_grads = _loss_and_grads(model, ids, labels, skip_logits=False)
+    fused, fused_grads = _loss_and_grads(model, ids, labels, skip_logits=True)
+    assert fused.logits is None and plain.logits is not None
+    assert abs(fused.loss.item() - plain.loss.item()) <= 1e-5
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_fused_loss_is_the_default_in_training_mode_only(pair):
+    _, model = pair
+    ids = random_ids(1, 8)
+    assert model(ids, labels=ids).logits is not None  # eval mode: logits as usual
+    model.train()
+    try:
+        assert model(ids, labels=ids).logits is None
+        assert model(ids).logits is not None  # no labels: nothing to fuse
+    finally:
+        model.eval()
+
+
+def test_fused_loss_honours_num_items_in_batch_and_shift_labels():
+    torch.manual_seed(0)
+    model = GPT2ScratchForCausalLM(GPT2ScratchConfig(**SMALL)).train()
+    ids = random_ids(2, 12)
+    targets = random_ids(2, 12, seed=5)
+    plain = model(ids, shift_labels=targets, skip_logits=False, num_items_in_batch=torch.tensor(48)).loss
+    fused = model(ids, shift_labels=targets, skip_logits=True, num_items_in_batch=torch.tensor(48)).loss
+    assert abs(fused.item() - plain.item()) <= 1e-5
+    mean = model(ids, shift_labels=targets, skip_logits=True).loss
+    assert abs(fused.item() - mean.item() * 24 / 48) <= 1e-5
+
+
+def test_fused_loss_under_bf16_autocast_is_close():
+    torch.manual_seed(0)
+    model = GPT2ScratchForCausalLM(GPT2ScratchConfig(**SMALL)).train()
+    ids = random_ids(2, 16)
+    reference = model(ids, labels=ids, skip_logits=False).loss.item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = model(ids, labels=ids, skip_logits=True).loss
+    fused.backward()
+    assert fused.dtype == torch.float32
+    assert abs(fused.item() - reference) <= 2e-2
+    assert model.transformer.wte.weight.grad.dtype == torch.float32
