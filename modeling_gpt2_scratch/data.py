@@ -1,0 +1,1007 @@
+"""Corpus -> token shards -> (B, T) batches.
+
+`prepare_dataset` (and `python -m modeling_gpt2_scratch.data prepare ...`) reads a Hugging Face Hub dataset (streamed,
+so a corpus larger than RAM works) or local `.txt` / `.jsonl` / `.json` / `.parquet` / `.csv` files through `datasets`,
+tokenizes every document with GPT-2's encoding in `num_proc` processes, and writes the token stream into shards.
+`ShardedTokenLoader` reads the shards back through `np.memmap` as `(x, y)` batches for one rank of a run.
+
+On disk (format version 1), in the output folder:
+
+* `train_000000.bin`, `train_000001.bin`, ..., `val_000000.bin`, ...: the raw little-endian `uint16` token array, no
+  header (`np.fromfile(path, dtype="<u2")` reads one). Every shard holds `shard_size` tokens except the last of each
+  split and, with a held-out fraction, the two shards on either side of the train/val cut.
+* `manifest.json`, e.g.::
+
+    {"format_version": 1,
+     "tokenizer": {"name": "gpt2", "n_vocab": 50257, "eot_token": 50256},
+     "dtype": "uint16",
+     "splits": {"train": [{"file": "train_000000.bin", "tokens": 304223}],
+                "val": [{"file": "val_000000.bin", "tokens": 33803}]},
+     "source": {"description": "local file tinyshakespeare.txt", "fingerprint": "<sha256>", "files": [...]},
+     "settings": {"split": "train", "val_split": null, "text_column": "text", "val_fraction": 0.1,
+                  "shard_size": 100000000},
+     "stats": {"documents": 1, "empty_documents": 0, "train_tokens": 304223, "val_tokens": 33803}}
+
+Decisions:
+
+* **Documents.** A `.txt` file is one document, read as UTF-8 with universal newlines (`\\r\\n` and `\\r` become `\\n`,
+  as `datasets`' text builder reads it). A `.jsonl`/`.json`/`.parquet`/`.csv` row is one document, its text in
+  `text_column`. Empty and null documents are skipped (and counted). Files are read in sorted path order, rows in
+  file order, so the token stream is the same on every run and for every `num_proc`.
+* **Delimiter.** `<|endoftext|>` (50256) comes before every document, as in GPT-2's training and build-nanogpt's
+  `fineweb.py`: the stream is `eot doc1 eot doc2 ...`. Text is encoded with `encode_ordinary`, so a literal
+  `<|endoftext|>` inside a document is plain text, never the delimiter.
+* **Undecodable bytes** in a `.txt` file fail the prepare with the file and the byte offset; nothing is replaced
+  silently (a training corpus with mojibake is worse than a clear stop).
+* **Validation split.** With `val_split` (Hub datasets), that split. Otherwise the last `val_fraction` of the train
+  token stream, cut inside the stream (possibly inside a document), so a corpus of one document (tiny Shakespeare)
+  splits too. Local files form one stream: `split` and `val_split` apply to Hub datasets only. `val_fraction=0`
+  gives an empty val split.
+* **Idempotence.** The manifest records a fingerprint of the source (local files: a SHA-256 of their contents, in
+  order, cached against path, size and mtime so an unchanged corpus is not hashed again; Hub datasets: id, config
+  and revision, so no network is needed to reuse a folder), the tokenizer and the settings. Preparing the same
+  thing into the same folder reuses it; anything else in that folder is an error unless `overwrite=True`. A Hub
+  dataset without a pinned `dataset_revision` is assumed unchanged.
+* **Atomic writes.** Shards are written into a temporary folder inside the output folder; the old manifest is
+  removed before any shard is replaced, and the new one is written (temp file + `os.replace`) last. An interrupted
+  prepare leaves no manifest, never one that points at incomplete shards, and the next prepare starts over.
+  Concurrent prepares of one folder wait for each other (a `flock` on `.prepare.lock`).
+* **Memory** is one shard's buffer plus the documents in flight (at most `2 * num_proc` tasks of about 4M
+  characters), whatever the corpus size.
+"""
+
+from __future__ import annotations
+
+import codecs
+import collections
+import contextlib
+import glob
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from datasets import IterableDataset, load_dataset
+from datasets.exceptions import DatasetNotFoundError
+from transformers import HfArgumentParser
+
+from .tokenization import get_encoding
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: concurrent prepares of one folder are not serialised
+    fcntl = None
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DataArguments", "PrepareArguments", "ShardedTokenLoader", "main", "prepare_dataset", "read_manifest"]
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SPLITS = ("train", "val")
+TOKEN_DTYPE = np.dtype("<u2")  # little-endian uint16: GPT-2's 50257 ids fit, half the bytes of int32
+TOKENIZER_INFO = {"name": "gpt2", "n_vocab": 50257, "eot_token": 50256}  # tiktoken's r50k_base == gpt2
+EXTENSION_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+OFFLINE_EXAMPLE = "--dataset ../shared/data/tinyshakespeare.txt"
+
+_SHARD_NAME = re.compile(r"(train|val)_\d{6}\.bin")
+_TMP_PREFIX = ".tmp-prepare"
+_LOCK_NAME = ".prepare.lock"
+_ROWS_PER_READ = 1000  # rows pulled from `datasets` at a time
+_DOCS_PER_TASK = 1024  # documents per tokenization task ...
+_CHARS_PER_TASK = 4_000_000  # ... or fewer, when they reach this many characters
+_HASH_CHUNK = 1 << 20
+
+
+@dataclass
+class DataArguments:
+    """Where the training text comes from and how it is cut into token shards (shared by the trainer)."""
+
+    dataset: str = field(
+        metadata={
+            "help": "A Hugging Face Hub dataset id (e.g. HuggingFaceFW/fineweb-edu, streamed) or local data: a "
+            ".txt/.jsonl/.json/.parquet/.csv file, a folder of them, or a glob (quote it). Offline, pass local "
+            f"files, e.g. {OFFLINE_EXAMPLE}."
+        }
+    )
+    dataset_config: str | None = field(
+        default=None, metadata={"help": "The Hub dataset's configuration name (e.g. sample-10BT for fineweb-edu)."}
+    )
+    dataset_revision: str | None = field(
+        default=None,
+        metadata={"help": "The Hub dataset's revision (branch, tag or commit). Pin it to notice upstream changes."},
+    )
+    split: str = field(
+        default="train", metadata={"help": "The Hub split to train on. Local files always form one stream."}
+    )
+    val_split: str | None = field(
+        default=None,
+        metadata={
+            "help": "The Hub split to validate on (e.g. validation). Unset, or for local files, the last "
+            "--val_fraction of the training token stream is held out instead."
+        },
+    )
+    text_column: str = field(
+        default="text", metadata={"help": "The column holding the text (.jsonl/.json/.parquet/.csv, Hub datasets)."}
+    )
+    val_fraction: float = field(
+        default=0.01,
+        metadata={
+            "help": "Fraction of the token stream held out as the val split (its end) when there is no "
+            "--val_split; 0 disables validation."
+        },
+    )
+    shard_size: int = field(
+        default=100_000_000,
+        metadata={"help": "Tokens per shard file (2 bytes each); preparing holds one shard in memory."},
+    )
+    num_proc: int | None = field(
+        default=None, metadata={"help": "Tokenizer processes; default: the CPU cores available."}
+    )
+
+
+@dataclass(kw_only=True)
+class PrepareArguments(DataArguments):
+    """`python -m modeling_gpt2_scratch.data prepare`: the data arguments plus where the shards go."""
+
+    output_dir: str = field(metadata={"help": "Folder for the shards and manifest.json (created if missing)."})
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Rebuild the folder when it holds shards of another source, tokenizer or settings."},
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sources
+
+
+@dataclass(frozen=True)
+class _Source:
+    """A resolved `--dataset`: either local files of one type or a Hub dataset id."""
+
+    name: str  # what the user passed
+    files: tuple[Path, ...] = ()
+    builder: str | None = None  # datasets' packaged builder for the local files
+    hub_id: str | None = None
+
+    @property
+    def is_local(self) -> bool:
+        return self.hub_id is None
+
+    def describe(self, args: DataArguments) -> str:
+        if not self.is_local:
+            config = f", config {args.dataset_config}" if args.dataset_config else ""
+            revision = f", revision {args.dataset_revision}" if args.dataset_revision else ""
+            return f"Hub dataset {self.hub_id}{config}{revision}"
+        if len(self.files) == 1:
+            return f"local file {self.files[0]}"
+        first, last = self.files[0].name, self.files[-1].name
+        return f"{len(self.files)} local {self.builder} files from {self.name} ({first} ... {last})"
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def _looks_like_path(name: str) -> bool:
+    """A name that cannot be a Hub id (`name` or `owner/name`): absolute, relative, home-based or with a file type."""
+    return (
+        name.startswith((".", "/", "~", "\\"))
+        or name.count("/") > 1
+        or os.sep in name.replace("/", "")
+        or Path(name).suffix.lower() in EXTENSION_BUILDERS
+    )
+
+
+def _resolve_source(name: str) -> _Source:
+    """Local file, folder or glob (sorted paths), else a Hub id. Raises for paths that match nothing."""
+    supported = "/".join(EXTENSION_BUILDERS)
+    expanded = os.path.expanduser(name)
+    path = Path(expanded)
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file()
+            and p.suffix.lower() in EXTENSION_BUILDERS
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
+        if not files:
+            raise FileNotFoundError(
+                f"No {supported} files under folder {name!r}; point --dataset at a folder, file or glob of such files."
+            )
+    elif glob.has_magic(expanded):
+        files = sorted(Path(p) for p in glob.glob(expanded, recursive=True) if os.path.isfile(p))
+        if not files:
+            raise FileNotFoundError(
+                f"No files matched {name!r}; fix the pattern (and quote it so the shell does not expand it)."
+            )
+    elif _looks_like_path(name):
+        raise FileNotFoundError(
+            f"Dataset path {name!r} not found; pass an existing {supported} file, a folder or a glob of them, "
+            "or a Hub dataset id such as karpathy/tiny_shakespeare."
+        )
+    else:
+        return _Source(name=name, hub_id=name)
+
+    unsupported = sorted({p.suffix or p.name for p in files if p.suffix.lower() not in EXTENSION_BUILDERS})
+    if unsupported:
+        raise ValueError(
+            f"Unsupported file type(s) {', '.join(unsupported)} in --dataset {name!r}; use {supported} files."
+        )
+    builders = {EXTENSION_BUILDERS[p.suffix.lower()] for p in files}
+    if len(builders) > 1:
+        kinds = ", ".join(sorted({p.suffix.lower() for p in files}))
+        raise ValueError(f"--dataset {name!r} mixes file types ({kinds}); point it at files of one type.")
+    return _Source(name=name, files=tuple(files), builder=builders.pop())
+
+
+def _hub_unreachable(source: _Source, err: BaseException) -> ValueError:
+    return ValueError(
+        f"Could not reach the Hugging Face Hub for dataset {source.hub_id!r} (and no local path of that name exists): "
+        f"{_one_line(err)}. Offline, pass local files instead, e.g. {OFFLINE_EXAMPLE} (a .txt/.jsonl/.json/.parquet/"
+        ".csv file, a folder or a glob)."
+    )
+
+
+def _open_split(source: _Source, split: str, args: DataArguments) -> IterableDataset:
+    """`datasets.load_dataset(..., streaming=True)` for one split, with its errors turned into one-line messages."""
+    try:
+        if source.is_local:
+            extra = {"sample_by": "document"} if source.builder == "text" else {}
+            return load_dataset(
+                source.builder, data_files=[str(p) for p in source.files], split="train", streaming=True, **extra
+            )
+        return load_dataset(
+            source.hub_id, args.dataset_config, split=split, revision=args.dataset_revision, streaming=True
+        )
+    except DatasetNotFoundError as err:
+        raise FileNotFoundError(
+            f"Dataset {source.name!r} is neither a local path nor a dataset on the Hub ({_one_line(err)}); check the "
+            f"name (gated datasets need `hf auth login`) or pass local files, e.g. {OFFLINE_EXAMPLE}."
+        ) from err
+    except (ConnectionError, TimeoutError) as err:
+        raise _hub_unreachable(source, err) from err
+    except StopIteration as err:  # the json builder, on files without a single row
+        raise ValueError(f"Empty corpus: {source.describe(args)} has no rows; pass files that hold text.") from err
+    except (ValueError, KeyError, pa.ArrowException) as err:  # unknown split or config name, unreadable file, ...
+        which = f"split {split!r} of " if not source.is_local else ""
+        raise _read_error(source, which + source.describe(args), err) from err
+
+
+def _first_undecodable(files: Iterable[Path]) -> tuple[Path, int, int] | None:
+    """(file, byte offset, byte) of the first byte that is not UTF-8, or None when every file decodes."""
+    for path in files:
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        offset = 0
+        with open(path, "rb") as f:
+            while True:
+                chunk = f.read(_HASH_CHUNK)
+                pending = decoder.getstate()[0]
+                try:
+                    decoder.decode(chunk, final=not chunk)
+                except UnicodeDecodeError as err:
+                    data = pending + chunk
+                    return path, offset - len(pending) + err.start, data[err.start]
+                if not chunk:
+                    break
+                offset += len(chunk)
+    return None
+
+
+@dataclass
+class _Counts:
+    documents: int = 0
+    empty_documents: int = 0
+
+
+def _read_error(source: _Source, where: str, err: BaseException) -> ValueError:
+    fix = (
+        f"check that the files are valid {source.builder} (or leave the bad one out of --dataset)"
+        if source.is_local
+        else "check --dataset, --dataset_config, --split and --val_split"
+    )
+    return ValueError(f"Cannot read {where}: {_one_line(err)}; {fix}.")
+
+
+def _iter_rows(ds: IterableDataset, source: _Source, where: str) -> Iterator[dict]:
+    """`ds.iter(...)` batches, with the errors of reading the source turned into one-line messages."""
+    try:
+        yield from ds.iter(batch_size=_ROWS_PER_READ)
+    except UnicodeDecodeError as err:
+        found = _first_undecodable(p for p in source.files if p.suffix.lower() == ".txt")
+        if found is None:
+            raise ValueError(f"{where} is not valid UTF-8 ({_one_line(err)}); convert it to UTF-8.") from err
+        path, offset, byte = found
+        raise ValueError(
+            f"{str(path)!r} is not valid UTF-8 (byte 0x{byte:02x} at offset {offset}); convert it to UTF-8 "
+            "(e.g. `iconv -f latin1 -t utf-8 IN > OUT`) or leave it out of --dataset."
+        ) from err
+    except (ConnectionError, TimeoutError) as err:
+        raise ValueError(
+            f"Lost the connection to the Hub while streaming {where} ({_one_line(err)}); run prepare again "
+            f"(it starts over), or download the files and pass them locally, e.g. {OFFLINE_EXAMPLE}."
+        ) from err
+    except (ValueError, KeyError, pa.ArrowException) as err:  # malformed JSON, CSV or Parquet
+        raise _read_error(source, where, err) from err
+
+
+def _iter_documents(ds: IterableDataset, source: _Source, args: DataArguments, counts: _Counts) -> Iterator[str]:
+    """The non-empty texts of a split, in order."""
+    where = source.describe(args)
+    column = args.text_column
+    if ds.column_names is not None:
+        if column not in ds.column_names:
+            raise ValueError(
+                f"Column {column!r} not found in {where}; its columns are {sorted(ds.column_names)}. "
+                "Pass --text_column with one of them."
+            )
+        ds = ds.select_columns([column])
+    for batch in _iter_rows(ds, source, where):
+        if column not in batch:
+            raise ValueError(
+                f"Column {column!r} not found in {where}; its columns are {sorted(batch)}. "
+                "Pass --text_column with one of them."
+            )
+        for text in batch[column]:
+            if text is None or text == "":
+                counts.empty_documents += 1
+                continue
+            if not isinstance(text, str):
+                raise ValueError(
+                    f"Column {column!r} of {where} holds {type(text).__name__} values, not text; "
+                    "pass --text_column naming a text column."
+                )
+            counts.documents += 1
+            yield text
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tokenization
+
+
+def _encode_documents(documents: list[str]) -> np.ndarray:
+    """`eot doc1 eot doc2 ...` as uint16 (runs in the tokenizer processes)."""
+    encoding = get_encoding()
+    eot = encoding.eot_token
+    ids: list[int] = []
+    for text in documents:
+        ids.append(eot)
+        ids.extend(encoding.encode_ordinary(text))
+    return np.array(ids, dtype=TOKEN_DTYPE)
+
+
+def _document_batches(documents: Iterator[str]) -> Iterator[list[str]]:
+    batch: list[str] = []
+    chars = 0
+    for text in documents:
+        batch.append(text)
+        chars += len(text)
+        if len(batch) >= _DOCS_PER_TASK or chars >= _CHARS_PER_TASK:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _encode_stream(batches: Iterator[list[str]], num_proc: int) -> Iterator[np.ndarray]:
+    """Token arrays of the document batches, in order, from `num_proc` processes with a bounded number in flight.
+
+    (`Pool.imap` would read the whole input ahead of the workers; submitting through a bounded queue keeps memory
+    flat on a streamed corpus.)
+    """
+    if num_proc <= 1:
+        for batch in batches:
+            yield _encode_documents(batch)
+        return
+    with multiprocessing.get_context().Pool(num_proc) as pool:
+        pending: collections.deque = collections.deque()
+        for batch in batches:
+            pending.append(pool.apply_async(_encode_documents, (batch,)))
+            if len(pending) >= 2 * num_proc:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+class _ShardWriter:
+    """Cuts a token stream into `{prefix}_{index:06d}.bin` files of `shard_size` tokens, one buffer in memory."""
+
+    def __init__(self, directory: Path, prefix: str, shard_size: int) -> None:
+        self.directory = directory
+        self.prefix = prefix
+        self.buffer = np.empty(shard_size, dtype=TOKEN_DTYPE)
+        self.filled = 0
+        self.shards: list[tuple[str, int]] = []
+        self.tokens = 0
+        self.started = time.perf_counter()
+
+    def write(self, tokens: np.ndarray) -> None:
+        start = 0
+        while start < len(tokens):
+            n = min(len(tokens) - start, len(self.buffer) - self.filled)
+            self.buffer[self.filled : self.filled + n] = tokens[start : start + n]
+            self.filled += n
+            start += n
+            if self.filled == len(self.buffer):
+                self._flush()
+
+    def close(self) -> list[tuple[str, int]]:
+        self._flush()
+        return self.shards
+
+    def _flush(self) -> None:
+        if self.filled == 0:
+            return
+        name = f"{self.prefix}_{len(self.shards):06d}.bin"
+        _write_tokens(self.directory / name, self.buffer[: self.filled])
+        self.shards.append((name, self.filled))
+        self.tokens += self.filled
+        self.filled = 0
+        rate = self.tokens / max(time.perf_counter() - self.started, 1e-9)
+        logger.info("%s: wrote %s (%s tokens so far, %.0f tokens/s)", self.prefix, name, f"{self.tokens:,}", rate)
+
+
+def _write_tokens(path: Path, tokens: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        tokens.astype(TOKEN_DTYPE, copy=False).tofile(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _tokenize_split(
+    ds: IterableDataset, source: _Source, args: DataArguments, directory: Path, prefix: str, counts: _Counts
+) -> list[tuple[str, int]]:
+    writer = _ShardWriter(directory, prefix, args.shard_size)
+    documents = _iter_documents(ds, source, args, counts)
+    for tokens in _encode_stream(_document_batches(documents), _num_proc(args)):
+        writer.write(tokens)
+    return writer.close()
+
+
+def _num_proc(args: DataArguments) -> int:
+    if args.num_proc is not None:
+        return args.num_proc
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _hold_out_tail(
+    directory: Path, parts: list[tuple[str, int]], val_tokens: int
+) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """Renames the stream's parts into train shards and the last `val_tokens` tokens into val shards.
+
+    The part that straddles the cut is split in two files through a memmap (no more than one shard in memory).
+    """
+    cut = sum(n for _, n in parts) - val_tokens
+    train: list[tuple[str, int]] = []
+    val: list[tuple[str, int]] = []
+
+    def add(split: list[tuple[str, int]], prefix: str, part: str, tokens: np.ndarray | None = None) -> None:
+        """Appends `part` (renamed) or `tokens` (written) to `split` as its next shard."""
+        name = f"{prefix}_{len(split):06d}.bin"
+        if tokens is None:
+            os.replace(directory / part, directory / name)
+            split.append((name, (directory / name).stat().st_size // TOKEN_DTYPE.itemsize))
+        else:
+            _write_tokens(directory / name, tokens)
+            split.append((name, len(tokens)))
+
+    offset = 0
+    for part, n in parts:
+        if offset + n <= cut:
+            add(train, "train", part)
+        elif offset >= cut:
+            add(val, "val", part)
+        else:
+            tokens = np.memmap(directory / part, dtype=TOKEN_DTYPE, mode="r")
+            add(train, "train", part, tokens[: cut - offset])
+            add(val, "val", part, tokens[cut - offset :])
+            del tokens
+            (directory / part).unlink()
+        offset += n
+    return train, val
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fingerprints, manifest, atomic commit
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _source_record(source: _Source, args: DataArguments, previous: dict | None) -> dict:
+    """`{"description", "fingerprint", ...}`; local contents are hashed unless path, size and mtime are unchanged."""
+    if not source.is_local:
+        hub = {"id": source.hub_id, "config": args.dataset_config, "revision": args.dataset_revision}
+        fingerprint = hashlib.sha256(json.dumps(hub, sort_keys=True).encode()).hexdigest()
+        return {"description": source.describe(args), "fingerprint": fingerprint, "hub": hub}
+    known = {f["path"]: f for f in ((previous or {}).get("source") or {}).get("files", []) if isinstance(f, dict)}
+    files = []
+    for path in source.files:
+        stat = path.stat()
+        entry = {"path": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        old = known.get(entry["path"], {})
+        same_file = old.get("bytes") == entry["bytes"] and old.get("mtime_ns") == entry["mtime_ns"]
+        entry["sha256"] = old["sha256"] if same_file and "sha256" in old else _sha256_file(path)
+        files.append(entry)
+    content = {"builder": source.builder, "files": [[f["sha256"], f["bytes"]] for f in files]}
+    fingerprint = hashlib.sha256(json.dumps(content).encode()).hexdigest()
+    return {"description": source.describe(args), "fingerprint": fingerprint, "files": files}
+
+
+def _settings(source: _Source, args: DataArguments) -> dict:
+    """The arguments that change the shards (local files ignore `split` and `val_split`)."""
+    return {
+        "split": args.split if not source.is_local else "train",
+        "val_split": args.val_split if not source.is_local else None,
+        "text_column": args.text_column,
+        "val_fraction": args.val_fraction if args.val_split is None or source.is_local else None,
+        "shard_size": args.shard_size,
+    }
+
+
+def _tokenizer_info() -> dict:
+    encoding = get_encoding()
+    info = {"name": "gpt2", "n_vocab": encoding.n_vocab, "eot_token": encoding.eot_token}
+    if info != TOKENIZER_INFO:
+        raise ValueError(f"get_encoding() is not GPT-2's encoding ({info}); the shards store GPT-2 ids as uint16.")
+    return info
+
+
+def _difference(old: dict, new: dict) -> str | None:
+    """Why a prepared folder does not match what is asked now, or None when it does."""
+    if old.get("format_version") != new["format_version"]:
+        return f"format version {old.get('format_version')!r} (this code writes {new['format_version']})"
+    if old.get("tokenizer") != new["tokenizer"]:
+        return f"tokenizer {old.get('tokenizer')} (now {new['tokenizer']})"
+    old_source = old.get("source") or {}
+    if old_source.get("fingerprint") != new["source"]["fingerprint"]:
+        return f"a different source ({old_source.get('description', 'unknown')}; now {new['source']['description']})"
+    for key, value in new["settings"].items():
+        if (old.get("settings") or {}).get(key) != value:
+            return f"{key}={(old.get('settings') or {}).get(key)!r} (now {value!r})"
+    return None
+
+
+def _shards_intact(directory: Path, manifest: dict) -> bool:
+    for entries in manifest.get("splits", {}).values():
+        for entry in entries:
+            path = directory / entry["file"]
+            if not path.is_file() or path.stat().st_size != entry["tokens"] * TOKEN_DTYPE.itemsize:
+                return False
+    return True
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f"{_TMP_PREFIX}-{path.name}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):  # not every platform can open a folder
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _commit(staging: Path, out: Path, manifest: dict) -> None:
+    """Moves the shards from `staging` into `out`, then writes the manifest: the manifest is the commit point."""
+    manifest_path = out / MANIFEST_NAME
+    manifest_path.unlink(missing_ok=True)  # from here until the end, no manifest points at half-replaced shards
+    new_files = {entry["file"] for entries in manifest["splits"].values() for entry in entries}
+    for stale in out.iterdir():
+        if _SHARD_NAME.fullmatch(stale.name) and stale.name not in new_files:
+            stale.unlink()
+    for name in sorted(new_files):
+        os.replace(staging / name, out / name)
+    _fsync_dir(out)
+    _write_json_atomic(manifest_path, manifest)
+    _fsync_dir(out)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _folder_lock(out: Path) -> Iterator[None]:
+    if fcntl is None:
+        yield
+        return
+    with open(out / _LOCK_NAME, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def read_manifest(data_dir: str | os.PathLike) -> dict:
+    """The `manifest.json` of a prepared folder (`data_dir` may also be the manifest's own path).
+
+    Raises:
+        FileNotFoundError: when the folder has no manifest (not prepared, or an interrupted prepare).
+        ValueError: when the manifest is unreadable or of another format version.
+    """
+    path = Path(data_dir)
+    if path.name != MANIFEST_NAME:
+        path = path / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"No {MANIFEST_NAME} in {str(path.parent)!r}; prepare the folder first: python -m "
+            f"modeling_gpt2_scratch.data prepare --dataset SOURCE --output_dir {path.parent}"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"Cannot read {str(path)!r} ({_one_line(err)}); prepare the folder again with --overwrite."
+        ) from err
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        version = manifest.get("format_version") if isinstance(manifest, dict) else None
+        raise ValueError(
+            f"{str(path)!r} has format version {version!r}, this code reads {FORMAT_VERSION}; "
+            "prepare the folder again with --overwrite."
+        )
+    if manifest.get("dtype") != "uint16":
+        raise ValueError(f"{str(path)!r} has dtype {manifest.get('dtype')!r}, expected 'uint16'; prepare it again.")
+    return manifest
+
+
+def _check_args(args: DataArguments) -> None:
+    if not isinstance(args.shard_size, int) or args.shard_size < 1:
+        raise ValueError(f"--shard_size must be a positive number of tokens, got {args.shard_size!r}.")
+    if not 0.0 <= args.val_fraction < 1.0:
+        raise ValueError(f"--val_fraction must be in [0, 1), got {args.val_fraction!r}.")
+    if args.num_proc is not None and args.num_proc < 1:
+        raise ValueError(f"--num_proc must be at least 1, got {args.num_proc!r}.")
+    if not args.text_column:
+        raise ValueError("--text_column must name a column, got an empty string.")
+
+
+def prepare_dataset(
+    args: DataArguments, output_dir: str | os.PathLike | None = None, overwrite: bool | None = None
+) -> Path:
+    """Tokenizes `args.dataset` into uint16 shards and a manifest in `output_dir`, or reuses what is already there.
+
+    Call it on one process per machine (e.g. the main process, before the others build their loaders); concurrent
+    calls on one folder wait for each other and then reuse the result.
+
+    Args:
+        args: the source and shard settings (a `PrepareArguments` also carries `output_dir` and `overwrite`).
+        output_dir: the folder for shards and manifest; defaults to `args.output_dir`.
+        overwrite: rebuild a folder prepared from another source, tokenizer or settings instead of raising; defaults
+            to `args.overwrite` (False for plain `DataArguments`).
+
+    Returns:
+        The path of `manifest.json`; `ShardedTokenLoader` takes it or its folder.
+
+    Raises:
+        FileNotFoundError: a local path that does not exist, a glob or folder with no data files, a Hub id that
+            does not exist.
+        ValueError: every other bad input, each with its fix: the Hub unreachable, an empty corpus, a missing text
+            column, undecodable bytes in a .txt file, a folder prepared from something else, bad settings.
+    """
+    if output_dir is None:
+        output_dir = getattr(args, "output_dir", None)
+        if output_dir is None:
+            raise ValueError("prepare_dataset needs an output_dir (or PrepareArguments with one).")
+    if overwrite is None:
+        overwrite = bool(getattr(args, "overwrite", False))
+    _check_args(args)
+    source = _resolve_source(args.dataset)
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output_dir {str(out)!r} is a file; pass a folder.")
+    out.mkdir(parents=True, exist_ok=True)
+    manifest_path = out / MANIFEST_NAME
+
+    with _folder_lock(out):
+        for stale in out.glob(f"{_TMP_PREFIX}*"):  # what an interrupted prepare left behind
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+        previous = None
+        if manifest_path.exists():
+            try:
+                previous = read_manifest(out)
+            except ValueError:
+                if not overwrite:
+                    raise
+        wanted = {
+            "format_version": FORMAT_VERSION,
+            "tokenizer": _tokenizer_info(),
+            "source": _source_record(source, args, previous),
+            "settings": _settings(source, args),
+        }
+        if previous is not None:
+            reason = _difference(previous, wanted)
+            if reason is None and _shards_intact(out, previous):
+                logger.info("Reusing the shards in %s (%s)", out, wanted["source"]["description"])
+                return manifest_path
+            if reason is None:
+                logger.warning("Shards listed in %s are missing or truncated; preparing them again", manifest_path)
+            elif not overwrite:
+                raise ValueError(
+                    f"{str(out)!r} already holds shards prepared with {reason}; pass --overwrite to rebuild it "
+                    "or choose another --output_dir."
+                )
+            else:
+                logger.warning("Overwriting %s (it was prepared with %s)", out, reason)
+
+        staging = out / f"{_TMP_PREFIX}-{os.getpid()}"
+        staging.mkdir()
+        try:
+            splits, stats = _build_shards(source, args, staging)
+            manifest = {
+                "format_version": FORMAT_VERSION,
+                "tokenizer": wanted["tokenizer"],
+                "dtype": "uint16",
+                "splits": splits,
+                "source": wanted["source"],
+                "settings": wanted["settings"],
+                "stats": stats,
+            }
+            _commit(staging, out, manifest)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    logger.info(
+        "Prepared %s: %s train and %s val tokens from %s documents",
+        out,
+        f"{stats['train_tokens']:,}",
+        f"{stats['val_tokens']:,}",
+        f"{stats['documents']:,}",
+    )
+    return manifest_path
+
+
+def _build_shards(source: _Source, args: DataArguments, staging: Path) -> tuple[dict, dict]:
+    """Tokenizes the source into `staging`; returns the manifest's `splits` and `stats`."""
+    where = source.describe(args)
+    counts = _Counts()
+    train_ds = _open_split(source, args.split, args)
+    use_val_split = args.val_split is not None and not source.is_local
+    if args.val_split is not None and source.is_local:
+        logger.info("Local files form one stream: ignoring --val_split; holding out --val_fraction instead")
+    val_ds = _open_split(source, args.val_split, args) if use_val_split else None  # a bad name fails before the work
+    parts = _tokenize_split(train_ds, source, args, staging, "train" if use_val_split else "part", counts)
+    if not parts:
+        split = f"split {args.split!r} of " if not source.is_local else ""
+        raise ValueError(
+            f"Empty corpus: {split}{where} has no text in column {args.text_column!r} "
+            f"({counts.empty_documents} empty documents); pass a source that holds text."
+        )
+    if val_ds is not None:
+        train = parts
+        val = _tokenize_split(val_ds, source, args, staging, "val", counts)
+        if not val:
+            raise ValueError(
+                f"Empty corpus: split {args.val_split!r} of {where} has no text in column {args.text_column!r}; "
+                "pass another --val_split, or none to hold out --val_fraction."
+            )
+    else:
+        total = sum(n for _, n in parts)
+        val_tokens = round(total * args.val_fraction)
+        if val_tokens == 0 and args.val_fraction > 0:
+            logger.warning(
+                "--val_fraction %s of %d tokens holds out nothing: the val split is empty", args.val_fraction, total
+            )
+        if val_tokens >= total:
+            raise ValueError(f"--val_fraction {args.val_fraction} leaves no training tokens of {where}; lower it.")
+        train, val = _hold_out_tail(staging, parts, val_tokens)
+    splits = {
+        "train": [{"file": name, "tokens": n} for name, n in train],
+        "val": [{"file": name, "tokens": n} for name, n in val],
+    }
+    stats = {
+        "documents": counts.documents,
+        "empty_documents": counts.empty_documents,
+        "train_tokens": sum(n for _, n in train),
+        "val_tokens": sum(n for _, n in val),
+    }
+    return splits, stats
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loader
+
+
+class ShardedTokenLoader:
+    """`(x, y)` batches of one rank from a prepared split, read through `np.memmap`, resumable exactly.
+
+    The split's shards are one token stream (a batch may span two shards; nothing is dropped at shard ends). It is
+    cut into chunks of `B*T` tokens; batch `i` of an epoch of rank `r` is chunk `i * world_size + r`, with `x` its
+    `B*T` tokens and `y` the same window shifted by one token (so consecutive chunks overlap by `y`'s last token).
+    Round `i` of all ranks thus reads consecutive chunks, and `world_size` ranks together see what one rank with
+    `world_size` times the gradient accumulation sees. An epoch is `(N - 1) // (B*T) // world_size` batches per
+    rank; the remainder (fewer than `world_size*B*T + 1` tokens, at the end of the split) is skipped, then the
+    stream starts over from its first token and `epoch` goes up by one.
+
+    `state_dict()` is the same on every rank (epoch and batch index), so saving it from the main process only (as
+    `accelerator.save_state` does for `register_for_checkpointing` objects) restores every rank. A restored loader
+    needs the same split, batch size, sequence length and world size.
+
+    Args:
+        data_dir: a folder written by `prepare_dataset`, or its `manifest.json`.
+        split: `"train"` or `"val"`.
+        batch_size: `B`, sequences per batch on this rank.
+        seq_len: `T`, tokens per sequence.
+        rank: this process's index among `world_size` (accelerate: `accelerator.process_index`).
+        world_size: the number of processes (accelerate: `accelerator.num_processes`).
+
+    Raises:
+        FileNotFoundError: no manifest (or a shard is missing).
+        ValueError: unknown split, bad sizes, or a split with fewer than `world_size * B * T + 1` tokens.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        split: str,
+        batch_size: int,
+        seq_len: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("world_size", world_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank!r}.")
+        manifest = read_manifest(data_dir)
+        self.data_dir = Path(data_dir).parent if Path(data_dir).name == MANIFEST_NAME else Path(data_dir)
+        if split not in manifest["splits"]:
+            raise ValueError(
+                f"Split {split!r} not in {str(self.data_dir / MANIFEST_NAME)!r}; it has {sorted(manifest['splits'])}."
+            )
+        self.split = split
+        self.batch_size = batch_size
+        self.seq_len = seq_len
+        self.rank = rank
+        self.world_size = world_size
+        self._shards = [self._open_shard(entry) for entry in manifest["splits"][split]]
+        self._starts = np.cumsum([0] + [len(s) for s in self._shards])  # token offset of each shard, and the end
+        self.num_tokens = int(self._starts[-1])
+        needed = world_size * batch_size * seq_len + 1
+        if self.num_tokens < needed:
+            fix = " (or prepare with a larger --val_fraction)" if split == "val" else " (or prepare more text)"
+            raise ValueError(
+                f"Split {split!r} of {str(self.data_dir)!r} has {self.num_tokens:,} tokens, fewer than the "
+                f"{needed:,} that one batch per rank needs (world_size {world_size} x batch_size {batch_size} x "
+                f"seq_len {seq_len} + 1); lower the batch size or sequence length{fix}."
+            )
+        self.batches_per_epoch = (self.num_tokens - 1) // (batch_size * seq_len) // world_size
+        self.epoch = 0  # completed passes over the split
+        self._batch = 0  # batches this rank has taken in the current epoch
+
+    def _open_shard(self, entry: dict) -> np.memmap:
+        path = self.data_dir / entry["file"]
+        if not path.is_file():
+            raise FileNotFoundError(f"Shard {str(path)!r} is missing; prepare {str(self.data_dir)!r} again.")
+        size = path.stat().st_size
+        if size != entry["tokens"] * TOKEN_DTYPE.itemsize:
+            raise ValueError(
+                f"Shard {str(path)!r} has {size} bytes, the manifest says {entry['tokens']} tokens; "
+                f"prepare {str(self.data_dir)!r} again with --overwrite."
+            )
+        return np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
+        """Tokens `[start, stop)` of the split as int64, across shard boundaries."""
+        pieces = []
+        shard = int(np.searchsorted(self._starts, start, side="right")) - 1
+        while start < stop:
+            offset = start - int(self._starts[shard])
+            end = min(stop, int(self._starts[shard + 1]))
+            pieces.append(self._shards[shard][offset : offset + end - start])
+            start = end
+            shard += 1
+        return np.concatenate(pieces).astype(np.int64)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next `(x, y)`, both int64 `(B, T)`, `y[:, t] == x[:, t + 1]` within the stream."""
+        B, T = self.batch_size, self.seq_len
+        start = (self._batch * self.world_size + self.rank) * B * T
+        tokens = torch.from_numpy(self._read(start, start + B * T + 1))
+        x = tokens[:-1].view(B, T)
+        y = tokens[1:].view(B, T)
+        self._batch += 1
+        if self._batch == self.batches_per_epoch:
+            self._batch = 0
+            self.epoch += 1
+        return x, y
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Endless batches (it wraps around); take as many as needed."""
+        while True:
+            yield self.next_batch()
+
+    def reset(self) -> None:
+        """Back to the first batch of epoch 0 (e.g. before each evaluation over the val split)."""
+        self.epoch = 0
+        self._batch = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position (the same on every rank) and the shape it is valid for; plain Python values."""
+        return {
+            "split": self.split,
+            "num_tokens": self.num_tokens,
+            "batch_size": self.batch_size,
+            "seq_len": self.seq_len,
+            "world_size": self.world_size,
+            "epoch": self.epoch,
+            "batch_in_epoch": self._batch,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continues from `state`: the next batch is the one the saving loader would have given next."""
+        for key in ("split", "num_tokens", "batch_size", "seq_len", "world_size"):
+            if state.get(key) != getattr(self, key):
+                raise ValueError(
+                    f"Cannot resume the {self.split!r} loader: the saved state has {key}={state.get(key)!r}, this "
+                    f"loader {key}={getattr(self, key)!r}; resume with the same data, batch size, sequence length "
+                    "and number of processes."
+                )
+        if not 0 <= state["batch_in_epoch"] < self.batches_per_epoch or state["epoch"] < 0:
+            raise ValueError(f"Cannot resume the {self.split!r} loader from a corrupt state {state}.")
+        self.epoch = int(state["epoch"])
+        self._batch = int(state["batch_in_epoch"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CLI
+
+_USAGE = "usage: python -m modeling_gpt2_scratch.data prepare --dataset SOURCE --output_dir DIR [options] (see --help)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m modeling_gpt2_scratch.data prepare ...`; returns the exit status (2 on bad input, one line)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(_USAGE)
+        return 0
+    if argv[:1] != ["prepare"]:
+        print(f"error: expected the command 'prepare'; {_USAGE}", file=sys.stderr)
+        return 2
+    parser = HfArgumentParser(
+        PrepareArguments,
+        prog="python -m modeling_gpt2_scratch.data prepare",
+        description="Tokenize a Hub dataset or local files into uint16 token shards and a manifest.json.",
+    )
+    (args,) = parser.parse_args_into_dataclasses(argv[1:])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        manifest_path = prepare_dataset(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    print(manifest_path)
+    return 0
+
+
+if __name__ == "__main__":
+    # Run the importable module's `main`, so tokenizer processes find `_encode_documents` under its real name.
+    from modeling_gpt2_scratch.data import main as _main
+
+    sys.exit(_main())

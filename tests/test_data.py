@@ -1,0 +1,454 @@
+"""The data pipeline: sources -> uint16 shards + manifest -> ShardedTokenLoader batches."""
+
+import json
+import os
+from pathlib import Path
+
+import datasets
+import huggingface_hub
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from modeling_gpt2_scratch import data
+from modeling_gpt2_scratch.data import (
+    MANIFEST_NAME,
+    DataArguments,
+    ShardedTokenLoader,
+    main,
+    prepare_dataset,
+    read_manifest,
+)
+from modeling_gpt2_scratch.tokenization import get_encoding
+
+EOT = 50256
+
+
+def read_split(data_dir: Path, split: str) -> np.ndarray:
+    """A split's token stream, read the way another tool would: the manifest plus `np.fromfile` per shard."""
+    manifest = json.loads((data_dir / MANIFEST_NAME).read_text())
+    arrays = [np.fromfile(data_dir / entry["file"], dtype="<u2") for entry in manifest["splits"][split]]
+    return np.concatenate(arrays) if arrays else np.zeros(0, dtype="<u2")
+
+
+def expected_stream(documents: list[str]) -> list[int]:
+    encoding = get_encoding()
+    ids = []
+    for text in documents:
+        ids += [EOT] + encoding.encode_ordinary(text)
+    return ids
+
+
+def write_token_shards(data_dir: Path, tokens: np.ndarray, shard_size: int, split: str = "train") -> Path:
+    """A prepared folder written by hand in the documented format (the loader needs nothing else)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for i, start in enumerate(range(0, len(tokens), shard_size)):
+        name = f"{split}_{i:06d}.bin"
+        tokens[start : start + shard_size].astype("<u2").tofile(data_dir / name)
+        entries.append({"file": name, "tokens": len(tokens[start : start + shard_size])})
+    manifest = {
+        "format_version": 1,
+        "tokenizer": {"name": "gpt2", "n_vocab": 50257, "eot_token": EOT},
+        "dtype": "uint16",
+        "splits": {split: entries},
+        "source": {"description": "test", "fingerprint": "test"},
+    }
+    (data_dir / MANIFEST_NAME).write_text(json.dumps(manifest))
+    return data_dir
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def prepare(source, output_dir, **kwargs) -> Path:
+    kwargs = {"num_proc": 1, "val_fraction": 0.0, **kwargs}
+    return prepare_dataset(DataArguments(dataset=str(source), **kwargs), output_dir)
+
+
+@pytest.fixture(scope="module")
+def shakespeare_dir(tmp_path_factory, shared_dir):
+    """Tiny Shakespeare prepared once: 50k-token shards, last 10% held out."""
+    out = tmp_path_factory.mktemp("shakespeare")
+    prepare(shared_dir / "data" / "tinyshakespeare.txt", out, shard_size=50_000, val_fraction=0.1)
+    return out
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    """A small .jsonl corpus (40 documents) in its own folder."""
+    (tmp_path / "corpus").mkdir()
+    rows = [{"text": f"Document {i}: " + "the quick brown fox " * (i % 7 + 1), "id": i} for i in range(40)]
+    return write_jsonl(tmp_path / "corpus" / "docs.jsonl", rows)
+
+
+# --- preparing -------------------------------------------------------------------------------------------------------
+
+
+def test_tiny_shakespeare_decodes_back_to_the_original(shakespeare_dir, shared_dir):
+    text = (shared_dir / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    stream = np.concatenate([read_split(shakespeare_dir, "train"), read_split(shakespeare_dir, "val")])
+    assert get_encoding().decode(stream.tolist()) == "<|endoftext|>" + text
+
+
+def test_val_split_is_the_last_fraction_of_the_stream(shakespeare_dir):
+    train, val = read_split(shakespeare_dir, "train"), read_split(shakespeare_dir, "val")
+    assert len(val) == round(0.1 * (len(train) + len(val)))
+    assert train[0] == EOT and EOT not in val  # one document: the cut falls inside it
+
+
+def test_shards_hold_shard_size_tokens_as_raw_uint16(shakespeare_dir):
+    manifest = read_manifest(shakespeare_dir)
+    train = manifest["splits"]["train"]
+    assert [entry["tokens"] for entry in train[:-1]] == [50_000] * (len(train) - 1)
+    for entry in train + manifest["splits"]["val"]:
+        assert (shakespeare_dir / entry["file"]).stat().st_size == 2 * entry["tokens"]
+
+
+def _write_txt(folder: Path, documents: list[str]) -> None:
+    for name, text in zip(["b.txt", "a.txt", "c.txt"], documents, strict=True):  # written out of order on purpose
+        (folder / name).write_text(text, encoding="utf-8")
+
+
+def _write_jsonl(folder: Path, documents: list[str]) -> None:
+    write_jsonl(folder / "part-1.jsonl", [{"text": t, "n": i} for i, t in enumerate(documents[2:], 2)])
+    write_jsonl(folder / "part-0.jsonl", [{"text": t, "n": i} for i, t in enumerate(documents[:2])])
+
+
+def _write_parquet(folder: Path, documents: list[str]) -> None:
+    pq.write_table(pa.table({"n": [2], "text": documents[2:]}), folder / "y.parquet")
+    pq.write_table(pa.table({"n": [0, 1], "text": documents[:2]}), folder / "x.parquet")
+
+
+def _write_csv(folder: Path, documents: list[str]) -> None:
+    (folder / "b.csv").write_text("text,n\n" + f'"{documents[2]}",2\n')
+    (folder / "a.csv").write_text("text,n\n" + "".join(f'"{t}",{i}\n' for i, t in enumerate(documents[:2])))
+
+
+@pytest.mark.parametrize("writer", [_write_txt, _write_jsonl, _write_parquet, _write_csv], ids=lambda f: f.__name__)
+def test_multi_file_sources_give_documents_in_sorted_file_order(tmp_path, writer):
+    documents = ["First, the alpha document.", "Second: beta, with more words in it.", "Third is gamma."]
+    folder = tmp_path / "src"
+    folder.mkdir()
+    writer(folder, documents)
+    # txt: a.txt, b.txt, c.txt hold documents 1, 0, 2; the others hold them in order
+    order = [documents[1], documents[0], documents[2]] if writer is _write_txt else documents
+    prepare(folder, tmp_path / "out")
+    assert read_split(tmp_path / "out", "train").tolist() == expected_stream(order)
+    assert read_manifest(tmp_path / "out")["stats"]["documents"] == 3
+
+
+def test_a_txt_file_is_one_document(tmp_path):
+    text = "line one\nline two\n\nparagraph two\n"
+    (tmp_path / "doc.txt").write_text(text)
+    prepare(tmp_path / "doc.txt", tmp_path / "out")
+    assert read_split(tmp_path / "out", "train").tolist().count(EOT) == 1
+
+
+def test_txt_line_endings_are_read_as_newlines(tmp_path):
+    (tmp_path / "dos.txt").write_bytes(b"one\r\ntwo\r\n")
+    prepare(tmp_path / "dos.txt", tmp_path / "out")
+    assert read_split(tmp_path / "out", "train").tolist() == expected_stream(["one\ntwo\n"])
+
+
+def test_glob_selects_matching_files(tmp_path):
+    (tmp_path / "keep_1.txt").write_text("kept")
+    (tmp_path / "skip.txt").write_text("skipped")
+    prepare(str(tmp_path / "keep_*.txt"), tmp_path / "out")
+    assert read_split(tmp_path / "out", "train").tolist() == expected_stream(["kept"])
+
+
+def test_empty_and_null_documents_are_skipped(tmp_path):
+    write_jsonl(tmp_path / "d.jsonl", [{"text": "a"}, {"text": ""}, {"text": None}, {"text": "b"}])
+    prepare(tmp_path / "d.jsonl", tmp_path / "out")
+    assert read_split(tmp_path / "out", "train").tolist() == expected_stream(["a", "b"])
+    assert read_manifest(tmp_path / "out")["stats"]["empty_documents"] == 2
+
+
+def test_two_processes_write_the_same_shards_as_one(tmp_path, corpus, monkeypatch):
+    monkeypatch.setattr(data, "_DOCS_PER_TASK", 3)  # many small tasks, so order across processes matters
+    prepare(corpus, tmp_path / "one", shard_size=100, num_proc=1)
+    prepare(corpus, tmp_path / "two", shard_size=100, num_proc=2)
+    assert np.array_equal(read_split(tmp_path / "one", "train"), read_split(tmp_path / "two", "train"))
+    assert read_manifest(tmp_path / "one")["splits"] == read_manifest(tmp_path / "two")["splits"]
+
+
+def test_hub_dataset_uses_its_validation_split(tmp_path, monkeypatch):
+    splits = {"train": ["Train text, one row."], "validation": ["Held-out text."]}
+    calls = []
+
+    def fake_load_dataset(path, name=None, split=None, revision=None, streaming=False, **kwargs):
+        calls.append((path, name, split, streaming))
+        return datasets.Dataset.from_dict({"text": splits[split]}).to_iterable_dataset()
+
+    monkeypatch.setattr(data, "load_dataset", fake_load_dataset)
+    prepare("someone/tiny", tmp_path / "out", val_split="validation", val_fraction=0.5)
+    assert read_split(tmp_path / "out", "train").tolist() == expected_stream(splits["train"])
+    assert read_split(tmp_path / "out", "val").tolist() == expected_stream(splits["validation"])
+    assert {call[2] for call in calls} == {"train", "validation"} and all(call[3] for call in calls)
+
+
+# --- idempotence and atomicity ---------------------------------------------------------------------------------------
+
+
+def _mtimes(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if p.suffix in (".bin", ".json")}
+
+
+def test_preparing_again_reuses_the_shards(tmp_path, corpus):
+    prepare(corpus, tmp_path / "out", shard_size=100)
+    before = _mtimes(tmp_path / "out")
+    prepare(corpus, tmp_path / "out", shard_size=100)
+    assert _mtimes(tmp_path / "out") == before and len(before) > 2
+
+
+def test_a_touched_but_unchanged_source_is_reused(tmp_path, corpus):
+    prepare(corpus, tmp_path / "out", shard_size=100)
+    before = _mtimes(tmp_path / "out")
+    os.utime(corpus, ns=(1, 1))  # new mtime, same bytes: hashed again, found equal
+    prepare(corpus, tmp_path / "out", shard_size=100)
+    assert _mtimes(tmp_path / "out") == before
+
+
+def test_a_different_source_in_the_same_folder_errors(tmp_path, corpus):
+    prepare(corpus, tmp_path / "out")
+    other = write_jsonl(tmp_path / "other.jsonl", [{"text": "something else"}])
+    with pytest.raises(ValueError, match=r"different source.*--overwrite"):
+        prepare(other, tmp_path / "out")
+
+
+def test_different_settings_in_the_same_folder_error(tmp_path, corpus):
+    prepare(corpus, tmp_path / "out", shard_size=100)
+    with pytest.raises(ValueError, match=r"shard_size=100 \(now 200\).*--overwrite"):
+        prepare(corpus, tmp_path / "out", shard_size=200)
+
+
+def test_overwrite_rebuilds_and_removes_stale_shards(tmp_path, corpus):
+    prepare(corpus, tmp_path / "out", shard_size=50)
+    other = write_jsonl(tmp_path / "other.jsonl", [{"text": "something else"}])
+    prepare_dataset(DataArguments(dataset=str(other), num_proc=1, val_fraction=0.0), tmp_path / "out", overwrite=True)
+    assert read_split(tmp_path / "out", "train").tolist() == expected_stream(["something else"])
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.bin")) == ["train_000000.bin"]
+
+
+def test_an_interrupted_prepare_leaves_no_manifest(tmp_path, corpus, monkeypatch):
+    monkeypatch.setattr(data, "_DOCS_PER_TASK", 2)
+    real_encode = data._encode_documents
+    calls = []
+
+    def encode_then_die(documents):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real_encode(documents)
+
+    monkeypatch.setattr(data, "_encode_documents", encode_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(corpus, tmp_path / "out", shard_size=20)
+    assert not (tmp_path / "out" / MANIFEST_NAME).exists()
+    assert [p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith(".prepare")] == []
+
+
+def test_an_interrupted_overwrite_keeps_the_old_manifest_valid(tmp_path, corpus, monkeypatch):
+    prepare(corpus, tmp_path / "out", shard_size=20)
+    old = read_split(tmp_path / "out", "train")
+    other = write_jsonl(tmp_path / "other.jsonl", [{"text": f"new document {i}"} for i in range(10)])
+    monkeypatch.setattr(data, "_commit", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        prepare_dataset(DataArguments(dataset=str(other), num_proc=1, val_fraction=0.0), tmp_path / "out", True)
+    assert np.array_equal(ShardedTokenLoader(tmp_path / "out", "train", 1, 4)._read(0, len(old)), old)
+
+
+def test_an_overwrite_interrupted_while_moving_shards_leaves_no_manifest(tmp_path, corpus, monkeypatch):
+    prepare(corpus, tmp_path / "out", shard_size=20)
+    other = write_jsonl(tmp_path / "other.jsonl", [{"text": "new document"}])
+    monkeypatch.setattr(data, "_fsync_dir", lambda directory: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):  # after the new shards replaced the old ones, before the new manifest
+        prepare_dataset(DataArguments(dataset=str(other), num_proc=1, val_fraction=0.0), tmp_path / "out", True)
+    with pytest.raises(FileNotFoundError, match="prepare the folder first"):
+        read_manifest(tmp_path / "out")
+
+
+# --- the loader ------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def stream_dir(tmp_path) -> Path:
+    """1000 tokens 0..999 (every token names its position) in shards of 64."""
+    return write_token_shards(tmp_path / "stream", np.arange(1000), shard_size=64)
+
+
+def test_batches_are_shifted_by_one_and_cross_shards_without_dropping(stream_dir):
+    loader = ShardedTokenLoader(stream_dir, "train", batch_size=2, seq_len=8)
+    batches = [loader.next_batch() for _ in range(loader.batches_per_epoch)]
+    x = torch.cat([b[0].flatten() for b in batches])
+    y = torch.cat([b[1].flatten() for b in batches])
+    assert batches[0][0].shape == (2, 8) and x.dtype == torch.int64
+    assert torch.equal(x, torch.arange(len(x))) and torch.equal(y, torch.arange(1, len(x) + 1))
+    assert loader.batches_per_epoch == 999 // 16
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_get_disjoint_batches_that_cover_one_rank(stream_dir, world_size):
+    B, T = 2, 8
+    single = ShardedTokenLoader(stream_dir, "train", B, T)
+    ranks = [ShardedTokenLoader(stream_dir, "train", B, T, rank=r, world_size=world_size) for r in range(world_size)]
+    per_rank = [torch.cat([r.next_batch()[0].flatten() for _ in range(r.batches_per_epoch)]) for r in ranks]
+    seen = torch.cat(per_rank).tolist()
+    assert len(seen) == len(set(seen))  # disjoint
+    single_x = torch.cat([single.next_batch()[0].flatten() for _ in range(ranks[0].batches_per_epoch * world_size)])
+    assert sorted(seen) == single_x.tolist()  # together: the single rank's stream, less under world_size*B*T tokens
+    assert single.batches_per_epoch * B * T - len(seen) < world_size * B * T
+
+
+def test_one_step_of_all_ranks_reads_what_one_rank_reads_in_world_size_batches(stream_dir):
+    # what makes a 2-process run match a 1-process run with twice the gradient accumulation
+    single = ShardedTokenLoader(stream_dir, "train", 2, 8)
+    ranks = [ShardedTokenLoader(stream_dir, "train", 2, 8, rank=r, world_size=2) for r in range(2)]
+    for _ in range(4):
+        assert torch.equal(
+            torch.cat([r.next_batch()[0] for r in ranks]), torch.cat([single.next_batch()[0] for _ in ranks])
+        )
+
+
+def test_resume_gives_the_uninterrupted_batches_across_a_shard_boundary(tmp_path):
+    data_dir = write_token_shards(tmp_path / "d", np.arange(300), shard_size=50)
+    uninterrupted = ShardedTokenLoader(data_dir, "train", 2, 8)
+    expected = [uninterrupted.next_batch() for _ in range(13)]
+    first = ShardedTokenLoader(data_dir, "train", 2, 8)
+    for _ in range(3):
+        first.next_batch()
+    torch.save(first.state_dict(), tmp_path / "loader.pt")  # as accelerate's save_state does
+    resumed = ShardedTokenLoader(data_dir, "train", 2, 8)
+    resumed.load_state_dict(torch.load(tmp_path / "loader.pt", weights_only=True))
+    for x_expected, y_expected in expected[3:]:  # batch 3 spans tokens 48..64: shard 0 ends at 50
+        x, y = resumed.next_batch()
+        assert torch.equal(x, x_expected) and torch.equal(y, y_expected)
+
+
+def test_the_loader_wraps_around_and_counts_epochs(stream_dir):
+    loader = ShardedTokenLoader(stream_dir, "train", 4, 16)
+    first = loader.next_batch()
+    for _ in range(loader.batches_per_epoch - 1):
+        loader.next_batch()
+    assert loader.epoch == 1
+    assert torch.equal(loader.next_batch()[0], first[0])
+
+
+def test_reset_starts_again_from_the_first_batch(stream_dir):
+    loader = ShardedTokenLoader(stream_dir, "train", 2, 8)
+    first = loader.next_batch()
+    loader.next_batch()
+    loader.reset()
+    assert torch.equal(loader.next_batch()[0], first[0]) and loader.epoch == 0
+
+
+def test_the_state_is_the_same_on_every_rank(stream_dir):
+    loaders = [ShardedTokenLoader(stream_dir, "train", 2, 8, rank=r, world_size=2) for r in range(2)]
+    for loader in loaders:
+        for _ in range(5):
+            loader.next_batch()
+    assert loaders[0].state_dict() == loaders[1].state_dict()
+
+
+def test_restoring_a_state_of_another_batch_size_errors(stream_dir):
+    state = ShardedTokenLoader(stream_dir, "train", 2, 8).state_dict()
+    with pytest.raises(ValueError, match="batch_size=2"):
+        ShardedTokenLoader(stream_dir, "train", 4, 8).load_state_dict(state)
+
+
+def test_the_loader_reads_a_prepared_val_split(shakespeare_dir):
+    x, y = ShardedTokenLoader(shakespeare_dir / MANIFEST_NAME, "val", 4, 32).next_batch()
+    val = read_split(shakespeare_dir, "val")
+    assert x[0].tolist() == val[:32].tolist() and y[0].tolist() == val[1:33].tolist()
+
+
+# --- bad input: one line each, naming the input and the fix ------------------------------------------------------
+
+
+def _one_line_error(excinfo) -> str:
+    message = str(excinfo.value)
+    assert "\n" not in message
+    return message
+
+
+def test_missing_path_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"not found") as excinfo:
+        prepare(tmp_path / "nope.txt", tmp_path / "out")
+    assert "nope.txt" in _one_line_error(excinfo)
+
+
+def test_a_glob_that_matches_nothing_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"No files matched .*\*\.jsonl") as excinfo:
+        prepare(str(tmp_path / "*.jsonl"), tmp_path / "out")
+    _one_line_error(excinfo)
+
+
+def test_a_folder_without_data_files_errors(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "notes.md").write_text("not data")
+    with pytest.raises(FileNotFoundError, match=r"No .*txt.* files under folder") as excinfo:
+        prepare(tmp_path / "src", tmp_path / "out")
+    _one_line_error(excinfo)
+
+
+@pytest.mark.parametrize("name, content", [("empty.txt", ""), ("empty.jsonl", ""), ("blank.jsonl", '{"text": ""}\n')])
+def test_an_empty_corpus_errors(tmp_path, name, content):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(ValueError, match=r"Empty corpus") as excinfo:
+        prepare(tmp_path / name, tmp_path / "out")
+    assert name in _one_line_error(excinfo)
+
+
+def test_a_split_smaller_than_one_batch_errors(stream_dir):
+    with pytest.raises(ValueError, match=r"1,000 tokens, fewer than the 1,025") as excinfo:
+        ShardedTokenLoader(stream_dir, "train", batch_size=2, seq_len=256, rank=1, world_size=2)
+    assert "lower the batch size" in _one_line_error(excinfo)
+
+
+def test_a_missing_text_column_lists_the_columns(tmp_path):
+    write_jsonl(tmp_path / "d.jsonl", [{"content": "hello", "id": 1}])
+    with pytest.raises(ValueError, match=r"Column 'text' not found.*\['content', 'id'\].*--text_column") as excinfo:
+        prepare(tmp_path / "d.jsonl", tmp_path / "out")
+    _one_line_error(excinfo)
+
+
+def test_a_malformed_jsonl_file_errors_naming_it(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
+    with pytest.raises(ValueError, match=r"Cannot read .*bad\.jsonl.*valid json") as excinfo:
+        prepare(tmp_path / "bad.jsonl", tmp_path / "out")
+    _one_line_error(excinfo)
+
+
+def test_undecodable_bytes_in_a_txt_file_error_with_the_offset(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.txt").write_text("fine")
+    (tmp_path / "src" / "b.txt").write_bytes(b"caf\xe9 au lait")  # latin-1 e-acute
+    with pytest.raises(ValueError, match=r"b\.txt' is not valid UTF-8 \(byte 0xe9 at offset 3\).*iconv") as excinfo:
+        prepare(tmp_path / "src", tmp_path / "out")
+    _one_line_error(excinfo)
+
+
+def test_an_unreachable_hub_says_to_pass_local_files(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(
+        ValueError, match=r"karpathy/tiny_shakespeare.*--dataset \.\./shared/data/tinyshakespeare\.txt"
+    ):
+        prepare("karpathy/tiny_shakespeare", tmp_path / "out")
+
+
+def test_the_cli_prints_one_line_and_exits_2(tmp_path, capsys):
+    status = main(["prepare", "--dataset", str(tmp_path / "missing.txt"), "--output_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert status == 2 and err.startswith("error: ") and err.count("\n") == 1 and "missing.txt" in err
+
+
+def test_the_cli_prepares_a_folder(tmp_path, corpus, capsys):
+    status = main(["prepare", "--dataset", str(corpus), "--output_dir", str(tmp_path / "out"), "--num_proc", "1"])
+    assert status == 0 and capsys.readouterr().out.strip() == str(tmp_path / "out" / MANIFEST_NAME)
+    assert read_manifest(tmp_path / "out")["settings"]["val_fraction"] == 0.01
