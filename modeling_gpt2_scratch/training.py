@@ -1,0 +1,420 @@
+"""Training helpers for `train_accelerate.py`: arguments, presets, optimizer, schedule, checkpoints, metrics.
+
+Each hyperparameter lives once, in the dataclasses below (defaults: the GPT-2 124M / GPT-3 small recipe) and in the
+YAML presets under `configs/`; the trainer reads them from there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from transformers import HfArgumentParser
+from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup_lr_rate
+
+from .data import DataArguments
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "step_"
+CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
+RUN_CONFIG_NAME = "run_config.json"
+RUN_SUMMARY_NAME = "run_summary.json"
+METRICS_NAME = "metrics.jsonl"
+
+# Dense bf16 tensor-core peaks (datasheets), for MFU. Matched against torch.cuda.get_device_name().
+GPU_PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100 SXM": 989e12,
+    "H100 80GB HBM3": 989e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10G": 70e12,
+    "RTX 4090": 165e12,
+}
+
+
+@dataclass
+class ModelArguments:
+    """The GPT-2 to train (see `GPT2ScratchConfig`); defaults are GPT-2 124M."""
+
+    n_layer: int = field(default=12, metadata={"help": "Transformer blocks."})
+    n_head: int = field(default=12, metadata={"help": "Attention heads per block (must divide n_embd)."})
+    n_embd: int = field(default=768, metadata={"help": "Width of the residual stream."})
+    n_positions: int = field(default=1024, metadata={"help": "Longest context the model supports (>= seq_len)."})
+    vocab_size: int = field(
+        default=50304, metadata={"help": "Embedding rows: GPT-2's 50257 tokens padded to a multiple of 128 for speed."}
+    )
+    dropout: float = field(default=0.0, metadata={"help": "Dropout on embeddings, attention and residuals."})
+    attn_implementation: str = field(
+        default="sdpa",
+        metadata={"help": "Attention kernel: sdpa (fused F.scaled_dot_product_attention), eager, flash_attention_2."},
+    )
+    init_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "Start from Hugging Face GPT-2 weights (a Hub id like gpt2, or a local GPT2LMHeadModel folder) "
+            "instead of random ones; the size arguments are then taken from that checkpoint."
+        },
+    )
+
+
+@dataclass
+class TrainArguments:
+    """How to train: the optimizer, schedule and batch of GPT-3 small, speed switches, evaluation and checkpoints."""
+
+    config: str | None = field(
+        default=None,
+        metadata={
+            "help": "A YAML preset (e.g. configs/quickstart.yaml); flags given on the command line override it."
+        },
+    )
+    output_dir: str = field(default="runs/gpt2-124m", metadata={"help": "Run folder: checkpoints, metrics, final/."})
+    data_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where the token shards go (reused across runs); default: data/<dataset name>."},
+    )
+    resume: str | None = field(
+        default=None, metadata={"help": "Continue a run: 'latest' (newest checkpoint in output_dir) or a path."}
+    )
+    seed: int = field(default=1337, metadata={"help": "Seed for the weights, dropout and samples."})
+    # batch
+    micro_batch_size: int = field(default=16, metadata={"help": "Sequences per forward pass on each process (B)."})
+    seq_len: int = field(default=1024, metadata={"help": "Tokens per sequence (T)."})
+    total_batch_tokens: int = field(
+        default=524288,
+        metadata={
+            "help": "Tokens per optimizer step (2**19, GPT-3 small's 0.5M), reached by gradient accumulation; "
+            "must be a multiple of micro_batch_size * seq_len * processes."
+        },
+    )
+    max_steps: int = field(
+        default=19073, metadata={"help": "Optimizer steps (19073 x 2**19 tokens = 10B tokens, FineWeb-Edu 10BT)."}
+    )
+    # AdamW and schedule
+    max_lr: float = field(default=6e-4, metadata={"help": "Peak learning rate."})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "The cosine decays to max_lr * min_lr_ratio."})
+    warmup_steps: int = field(default=715, metadata={"help": "Linear warmup steps (375M tokens, as GPT-3)."})
+    weight_decay: float = field(
+        default=0.1, metadata={"help": "AdamW weight decay, on matrices and embeddings only (not biases/LayerNorm)."}
+    )
+    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    beta2: float = field(default=0.95, metadata={"help": "AdamW beta2."})
+    eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
+    grad_clip: float = field(default=1.0, metadata={"help": "Clip the global gradient norm to this (0: off)."})
+    # speed
+    mixed_precision: str = field(
+        default="auto",
+        metadata={"help": "bf16, fp16 (CUDA), no, or auto: bf16 where the device supports it (CUDA, CPUs with bf16)."},
+    )
+    compile: str = field(
+        default="auto", metadata={"help": "torch.compile the model: true, false, or auto (on for CUDA only)."}
+    )
+    tf32: bool = field(default=True, metadata={"help": "TF32 matmuls (set_float32_matmul_precision('high'))."})
+    fused_adamw: str = field(default="auto", metadata={"help": "Fused AdamW kernel: true, false, or auto (CUDA)."})
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in the backward pass: less memory, ~30% slower."}
+    )
+    # evaluation, samples, logging
+    eval_every: int = field(
+        default=250, metadata={"help": "Evaluate the val loss every N steps (0: only at the end)."}
+    )
+    eval_batches: int = field(default=20, metadata={"help": "Val batches per process per evaluation."})
+    sample_every: int = field(default=250, metadata={"help": "Log text samples every N steps (0: off)."})
+    sample_prompt: str = field(default="Hello, I'm a language model,", metadata={"help": "Prompt of the samples."})
+    num_samples: int = field(default=4, metadata={"help": "Samples per sampling step."})
+    sample_tokens: int = field(default=32, metadata={"help": "New tokens per sample (top-k 50 sampling)."})
+    log_every: int = field(default=10, metadata={"help": "Write a log line and a metrics.jsonl record every N steps."})
+    report_to: str = field(
+        default="none",
+        metadata={"help": "accelerate trackers: none, all, or a comma list (tensorboard, wandb, trackio, ...)."},
+    )
+    # checkpoints
+    save_every: int = field(default=1000, metadata={"help": "Save a resumable checkpoint every N steps (0: off)."})
+    keep_last: int = field(default=3, metadata={"help": "Checkpoints to keep (older ones are deleted)."})
+
+
+ALL_ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainArguments)
+
+
+def _flag_names() -> set[str]:
+    return {f.name for cls in ALL_ARGUMENT_CLASSES for f in dataclasses.fields(cls)}
+
+
+def load_preset(path: str | os.PathLike) -> dict[str, Any]:
+    """The flat `{flag: value}` mapping of a YAML preset.
+
+    Raises:
+        FileNotFoundError: the preset does not exist.
+        ValueError: it is not a mapping, or it has keys that are not flags of the trainer (listed).
+    """
+    preset_path = Path(path)
+    if not preset_path.is_file():
+        raise FileNotFoundError(f"Preset {path} not found: pass a YAML file such as configs/quickstart.yaml.")
+    values = yaml.safe_load(preset_path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"Preset {path} must be a YAML mapping of flag: value.")
+    unknown = sorted(set(values) - _flag_names() - {"config"})
+    if unknown:
+        raise ValueError(
+            f"Preset {path} has unknown keys {unknown}: use the trainer's flags (python train_accelerate.py --help)."
+        )
+    return values
+
+
+def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainArguments]:
+    """Parse the command line: the `--config` preset's values first, then the flags given, which win."""
+    parser = HfArgumentParser(ALL_ARGUMENT_CLASSES, description="Pretrain GPT-2 from scratch with accelerate.")
+    config_only = argparse.ArgumentParser(add_help=False)
+    config_only.add_argument("--config")
+    config_path = config_only.parse_known_args(argv)[0].config
+    if config_path:
+        preset = load_preset(config_path)
+        parser.set_defaults(**preset)
+        for action in parser._actions:  # a preset value satisfies a required flag
+            if action.dest in preset:
+                action.required = False
+    model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=argv)
+    return model_args, data_args, train_args
+
+
+def resolve_data_dir(data_args: DataArguments, train_args: TrainArguments) -> Path:
+    """`--data_dir`, or `data/<dataset name>[-<config>]` so prepared shards are shared by runs on the same corpus."""
+    if train_args.data_dir:
+        return Path(train_args.data_dir)
+    name = Path(data_args.dataset.rstrip("/*")).name or "dataset"
+    if data_args.dataset_config:
+        name += f"-{data_args.dataset_config}"
+    return Path("data") / re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+def gradient_accumulation_steps(train_args: TrainArguments, num_processes: int) -> int:
+    """Micro-steps per optimizer step: total_batch_tokens / (micro_batch_size * seq_len * processes).
+
+    Raises:
+        ValueError: when it does not divide, with the nearest valid totals.
+    """
+    per_micro_step = train_args.micro_batch_size * train_args.seq_len * num_processes
+    if train_args.total_batch_tokens <= 0 or train_args.total_batch_tokens % per_micro_step:
+        lower = max(per_micro_step, train_args.total_batch_tokens // per_micro_step * per_micro_step)
+        raise ValueError(
+            f"--total_batch_tokens {train_args.total_batch_tokens} is not a multiple of micro_batch_size x seq_len "
+            f"x processes = {train_args.micro_batch_size} x {train_args.seq_len} x {num_processes} = "
+            f"{per_micro_step}: use e.g. {lower} or {lower + per_micro_step}, or change the micro-batch."
+        )
+    return train_args.total_batch_tokens // per_micro_step
+
+
+def decay_parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on matrices and embeddings (dim >= 2), none on biases and LayerNorm (dim < 2).
+
+    The tied LM head shares the token embedding's tensor, so it is counted once.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]  # parameters() yields a shared tensor once
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: torch.nn.Module, train_args: TrainArguments, fused: bool) -> torch.optim.AdamW:
+    """GPT-3's AdamW: betas (0.9, 0.95), eps 1e-8, decoupled weight decay on matrices and embeddings only."""
+    return torch.optim.AdamW(
+        decay_parameter_groups(model, train_args.weight_decay),
+        lr=train_args.max_lr,
+        betas=(train_args.beta1, train_args.beta2),
+        eps=train_args.eps,
+        fused=fused or None,
+    )
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, train_args: TrainArguments) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup to max_lr over `warmup_steps`, then cosine decay to `max_lr * min_lr_ratio` at `max_steps`.
+
+    `transformers`' `get_cosine_with_min_lr_schedule_with_warmup_lr_rate`: its warmup is the seed's
+    `max_lr * (step + 1) / warmup_steps` exactly; its cosine runs one step ahead of the seed's
+    `min_lr + 0.5 * (1 + cos(pi * decay_ratio)) * (max_lr - min_lr)` (a difference below one step of decay:
+    at most `max_lr * pi / (2 * (max_steps - warmup_steps))`, 5e-8 for the 124M preset).
+    """
+    return get_cosine_with_min_lr_schedule_with_warmup_lr_rate(
+        optimizer,
+        num_warmup_steps=train_args.warmup_steps,
+        num_training_steps=train_args.max_steps,
+        min_lr_rate=train_args.min_lr_ratio,
+    )
+
+
+def flops_per_token(config, seq_len: int) -> int:
+    """Training FLOPs per token, PaLM's estimate: 6N + 12 * n_layer * n_embd * seq_len.
+
+    N counts the parameters a token's matmuls touch: everything but the position embedding (a lookup); the tied
+    token embedding counts once, as the LM head (padded width).
+    """
+    C, L = config.n_embd, config.n_layer
+    inner = config.n_inner or 4 * C
+    per_block = (C * 3 * C + 3 * C) + (C * C + C) + (C * inner + inner) + (inner * C + C) + 4 * C
+    n = config.vocab_size * C + L * per_block + 2 * C
+    return 6 * n + 12 * L * C * seq_len
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    """The datasheet dense bf16 peak of a known GPU, else None (CPUs: unknown)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peak in GPU_PEAK_BF16_FLOPS.items():
+        if key in name:
+            return peak
+    return None
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU has native bf16 instructions (AVX512-BF16 or AMX), so bf16 autocast is worth it."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+# --- checkpoints -----------------------------------------------------------------------------------------------------
+
+
+def checkpoint_dir(output_dir: str | os.PathLike, step: int) -> Path:
+    return Path(output_dir) / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:07d}"
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints (`checkpoints/step_N`, never the temporary folders of a save in progress), oldest first."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and CHECKPOINT_PATTERN.match(p.name)]
+    return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
+
+
+def resolve_resume(resume: str, output_dir: str | os.PathLike) -> Path:
+    """The checkpoint folder `--resume` names: 'latest' in `output_dir`, or a path.
+
+    Raises:
+        FileNotFoundError: nothing to resume, with what was looked at.
+    """
+    if resume == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        if not checkpoints:
+            raise FileNotFoundError(
+                f"--resume latest: no checkpoint in {Path(output_dir) / 'checkpoints'}; start without --resume or "
+                "pass a checkpoint folder."
+            )
+        return checkpoints[-1]
+    path = Path(resume)
+    if not (path / "model.safetensors").is_file() and not (path / "pytorch_model.bin").is_file():
+        raise FileNotFoundError(
+            f"--resume {resume}: not a checkpoint folder (no model.safetensors); pass 'latest' or a "
+            f"{Path(output_dir) / 'checkpoints' / 'step_N'} folder."
+        )
+    return path
+
+
+def prune_checkpoints(output_dir: str | os.PathLike, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` checkpoints (and leftovers of interrupted saves)."""
+    checkpoints = list_checkpoints(output_dir)
+    for old in checkpoints[: max(0, len(checkpoints) - keep_last)]:
+        shutil.rmtree(old, ignore_errors=True)
+    root = Path(output_dir) / "checkpoints"
+    for leftover in root.glob(".tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+@dataclass
+class TrainState:
+    """What the loop needs besides model, optimizer, scheduler and loader to continue exactly (saved with them)."""
+
+    step: int = 0  # optimizer steps done
+    tokens: int = 0  # training tokens seen, all processes
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step, "tokens": self.tokens}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+
+
+# --- metrics ---------------------------------------------------------------------------------------------------------
+
+
+class MetricsWriter:
+    """Appends one JSON object per logged step to `metrics.jsonl` and draws `loss.png` (main process only).
+
+    On resume, records after the checkpoint's step are dropped first, so the file reads as one uninterrupted run.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, resume_step: int | None = None) -> None:
+        self.path = Path(output_dir) / METRICS_NAME
+        self.plot_path = Path(output_dir) / "loss.png"
+        if resume_step is not None and self.path.exists():
+            kept = [r for r in self.read() if r["step"] <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def plot(self) -> None:
+        """train and val loss against tokens seen."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        records = self.read()
+        train = [(r["tokens"], r["train_loss"]) for r in records if r.get("train_loss") is not None]
+        val = [(r["tokens"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        if train:
+            ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1)
+        if val:
+            ax.plot(*zip(*val, strict=True), "o-", label="val loss")
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("cross-entropy loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        tmp = self.plot_path.with_suffix(".tmp.png")
+        fig.savefig(tmp, dpi=120)
+        plt.close(fig)
+        os.replace(tmp, self.plot_path)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def format_seconds(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def is_finite(value: float) -> bool:
+    return math.isfinite(value)

@@ -1,0 +1,415 @@
+"""train_accelerate.py: recipe pieces, end-to-end runs on tiny Shakespeare, exact resume, faults, 2 processes."""
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train_accelerate
+from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
+from modeling_gpt2_scratch.training import (
+    TrainArguments,
+    build_scheduler,
+    decay_parameter_groups,
+    gradient_accumulation_steps,
+    list_checkpoints,
+    load_preset,
+    parse_arguments,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A tiny GPT-2 and a tiny batch: 2 micro-steps of 4 x 32 tokens per optimizer step.
+TINY = [
+    "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--n_positions", "64",
+    "--micro_batch_size", "4", "--seq_len", "32", "--total_batch_tokens", "256",
+    "--max_lr", "3e-3", "--warmup_steps", "5", "--eval_batches", "4", "--sample_every", "0",
+    "--log_every", "1", "--mixed_precision", "no", "--compile", "false",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def corpus(shared_dir) -> Path:
+    return shared_dir / "data" / "tinyshakespeare.txt"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, corpus) -> Path:
+    """Tiny Shakespeare prepared once for this module (10% held out for validation)."""
+    from modeling_gpt2_scratch.data import DataArguments, prepare_dataset
+
+    out = tmp_path_factory.mktemp("shards")
+    prepare_dataset(DataArguments(dataset=str(corpus), val_fraction=0.1, shard_size=100_000, num_proc=1), out)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Each in-process run gets its own accelerate state (as a new process would)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def run(corpus, data_dir, output_dir, *extra: str) -> dict:
+    argv = ["--dataset", str(corpus), "--data_dir", str(data_dir), "--output_dir", str(output_dir), *TINY, *extra]
+    model_args, data_args, train_args = parse_arguments(argv)
+    data_args.val_fraction, data_args.shard_size, data_args.num_proc = 0.1, 100_000, 1  # as prepared above
+    return train_accelerate.train(model_args, data_args, train_args)
+
+
+def metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "train_accelerate.py"), *args],
+        cwd=REPO,
+        env=env or os.environ.copy(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+# --- recipe pieces ---------------------------------------------------------------------------------------------------
+
+
+def seed_lr(it: int, max_lr: float, min_lr: float, warmup: int, max_steps: int) -> float:
+    """The seed project's (nanoGPT/build-nanogpt) learning-rate formula."""
+    if it < warmup:
+        return max_lr * (it + 1) / warmup
+    if it > max_steps:
+        return min_lr
+    decay_ratio = (it - warmup) / (max_steps - warmup)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * decay_ratio)) * (max_lr - min_lr)
+
+
+def test_schedule_matches_seed_formula():
+    args = TrainArguments()  # the 124M recipe: 6e-4, 10% floor, 715 warmup, 19073 steps
+    max_lr, min_lr = args.max_lr, args.max_lr * args.min_lr_ratio
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=max_lr)
+    scheduler = build_scheduler(optimizer, args)
+    one_step_of_decay = max_lr * math.pi / (2 * (args.max_steps - args.warmup_steps))
+    lrs = []
+    for it in range(args.max_steps):
+        lr = scheduler.get_last_lr()[0]
+        lrs.append(lr)
+        expected = seed_lr(it, max_lr, min_lr, args.warmup_steps, args.max_steps)
+        if it < args.warmup_steps:
+            assert lr == pytest.approx(expected, rel=1e-12), it  # warmup: exactly the seed's
+        else:
+            assert abs(lr - expected) <= one_step_of_decay, it  # cosine: at most one step ahead
+        optimizer.step()
+        scheduler.step()
+    assert lrs[args.warmup_steps - 1] == pytest.approx(max_lr, rel=1e-12)
+    assert lrs[-1] == pytest.approx(min_lr, rel=1e-9)  # the last step trains at the floor
+
+
+def test_weight_decay_groups():
+    model = GPT2ScratchForCausalLM(GPT2ScratchConfig(n_embd=32, n_layer=2, n_head=4, n_positions=64))
+    decay, no_decay = decay_parameter_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}  # the shared tensor under its first name
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert "transformer.wte.weight" in decayed and "transformer.wpe.weight" in decayed
+    assert "transformer.h.0.attn.c_attn.weight" in decayed and "transformer.h.1.mlp.c_proj.weight" in decayed
+    not_decayed = {names[id(p)] for p in no_decay["params"]}
+    assert all(n.endswith(".bias") or ".ln_" in n or "ln_f" in n for n in not_decayed)
+    assert "transformer.h.0.ln_1.weight" in not_decayed and "transformer.h.0.attn.c_attn.bias" in not_decayed
+    # every parameter once (the tied LM head is the token embedding)
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_gradient_accumulation_steps():
+    args = TrainArguments(micro_batch_size=16, seq_len=1024, total_batch_tokens=2**19)
+    assert gradient_accumulation_steps(args, 1) == 32
+    assert gradient_accumulation_steps(args, 8) == 4
+    with pytest.raises(ValueError, match="not a multiple of micro_batch_size x seq_len x processes"):
+        gradient_accumulation_steps(args, 3)
+
+
+def test_presets_parse_and_command_line_wins():
+    _, data_args, train_args = parse_arguments(["--config", str(REPO / "configs/gpt2-124m.yaml")])
+    assert (train_args.total_batch_tokens, train_args.seq_len, train_args.max_steps) == (524288, 1024, 19073)
+    assert (train_args.max_lr, train_args.warmup_steps, train_args.min_lr_ratio) == (6e-4, 715, 0.1)
+    assert (train_args.beta1, train_args.beta2, train_args.eps, train_args.weight_decay) == (0.9, 0.95, 1e-8, 0.1)
+    assert (train_args.grad_clip, train_args.seed) == (1.0, 1337)
+    assert (data_args.dataset, data_args.dataset_config) == ("HuggingFaceFW/fineweb-edu", "sample-10BT")
+    model_args, data_args, train_args = parse_arguments(
+        ["--config", str(REPO / "configs/quickstart.yaml"), "--max_steps", "7", "--dataset", "x.txt"]
+    )
+    assert train_args.max_steps == 7 and data_args.dataset == "x.txt"
+    assert model_args.n_layer == load_preset(REPO / "configs/quickstart.yaml")["n_layer"]
+
+
+def test_unknown_preset_key_is_a_one_line_error(tmp_path):
+    preset = tmp_path / "bad.yaml"
+    preset.write_text("max_steps: 3\nlearning_rate: 0.1\n")
+    result = cli("--config", str(preset))
+    assert result.returncode != 0
+    assert "unknown keys ['learning_rate']" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_help_documents_every_flag_with_its_default():
+    result = cli("--help")
+    assert result.returncode == 0
+    for flag in ("--config", "--dataset", "--output_dir", "--resume", "--max_steps", "--mixed_precision", "--compile"):
+        assert flag in result.stdout
+    assert "default: 19073" in result.stdout.replace("(default: 19073)", "default: 19073")
+
+
+# --- bad input -------------------------------------------------------------------------------------------------------
+
+
+def test_resume_with_nothing_to_resume(corpus, data_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        run(corpus, data_dir, tmp_path / "run", "--resume", "latest", "--max_steps", "2")
+
+
+def test_batch_larger_than_split(corpus, data_dir, tmp_path):
+    with pytest.raises(ValueError, match="fewer than"):
+        run(corpus, data_dir, tmp_path / "run", "--micro_batch_size", "4096", "--total_batch_tokens", "131072")
+
+
+def test_mixed_precision_the_device_lacks(corpus, data_dir, tmp_path):
+    with pytest.raises(ValueError, match="fp16 needs a CUDA GPU"):
+        run(corpus, data_dir, tmp_path / "run", "--mixed_precision", "fp16")
+
+
+def test_non_finite_loss_stops_without_saving(corpus, data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    run(corpus, data_dir, out, "--max_steps", "4", "--save_every", "2", "--eval_every", "0")
+    good = list_checkpoints(out)[-1]
+    before = {p.name: p.stat().st_mtime_ns for p in good.iterdir()}
+    real_forward = GPT2ScratchForCausalLM.forward
+
+    def poisoned(self, *args, **kwargs):
+        out = real_forward(self, *args, **kwargs)
+        out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(GPT2ScratchForCausalLM, "forward", poisoned)
+    with pytest.raises(train_accelerate.TrainingError, match="non-finite loss .* at step 5"):
+        run(corpus, data_dir, out, "--max_steps", "8", "--save_every", "1", "--resume", "latest")
+    assert list_checkpoints(out)[-1] == good
+    assert {p.name: p.stat().st_mtime_ns for p in good.iterdir()} == before
+
+
+def test_hub_unreachable_error_says_to_pass_a_local_file(tmp_path):
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    result = cli("--config", "configs/quickstart.yaml", "--output_dir", str(tmp_path / "run"), env=env)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "--dataset ../shared/data/tinyshakespeare.txt" in last
+
+
+# --- end-to-end ------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, corpus, data_dir):
+    """A few hundred steps of the tiny model on tiny Shakespeare."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    out = tmp_path_factory.mktemp("trained")
+    summary = run(
+        corpus, data_dir, out, "--max_steps", "300", "--eval_every", "150", "--log_every", "10",
+        "--save_every", "100", "--keep_last", "2", "--sample_every", "300", "--num_samples", "1",
+    )  # fmt: skip
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return out, summary
+
+
+@pytest.mark.slow
+def test_training_lowers_val_loss_far_below_start(trained_run):
+    out, summary = trained_run
+    records = metrics(out)
+    first_train = records[0]["train_loss"]
+    assert first_train > 10.0  # ln(50257) = 10.8 at initialisation
+    assert summary["final_val_loss"] < 6.5, summary  # far below the start (10.8)
+    assert summary["steps"] == 300 and summary["tokens_seen"] == 300 * 256
+    assert [r["step"] for r in records if "val_loss" in r] == [150, 300]
+    for key in ("step", "tokens", "train_loss", "lr", "grad_norm", "tokens_per_sec"):
+        assert key in records[-1]
+    assert (out / "loss.png").stat().st_size > 1000
+    assert [p.name for p in list_checkpoints(out)] == ["step_0000200", "step_0000300"]  # keep_last=2
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["training"]["gradient_accumulation_steps"] == 2 and config["model"]["n_layer"] == 2
+
+
+@pytest.mark.slow
+def test_exported_folder_loads_offline_in_fresh_process(trained_run, tmp_path):
+    out, _ = trained_run
+    final = out / "final"
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= {
+        p.name for p in final.iterdir()
+    }
+    script = textwrap.dedent(
+        f"""
+        import sys
+
+        class BlockRepo:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "modeling_gpt2_scratch":
+                    raise ImportError("hidden")
+
+        sys.meta_path.insert(0, BlockRepo())
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        tok = AutoTokenizer.from_pretrained({str(final)!r})
+        model = AutoModelForCausalLM.from_pretrained({str(final)!r}, trust_remote_code=True)
+        ids = tok("ROMEO:", return_tensors="pt")
+        out = model.generate(**ids, max_new_tokens=10, do_sample=True, top_k=50)
+        text = tok.decode(out[0])
+        assert text.startswith("ROMEO:") and len(out[0]) == ids["input_ids"].shape[1] + 10, text
+        print("OK", repr(text))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("OK")
+
+
+@pytest.mark.slow
+def test_resume_is_exact(corpus, data_dir, tmp_path):
+    """12 steps straight vs 6 steps, a fresh start from that checkpoint, 6 more: same losses, bitwise same weights."""
+    straight = tmp_path / "straight"
+    run(corpus, data_dir, straight, "--max_steps", "12", "--save_every", "6", "--eval_every", "6")
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(straight / "checkpoints" / "step_0000006", resumed / "checkpoints" / "step_0000006")
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    torch.manual_seed(999)  # a different process state: resume must restore what matters
+    run(corpus, data_dir, resumed, "--max_steps", "12", "--save_every", "6", "--eval_every", "6", "--resume", "latest")
+    after = [r for r in metrics(straight) if r["step"] > 6]
+    again = metrics(resumed)
+    assert [r["step"] for r in again] == [r["step"] for r in after] == list(range(7, 13))
+    for a, b in zip(after, again, strict=True):
+        assert a["train_loss"] == b["train_loss"] and a["lr"] == b["lr"] and a["grad_norm"] == b["grad_norm"]
+        assert a.get("val_loss") == b.get("val_loss")
+    w1 = load_file(straight / "final" / "model.safetensors")
+    w2 = load_file(resumed / "final" / "model.safetensors")
+    assert w1.keys() == w2.keys()
+    for key in w1:
+        assert torch.equal(w1[key], w2[key]), key
+
+
+def _wait_for(path_glob: Path, pattern: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not list(path_glob.glob(pattern)):
+        if proc.poll() is not None:
+            raise AssertionError(f"trainer exited early: {proc.stderr.read()[-3000:]}")
+        if time.time() > deadline:
+            proc.kill()
+            raise AssertionError(f"no {pattern} after {timeout}s")
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_latest_continues_from_last_complete_checkpoint(corpus, data_dir, tmp_path):
+    out = tmp_path / "run"
+    args = ["--dataset", str(corpus), "--data_dir", str(data_dir), "--output_dir", str(out), *TINY]
+    args += ["--max_steps", "400", "--save_every", "3", "--keep_last", "10", "--eval_every", "0"]
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "train_accelerate.py"), *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for(out / "checkpoints", "step_0000006", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    complete = list_checkpoints(out)
+    assert complete and proc.returncode == -signal.SIGKILL
+    last_step = int(complete[-1].name.split("_")[1])
+    result = cli(*args[:-6], "--max_steps", str(last_step + 3), "--save_every", "3", "--resume", "latest")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {complete[-1]} at step {last_step}" in result.stderr
+    steps = [r["step"] for r in metrics(out)]
+    assert steps == list(range(1, last_step + 4))  # one uninterrupted history
+    assert json.loads((out / "run_summary.json").read_text())["steps"] == last_step + 3
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(corpus, data_dir, tmp_path):
+    out = tmp_path / "run"
+    args = ["--dataset", str(corpus), "--data_dir", str(data_dir), "--output_dir", str(out), *TINY]
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "train_accelerate.py"), *args, "--max_steps", "1000", "--save_every", "0"],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for(out, "metrics.jsonl", proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "SIGTERM received" in stderr
+    checkpoints = list_checkpoints(out)
+    assert len(checkpoints) == 1 and (checkpoints[0] / "model.safetensors").is_file()
+    assert not (out / "final").exists()
+
+
+@pytest.mark.slow
+def test_compile_and_bf16_on_cpu_lower_the_loss(corpus, data_dir, tmp_path):
+    if not train_accelerate.cpu_supports_bf16():
+        pytest.skip("this CPU has no bf16 instructions")
+    out = tmp_path / "run"
+    summary = run(
+        corpus, data_dir, out, "--max_steps", "30", "--eval_every", "0", "--save_every", "0",
+        "--mixed_precision", "bf16", "--compile", "true",
+    )  # fmt: skip
+    config = json.loads((out / "run_config.json").read_text())["training"]
+    assert config["compile"] is True and config["mixed_precision"] == "bf16"
+    records = metrics(out)
+    assert records[-1]["train_loss"] < records[0]["train_loss"] - 1.0
+    assert summary["final_val_loss"] < records[0]["train_loss"] - 1.0
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_the_same_global_batch(corpus, data_dir, tmp_path):
+    common = ["--dataset", str(corpus), "--data_dir", str(data_dir), *TINY]
+    common += ["--max_steps", "4", "--eval_every", "2", "--save_every", "0", "--total_batch_tokens", "512"]
+    one = cli(*common, "--output_dir", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    two = subprocess.run(
+        [*launch, str(REPO / "train_accelerate.py"), *common, "--output_dir", str(tmp_path / "two")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    config = json.loads((tmp_path / "two" / "run_config.json").read_text())["training"]
+    assert config["num_processes"] == 2 and config["gradient_accumulation_steps"] == 2
+    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b, strict=True):
+        assert abs(ra["train_loss"] - rb["train_loss"]) <= 1e-5
+        assert abs(ra.get("val_loss", 0.0) - rb.get("val_loss", 0.0)) <= 1e-5
+    w1 = load_file(tmp_path / "one" / "final" / "model.safetensors")
+    w2 = load_file(tmp_path / "two" / "final" / "model.safetensors")
+    for key in w1:
+        torch.testing.assert_close(w2[key], w1[key], rtol=0, atol=1e-5, msg=key)

@@ -1,0 +1,461 @@
+"""Pretrain GPT-2 from scratch with accelerate: one CPU, one GPU, or many machines.
+
+    accelerate launch train_accelerate.py --config configs/quickstart.yaml
+    accelerate launch --multi_gpu --num_processes 8 train_accelerate.py --config configs/gpt2-124m.yaml
+
+GPT-3 small's recipe (AdamW, warmup + cosine, 0.5M-token batches by gradient accumulation, clipping), bf16 mixed
+precision, TF32, torch.compile, fused attention and AdamW, exact resume (`--resume latest`), SIGTERM-safe
+checkpoints, metrics.jsonl / loss.png / trackers, and a Hub-ready `final/` folder. `--help` lists every flag.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import transformers
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
+from modeling_gpt2_scratch.data import DataArguments, ShardedTokenLoader, prepare_dataset, read_manifest
+from modeling_gpt2_scratch.tokenization import get_encoding, get_hf_tokenizer
+from modeling_gpt2_scratch.training import (
+    RUN_CONFIG_NAME,
+    RUN_SUMMARY_NAME,
+    MetricsWriter,
+    ModelArguments,
+    TrainArguments,
+    TrainState,
+    build_optimizer,
+    build_scheduler,
+    checkpoint_dir,
+    cpu_supports_bf16,
+    device_peak_flops,
+    flops_per_token,
+    format_seconds,
+    gradient_accumulation_steps,
+    parse_arguments,
+    prune_checkpoints,
+    resolve_data_dir,
+    resolve_resume,
+    write_json_atomic,
+)
+
+logger = logging.getLogger("train_accelerate")
+
+
+class TrainingError(RuntimeError):
+    """A fault during training (e.g. a non-finite loss) that stops the run without saving."""
+
+
+def _flag(value: str, name: str, auto: bool) -> bool:
+    value = str(value).lower()
+    if value not in ("auto", "true", "false", "1", "0", "yes", "no"):
+        raise ValueError(f"--{name} must be true, false or auto, got {value!r}.")
+    return auto if value == "auto" else value in ("true", "1", "yes")
+
+
+def build_accelerator(train_args: TrainArguments) -> Accelerator:
+    """The Accelerator with the resolved mixed precision, gradient accumulation and trackers."""
+    cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "false").lower() not in ("true", "1")
+    precision = train_args.mixed_precision.lower()
+    bf16_ok = torch.cuda.is_bf16_supported() if cuda else cpu_supports_bf16()
+    if precision == "auto":
+        precision = "bf16" if bf16_ok else "no"
+    elif precision == "bf16" and not bf16_ok:
+        raise ValueError(
+            "--mixed_precision bf16: this device has no bf16 support; use --mixed_precision no (or fp16 on CUDA)."
+        )
+    elif precision == "fp16" and not cuda:
+        raise ValueError("--mixed_precision fp16 needs a CUDA GPU; use bf16 or no on this device.")
+    elif precision not in ("bf16", "fp16", "no"):
+        raise ValueError(f"--mixed_precision must be auto, bf16, fp16 or no, got {train_args.mixed_precision!r}.")
+    report_to = [t.strip() for t in train_args.report_to.split(",") if t.strip() and t.strip() != "none"]
+    return Accelerator(
+        mixed_precision=precision,
+        step_scheduler_with_optimizer=False,  # the schedule counts optimizer steps, whatever the process count
+        log_with=(report_to[0] if report_to == ["all"] else report_to) or None,
+        project_dir=train_args.output_dir,
+    )
+
+
+def build_dataloaders(
+    accelerator: Accelerator, data_args: DataArguments, train_args: TrainArguments
+) -> tuple[ShardedTokenLoader, ShardedTokenLoader | None]:
+    """Prepare the token shards once per machine (reused if already there), then this rank's loaders."""
+    data_dir = resolve_data_dir(data_args, train_args)
+    with accelerator.local_main_process_first():
+        prepare_dataset(data_args, output_dir=data_dir)
+    kwargs = dict(
+        batch_size=train_args.micro_batch_size,
+        seq_len=train_args.seq_len,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+    )
+    train_loader = ShardedTokenLoader(data_dir, "train", **kwargs)
+    has_val = any(entry["tokens"] for entry in read_manifest(data_dir)["splits"].get("val", []))
+    val_loader = ShardedTokenLoader(data_dir, "val", **kwargs) if has_val else None
+    return train_loader, val_loader
+
+
+def build_model(model_args: ModelArguments, train_args: TrainArguments) -> GPT2ScratchForCausalLM:
+    """A random GPT-2 of the requested size, or Hugging Face GPT-2 weights (`--init_from`)."""
+    if model_args.init_from:
+        model = GPT2ScratchForCausalLM.from_hf_gpt2(model_args.init_from)
+        model.set_attn_implementation(model_args.attn_implementation)
+    else:
+        config = GPT2ScratchConfig(
+            n_layer=model_args.n_layer,
+            n_head=model_args.n_head,
+            n_embd=model_args.n_embd,
+            n_positions=model_args.n_positions,
+            vocab_size=model_args.vocab_size,
+            resid_pdrop=model_args.dropout,
+            embd_pdrop=model_args.dropout,
+            attn_pdrop=model_args.dropout,
+        )
+        model = GPT2ScratchForCausalLM._from_config(config, attn_implementation=model_args.attn_implementation)
+    if train_args.seq_len > model.config.n_positions:
+        raise ValueError(
+            f"--seq_len {train_args.seq_len} is longer than the model's context n_positions="
+            f"{model.config.n_positions}: lower --seq_len or raise --n_positions."
+        )
+    if train_args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
+
+
+def evaluate(accelerator: Accelerator, model: torch.nn.Module, val_loader: ShardedTokenLoader, batches: int) -> float:
+    """Mean val loss over the first `batches` val batches of every process (the same batches at every evaluation)."""
+    model.eval()
+    val_loader.reset()
+    total = torch.zeros((), device=accelerator.device)
+    with torch.no_grad():
+        for _ in range(batches):
+            x, y = val_loader.next_batch()
+            x, y = x.to(accelerator.device), y.to(accelerator.device)
+            total += model(input_ids=x, shift_labels=y, use_cache=False, skip_logits=True).loss.float()
+    model.train()
+    return accelerator.reduce(total / batches, reduction="mean").item()
+
+
+def generate_samples(model: GPT2ScratchForCausalLM, train_args: TrainArguments, device: torch.device) -> list[str]:
+    """`num_samples` continuations of the fixed prompt, top-k 50, seeded, without touching the training RNG."""
+    enc = get_encoding()
+    prompt = torch.tensor([enc.encode_ordinary(train_args.sample_prompt)], device=device)
+    prompt = prompt.repeat(train_args.num_samples, 1)
+    was_training = model.training
+    model.eval()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+        torch.manual_seed(train_args.seed)
+        out = model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=train_args.sample_tokens,
+            do_sample=True,
+            top_k=50,
+        )
+    model.train(was_training)
+    return [enc.decode(row.tolist()) for row in out]
+
+
+def save_checkpoint(accelerator: Accelerator, model: GPT2ScratchForCausalLM, train_args: TrainArguments, step: int):
+    """`accelerator.save_state` into a temporary folder, then an atomic rename to `checkpoints/step_N`.
+
+    A crash mid-save leaves only a `.tmp-*` folder (ignored by `--resume latest`, cleaned at the next save).
+    """
+    final = checkpoint_dir(train_args.output_dir, step)
+    tmp = final.parent / f".tmp-{final.name}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).config.save_pretrained(tmp)  # a checkpoint is self-describing
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        prune_checkpoints(train_args.output_dir, train_args.keep_last)
+        logger.info("saved checkpoint %s", final)
+    accelerator.wait_for_everyone()
+
+
+def export_final(accelerator: Accelerator, model: GPT2ScratchForCausalLM, output_dir: str) -> Path:
+    """`output_dir/final/`: save_pretrained (config with auto_map, code, safetensors, generation config) + tokenizer."""
+    final = Path(output_dir) / "final"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(final, safe_serialization=True)
+        get_hf_tokenizer(model_max_length=unwrapped.config.n_positions).save_pretrained(final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+class StopSignal(contextlib.AbstractContextManager):
+    """Turns SIGTERM/SIGINT into a flag the loop checks after each optimizer step (then: checkpoint and exit).
+
+    Preemptible machines send SIGTERM before they go; the previous handlers come back on exit.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def train_step(
+    accelerator: Accelerator,
+    forward: torch.nn.Module,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    train_loader: ShardedTokenLoader,
+    train_args: TrainArguments,
+    step: int,
+) -> dict[str, float]:
+    """One optimizer step: `gradient_accumulation_steps` micro-batches, clip, AdamW, schedule.
+
+    `accelerator.accumulate` skips the gradient all-reduce on all but the last micro-step and `accelerator.backward`
+    divides each micro-loss by the accumulation steps, so the update is the mean over the whole batch, the same for
+    1 process x 2k micro-steps as for 2 processes x k. A non-finite loss raises before the optimizer moves.
+    """
+    grad_accum = accelerator.gradient_accumulation_steps
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for _ in range(grad_accum):
+        x, y = train_loader.next_batch()
+        x, y = x.to(accelerator.device, non_blocking=True), y.to(accelerator.device, non_blocking=True)
+        with accelerator.accumulate(model):
+            loss = forward(input_ids=x, shift_labels=y, use_cache=False).loss
+            loss_sum += loss.detach().float()
+            accelerator.backward(loss)
+    train_loss = accelerator.reduce(loss_sum / grad_accum, reduction="mean").item()
+    if not math.isfinite(train_loss):
+        raise TrainingError(
+            f"non-finite loss ({train_loss}) at step {step}; nothing was saved, the last good checkpoint stays: "
+            "lower --max_lr, check the data, then --resume latest."
+        )
+    if train_args.grad_clip > 0:
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), train_args.grad_clip).item()
+    else:
+        grad_norm = torch.linalg.vector_norm(
+            torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])
+        ).item()
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"train_loss": train_loss, "lr": lr, "grad_norm": grad_norm}
+
+
+def train(model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments) -> dict:
+    """The whole run: set up, loop (log, evaluate, sample, checkpoint), export; returns the run summary."""
+    start_time = time.time()
+    accelerator = build_accelerator(train_args)
+    device = accelerator.device
+    if train_args.tf32:
+        torch.set_float32_matmul_precision("high")
+    accelerator.gradient_accumulation_steps = gradient_accumulation_steps(train_args, accelerator.num_processes)
+    resume_from = resolve_resume(train_args.resume, train_args.output_dir) if train_args.resume else None
+    set_seed(train_args.seed)
+
+    train_loader, val_loader = build_dataloaders(accelerator, data_args, train_args)
+    model = build_model(model_args, train_args)
+    use_compile = _flag(train_args.compile, "compile", auto=device.type == "cuda")
+    fused = _flag(train_args.fused_adamw, "fused_adamw", auto=device.type == "cuda")
+    optimizer = build_optimizer(model, train_args, fused=fused)
+    scheduler = build_scheduler(optimizer, train_args)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    forward = torch.compile(model) if use_compile else model  # same parameters; checkpoints use the plain model
+    unwrapped = accelerator.unwrap_model(model)
+    state = TrainState()
+    accelerator.register_for_checkpointing(scheduler, train_loader, state)
+
+    output_dir = Path(train_args.output_dir)
+    run_config = {
+        "model": unwrapped.config.to_diff_dict() | {"n_params": sum(p.numel() for p in unwrapped.parameters())},
+        "data": asdict(data_args),
+        "training": asdict(train_args)
+        | {
+            "gradient_accumulation_steps": accelerator.gradient_accumulation_steps,
+            "num_processes": accelerator.num_processes,
+            "mixed_precision": accelerator.mixed_precision,
+            "compile": use_compile,
+            "fused_adamw": fused,
+        },
+    }
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(output_dir / RUN_CONFIG_NAME, run_config)
+        logger.info("configuration:\n%s", _format_config(run_config))
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        logger.info("resumed from %s at step %d", resume_from, state.step)
+    metrics = MetricsWriter(output_dir, resume_step=state.step if resume_from else None)
+    if train_args.report_to != "none":
+        accelerator.init_trackers(output_dir.name, config=_flat(run_config))
+
+    tokens_per_step = train_args.total_batch_tokens
+    flops_per_step = flops_per_token(unwrapped.config, train_args.seq_len) * tokens_per_step
+    peak = device_peak_flops(device)
+    val_loss = None
+    progress = tqdm(
+        total=train_args.max_steps, initial=state.step, desc="train", disable=not accelerator.is_main_process
+    )
+    model.train()
+    with StopSignal() as stop:
+        while state.step < train_args.max_steps:
+            step_start = time.time()
+            record = train_step(
+                accelerator, forward, model, optimizer, scheduler, train_loader, train_args, state.step + 1
+            )
+            state.step += 1
+            state.tokens += tokens_per_step
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            step_time = time.time() - step_start
+            record |= {"step": state.step, "tokens": state.tokens, "tokens_per_sec": tokens_per_step / step_time}
+            if peak:
+                record["mfu"] = flops_per_step / step_time / (peak * accelerator.num_processes)
+            progress.update(1)
+            progress.set_postfix_str(_postfix(record))
+
+            last = state.step == train_args.max_steps
+            evaluate_now = last or (train_args.eval_every and state.step % train_args.eval_every == 0)
+            if val_loader is not None and evaluate_now:
+                val_loss = record["val_loss"] = evaluate(accelerator, forward, val_loader, train_args.eval_batches)
+            if state.step % train_args.log_every == 0 or state.step == 1 or "val_loss" in record:
+                if accelerator.is_main_process:
+                    metrics.write(record)
+                    progress.write(_log_line(record, train_args.max_steps))
+                    if "val_loss" in record:
+                        metrics.plot()
+                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=state.step)
+            if train_args.sample_every and (state.step % train_args.sample_every == 0 or last):
+                if accelerator.is_main_process:
+                    for i, text in enumerate(generate_samples(unwrapped, train_args, device)):
+                        progress.write(f"sample {i} (step {state.step}): {text!r}")
+            if stop.received:
+                break
+            if train_args.save_every and state.step % train_args.save_every == 0 and not last:
+                save_checkpoint(accelerator, model, train_args, state.step)
+    progress.close()
+
+    if stop.received:
+        save_checkpoint(accelerator, model, train_args, state.step)
+        logger.info("%s received: saved step %d; continue with --resume latest", stop.received, state.step)
+        accelerator.end_training()
+        return {"stopped_by": stop.received, "steps": state.step}
+    if train_args.save_every:
+        save_checkpoint(accelerator, model, train_args, state.step)
+    final = export_final(accelerator, model, train_args.output_dir)
+    summary = {
+        "steps": state.step,
+        "tokens_seen": state.tokens,
+        "final_train_loss": record["train_loss"] if state.step else None,
+        "final_val_loss": val_loss,
+        "wall_clock_seconds": round(time.time() - start_time, 1),
+        "num_processes": accelerator.num_processes,
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "mixed_precision": accelerator.mixed_precision,
+        "compile": use_compile,
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+    }
+    if accelerator.is_main_process:
+        write_json_atomic(output_dir / RUN_SUMMARY_NAME, summary)
+        if metrics.read():
+            metrics.plot()
+        logger.info(
+            "done: %d steps, %s tokens, val loss %s, %s; model in %s",
+            state.step,
+            f"{state.tokens:,}",
+            f"{val_loss:.4f}" if val_loss is not None else "n/a",
+            format_seconds(summary["wall_clock_seconds"]),
+            final,
+        )
+    accelerator.end_training()
+    return summary
+
+
+def _postfix(record: dict) -> str:
+    text = (
+        f"loss={record['train_loss']:.4f}, lr={record['lr']:.2e}, norm={record['grad_norm']:.3f}, "
+        f"tok/s={record['tokens_per_sec']:,.0f}"
+    )
+    return text + (f", mfu={100 * record['mfu']:.1f}%" if "mfu" in record else "")
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    return f"CPU ({os.cpu_count()} cores)"
+
+
+def _flat(config: dict) -> dict:
+    """Tracker-friendly flat config: section.key -> scalar."""
+    flat = {}
+    for section, values in config.items():
+        for key, value in values.items():
+            if isinstance(value, (int, float, str, bool)) or value is None:
+                flat[f"{section}.{key}"] = value if value is not None else "None"
+    return flat
+
+
+def _format_config(config: dict) -> str:
+    lines = []
+    for section, values in config.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"  {key} = {value!r}" for key, value in values.items())
+    return "\n".join(lines)
+
+
+def _log_line(record: dict, max_steps: int) -> str:
+    line = f"step {record['step']:>6}/{max_steps} | loss {record['train_loss']:.4f} | tokens {record['tokens']:,}"
+    if "lr" in record:
+        line += f" | lr {record['lr']:.3e} | norm {record['grad_norm']:.4f} | tok/s {record['tokens_per_sec']:,.0f}"
+    if "mfu" in record:
+        line += f" | mfu {100 * record['mfu']:.1f}%"
+    if "val_loss" in record:
+        line += f" | val {record['val_loss']:.4f}"
+    return line
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.logging.set_verbosity_error()
+    try:
+        model_args, data_args, train_args = parse_arguments(argv)
+        train(model_args, data_args, train_args)
+    except (ValueError, FileNotFoundError, TrainingError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2 if not isinstance(err, TrainingError) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
