@@ -1,0 +1,825 @@
+"""A training run becomes a Hugging Face Hub repository: staging, model card, upload.
+
+`push_to_hub.py` is the command line over this module. The flow:
+
+1. `resolve_source(path)`: a run folder (uses its `final/`, else its latest checkpoint), a `final/` export, or a
+   training checkpoint (`checkpoints/step_N`, written by `accelerator.save_state`).
+2. `stage_folder(source, out_dir, repo_id, fmt)`: writes a Hub-ready folder: the model (`save_pretrained`: weights,
+   `config.json` with `auto_map` and the two code files, `generation_config.json`), the tokenizer, `loss.png` when
+   the run has one, and a `README.md` model card built from the run's `run_config.json`, `run_summary.json` and
+   `metrics.jsonl`. `fmt="gpt2"` writes a plain `transformers` `GPT2LMHeadModel` instead (no remote code).
+3. `upload_folder_to_hub(folder, repo_id, ...)`: `create_repo(exist_ok=True)`, `create_branch` for a revision other
+   than `main`, and `upload_folder`, with the token of `HF_TOKEN` or `hf auth login`.
+
+`push_run_to_hub` chains the three. The token is only ever handed to `huggingface_hub`, which sends it in the
+`Authorization` header; it is never logged, printed or written into the staged files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token
+from huggingface_hub import constants as hf_constants
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id as hf_validate_repo_id
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from .configuration_gpt2_scratch import GPT2ScratchConfig
+from .modeling_gpt2_scratch import GPT2ScratchForCausalLM
+from .training import CHECKPOINT_PATTERN, METRICS_NAME, RUN_CONFIG_NAME, RUN_SUMMARY_NAME
+
+logger = logging.getLogger(__name__)
+
+Format = Literal["scratch", "gpt2"]
+FORMATS: tuple[str, ...] = ("scratch", "gpt2")
+SourceKind = Literal["export", "checkpoint"]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAMES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+NO_TOKEN_MESSAGE = (
+    "No Hugging Face token found: run `hf auth login` or set HF_TOKEN to a token with write access "
+    "(https://huggingface.co/settings/tokens)."
+)
+RECIPE_KEYS = (  # the training settings the card's main table shows, in this order; the others go in a <details>
+    "micro_batch_size",
+    "seq_len",
+    "total_batch_tokens",
+    "gradient_accumulation_steps",
+    "num_processes",
+    "max_steps",
+    "max_lr",
+    "min_lr_ratio",
+    "warmup_steps",
+    "weight_decay",
+    "beta1",
+    "beta2",
+    "eps",
+    "grad_clip",
+    "seed",
+    "mixed_precision",
+    "compile",
+    "fused_adamw",
+    "gradient_checkpointing",
+)
+DATA_FILE_SUFFIXES = (".txt", ".json", ".jsonl", ".parquet", ".csv", ".tsv", ".arrow", ".gz", ".zst", ".bin")
+
+
+# --- what the user pointed at ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelSource:
+    """The model folder to publish and the run it came from.
+
+    Attributes:
+        model_dir: a `save_pretrained` export (`kind="export"`) or an `accelerator.save_state` checkpoint.
+        kind: `"export"` (e.g. `RUN/final`) or `"checkpoint"` (e.g. `RUN/checkpoints/step_0000100`).
+        run_dir: the run folder holding `run_config.json`, `run_summary.json`, `metrics.jsonl`, `loss.png`, if known.
+        step: the optimizer step of a checkpoint (from its folder name `step_N`), else None.
+    """
+
+    model_dir: Path
+    kind: SourceKind
+    run_dir: Path | None = None
+    step: int | None = None
+
+
+def _has_weights(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in WEIGHTS_NAMES)
+
+
+def _is_model_folder(folder: Path) -> bool:
+    return (folder / CONFIG_NAME).is_file() and _has_weights(folder)
+
+
+def _is_checkpoint(folder: Path) -> bool:
+    """An `accelerator.save_state` folder: optimizer/RNG state next to the weights, or named `step_N`."""
+    state_files = ("optimizer.bin", "optimizer.safetensors", "random_states_0.pkl", "scheduler.bin")
+    return bool(CHECKPOINT_PATTERN.fullmatch(folder.name)) or any((folder / name).is_file() for name in state_files)
+
+
+def _looks_like_run(folder: Path) -> bool:
+    markers = (RUN_CONFIG_NAME, RUN_SUMMARY_NAME, METRICS_NAME, "checkpoints", "final")
+    return any((folder / name).exists() for name in markers)
+
+
+def _checkpoint_step(folder: Path) -> int | None:
+    match = CHECKPOINT_PATTERN.fullmatch(folder.name)
+    return int(match.group(1)) if match else None
+
+
+def _latest_checkpoint(run_dir: Path) -> Path | None:
+    checkpoints = [
+        path
+        for path in (run_dir / "checkpoints").glob("step_*")
+        if _checkpoint_step(path) is not None and _is_model_folder(path)
+    ]
+    return max(checkpoints, key=_checkpoint_step, default=None)
+
+
+def _run_dir_of(model_dir: Path) -> Path | None:
+    """The run folder around `RUN/final` or `RUN/checkpoints/step_N`, if it looks like one."""
+    candidates = [model_dir.parent]
+    if model_dir.parent.name == "checkpoints":
+        candidates.insert(0, model_dir.parent.parent)
+    return next((folder for folder in candidates if _looks_like_run(folder)), None)
+
+
+def resolve_source(path: str | Path) -> ModelSource:
+    """Find the model to publish in a run folder, a `final/` export or a training checkpoint.
+
+    A run folder resolves to its `final/` export; a run that has none (stopped early) resolves to its latest
+    checkpoint, with a warning.
+
+    Raises:
+        FileNotFoundError: if `path` does not exist or is not a folder.
+        ValueError: if `path` is neither a run, an export nor a checkpoint (no `config.json` + weights).
+    """
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise FileNotFoundError(f"{path} does not exist: pass a run folder, its final/ folder or a checkpoint.")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{path} is not a folder: pass a run folder, its final/ folder or a checkpoint.")
+    folder = folder.resolve()
+    if _is_model_folder(folder / "final"):
+        return ModelSource(folder / "final", "export", run_dir=folder)
+    if _is_model_folder(folder):
+        if _is_checkpoint(folder):
+            return ModelSource(folder, "checkpoint", run_dir=_run_dir_of(folder), step=_checkpoint_step(folder))
+        return ModelSource(folder, "export", run_dir=_run_dir_of(folder))
+    latest = _latest_checkpoint(folder)
+    if latest is not None:
+        logger.warning("%s has no final/ export: publishing its latest checkpoint %s", folder, latest.name)
+        return ModelSource(latest, "checkpoint", run_dir=folder, step=_checkpoint_step(latest))
+    raise ValueError(
+        f"{path} is not a gpt2-scratch run, export or checkpoint: expected a run folder (with final/ or "
+        "checkpoints/step_N/), a final/ folder or a checkpoint folder, each holding config.json and model.safetensors."
+    )
+
+
+def validate_repo_id(repo_id: str) -> None:
+    """Check that `repo_id` is a Hub model id of the form `USER/NAME` (or `ORG/NAME`).
+
+    Raises:
+        ValueError: naming the repo id and the expected form.
+    """
+    try:
+        hf_validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ValueError(f"Invalid --repo-id {repo_id!r}: {err} Use USER/NAME, e.g. alice/gpt2-scratch.") from None
+    if repo_id.count("/") != 1:
+        raise ValueError(f"Invalid --repo-id {repo_id!r}: use USER/NAME (or ORG/NAME), e.g. alice/gpt2-scratch.")
+
+
+def resolve_token(token: str | None = None) -> str:
+    """The token to upload with: `token`, else `HF_TOKEN`, else the one saved by `hf auth login`.
+
+    Raises:
+        ValueError: when there is none, saying how to get one.
+    """
+    token = token or get_token()
+    if not token:
+        raise ValueError(NO_TOKEN_MESSAGE)
+    return token
+
+
+# --- the model and the tokenizer -------------------------------------------------------------------------------------
+
+
+def _clean_key(key: str) -> str:
+    """Drop the wrappers' prefixes: `module.` (DDP) in front and `_orig_mod.` (torch.compile) anywhere."""
+    key = key.replace("_orig_mod.", "")
+    while key.startswith("module."):
+        key = key[len("module.") :]
+    return key
+
+
+def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if (folder / "model.safetensors").is_file():
+        return load_file(folder / "model.safetensors")
+    if (folder / "model.safetensors.index.json").is_file():
+        index = json.loads((folder / "model.safetensors.index.json").read_text())
+        state_dict = {}
+        for shard in sorted(set(index["weight_map"].values())):
+            state_dict.update(load_file(folder / shard))
+        return state_dict
+    return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+
+
+def load_checkpoint_model(folder: str | Path) -> GPT2ScratchForCausalLM:
+    """Build the model saved in a training checkpoint: `config.json` + `model.safetensors` (`save_state`).
+
+    Tolerates the `module.`/`_orig_mod.` prefixes of DDP and `torch.compile`, and a tied LM head stored under
+    either name (or only once).
+
+    Raises:
+        ValueError: listing missing, unexpected or mis-shaped weights.
+    """
+    folder = Path(folder)
+    config = GPT2ScratchConfig.from_pretrained(folder)
+    model = GPT2ScratchForCausalLM(config)
+    state_dict = {_clean_key(key): tensor for key, tensor in _read_state_dict(folder).items()}
+    if "transformer.wte.weight" not in state_dict and "lm_head.weight" in state_dict:
+        state_dict["transformer.wte.weight"] = state_dict["lm_head.weight"]  # tied: saved once, under the head
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict) - {"lm_head.weight"})
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = [
+        f"{key} {tuple(tensor.shape)} vs {tuple(expected[key].shape)}"
+        for key, tensor in state_dict.items()
+        if key in expected and tensor.shape != expected[key].shape
+    ]
+    if missing or unexpected or mismatched:
+        problems = {"missing": missing, "unexpected": unexpected, "shape mismatches": mismatched}
+        details = "; ".join(f"{name}: {', '.join(keys[:5])}" for name, keys in problems.items() if keys)
+        raise ValueError(f"The weights in {folder} do not match its config.json ({details}).")
+    model.load_state_dict(state_dict, strict=False)
+    model.tie_weights()
+    return model.eval()
+
+
+def load_model(source: ModelSource) -> GPT2ScratchForCausalLM:
+    """The model of `source`: `from_pretrained` for an export, `load_checkpoint_model` for a checkpoint.
+
+    Raises:
+        ValueError: if the folder holds another kind of model (its `model_type` is not `gpt2_scratch`).
+    """
+    model_type = json.loads((source.model_dir / CONFIG_NAME).read_text()).get("model_type")
+    if model_type != GPT2ScratchConfig.model_type:
+        raise ValueError(
+            f"{source.model_dir} holds a {model_type!r} model, not a gpt2-scratch one (model_type "
+            f"{GPT2ScratchConfig.model_type!r}): pass a run of train_accelerate.py, its final/ folder or a checkpoint."
+        )
+    if source.kind == "checkpoint":
+        return load_checkpoint_model(source.model_dir)
+    return GPT2ScratchForCausalLM.from_pretrained(source.model_dir).eval()
+
+
+def load_tokenizer(source: ModelSource, model_max_length: int) -> PreTrainedTokenizerBase:
+    """The run's saved tokenizer (in the export, or the run's `final/`), else a fresh GPT-2 tokenizer."""
+    candidates = [source.model_dir] + ([source.run_dir / "final"] if source.run_dir is not None else [])
+    for folder in candidates:
+        if all((folder / name).is_file() for name in TOKENIZER_FILES):
+            return AutoTokenizer.from_pretrained(folder)
+    from .tokenization import get_hf_tokenizer
+
+    return get_hf_tokenizer(model_max_length=model_max_length)
+
+
+# --- what the run recorded -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunInfo:
+    """What the model card says about training; every field may be unknown (None or empty)."""
+
+    run_config: dict[str, Any] = field(default_factory=dict)
+    steps: int | None = None
+    tokens_seen: int | None = None
+    final_train_loss: float | None = None
+    final_val_loss: float | None = None
+    val_loss_step: int | None = None
+    wall_clock_seconds: float | None = None
+    num_processes: int | None = None
+    device: str | None = None
+    device_name: str | None = None
+    mixed_precision: str | None = None
+    torch_version: str | None = None
+    transformers_version: str | None = None
+    loss_curve: Path | None = None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        logger.warning("Ignoring %s: %s", path, err)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    if not path.is_file():
+        return rows
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a crash
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _section(run_config: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """`run_config[name]` when it is a mapping, else `{}`."""
+    section = run_config.get(name)
+    return dict(section) if isinstance(section, Mapping) else {}
+
+
+def read_run_info(run_dir: Path | None, step: int | None = None) -> RunInfo:
+    """Collect the card's facts from a run folder: `run_config.json`, `run_summary.json`, `metrics.jsonl`.
+
+    With `step` (a checkpoint), the numbers describe that step (from `metrics.jsonl`), not the end of the run.
+    """
+    if run_dir is None:
+        return RunInfo()
+    info = RunInfo(run_config=_read_json(run_dir / RUN_CONFIG_NAME))
+    summary = _read_json(run_dir / RUN_SUMMARY_NAME)
+    rows = _read_metrics(run_dir / METRICS_NAME)
+    if step is not None:
+        rows = [row for row in rows if row["step"] <= step]
+    for name in ("num_processes", "device", "device_name", "mixed_precision", "torch_version", "transformers_version"):
+        setattr(info, name, summary.get(name))
+    if info.mixed_precision is None:
+        info.mixed_precision = _section(info.run_config, "training").get("mixed_precision")
+    loss_curve = run_dir / "loss.png"
+    info.loss_curve = loss_curve if loss_curve.is_file() else None
+
+    summary_applies = step is None or summary.get("steps") == step
+    if summary_applies and summary:
+        info.steps = summary.get("steps")
+        info.tokens_seen = summary.get("tokens_seen")
+        info.final_train_loss = _number(summary.get("final_train_loss"))
+        info.final_val_loss = _number(summary.get("final_val_loss"))
+        info.val_loss_step = info.steps if info.final_val_loss is not None else None
+        info.wall_clock_seconds = _number(summary.get("wall_clock_seconds"))
+    if info.steps is None:
+        info.steps = step if step is not None else (rows[-1]["step"] if rows else None)
+    if info.tokens_seen is None:
+        at_step = [row for row in rows if row["step"] == info.steps and isinstance(row.get("tokens"), int)]
+        batch_tokens = _section(info.run_config, "training").get("total_batch_tokens")
+        if at_step:
+            info.tokens_seen = at_step[-1]["tokens"]
+        elif isinstance(batch_tokens, int) and info.steps is not None:
+            info.tokens_seen = batch_tokens * info.steps
+    if info.final_train_loss is None:
+        train = [row for row in rows if _number(row.get("train_loss")) is not None]
+        info.final_train_loss = float(train[-1]["train_loss"]) if train else None
+    if info.final_val_loss is None:
+        val = [row for row in rows if _number(row.get("val_loss")) is not None]
+        if val:
+            info.final_val_loss, info.val_loss_step = float(val[-1]["val_loss"]), val[-1]["step"]
+    return info
+
+
+# --- the model card --------------------------------------------------------------------------------------------------
+
+CARD_TEMPLATE = """\
+---
+{{ card_data }}
+---
+
+# {{ model_name }}
+
+A GPT-2 language model ({{ num_parameters }} parameters) trained from scratch with **gpt2-scratch**, GPT-2 written
+from scratch in PyTorch as a Hugging Face `transformers` model.
+{%- if source_note %} {{ source_note }}{% endif %}
+{% if fmt == "gpt2" %}
+This repository holds a plain `transformers` `GPT2LMHeadModel` (same weights and logits as the scratch model), so
+any GPT-2 tool (`transformers`, vLLM, TGI, ...) opens it without remote code.
+{% else %}
+The model's code ships with the weights (`configuration_gpt2_scratch.py`, `modeling_gpt2_scratch.py`, which import
+only `torch` and `transformers`): load it with `trust_remote_code=True`.
+{% endif %}
+## Model
+
+| | |
+|---|---|
+{% for name, value in architecture %}| {{ name }} | {{ value }} |
+{% endfor %}
+## Training data
+
+{{ data_description }}
+{% if data_rows %}
+| setting | value |
+|---|---|
+{% for name, value in data_rows %}| `{{ name }}` | {{ value }} |
+{% endfor %}{% endif %}
+## Training procedure
+{% if hyperparameters %}
+Hyperparameters (from the run's `run_config.json`):
+
+| hyperparameter | value |
+|---|---|
+{% for name, value in hyperparameters %}| `{{ name }}` | {{ value }} |
+{% endfor %}{% if other_settings %}
+<details>
+<summary>All other training settings</summary>
+
+| setting | value |
+|---|---|
+{% for name, value in other_settings %}| `{{ name }}` | {{ value }} |
+{% endfor %}
+</details>
+{% endif %}{% else %}
+The run's configuration was not saved with it: hyperparameters unknown.
+{% endif %}
+## Results
+
+| | |
+|---|---|
+{% for name, value in results %}| {{ name }} | {{ value }} |
+{% endfor %}{% if loss_curve %}
+![Training and validation loss against tokens seen]({{ loss_curve }})
+{% endif %}
+## Usage
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained("{{ repo_id }}")
+model = AutoModelForCausalLM.from_pretrained("{{ repo_id }}"{{ remote_code_kwarg }})
+
+inputs = tokenizer("Once upon a time", return_tensors="pt")
+out = model.generate(**inputs, max_new_tokens=50, do_sample=True, top_k=50)
+print(tokenizer.decode(out[0]))
+```
+
+With a pipeline:
+
+```python
+from transformers import pipeline
+
+generator = pipeline("text-generation", model="{{ repo_id }}"{{ remote_code_kwarg }})
+print(generator("Once upon a time", max_new_tokens=50, do_sample=True, top_k=50)[0]["generated_text"])
+```
+{% if fmt != "gpt2" %}
+With the gpt2-scratch package installed, `GPT2ScratchForCausalLM.from_pretrained("{{ repo_id }}")` loads it
+without remote code, and `model.to_hf_gpt2()` converts it to a `transformers` `GPT2LMHeadModel`.
+{% endif %}
+## Limitations
+
+- A small base model ({{ num_parameters }} parameters, {{ tokens_seen_short }} training tokens): it continues text
+  in the style of its training data, often incoherently over long spans, and states falsehoods fluently. It is not
+  instruction-tuned, not aligned and not evaluated for safety: do not use its output as fact or advice.
+- It reflects the biases and errors of its training data and is meant for English text.
+- Context of {{ context_length }} tokens; GPT-2's byte-level BPE tokenizer (50,257 tokens, `<|endoftext|>` is the
+  bos, eos and pad token).
+- A research and educational artifact: evaluate it on your task before any other use.
+"""
+
+
+def _format_count(n: int | None) -> str:
+    if n is None:
+        return "unknown"
+    for size, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= size:
+            return f"{n / size:.1f}{suffix}"
+    return str(n)
+
+
+def _format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m {secs:02d}s"
+    return f"{minutes}m {secs:02d}s" if minutes else f"{seconds:.1f}s"
+
+
+def _format_loss(loss: float | None) -> str:
+    return "unknown" if loss is None or not math.isfinite(loss) else f"{loss:.4f}"
+
+
+def _looks_like_path(value: str) -> bool:
+    local = value.startswith(("/", "~", "./", "../")) or "\\" in value
+    return local or value.endswith(DATA_FILE_SUFFIXES)
+
+
+def _public_value(value: Any) -> str:
+    """A configuration value as a Markdown table cell; local paths become their file name (no home folders on the
+    Hub)."""
+    if isinstance(value, str):
+        if _looks_like_path(value):
+            return f"`{Path(value).name}` (local)"
+        return " ".join(value.split()).replace("|", "\\|")
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_public_value(item) for item in value)
+    if isinstance(value, Mapping):
+        return ", ".join(f"{key}={_public_value(item)}" for key, item in value.items())
+    return str(value)
+
+
+def hub_dataset_id(dataset: Any) -> str | None:
+    """`dataset` if it names a Hub dataset (`OWNER/NAME`), None for local files and anything else."""
+    if not isinstance(dataset, str) or dataset.count("/") != 1 or _looks_like_path(dataset):
+        return None
+    if Path(dataset).exists():
+        return None
+    try:
+        hf_validate_repo_id(dataset)
+    except HFValidationError:
+        return None
+    return dataset
+
+
+def _architecture_rows(model: GPT2ScratchForCausalLM, fmt: Format) -> list[tuple[str, str]]:
+    config = model.config
+    if fmt == "gpt2":
+        model_format = "`GPT2LMHeadModel` (`model_type: gpt2`)"
+    else:
+        model_format = "`GPT2ScratchForCausalLM` (remote code)"
+    vocabulary = f"{config.tokenizer_vocab_size:,} tokens (GPT-2 BPE)"
+    if fmt != "gpt2" and config.vocab_size > config.tokenizer_vocab_size:
+        vocabulary += f", embedding padded to {config.vocab_size:,} rows for speed"
+    return [
+        ("architecture", "GPT-2 (decoder-only transformer, pre-LayerNorm, learned positions, tied embeddings)"),
+        ("format", model_format),
+        ("parameters", f"{sum(p.numel() for p in model.parameters()):,}"),
+        ("layers", str(config.n_layer)),
+        ("attention heads", str(config.n_head)),
+        ("embedding size", str(config.n_embd)),
+        ("MLP size", str(config.n_inner or 4 * config.n_embd)),
+        ("context length", str(config.n_positions)),
+        ("vocabulary", vocabulary),
+        ("activation", "GELU (tanh approximation)"),
+    ]
+
+
+def _data_description(data: Mapping[str, Any], tokens_seen: int | None) -> tuple[str, list[tuple[str, str]]]:
+    dataset = data.get("dataset")
+    hub_id = hub_dataset_id(dataset)
+    if hub_id is not None:
+        name = f"[{hub_id}](https://huggingface.co/datasets/{hub_id})"
+        if data.get("dataset_config"):
+            name += f" (`{data['dataset_config']}`)"
+    elif dataset:
+        name = f"a local corpus (`{Path(str(dataset)).name}`)" if _looks_like_path(str(dataset)) else f"`{dataset}`"
+    else:
+        name = "an unrecorded corpus"
+    seen = f", {tokens_seen:,} tokens seen in training" if tokens_seen is not None else ""
+    description = f"Trained on {name}, tokenized with GPT-2's BPE (tiktoken){seen}."
+    return description, [(key, _public_value(value)) for key, value in data.items() if value is not None]
+
+
+def _results_rows(info: RunInfo) -> list[tuple[str, str]]:
+    val = _format_loss(info.final_val_loss)
+    if info.final_val_loss is not None and math.isfinite(info.final_val_loss):
+        val += f" (perplexity {math.exp(min(info.final_val_loss, 50.0)):.2f})"
+        if info.val_loss_step is not None and info.val_loss_step != info.steps:
+            val += f", at step {info.val_loss_step:,}"
+    hardware = "unknown"
+    if info.device_name or info.device:
+        hardware = f"{info.num_processes or 1} x {info.device_name or info.device}"
+    rows = [
+        ("optimizer steps", f"{info.steps:,}" if info.steps is not None else "unknown"),
+        ("tokens seen", f"{info.tokens_seen:,}" if info.tokens_seen is not None else "unknown"),
+        ("final train loss", _format_loss(info.final_train_loss)),
+        ("final validation loss", val),
+        ("hardware", hardware),
+        ("mixed precision", info.mixed_precision or "unknown"),
+        ("training time", _format_duration(info.wall_clock_seconds)),
+    ]
+    versions = [f"torch {info.torch_version}"] if info.torch_version else []
+    versions += [f"transformers {info.transformers_version}"] if info.transformers_version else []
+    if versions:
+        rows.append(("software", ", ".join(versions)))
+    return rows
+
+
+def build_model_card(
+    model: GPT2ScratchForCausalLM,
+    repo_id: str,
+    info: RunInfo,
+    fmt: Format = "scratch",
+    source: ModelSource | None = None,
+) -> ModelCard:
+    """The repository's `README.md`: YAML metadata (license, library, pipeline tag, tags, datasets, language) and
+    the architecture, data, hyperparameters, results, loss curve, usage and limitations."""
+    data, training = _section(info.run_config, "data"), _section(info.run_config, "training")
+    hub_id = hub_dataset_id(data.get("dataset"))
+    tags = ["gpt2", "gpt2-scratch", "text-generation", "pytorch", "causal-lm"]
+    if fmt == "scratch":
+        tags.append("custom_code")
+    card_data = ModelCardData(
+        language="en",
+        license="mit",
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=tags,
+        datasets=[hub_id] if hub_id else None,
+    )
+    description, data_rows = _data_description(data, info.tokens_seen)
+    source_note = ""
+    if source is not None and source.kind == "checkpoint" and source.step is not None:
+        source_note = f"This is the training checkpoint at step {source.step:,}."
+    card = ModelCard.from_template(
+        card_data,
+        template_str=CARD_TEMPLATE,
+        model_name=repo_id.split("/")[-1],
+        repo_id=repo_id,
+        fmt=fmt,
+        source_note=source_note,
+        num_parameters=_format_count(sum(p.numel() for p in model.parameters())),
+        architecture=_architecture_rows(model, fmt),
+        data_description=description,
+        data_rows=data_rows,
+        hyperparameters=[(key, _public_value(training[key])) for key in RECIPE_KEYS if training.get(key) is not None],
+        other_settings=[
+            (key, _public_value(value))
+            for key, value in training.items()
+            if key not in RECIPE_KEYS and value is not None
+        ],
+        results=_results_rows(info),
+        loss_curve="loss.png" if info.loss_curve is not None else None,
+        remote_code_kwarg="" if fmt == "gpt2" else ", trust_remote_code=True",
+        tokens_seen_short=_format_count(info.tokens_seen),
+        context_length=model.config.n_positions,
+    )
+    card.text = card.text.rstrip("\n") + "\n"  # Jinja drops the template's final newline
+    return card
+
+
+# --- staging and upload ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StagedFile:
+    """One file of a staged folder: its path relative to the folder and its size in bytes."""
+
+    path: str
+    size: int
+
+
+def list_files(folder: Path) -> list[StagedFile]:
+    """The files under `folder`, sorted, with their sizes."""
+    return [
+        StagedFile(path.relative_to(folder).as_posix(), path.stat().st_size)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    ]
+
+
+def stage_folder(
+    source: ModelSource | str | Path,
+    out_dir: str | Path,
+    repo_id: str,
+    fmt: Format = "scratch",
+) -> list[StagedFile]:
+    """Write the Hub repository's files into `out_dir` (created; it must be empty if it exists).
+
+    `fmt="scratch"`: `GPT2ScratchForCausalLM.save_pretrained` (weights, `config.json` with `auto_map`, the code
+    files, `generation_config.json`). `fmt="gpt2"`: `model.to_hf_gpt2().save_pretrained` (a plain `GPT2LMHeadModel`,
+    no code). Both add the tokenizer, the run's `loss.png` when it has one, and `README.md` (`build_model_card`).
+
+    Returns:
+        The staged files and their sizes.
+
+    Raises:
+        ValueError: for an unknown `fmt`, a non-empty `out_dir`, or a source that is not a gpt2-scratch model.
+        FileNotFoundError: for a missing source.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"Unknown format {fmt!r}: use one of {', '.join(FORMATS)}.")
+    source = source if isinstance(source, ModelSource) else resolve_source(source)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ValueError(f"{out_dir} is not an empty folder: pass a new or empty folder to stage into.")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    model = load_model(source)
+    info = read_run_info(source.run_dir, step=source.step if source.kind == "checkpoint" else None)
+    logger.info("Staging %s (%s format) from %s into %s", repo_id, fmt, source.model_dir, out_dir)
+    if fmt == "gpt2":
+        model.to_hf_gpt2().eval().save_pretrained(out_dir)
+    else:
+        model.save_pretrained(out_dir)
+    load_tokenizer(source, model_max_length=model.config.n_positions).save_pretrained(out_dir)
+    if info.loss_curve is not None:
+        shutil.copyfile(info.loss_curve, out_dir / "loss.png")
+    build_model_card(model, repo_id, info, fmt=fmt, source=source).save(out_dir / "README.md")
+    return list_files(out_dir)
+
+
+def _require_online() -> None:
+    if hf_constants.is_offline_mode():
+        raise ValueError("Offline mode is on (HF_HUB_OFFLINE=1): unset it to upload, or use --dry-run to stage only.")
+
+
+def upload_folder_to_hub(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    endpoint: str | None = None,
+) -> tuple[str, str]:
+    """Upload a staged folder: `create_repo(exist_ok=True)`, the branch `revision` if new, `upload_folder`.
+
+    Args:
+        token: default: `HF_TOKEN`, else the token saved by `hf auth login`.
+        private: create the repository private (an existing repository keeps its visibility).
+        revision: the branch to commit to (created from `main` if missing); default `main`.
+        endpoint: the Hub's URL; default: `HF_ENDPOINT`, else https://huggingface.co.
+
+    Returns:
+        The repository's URL and the commit's URL.
+
+    Raises:
+        ValueError: for an invalid repo id, no token, or offline mode.
+    """
+    validate_repo_id(repo_id)
+    token = resolve_token(token)
+    _require_online()
+    api = HfApi(endpoint=endpoint, token=token, library_name="gpt2-scratch")
+    repo_url = api.create_repo(repo_id, private=private or None, repo_type="model", exist_ok=True)
+    if revision and revision != hf_constants.DEFAULT_REVISION:
+        api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
+    logger.info("Uploading %s to %s (branch %s)", folder, repo_url, revision or hf_constants.DEFAULT_REVISION)
+    commit = api.upload_folder(
+        repo_id=repo_id,
+        folder_path=folder,
+        repo_type="model",
+        revision=revision,
+        commit_message=commit_message or "Upload gpt2-scratch model with push_to_hub.py",
+    )
+    return str(repo_url), commit.commit_url
+
+
+@dataclass
+class PushResult:
+    """What `push_run_to_hub` did: the staged files, where they are (None for a removed temporary folder), and the
+    repository and commit URLs (None for a dry run)."""
+
+    files: list[StagedFile]
+    staged_dir: Path | None
+    repo_url: str | None = None
+    commit_url: str | None = None
+
+
+@contextmanager
+def _staging_dir(local_dir: str | Path | None) -> Iterator[Path]:
+    if local_dir is not None:
+        yield Path(local_dir)
+        return
+    with tempfile.TemporaryDirectory(prefix="gpt2-scratch-hub-") as tmp:
+        yield Path(tmp) / "repo"
+
+
+def push_run_to_hub(
+    path: str | Path,
+    repo_id: str,
+    *,
+    fmt: Format = "scratch",
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    local_dir: str | Path | None = None,
+    dry_run: bool = False,
+    token: str | None = None,
+    endpoint: str | None = None,
+) -> PushResult:
+    """Stage a run, export or checkpoint as a Hub repository and upload it (`push_to_hub.py`'s whole job).
+
+    Checks the repo id, the source and the token before any work; `dry_run` stages only (no token, no network).
+    The staged folder is `local_dir` (kept) or a temporary folder (removed at the end).
+
+    Raises:
+        ValueError / FileNotFoundError: for bad input, with the fix in the message.
+    """
+    validate_repo_id(repo_id)
+    source = resolve_source(path)
+    if not dry_run:
+        token = resolve_token(token)
+        _require_online()
+    with _staging_dir(local_dir) as staged_dir:
+        files = stage_folder(source, staged_dir, repo_id, fmt=fmt)
+        if dry_run:
+            return PushResult(files, staged_dir if local_dir is not None else None)
+        repo_url, commit_url = upload_folder_to_hub(
+            staged_dir,
+            repo_id,
+            token=token,
+            private=private,
+            revision=revision,
+            commit_message=commit_message,
+            endpoint=endpoint,
+        )
+    return PushResult(files, Path(local_dir) if local_dir is not None else None, repo_url, commit_url)

@@ -1,0 +1,114 @@
+"""Publish a training run on the Hugging Face Hub, as a repository anyone loads with the Auto classes.
+
+    python push_to_hub.py runs/quickstart --repo-id alice/gpt2-shakespeare
+    python push_to_hub.py runs/quickstart/checkpoints/step_0000500 --repo-id alice/gpt2-shakespeare --revision step-500
+    python push_to_hub.py runs/quickstart --repo-id alice/gpt2-shakespeare-hf --format gpt2
+    python push_to_hub.py runs/quickstart --repo-id alice/gpt2-shakespeare --dry-run --local-dir staged/
+
+The token comes from HF_TOKEN or `hf auth login`; it is never printed. The work is done by
+`modeling_gpt2_scratch.hub` (staging, model card, upload).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+from transformers.utils import logging as transformers_logging
+
+from modeling_gpt2_scratch.hub import FORMATS, PushResult, StagedFile, push_run_to_hub
+
+try:  # huggingface_hub's HTTP client: httpx2 (huggingface_hub >= 2), httpx (1.x)
+    from httpx2 import HTTPError
+except ImportError:
+    from httpx import HTTPError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command-line options (see `--help`)."""
+    parser = argparse.ArgumentParser(
+        description="Stage a gpt2-scratch run (its final/ export, or a checkpoint) as a Hugging Face Hub repository "
+        "with a model card, and upload it.",
+    )
+    parser.add_argument(
+        "source",
+        metavar="RUN_OR_CHECKPOINT",
+        help="a run folder (train_accelerate.py --output_dir; uses its final/), a final/ folder, or a checkpoint "
+        "folder (RUN/checkpoints/step_N)",
+    )
+    parser.add_argument("--repo-id", required=True, help="the Hub repository, USER/NAME or ORG/NAME (required)")
+    parser.add_argument("--private", action="store_true", help="create the repository private")
+    parser.add_argument("--revision", default=None, help="branch to push to, created if missing (default: main)")
+    parser.add_argument("--commit-message", default=None, help="commit message")
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="scratch",
+        help="scratch (default): GPT2ScratchForCausalLM with its code (trust_remote_code=True); "
+        "gpt2: a plain transformers GPT2LMHeadModel (no remote code; vLLM, TGI, ...)",
+    )
+    parser.add_argument(
+        "--local-dir", default=None, help="stage into this new or empty folder and keep it (default: a temp folder)"
+    )
+    parser.add_argument("--dry-run", action="store_true", help="stage and list the files, upload nothing")
+    return parser.parse_args(argv)
+
+
+def _format_size(size: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} B"
+
+
+def _file_table(files: list[StagedFile]) -> str:
+    width = max((len(f.path) for f in files), default=10)
+    lines = [f"  {f.path:<{width}}  {_format_size(f.size):>10}" for f in files]
+    lines.append(f"  {'total':<{width}}  {_format_size(sum(f.size for f in files)):>10}")
+    return "\n".join(lines)
+
+
+def report(result: PushResult, args: argparse.Namespace) -> str:
+    """What to tell the user: the staged files and sizes, and where they went."""
+    where = f" in {result.staged_dir}" if result.staged_dir is not None else ""
+    lines = [f"Staged {len(result.files)} files for {args.repo_id} ({args.format} format){where}:"]
+    lines.append(_file_table(result.files))
+    if args.dry_run:
+        lines.append("Dry run: nothing was uploaded.")
+    else:
+        lines.append(f"Uploaded to {result.repo_url} (branch {args.revision or 'main'})")
+        lines.append(f"Commit: {result.commit_url}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command; returns the exit status (errors: one line on stderr, status 1)."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    hub_bars_on = not are_progress_bars_disabled()
+    transformers_logging.disable_progress_bar()  # per-shard save/load bars for a one-file model: noise...
+    if hub_bars_on:
+        enable_progress_bars()  # ...but keep huggingface_hub's upload bars, which the line above turned off
+    try:
+        result = push_run_to_hub(
+            args.source,
+            args.repo_id,
+            fmt=args.format,
+            private=args.private,
+            revision=args.revision,
+            commit_message=args.commit_message,
+            local_dir=args.local_dir,
+            dry_run=args.dry_run,
+        )
+    except (ValueError, OSError, HTTPError) as err:  # OSError: missing files and the Hub's HTTP errors
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+    print(report(result, args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

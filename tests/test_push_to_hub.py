@@ -1,0 +1,432 @@
+"""push_to_hub.py / `modeling_gpt2_scratch.hub`: a run becomes a Hub repository that loads with the Auto classes.
+
+Offline: the run is a tiny one written by `make_tiny_run` (the one place that knows the run layout), and uploads go
+to `tests/hub_stub.py`, a stand-in for the Hub on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import torch
+from hub_stub import NO_AUTH_NEEDED, HubStub, route  # tests/ is on sys.path (pytest's rootdir-relative import)
+from huggingface_hub import ModelCard
+from huggingface_hub import constants as hf_constants
+from safetensors.torch import save_file
+from transformers import GPT2LMHeadModel
+
+import push_to_hub
+from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
+from modeling_gpt2_scratch.hub import read_run_info, resolve_source, stage_folder, upload_folder_to_hub
+from modeling_gpt2_scratch.tokenization import get_hf_tokenizer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(n_embd=32, n_layer=2, n_head=4, n_positions=64)
+REPO_ID = "alice/tiny-gpt2-scratch"
+TOKEN = "hf_FakeTokenForTheHubStub0123456789"
+CHECKPOINT_STEP = 4
+STEPS = 8
+BATCH_TOKENS = 4096
+SECRET_DIR = "/home/alice/private-corpus"  # a local path in the run's config: must not reach the card
+DROPPED_ENV = (
+    "PYTHONPATH",
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "HF_ENDPOINT",
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+)
+
+
+# --- the tiny run ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TinyRun:
+    """A run folder in `train_accelerate.py`'s layout, and the logits its two models give on `ids`."""
+
+    run_dir: Path
+    checkpoint_dir: Path
+    ids: torch.Tensor
+    final_logits: torch.Tensor
+    checkpoint_logits: torch.Tensor
+    summary: dict
+
+
+def _logits(model: GPT2ScratchForCausalLM, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(ids).logits.contiguous()
+
+
+def make_tiny_run(run_dir: Path) -> TinyRun:
+    """Write a tiny run: final/ (save_pretrained + tokenizer), a save_state-like checkpoint, the run's JSON files,
+    metrics.jsonl and loss.png. The checkpoint's keys carry torch.compile's prefix and no tied LM head, as
+    `accelerator.save_state` of a compiled model writes them."""
+    ids = torch.randint(0, 50257, (2, 12), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    checkpoint_model = GPT2ScratchForCausalLM(GPT2ScratchConfig(**SMALL))
+    checkpoint_dir = run_dir / "checkpoints" / f"step_{CHECKPOINT_STEP:07d}"
+    checkpoint_dir.mkdir(parents=True)
+    state = {f"_orig_mod.{k}": v.clone() for k, v in checkpoint_model.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, checkpoint_dir / "model.safetensors")
+    checkpoint_model.config.save_pretrained(checkpoint_dir)
+    torch.save({"state": {}}, checkpoint_dir / "optimizer.bin")
+
+    torch.manual_seed(1)
+    final_model = GPT2ScratchForCausalLM(GPT2ScratchConfig(**SMALL))
+    final_model.save_pretrained(run_dir / "final")
+    get_hf_tokenizer(model_max_length=SMALL["n_positions"]).save_pretrained(run_dir / "final")
+
+    run_config = {
+        "model": SMALL,
+        "data": {"dataset": "karpathy/tiny_shakespeare", "dataset_config": None, "shards_dir": f"{SECRET_DIR}/x"},
+        "training": {
+            "micro_batch_size": 8,
+            "seq_len": 64,
+            "total_batch_tokens": BATCH_TOKENS,
+            "max_steps": STEPS,
+            "max_lr": 6e-4,
+            "warmup_steps": 2,
+            "weight_decay": 0.1,
+            "seed": 1337,
+            "mixed_precision": "no",
+            "data_dir": f"{SECRET_DIR}/shards",
+            "log_every": 1,
+        },
+    }
+    metrics = [
+        {"step": s, "tokens": s * BATCH_TOKENS, "train_loss": 11.0 - 0.5 * s, "lr": 6e-4, "grad_norm": 1.0}
+        | ({"val_loss": 11.2 - 0.5 * s} if s % CHECKPOINT_STEP == 0 else {})
+        for s in range(1, STEPS + 1)
+    ]
+    summary = {
+        "steps": STEPS,
+        "tokens_seen": STEPS * BATCH_TOKENS,
+        "final_val_loss": 7.2345,
+        "final_train_loss": 7.0,
+        "wall_clock_seconds": 3723.0,
+        "num_processes": 2,
+        "device": "cuda",
+        "device_name": "NVIDIA H100 80GB HBM3",
+        "mixed_precision": "bf16",
+        "torch_version": torch.__version__,
+        "transformers_version": "5.24.0",
+    }
+    (run_dir / "run_config.json").write_text(json.dumps(run_config))
+    (run_dir / "run_summary.json").write_text(json.dumps(summary))
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in metrics))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(3, 2))
+    ax.plot([row["tokens"] for row in metrics], [row["train_loss"] for row in metrics])
+    fig.savefig(run_dir / "loss.png")
+    plt.close(fig)
+    return TinyRun(
+        run_dir, checkpoint_dir, ids, _logits(final_model, ids), _logits(checkpoint_model, ids), summary=summary
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> TinyRun:
+    return make_tiny_run(tmp_path_factory.mktemp("run"))
+
+
+@pytest.fixture(scope="module")
+def staged(tiny_run, tmp_path_factory) -> Path:
+    """The run staged in the default (scratch) format."""
+    out = tmp_path_factory.mktemp("staged") / "repo"
+    stage_folder(tiny_run.run_dir, out, REPO_ID)
+    return out
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    """The environment for a subprocess: no PYTHONPATH, no real token or endpoint, no offline mode."""
+    env = {k: v for k, v in os.environ.items() if k not in DROPPED_ENV and not k.startswith("HF_OIDC")}
+    env.update(HF_HUB_DISABLE_TELEMETRY="1", **extra)
+    return env
+
+
+# --- staging ---------------------------------------------------------------------------------------------------------
+
+
+def test_staged_folder_holds_the_hub_files(staged):
+    names = {p.name for p in staged.iterdir()}
+    assert {"model.safetensors", "config.json", "generation_config.json", "README.md", "loss.png"} <= names
+    assert {"configuration_gpt2_scratch.py", "modeling_gpt2_scratch.py"} <= names
+    assert {"tokenizer.json", "tokenizer_config.json"} <= names
+    config = json.loads((staged / "config.json").read_text())
+    assert config["model_type"] == "gpt2_scratch"
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_gpt2_scratch.GPT2ScratchForCausalLM"
+
+
+def test_staged_text_files_hold_no_local_paths(staged, tiny_run):
+    for path in staged.iterdir():
+        if path.suffix in (".json", ".md", ".py"):
+            text = path.read_text()
+            assert str(tiny_run.run_dir) not in text and SECRET_DIR not in text, path.name
+
+
+@pytest.mark.slow
+def test_staged_folder_loads_and_generates_in_fresh_offline_process(staged, tiny_run, tmp_path):
+    torch.save({"ids": tiny_run.ids, "logits": tiny_run.final_logits}, tmp_path / "expected.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys
+
+        class BlockRepo:  # the repository's package must not be importable, even if pip-installed
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "modeling_gpt2_scratch":
+                    raise ImportError("the gpt2-scratch repository is hidden from this process")
+
+        sys.meta_path.insert(0, BlockRepo())
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+        path = {str(staged)!r}
+        expected = torch.load({str(tmp_path / "expected.pt")!r})
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+        assert type(model).__name__ == "GPT2ScratchForCausalLM", type(model)
+        with torch.no_grad():
+            assert torch.equal(model(expected["ids"]).logits, expected["logits"])
+        inputs = tokenizer("Hello world", return_tensors="pt")
+        assert inputs.input_ids.tolist() == [[15496, 995]]
+        out = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+        assert out.shape == (1, 7), out.shape
+        generator = pipeline("text-generation", model=path, trust_remote_code=True)
+        text = generator("Hello world", max_new_tokens=4, do_sample=False)[0]["generated_text"]
+        assert text.startswith("Hello world") and len(text) > len("Hello world")
+        print("OK")
+        """
+    )
+    env = _clean_env(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("OK")
+
+
+def test_model_card_holds_metadata_and_run_numbers(staged, tiny_run):
+    card = ModelCard.load(staged / "README.md")
+    assert card.data.license == "mit"
+    assert card.data.library_name == "transformers"
+    assert card.data.pipeline_tag == "text-generation"
+    assert card.data.language == "en"
+    assert card.data.datasets == ["karpathy/tiny_shakespeare"]
+    assert {"gpt2", "gpt2-scratch", "custom_code"} <= set(card.data.tags)
+    text = card.text
+    assert f"{tiny_run.summary['tokens_seen']:,}" in text  # tokens seen
+    assert "7.2345" in text  # final val loss
+    assert "2 x NVIDIA H100 80GB HBM3" in text and "bf16" in text and "1h 02m 03s" in text  # hardware, time
+    assert "`max_lr` | 0.0006" in text and "`total_batch_tokens` | 4096" in text  # hyperparameters
+    assert "<details>" in text and "`log_every` | 1" in text and "`data_dir` | `shards` (local)" in text
+    assert "karpathy/tiny_shakespeare" in text and "`x` (local)" in text  # data, local path reduced to its name
+    assert "![" in text and "(loss.png)" in text
+    assert f'from_pretrained("{REPO_ID}", trust_remote_code=True)' in text
+    assert f'pipeline("text-generation", model="{REPO_ID}", trust_remote_code=True)' in text
+    assert "## Limitations" in text and "## Model" in text and "| layers | 2 |" in text
+
+
+def test_bare_export_gets_a_card_with_unknowns(tiny_run, tmp_path):
+    shutil.copytree(tiny_run.run_dir / "final", tmp_path / "export")
+    files = stage_folder(tmp_path / "export", tmp_path / "repo", REPO_ID)
+    assert "loss.png" not in {f.path for f in files}
+    card = ModelCard.load(tmp_path / "repo" / "README.md")
+    assert card.data.datasets is None and card.data.license == "mit"
+    assert "| tokens seen | unknown |" in card.text and "hyperparameters unknown" in card.text
+    assert "![" not in card.text
+
+
+def test_checkpoint_input_stages_the_checkpoint_model(tiny_run, tmp_path):
+    source = resolve_source(tiny_run.checkpoint_dir)
+    assert source.kind == "checkpoint" and source.step == CHECKPOINT_STEP and source.run_dir == tiny_run.run_dir
+    stage_folder(source, tmp_path / "repo", REPO_ID)
+    model = GPT2ScratchForCausalLM.from_pretrained(tmp_path / "repo")
+    assert torch.equal(_logits(model, tiny_run.ids), tiny_run.checkpoint_logits)
+    text = ModelCard.load(tmp_path / "repo" / "README.md").text
+    # the numbers of the checkpoint's step (from metrics.jsonl), not those of the end of the run
+    assert f"checkpoint at step {CHECKPOINT_STEP}" in text
+    assert f"| tokens seen | {CHECKPOINT_STEP * BATCH_TOKENS:,} |" in text
+    assert "| final validation loss | 9.2000" in text and "7.2345" not in text
+
+
+def test_run_without_final_uses_its_latest_checkpoint(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run.checkpoint_dir, run / "checkpoints" / "step_0000002")
+    shutil.copytree(tiny_run.checkpoint_dir, run / "checkpoints" / "step_0000010")
+    source = resolve_source(run)
+    assert source.kind == "checkpoint" and source.step == 10 and source.model_dir.name == "step_0000010"
+
+
+def test_read_run_info_tolerates_missing_and_broken_files(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "tokens": 10, "train_loss": 3.5}\n{"step": 2, "tok')
+    info = read_run_info(tmp_path)
+    assert (info.steps, info.tokens_seen, info.final_train_loss) == (1, 10, 3.5)
+    assert info.final_val_loss is None and info.wall_clock_seconds is None and info.loss_curve is None
+
+
+def test_gpt2_format_is_a_plain_gpt2lmheadmodel_with_the_same_logits(tiny_run, tmp_path):
+    files = {f.path for f in stage_folder(tiny_run.run_dir, tmp_path / "repo", REPO_ID, fmt="gpt2")}
+    assert not any(name.endswith(".py") for name in files)
+    assert {"model.safetensors", "config.json", "tokenizer.json", "README.md", "generation_config.json"} <= files
+    config = json.loads((tmp_path / "repo" / "config.json").read_text())
+    assert config["model_type"] == "gpt2" and "auto_map" not in config
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "repo").eval()
+    with torch.no_grad():
+        logits = hf(tiny_run.ids).logits
+    assert (logits - tiny_run.final_logits).abs().max().item() <= 1e-4
+    card = ModelCard.load(tmp_path / "repo" / "README.md")
+    assert "trust_remote_code" not in card.text and "custom_code" not in card.data.tags
+    assert f'pipeline("text-generation", model="{REPO_ID}")' in card.text
+
+
+# --- upload ----------------------------------------------------------------------------------------------------------
+
+
+def _assert_token_only_in_authorization(hub: HubStub) -> None:
+    places = {where for _, where in hub.token_locations(TOKEN)}
+    assert places == {"authorization"}, places
+    served = [r for r in hub.requests if route(r.method, urlsplit(r.target).path)[1] is not None]
+    assert served
+    for request in served:
+        if route(request.method, urlsplit(request.target).path)[0] not in NO_AUTH_NEEDED:
+            assert request.header("Authorization") == f"Bearer {TOKEN}", request.target
+
+
+@pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")  # huggingface_hub's LFS PUT
+def test_upload_sends_every_file_and_the_token_only_in_authorization(staged, monkeypatch):
+    monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_XET", True)  # plain HTTP + LFS, which the stub serves
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    with HubStub(TOKEN) as hub:
+        repo_url, commit_url = upload_folder_to_hub(staged, REPO_ID, token=TOKEN, endpoint=hub.url)
+        upload_folder_to_hub(staged, REPO_ID, token=TOKEN, endpoint=hub.url)  # again: the repo exists (409)
+    assert repo_url == f"{hub.url}/{REPO_ID}" and commit_url.startswith(f"{hub.url}/{REPO_ID}/commit/")
+    local = {p.name: p.read_bytes() for p in staged.iterdir()}
+    assert hub.files(REPO_ID) == local
+    assert local["model.safetensors"] in hub.lfs_objects.values() and local["loss.png"] in hub.lfs_objects.values()
+    assert len(hub.repos[REPO_ID].commits) == 2 and not hub.repos[REPO_ID].private
+    _assert_token_only_in_authorization(hub)
+
+
+@pytest.mark.slow
+def test_cli_uploads_to_a_branch_of_a_private_repo(tiny_run, tmp_path):
+    with HubStub(TOKEN) as hub:
+        env = _clean_env(HF_ENDPOINT=hub.url, HF_TOKEN=TOKEN, HF_HUB_DISABLE_XET="1", HF_HOME=str(tmp_path / "hf"))
+        command = [sys.executable, str(REPO_ROOT / "push_to_hub.py"), str(tiny_run.run_dir), "--repo-id", REPO_ID]
+        command += ["--private", "--revision", "dev", "--commit-message", "tiny run", "--local-dir", "staged"]
+        result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert TOKEN not in result.stdout + result.stderr
+    repo = hub.repos[REPO_ID]
+    assert repo.private and repo.commits == ["tiny run"] and repo.branches["main"] == {}
+    staged = {p.name: p.read_bytes() for p in (tmp_path / "staged").iterdir()}
+    assert hub.files(REPO_ID, "dev") == staged
+    assert all(TOKEN.encode() not in content for content in staged.values())
+    assert f"{hub.url}/{REPO_ID}" in result.stdout and "model.safetensors" in result.stdout
+    _assert_token_only_in_authorization(hub)
+
+
+@pytest.mark.slow
+def test_inherited_push_to_hub_uploads_a_loadable_repository(tmp_path):
+    script = textwrap.dedent(
+        f"""
+        from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
+        from modeling_gpt2_scratch.tokenization import get_hf_tokenizer
+
+        model = GPT2ScratchForCausalLM(GPT2ScratchConfig(**{SMALL!r}))
+        model.push_to_hub({REPO_ID!r}, private=True, commit_message="from push_to_hub")
+        get_hf_tokenizer(model_max_length=model.config.n_positions).push_to_hub({REPO_ID!r})
+        """
+    )
+    with HubStub(TOKEN) as hub:
+        env = _clean_env(HF_ENDPOINT=hub.url, HF_TOKEN=TOKEN, HF_HUB_DISABLE_XET="1", PYTHONPATH=str(REPO_ROOT))
+        result = subprocess.run(
+            [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+        )
+    assert result.returncode == 0, result.stderr[-3000:]
+    files = hub.files(REPO_ID)
+    expected = {"model.safetensors", "config.json", "configuration_gpt2_scratch.py", "modeling_gpt2_scratch.py"}
+    assert expected | {"tokenizer.json", "tokenizer_config.json"} <= set(files)
+    assert "AutoModelForCausalLM" in json.loads(files["config.json"])["auto_map"]
+    assert hub.repos[REPO_ID].private and hub.repos[REPO_ID].commits[0] == "from push_to_hub"
+    _assert_token_only_in_authorization(hub)
+
+
+def test_dry_run_stages_and_lists_without_network_or_token(tiny_run, tmp_path, monkeypatch, capsys):
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(hf_constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.chdir(tmp_path)
+    with HubStub(TOKEN) as hub:
+        monkeypatch.setattr(hf_constants, "ENDPOINT", hub.url)
+        status = push_to_hub.main([str(tiny_run.run_dir), "--repo-id", REPO_ID, "--dry-run", "--local-dir", "out"])
+    out = capsys.readouterr().out
+    assert status == 0 and hub.requests == []
+    assert "Dry run" in out and "model.safetensors" in out and "README.md" in out and "total" in out
+    assert (tmp_path / "out" / "model.safetensors").is_file() and (tmp_path / "out" / "README.md").is_file()
+
+
+# --- errors ----------------------------------------------------------------------------------------------------------
+
+
+def _run_main_expect_error(argv: list[str], capsys) -> str:
+    assert push_to_hub.main(argv) == 1
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in captured.err, captured.err
+    return lines[0]
+
+
+def test_missing_folder_is_an_error(tmp_path, capsys):
+    line = _run_main_expect_error([str(tmp_path / "nope"), "--repo-id", REPO_ID, "--dry-run"], capsys)
+    assert "does not exist" in line and "nope" in line
+
+
+def test_folder_that_is_not_a_run_is_an_error(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("hello")
+    line = _run_main_expect_error([str(tmp_path), "--repo-id", REPO_ID, "--dry-run"], capsys)
+    assert "is not a gpt2-scratch run" in line
+
+
+@pytest.mark.parametrize("repo_id", ["no-namespace", "alice/bad..name", "alice/a/b", "-alice/x", "alice/x y"])
+def test_invalid_repo_id_is_an_error(tiny_run, repo_id, capsys):
+    line = _run_main_expect_error([str(tiny_run.run_dir), f"--repo-id={repo_id}", "--dry-run"], capsys)
+    assert "Invalid --repo-id" in line and "USER/NAME" in line
+
+
+def test_no_token_is_an_error_that_says_how_to_log_in(tiny_run, tmp_path, monkeypatch, capsys):
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(hf_constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    line = _run_main_expect_error([str(tiny_run.run_dir), "--repo-id", REPO_ID], capsys)
+    assert "hf auth login" in line and "HF_TOKEN" in line
+
+
+def test_offline_mode_is_an_error_before_staging(tiny_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    argv = [str(tiny_run.run_dir), "--repo-id", REPO_ID, "--local-dir", str(tmp_path / "out")]
+    line = _run_main_expect_error(argv, capsys)
+    assert "HF_HUB_OFFLINE" in line and "--dry-run" in line and not (tmp_path / "out").exists()
+
+
+def test_non_empty_local_dir_is_an_error(tiny_run, tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("not ours")
+    argv = [str(tiny_run.run_dir), "--repo-id", REPO_ID, "--dry-run", "--local-dir", str(tmp_path / "out")]
+    line = _run_main_expect_error(argv, capsys)
+    assert "is not an empty folder" in line and [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
