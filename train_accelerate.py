@@ -83,6 +83,7 @@ def build_accelerator(train_args: TrainArguments) -> Accelerator:
         raise ValueError(f"--mixed_precision must be auto, bf16, fp16 or no, got {train_args.mixed_precision!r}.")
     report_to = [t.strip() for t in train_args.report_to.split(",") if t.strip() and t.strip() != "none"]
     return Accelerator(
+        cpu=not cuda,  # also what makes torchrun-launched CPU processes join a gloo group (MULTI_CPU)
         mixed_precision=precision,
         step_scheduler_with_optimizer=False,  # the schedule counts optimizer steps, whatever the process count
         log_with=(report_to[0] if report_to == ["all"] else report_to) or None,
