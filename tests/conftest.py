@@ -2,7 +2,10 @@
 cache of GPT-2's BPE ranks, so tests run offline."""
 
 import os
-from collections.abc import Iterator
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -28,3 +31,37 @@ def _tiktoken_cache_dir() -> Iterator[None]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TIKTOKEN_CACHE_DIR", str(cache_dir))
         yield
+
+
+BLOCK_REPO = """
+import sys
+
+
+class BlockRepo:  # the repository's package must not be importable, even if pip-installed
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "modeling_gpt2_scratch":
+            raise ImportError("the gpt2-scratch repository is hidden from this process")
+
+
+sys.meta_path.insert(0, BlockRepo())
+"""
+
+
+@pytest.fixture
+def run_without_repo(tmp_path) -> Callable[[str], subprocess.CompletedProcess]:
+    """Run a Python script in a fresh process, offline (`HF_HUB_OFFLINE=1`), outside the repository (cwd: a temp
+    folder) and with this repository's package unimportable: what a user who never saw the repo has."""
+
+    def run(script: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"))
+        return subprocess.run(
+            [sys.executable, "-c", BLOCK_REPO + textwrap.dedent(script)],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    return run
