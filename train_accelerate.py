@@ -325,6 +325,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         total=train_args.max_steps, initial=state.step, desc="train", disable=not accelerator.is_main_process
     )
     model.train()
+    loop_start = time.time()
     with StopSignal() as stop:
         while state.step < train_args.max_steps:
             step_start = time.time()
@@ -336,7 +337,12 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
             if device.type == "cuda":
                 torch.cuda.synchronize()
             step_time = time.time() - step_start
-            record |= {"step": state.step, "tokens": state.tokens, "tokens_per_sec": tokens_per_step / step_time}
+            record |= {
+                "step": state.step,
+                "tokens": state.tokens,
+                "tokens_per_sec": tokens_per_step / step_time,
+                "elapsed": time.time() - loop_start,  # training seconds in this process (setup excluded)
+            }
             if peak:
                 record["mfu"] = flops_per_step / step_time / (peak * accelerator.num_processes)
             progress.update(1)

@@ -1,0 +1,212 @@
+"""Time to loss on CPU: the quickstart preset vs `transformers.Trainer` on the same tokens with the same recipe.
+
+Both train a GPT-2 of the quickstart's size on the quickstart's token shards (tiny Shakespeare) with the same batch,
+AdamW settings, warmup + cosine-to-10% schedule, clipping, seed and mixed precision, for at most the same
+wall-clock budget (default 5 minutes, start-up and data preparation excluded for both), then measure the loss on
+the same validation batches:
+
+- ours: `train_accelerate.py --config configs/quickstart.yaml` (a subprocess, its default speed settings);
+- reference: `transformers.Trainer` training a `GPT2LMHeadModel` (sdpa attention), cut off by a callback when the
+  budget is spent.
+
+    python benchmarks/time_to_loss.py --dataset ../shared/data/tinyshakespeare.txt [--budget_minutes 5]
+
+Prints a markdown table. Run it on a quiet machine: both runs are timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
+    GPT2Config,
+    GPT2LMHeadModel,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from modeling_gpt2_scratch.data import ShardedTokenLoader, prepare_dataset  # noqa: E402
+from modeling_gpt2_scratch.training import (  # noqa: E402
+    cpu_supports_bf16,
+    gradient_accumulation_steps,
+    parse_arguments,
+    resolve_data_dir,
+)
+
+PRESET = REPO / "configs" / "quickstart.yaml"
+
+
+class ShardDataset(torch.utils.data.Dataset):
+    """The training loader's batches in order, one sequence per item, as `Trainer` wants them.
+
+    `shift_labels` are the next tokens (as our trainer uses them); `GPT2LMHeadModel`'s loss takes them as they are.
+    """
+
+    def __init__(self, data_dir: Path, batch_size: int, seq_len: int, num_batches: int):
+        loader = ShardedTokenLoader(data_dir, "train", batch_size, seq_len)
+        xs, ys = zip(*(loader.next_batch() for _ in range(num_batches)), strict=True)
+        self.x, self.y = torch.cat(xs), torch.cat(ys)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.x[i], "labels": self.y[i], "shift_labels": self.y[i]}
+
+
+class TimeBudget(TrainerCallback):
+    """Stops training once the wall-clock budget is spent (checked after every optimizer step)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.start = None
+        self.steps = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.time()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps = state.global_step
+        if time.time() - self.start > self.seconds:
+            control.should_training_stop = True
+
+
+def val_loss(model: torch.nn.Module, data_dir: Path, batch_size: int, seq_len: int, batches: int, bf16: bool):
+    """Mean loss over the first `batches` val batches (what the trainer's evaluation uses)."""
+    loader = ShardedTokenLoader(data_dir, "val", batch_size, seq_len)
+    model.eval()
+    losses = []
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        for _ in range(batches):
+            x, y = loader.next_batch()
+            logits = model(x).logits.float()
+            losses.append(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)))
+    return torch.stack(losses).mean().item()
+
+
+def run_ours(args, workdir: Path) -> dict:
+    out = workdir / "ours"
+    cmd = [
+        sys.executable, str(REPO / "train_accelerate.py"), "--config", str(PRESET), "--dataset", args.dataset,
+        "--data_dir", str(args.data_dir), "--output_dir", str(out), "--sample_every", "0",
+        "--eval_every", "0", "--save_every", "0",
+    ]  # fmt: skip
+    subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_seconds = records[-1]["elapsed"]  # the training loop's time, start-up and export excluded
+    summary = json.loads((out / "run_summary.json").read_text())
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out / "final", trust_remote_code=True)
+    return {
+        "steps": summary["steps"],
+        "tokens": summary["tokens_seen"],
+        "seconds": train_seconds,
+        "wall_clock_seconds": summary["wall_clock_seconds"],
+        "val_loss": val_loss(model, args.data_dir, args.micro_batch_size, args.seq_len, args.eval_batches, args.bf16),
+    }
+
+
+def run_trainer(args, workdir: Path) -> dict:
+    model_args, _, train_args = parse_arguments(["--config", str(PRESET), "--dataset", args.dataset])
+    accum = gradient_accumulation_steps(train_args, 1)
+    torch.manual_seed(train_args.seed)
+    config = GPT2Config(
+        n_layer=model_args.n_layer,
+        n_head=model_args.n_head,
+        n_embd=model_args.n_embd,
+        n_positions=model_args.n_positions,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    model = GPT2LMHeadModel(config)
+    dataset = ShardDataset(
+        args.data_dir, train_args.micro_batch_size, train_args.seq_len, train_args.max_steps * accum
+    )
+    budget = TimeBudget(args.budget_minutes * 60)
+    trainer = Trainer(
+        model=model,
+        args=TrainingArguments(
+            output_dir=str(workdir / "trainer"),
+            per_device_train_batch_size=train_args.micro_batch_size,
+            gradient_accumulation_steps=accum,
+            max_steps=train_args.max_steps,
+            learning_rate=train_args.max_lr,
+            lr_scheduler_type="cosine_with_min_lr",
+            lr_scheduler_kwargs={"min_lr_rate": train_args.min_lr_ratio},
+            warmup_steps=train_args.warmup_steps,
+            weight_decay=train_args.weight_decay,
+            adam_beta1=train_args.beta1,
+            adam_beta2=train_args.beta2,
+            adam_epsilon=train_args.eps,
+            max_grad_norm=train_args.grad_clip,
+            seed=train_args.seed,
+            bf16=args.bf16,
+            use_cpu=True,
+            dataloader_drop_last=True,
+            logging_steps=50,
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+        ),
+        train_dataset=dataset,
+        callbacks=[budget],
+    )
+    train_seconds = time.time()
+    trainer.train()
+    train_seconds = time.time() - train_seconds
+    return {
+        "steps": budget.steps,
+        "tokens": budget.steps * train_args.total_batch_tokens,
+        "seconds": train_seconds,
+        "wall_clock_seconds": train_seconds,
+        "val_loss": val_loss(model, args.data_dir, args.micro_batch_size, args.seq_len, args.eval_batches, args.bf16),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", default="../shared/data/tinyshakespeare.txt", help="Text for the quickstart.")
+    parser.add_argument("--budget_minutes", type=float, default=5.0, help="Wall-clock budget of each run.")
+    parser.add_argument("--eval_batches", type=int, default=16, help="Val batches for the final comparison.")
+    args = parser.parse_args()
+    _, data_args, train_args = parse_arguments(["--config", str(PRESET), "--dataset", args.dataset])
+    args.data_dir = resolve_data_dir(data_args, train_args)
+    args.micro_batch_size, args.seq_len = train_args.micro_batch_size, train_args.seq_len
+    args.bf16 = train_args.mixed_precision == "bf16" or (train_args.mixed_precision == "auto" and cpu_supports_bf16())
+    prepare_dataset(data_args, output_dir=args.data_dir)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    with tempfile.TemporaryDirectory() as tmp:
+        ours = run_ours(args, Path(tmp))
+        theirs = run_trainer(args, Path(tmp))
+    print(f"quickstart preset, {args.budget_minutes:g}-minute budget, torch {torch.__version__}, "
+          f"{os.cpu_count()} cores, bf16={args.bf16}; val loss on {args.eval_batches} x "
+          f"{args.micro_batch_size} x {args.seq_len} val tokens\n")  # fmt: skip
+    print("| run | optimizer steps | tokens | train seconds | tokens/s | val loss | val perplexity |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, r in (
+        ("ours: train_accelerate.py (quickstart)", ours),
+        ("transformers.Trainer + GPT2LMHeadModel", theirs),
+    ):
+        print(
+            f"| {name} | {r['steps']} | {r['tokens']:,} | {r['seconds']:.0f} | {r['tokens'] / r['seconds']:,.0f} "
+            f"| {r['val_loss']:.4f} | {math.exp(r['val_loss']):.1f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
