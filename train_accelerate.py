@@ -97,7 +97,7 @@ def build_dataloaders(
     """Prepare the token shards once per machine (reused if already there), then this rank's loaders."""
     data_dir = resolve_data_dir(data_args, train_args)
     with accelerator.local_main_process_first():
-        prepare_dataset(data_args, output_dir=data_dir)
+        prepare_dataset(data_args, output_dir=data_dir, overwrite=train_args.overwrite_data)
     kwargs = dict(
         batch_size=train_args.micro_batch_size,
         seq_len=train_args.seq_len,

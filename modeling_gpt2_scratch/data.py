@@ -744,8 +744,8 @@ def prepare_dataset(
                 logger.warning("Shards listed in %s are missing or truncated; preparing them again", manifest_path)
             elif not overwrite:
                 raise ValueError(
-                    f"{str(out)!r} already holds shards prepared with {reason}; pass --overwrite to rebuild it "
-                    "or choose another --output_dir."
+                    f"{str(out)!r} already holds shards prepared with {reason}; pass --overwrite (trainer: "
+                    "--overwrite_data) to rebuild it, or use another folder (--output_dir; trainer: --data_dir)."
                 )
             else:
                 logger.warning("Overwriting %s (it was prepared with %s)", out, reason)

@@ -88,6 +88,10 @@ class TrainArguments:
         default=None,
         metadata={"help": "Where the token shards go (reused across runs); default: data/<dataset name>."},
     )
+    overwrite_data: bool = field(
+        default=False,
+        metadata={"help": "Rebuild --data_dir when it holds shards of another source, tokenizer or settings."},
+    )
     resume: str | None = field(
         default=None, metadata={"help": "Continue a run: 'latest' (newest checkpoint in output_dir) or a path."}
     )

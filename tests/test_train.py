@@ -404,3 +404,13 @@ def test_two_processes_match_one_process_with_the_same_global_batch(corpus, data
     w2 = load_file(tmp_path / "two" / "final" / "model.safetensors")
     for key in w1:
         torch.testing.assert_close(w2[key], w1[key], rtol=0, atol=1e-5, msg=key)
+
+
+def test_data_dir_of_other_settings_needs_overwrite_data(corpus, data_dir, tmp_path):
+    copy = tmp_path / "shards"
+    shutil.copytree(data_dir, copy)
+    with pytest.raises(ValueError, match="--overwrite_data"):
+        run(corpus, copy, tmp_path / "a", "--val_fraction", "0.2", "--max_steps", "1")
+    run(corpus, copy, tmp_path / "b", "--val_fraction", "0.2", "--max_steps", "1", "--overwrite_data", "true")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    assert manifest["settings"]["val_fraction"] == 0.2
