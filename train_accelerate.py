@@ -277,6 +277,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     device = accelerator.device
     if train_args.tf32:
         torch.set_float32_matmul_precision("high")
+    if device.type == "cpu":
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))  # set by torchrun
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(train_args.cpu_threads or max(1, cores // local_processes))
     accelerator.gradient_accumulation_steps = gradient_accumulation_steps(train_args, accelerator.num_processes)
     resume_from = resolve_resume(train_args.resume, train_args.output_dir) if train_args.resume else None
     set_seed(train_args.seed)

@@ -130,6 +130,13 @@ class TrainArguments:
     )
     tf32: bool = field(default=True, metadata={"help": "TF32 matmuls (set_float32_matmul_precision('high'))."})
     fused_adamw: str = field(default="auto", metadata={"help": "Fused AdamW kernel: true, false, or auto (CUDA)."})
+    cpu_threads: int = field(
+        default=0,
+        metadata={
+            "help": "Torch threads per process on CPU; 0: the cores available divided by the processes on this "
+            "machine (accelerate launch otherwise leaves OMP_NUM_THREADS=1 unless given --cpu)."
+        },
+    )
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute activations in the backward pass: less memory, ~30% slower."}
     )

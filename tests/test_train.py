@@ -414,3 +414,16 @@ def test_data_dir_of_other_settings_needs_overwrite_data(corpus, data_dir, tmp_p
     run(corpus, copy, tmp_path / "b", "--val_fraction", "0.2", "--max_steps", "1", "--overwrite_data", "true")
     manifest = json.loads((copy / "manifest.json").read_text())
     assert manifest["settings"]["val_fraction"] == 0.2
+
+
+def test_cpu_threads_default_to_the_cores_not_accelerates_one(corpus, data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what `accelerate launch` without --cpu exports
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        run(corpus, data_dir, tmp_path / "run", "--max_steps", "1", "--save_every", "0")
+        assert torch.get_num_threads() == len(os.sched_getaffinity(0))
+        run(corpus, data_dir, tmp_path / "run2", "--max_steps", "1", "--save_every", "0", "--cpu_threads", "1")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
