@@ -31,7 +31,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from .configuration_gpt2_scratch import GPT2ScratchConfig
 
 IGNORE_INDEX = -100  # label value that contributes no loss (transformers' convention)
-LOSS_CHUNK_ELEMENTS = 2**25  # logits per chunk of the fused LM-head loss (128 MB in float32)
+LOSS_CHUNK_ELEMENTS = 2**26  # logits per chunk of the fused LM-head loss (256 MB in float32)
 
 
 def eager_attention_forward(
@@ -163,6 +163,11 @@ class LinearCrossEntropy(torch.autograd.Function):
     the plain head + `F.cross_entropy`, but no `B x T x V` fp32 logits, their upcast copy or their gradient
     (3.3 GB at 16 x 1024 x 50304). Columns `>= real_vocab` (the padded ids) are `-inf`; targets equal to
     `ignore_index` count for nothing. Returns the summed loss divided by `normalizer`.
+
+    Per chunk, besides the three matmuls, the `(n, V)` work is one `log_softmax` (as `F.cross_entropy` computes it)
+    and one in-place `exp_` (its softmax), written back into tensors already allocated; ignored rows are zeroed on
+    the `(n, C)` side and the float32 weight gradient is accumulated in place. On a CPU those passes over memory and
+    fresh allocations, not the FLOPs, are what this costs beyond the matmuls, so chunks are equal and large.
     """
 
     @staticmethod
@@ -171,23 +176,39 @@ class LinearCrossEntropy(torch.autograd.Function):
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
         with torch.autocast(device_type, enabled=False):
             h_all, w = hidden.to(dtype), weight.to(dtype)
+            n_rows = h_all.shape[0]
+            chunk_size = math.ceil(n_rows / math.ceil(n_rows / chunk_size))  # equal chunks: no small last one
+            valid = (targets != ignore_index).unsqueeze(1)  # (N, 1)
+            targets = targets.unsqueeze(1).masked_fill(~valid, 0)  # (N, 1), ignored rows point at id 0
             grad_hidden = torch.empty_like(h_all)
-            grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+            grad_weight = None
             loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-            for start in range(0, h_all.shape[0], chunk_size):
-                h, t = h_all[start : start + chunk_size], targets[start : start + chunk_size]
-                logits = (h @ w.t()).float()  # (n, V)
+            for start in range(0, n_rows, chunk_size):
+                rows = slice(start, start + chunk_size)
+                h, t, keep = h_all[rows], targets[rows], valid[rows]
+                logits_lp = h @ w.t()  # (n, V) in the matmul dtype
+                logits = logits_lp.float()  # (n, V); the same tensor when that is float32
                 logits[:, real_vocab:] = float("-inf")
-                lse = torch.logsumexp(logits, dim=-1)  # (n,)
-                valid = t != ignore_index
-                t = t.masked_fill(~valid, 0).unsqueeze(1)  # (n, 1)
-                loss += ((lse - logits.gather(1, t).squeeze(1)) * valid).sum()
-                grad = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place: d(sum loss)/d(logits) ...
-                grad.scatter_add_(1, t, torch.full_like(t, -1, dtype=grad.dtype))  # ... = softmax - onehot
-                grad = (grad * valid.unsqueeze(1)).to(dtype)
-                grad_hidden[start : start + chunk_size] = grad @ w
-                if grad_weight is not None:
-                    grad_weight += grad.t() @ h  # accumulated in float32
+                log_probs = torch.log_softmax(logits, dim=-1)  # (n, V), as F.cross_entropy computes it
+                del logits
+                target_log_probs = log_probs.gather(1, t)  # (n, 1)
+                loss -= (target_log_probs * keep).sum()
+                # d(sum loss)/d(logits) = softmax - onehot, in the matmul dtype; written over the tensors already
+                # made (a fresh (n, V) allocation costs more than the pass that fills it on a CPU)
+                grad = log_probs.exp_()
+                if grad.dtype != dtype:
+                    grad = logits_lp.copy_(grad)
+                del log_probs, logits_lp
+                grad.scatter_(1, t, (target_log_probs.exp() - 1).to(dtype))
+                torch.mul(grad @ w, keep, out=grad_hidden[rows])  # ignored rows: zero gradient
+                if ctx.needs_input_grad[1]:
+                    h = h * keep
+                    if grad_weight is None:
+                        grad_weight = (grad.t() @ h).float()  # accumulated in float32
+                    elif grad.dtype == torch.float32:
+                        grad_weight.addmm_(grad.t(), h)
+                    else:
+                        grad_weight += grad.t() @ h
         ctx.save_for_backward(grad_hidden, grad_weight, normalizer)
         ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
         return loss / normalizer
@@ -310,7 +331,8 @@ class GPT2ScratchModel(GPT2ScratchPreTrainedModel):
             position_ids = cache_position.unsqueeze(0)  # (1, T)
         else:
             kwargs.pop("cache_position", None)
-        if position_ids.max() >= self.config.n_positions:
+        # a data-dependent check: a graph break (and a device sync) under torch.compile, so only in eager mode
+        if not torch.compiler.is_compiling() and position_ids.max() >= self.config.n_positions:
             raise ValueError(
                 f"position {int(position_ids.max())} is outside the model's context (n_positions="
                 f"{self.config.n_positions}): pass at most {self.config.n_positions} tokens."

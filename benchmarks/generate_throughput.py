@@ -1,0 +1,156 @@
+"""Greedy generation throughput (new tokens/s): the scratch GPT-2 vs Hugging Face `GPT2LMHeadModel`, same weights.
+
+    python benchmarks/generate_throughput.py                       # 124M, batch 1 and 8, 64-token prompt, 128 new
+    python benchmarks/generate_throughput.py --modes eager --repeats 5
+
+Both models come from one random HF GPT-2 (sdpa; `GPT2ScratchForCausalLM.from_hf_gpt2`, so the weights are
+identical), in eval mode, fp32. Each call is `model.generate(prompt, attention_mask=ones, do_sample=False,
+max_new_tokens=N, min_new_tokens=N)` on random prompt ids; new tokens/s = batch x N / wall time of the whole call
+(prefill included). Modes:
+
+- `eager`: `generate()`'s default, a `DynamicCache`, no compilation.
+- `static-compile`: `cache_implementation="static"` and `generate()`'s own compilation of the decoding forward
+  (`CompileConfig`; on CPU `mode="default"` and `_compile_all_devices=True`, which `generate()` needs to compile off
+  CUDA; on CUDA its default `reduce-overhead`). Compilation happens in the warm-up call.
+
+For every batch size and mode the two models run interleaved (one call each per round, after one warm-up call
+each), and the median is reported; the generated ids of the two models are checked to be identical. Prints a
+markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import CompileConfig, GPT2Config, GPT2LMHeadModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from modeling_gpt2_scratch import GPT2ScratchForCausalLM  # noqa: E402
+
+MODES = ("eager", "static-compile")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--prompt_len", type=int, default=64)
+    parser.add_argument("--new_tokens", type=int, default=128)
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per model (the median is reported)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def build_models(device: torch.device, seed: int) -> dict[str, torch.nn.Module]:
+    torch.manual_seed(seed)
+    hf = GPT2LMHeadModel._from_config(GPT2Config(), attn_implementation="sdpa").eval()
+    ours = GPT2ScratchForCausalLM.from_hf_gpt2(hf).eval()
+    ours.set_attn_implementation("sdpa")
+    return {"HF GPT2LMHeadModel": hf.to(device), "scratch": ours.to(device)}
+
+
+def generate_kwargs(mode: str, device: torch.device, new_tokens: int) -> dict:
+    kwargs = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    if mode == "static-compile":
+        compile_config = CompileConfig(mode="default") if device.type != "cuda" else CompileConfig()
+        if device.type != "cuda":
+            compile_config._compile_all_devices = True  # generate() only compiles on CUDA-like devices otherwise
+        kwargs |= dict(cache_implementation="static", compile_config=compile_config)
+    return kwargs
+
+
+def timed_generate(model, prompt: torch.Tensor, kwargs: dict, device: torch.device) -> tuple[float, torch.Tensor]:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, out
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or "CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    return f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    transformers.logging.set_verbosity_error()
+    device = torch.device(args.device)
+    models = build_models(device, args.seed)
+    rows = []
+    for mode in args.modes:
+        kwargs = generate_kwargs(mode, device, args.new_tokens)
+        for batch in args.batch_sizes:
+            gen = torch.Generator().manual_seed(args.seed + batch)
+            prompt = torch.randint(0, 50257, (batch, args.prompt_len), generator=gen).to(device)
+            times: dict[str, list[float]] = {name: [] for name in models}
+            outputs, errors = {}, {}
+            for name, model in models.items():  # warm-up (compilation for static-compile)
+                try:
+                    warmup, outputs[name] = timed_generate(model, prompt, kwargs, device)
+                except Exception as err:  # noqa: BLE001 - report why a mode does not work instead of stopping
+                    errors[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
+                    continue
+                outputs[name + " warm-up s"] = warmup
+            for _ in range(args.repeats):
+                for name, model in models.items():
+                    if name not in errors:
+                        times[name].append(timed_generate(model, prompt, kwargs, device)[0])
+            same = (
+                "yes"
+                if not errors and torch.equal(outputs["HF GPT2LMHeadModel"], outputs["scratch"])
+                else ("no" if not errors else "-")
+            )
+            medians = {name: statistics.median(t) for name, t in times.items() if t}
+            for name in models:
+                if name in errors:
+                    rows.append((mode, batch, name, None, None, None, None, errors[name]))
+                    continue
+                tok_s = batch * args.new_tokens / medians[name]
+                ratio = (
+                    medians["HF GPT2LMHeadModel"] / medians[name] if "HF GPT2LMHeadModel" in medians else float("nan")
+                )
+                rows.append((mode, batch, name, medians[name], tok_s, ratio, outputs[name + " warm-up s"], same))
+
+    print(
+        f"\n## Generation throughput: {machine(device)}; torch {torch.__version__}, transformers "
+        f"{transformers.__version__}; {time.strftime('%Y-%m-%d')}\n"
+    )
+    print(f"Command: `python {' '.join(['benchmarks/generate_throughput.py', *(argv or sys.argv[1:])])}`\n")
+    print(
+        f"GPT-2 124M (random weights, identical in both), fp32, greedy, prompt {args.prompt_len} tokens, "
+        f"{args.new_tokens} new tokens; median of {args.repeats} interleaved calls after 1 warm-up call per model.\n"
+    )
+    print("| mode | batch | model | s / call | new tokens/s | vs HF | warm-up call s | same ids as HF |")
+    print("|---|---:|---|---:|---:|---:|---:|---|")
+    for mode, batch, name, seconds, tok_s, ratio, warm, same in rows:
+        if seconds is None:
+            print(f"| {mode} | {batch} | {name} | - | - | - | - | failed: {same} |")
+        else:
+            print(f"| {mode} | {batch} | {name} | {seconds:.2f} | {tok_s:,.1f} | {ratio:.2f}x | {warm:.1f} | {same} |")
+
+
+if __name__ == "__main__":
+    main()

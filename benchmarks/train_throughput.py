@@ -1,0 +1,489 @@
+"""Training throughput (tokens/s), peak memory and MFU: the scratch GPT-2 vs Hugging Face `GPT2LMHeadModel`.
+
+    python benchmarks/train_throughput.py                                   # CPU: 124M 4x256 and quickstart 16x256
+    python benchmarks/train_throughput.py --runs 124m:16x1024 124m:64x1024  # what a GPU runs by default
+    python benchmarks/train_throughput.py --runs 124m:4x256 --profile 25    # plus a torch.profiler table per variant
+
+A step is what `train_accelerate.py` does per optimizer step without accumulation: forward with the loss
+(`input_ids=x, shift_labels=y`, the trainer's call; HF gets the same targets as `labels`/`shift_labels`), backward,
+gradient clipping (the trainer's default `grad_clip`), AdamW (`build_optimizer`: GPT-3's betas, eps, decay groups), `zero_grad`.
+Variants (all with the same weights, shape, batch and AdamW settings; dropout as the trainer's default, 0):
+
+- `hf-fp32`: `GPT2LMHeadModel` (sdpa), fp32, eager: what a user has today.
+- `hf-bf16-compile`: HF with our speed settings: bf16 autocast + `torch.compile`, the trainer's TF32 and fused-AdamW
+  choices for this device.
+- `hf-defaults`: HF under exactly the trainer's defaults for this device (on CPU: bf16 autocast, no compile); left out
+  where it is the same as `hf-bf16-compile` (CUDA).
+- `ours-fp32`: the scratch model, fp32, eager.
+- `ours-defaults`: the scratch model with exactly `train_accelerate.py`'s default speed settings for this device:
+  its own `build_accelerator` (mixed precision), compile / fused AdamW / TF32 resolved from `TrainArguments()`
+  defaults, and its step (`accelerator.accumulate`, `accelerator.backward`, `accelerator.clip_grad_norm_`).
+- `ours-bf16-compile`: the scratch model with bf16 autocast + `torch.compile`; left out where it is the same as
+  `ours-defaults` (CUDA).
+
+Other combinations can be named with `--variants`: `{hf,ours}-{fp32,bf16}[-compile][-fused]` (`-fused`: fused AdamW
+kernel), e.g. `ours-bf16-compile-fused` to see what other trainer defaults would give.
+
+The variants run interleaved, one step each per round (the order rotates every round), so a shared machine's load
+hits them alike; compilation happens in the warm-up rounds. Tokens/s come from the median step time. Peak memory is
+measured per variant in a fresh child process running the same steps (CPU: the process's resident-set high-water
+mark, and what the run added over the RSS after imports; CUDA: `torch.cuda.max_memory_allocated`). MFU = model
+FLOPs per token (`flops_per_token`: 6N + 12*L*C*T, N = parameters without the position embedding, the LM head at the
+padded vocabulary) x tokens/s / peak FLOP/s, with the peak measured in this process (the best of several large
+matmuls in the variant's matmul dtype: fp32 for the fp32 variants, bf16 for the mixed-precision ones) and, on a known
+GPU, the datasheet dense bf16 figure. Prints markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import GPT2LMHeadModel
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM  # noqa: E402
+from modeling_gpt2_scratch.conversion import hf_config_from_scratch  # noqa: E402
+from modeling_gpt2_scratch.training import (  # noqa: E402
+    ModelArguments,
+    TrainArguments,
+    build_optimizer,
+    device_peak_flops,
+    flops_per_token,
+    load_preset,
+)
+from train_accelerate import _flag, build_accelerator  # noqa: E402
+
+VARIANTS = ("hf-fp32", "hf-bf16-compile", "hf-defaults", "ours-fp32", "ours-defaults", "ours-bf16-compile")
+HF_FP32, HF_FAST = "hf-fp32", "hf-bf16-compile"
+VARIANT_PARTS = ("defaults", "fp32", "bf16", "compile", "fused")
+QUICKSTART = REPO_ROOT / "configs" / "quickstart.yaml"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """How a variant trains."""
+
+    mixed_precision: str  # "bf16" (autocast) or "no"
+    compile: bool
+    fused_adamw: bool
+    tf32: bool
+    accelerator: bool = False  # the trainer's own Accelerator and step
+
+    def describe(self) -> str:
+        parts = ["bf16 autocast" if self.mixed_precision == "bf16" else "fp32"]
+        parts.append("compile" if self.compile else "eager")
+        parts.append("fused AdamW" if self.fused_adamw else "foreach AdamW")
+        if self.tf32:
+            parts.append("TF32")
+        return ", ".join(parts)
+
+
+def trainer_defaults(device: torch.device, train_args: TrainArguments) -> Settings:
+    """The speed settings `train_accelerate.train()` resolves from its default `TrainArguments` on `device`."""
+    accelerator = build_accelerator(train_args)  # the trainer's mixed-precision resolution
+    return Settings(
+        mixed_precision=accelerator.mixed_precision,
+        # train_accelerate.train(): `_flag(train_args.compile, "compile", auto=device.type == "cuda")`, same for fused
+        compile=_flag(train_args.compile, "compile", auto=device.type == "cuda"),
+        fused_adamw=_flag(train_args.fused_adamw, "fused_adamw", auto=device.type == "cuda"),
+        tf32=train_args.tf32,
+        accelerator=True,
+    )
+
+
+def variant_settings(names: list[str], device: torch.device, train_args: TrainArguments) -> dict[str, Settings]:
+    """Settings of each variant name: `{hf,ours}-defaults`, or `{hf,ours}-{fp32,bf16}[-compile][-fused]`.
+
+    fp32 variants: no TF32, foreach AdamW unless `-fused` (torch's defaults). bf16 variants: the trainer's TF32 and
+    fused-AdamW choices, `-fused` forcing the fused kernel. The default set drops `hf-defaults` and
+    `ours-bf16-compile` where they equal `hf-bf16-compile` / `ours-defaults` (CUDA: the defaults are bf16 + compile).
+    """
+    defaults = trainer_defaults(device, train_args)
+    settings = {}
+    for name in names:
+        model, *parts = name.split("-")
+        if model not in ("hf", "ours") or not parts or any(p not in VARIANT_PARTS for p in parts):
+            raise SystemExit(f"--variants {name!r}: use hf|ours-defaults or hf|ours-fp32|bf16[-compile][-fused]")
+        if parts == ["defaults"]:
+            settings[name] = defaults
+            continue
+        bf16 = parts[0] == "bf16"
+        settings[name] = Settings(
+            "bf16" if bf16 else "no",
+            compile="compile" in parts,
+            fused_adamw="fused" in parts or (bf16 and defaults.fused_adamw),
+            tf32=bf16 and defaults.tf32,
+        )
+    if names == list(VARIANTS):
+        plain_defaults = dataclasses.replace(defaults, accelerator=False)
+        if plain_defaults == settings["hf-bf16-compile"]:
+            del settings["hf-defaults"], settings["ours-bf16-compile"]
+    return settings
+
+
+@dataclasses.dataclass
+class Run:
+    """One shape to benchmark: a model size and a micro-batch."""
+
+    name: str
+    model: dict
+    batch_size: int
+    seq_len: int
+
+    @property
+    def tokens(self) -> int:
+        return self.batch_size * self.seq_len
+
+
+def model_shapes() -> dict[str, dict]:
+    """`124m` from the trainer's `ModelArguments` defaults, `quickstart` from configs/quickstart.yaml."""
+    defaults = ModelArguments()
+    shapes = {"124m": {k: getattr(defaults, k) for k in ("n_layer", "n_head", "n_embd", "n_positions")}}
+    if QUICKSTART.is_file():
+        preset = load_preset(QUICKSTART)
+        shapes["quickstart"] = {k: preset[k] for k in ("n_layer", "n_head", "n_embd", "n_positions")}
+    return shapes
+
+
+def parse_run(spec: str) -> Run:
+    shapes = model_shapes()
+    try:
+        name, batch = spec.split(":")
+        batch_size, seq_len = (int(v) for v in batch.lower().split("x"))
+        shape = shapes[name]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(
+            f"--runs {spec!r}: use MODEL:BxT with MODEL one of {sorted(shapes)}, e.g. 124m:4x256"
+        ) from None
+    return Run(spec, shape, batch_size, seq_len)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
+    cuda = torch.cuda.is_available()
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        type=parse_run,
+        help="MODEL:BxT shapes (default: CPU 124m:4x256 quickstart:16x256; CUDA 124m:16x1024 124m:64x1024)",
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(VARIANTS),
+        help="hf|ours-defaults, or hf|ours-fp32|bf16[-compile][-fused] (default: %(default)s)",
+    )
+    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first (compilation happens here)")
+    parser.add_argument("--steps", type=int, default=7, help="timed rounds (the median is reported)")
+    parser.add_argument("--no_memory", action="store_true", help="skip the per-variant peak-memory child runs")
+    parser.add_argument(
+        "--profile", type=int, default=0, metavar="ROWS", help="print a torch.profiler table per variant"
+    )
+    parser.add_argument(
+        "--peak_size", type=int, default=8192 if cuda else 2048, help="square matmul size for the peak"
+    )
+    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # child runs: one JSON line
+    args = parser.parse_args(argv)
+    if args.runs is None:
+        specs = ["124m:16x1024", "124m:64x1024"] if cuda else ["124m:4x256", "quickstart:16x256"]
+        args.runs = [parse_run(spec) for spec in specs]
+    return args
+
+
+# --- models and steps ------------------------------------------------------------------------------------------------
+
+
+def build_model(kind: str, run: Run, device: torch.device, seed: int = 0) -> torch.nn.Module:
+    """A random HF GPT-2 (sdpa), or the scratch model with its weights; dropout as the trainer's default (0)."""
+    model_args = ModelArguments()
+    dropout = dict(resid_pdrop=model_args.dropout, embd_pdrop=model_args.dropout, attn_pdrop=model_args.dropout)
+    torch.manual_seed(seed)
+    hf_config = hf_config_from_scratch(GPT2ScratchConfig(**run.model, **dropout))
+    hf = GPT2LMHeadModel._from_config(hf_config, attn_implementation="sdpa")
+    if kind == "hf":
+        return hf.to(device)
+    ours = GPT2ScratchForCausalLM.from_hf_gpt2(hf)
+    ours.set_attn_implementation(model_args.attn_implementation)  # as train_accelerate.build_model
+    return ours.to(device)
+
+
+@contextlib.contextmanager
+def matmul_precision(tf32: bool):
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def make_step(
+    name: str, settings: Settings, run: Run, device: torch.device, train_args: TrainArguments, accelerator
+) -> Callable[[torch.Tensor, torch.Tensor], float]:
+    """A closure doing one full training step of the variant `name` on `(x, y)`; returns the loss."""
+    model = build_model(name.split("-")[0], run, device).train()
+    optimizer = build_optimizer(model, train_args, fused=settings.fused_adamw)
+    is_hf = name.startswith("hf")
+    if settings.accelerator:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    forward = torch.compile(model) if settings.compile else model
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if settings.mixed_precision == "bf16" and not settings.accelerator
+        else contextlib.nullcontext()
+    )
+
+    def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with autocast:
+            if is_hf:
+                return forward(input_ids=x, labels=y, shift_labels=y, use_cache=False).loss
+            return forward(input_ids=x, shift_labels=y, use_cache=False).loss
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> float:
+        with matmul_precision(settings.tf32):
+            if settings.accelerator:  # train_accelerate.train()'s loop body, without the logging
+                with accelerator.accumulate(model):
+                    loss = loss_of(x, y)
+                    accelerator.backward(loss)
+                    accelerator.clip_grad_norm_(model.parameters(), train_args.grad_clip)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            else:
+                loss = loss_of(x, y)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), train_args.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            return loss.item()
+
+    return step
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure_peak(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 5) -> float:
+    """FLOP/s of the fastest of `repeats` `size x size` matmuls in `dtype` (after one warm-up)."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    best = float("inf")
+    with matmul_precision(False):
+        for i in range(repeats + 1):
+            synchronize(device)
+            start = time.perf_counter()
+            a @ b
+            synchronize(device)
+            if i:
+                best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+# --- one process: timing (and the child runs for memory) -------------------------------------------------------------
+
+
+def time_variants(args, run: Run, names: list[str], settings: dict[str, Settings], device, train_args) -> dict:
+    """Median seconds per step of each variant, run interleaved."""
+    accelerator = build_accelerator(train_args) if any(settings[n].accelerator for n in names) else None
+    steps = {name: make_step(name, settings[name], run, device, train_args, accelerator) for name in names}
+    generator = torch.Generator().manual_seed(1)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    first_loss: dict[str, float] = {}
+    failed: dict[str, str] = {}
+    for round_idx in range(args.warmup + args.steps):
+        seq = torch.randint(0, 50257, (run.batch_size, run.seq_len + 1), generator=generator)
+        x, y = seq[:, :-1].contiguous().to(device), seq[:, 1:].contiguous().to(device)
+        order = names[round_idx % len(names) :] + names[: round_idx % len(names)]
+        for name in order:
+            if name in failed:
+                continue
+            synchronize(device)
+            start = time.perf_counter()
+            try:
+                loss = steps[name](x, y)
+            except torch.OutOfMemoryError:  # e.g. an fp32 variant at a large GPU batch: report it, keep the others
+                failed[name] = "out of memory"
+                del steps[name]
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            synchronize(device)
+            first_loss.setdefault(name, loss)
+            if round_idx >= args.warmup:
+                times[name].append(time.perf_counter() - start)
+    if args.profile:
+        profile_variants(args, steps, run, device)
+    return {"times": times, "first_loss": first_loss, "failed": failed}
+
+
+def profile_variants(args, steps: dict, run: Run, device: torch.device) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    seq = torch.randint(0, 50257, (run.batch_size, run.seq_len + 1), generator=torch.Generator().manual_seed(2))
+    x, y = seq[:, :-1].contiguous().to(device), seq[:, 1:].contiguous().to(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    for name, step in steps.items():
+        with profile(activities=activities) as prof:
+            step(x, y)
+        print(f"\n### torch.profiler: {name}, {run.name}, one step (top {args.profile} ops by self time)\n")
+        print("```")
+        print(prof.key_averages().table(sort_by=sort, row_limit=args.profile, max_name_column_width=60))
+        print("```")
+
+
+def proc_status_mib(field: str) -> float:
+    """`VmRSS` (resident now) or `VmHWM` (its high-water mark) of this process, in MiB (Linux).
+
+    Not `ru_maxrss`: Linux keeps that across fork + exec, so a child started by a large parent would report the
+    parent's peak; `VmHWM` belongs to the process's own address space.
+    """
+    with contextlib.suppress(OSError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def child_memory(run: Run, name: str, args) -> dict:
+    """Peak memory of `name` alone: a fresh process running warm-up + 2 steps of it."""
+    cmd = [sys.executable, __file__, "--json", "--no_memory", "--runs", run.name, "--variants", name]
+    cmd += ["--warmup", str(min(args.warmup, 2)), "--steps", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
+    if proc.returncode:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}"
+    name = platform.processor() or "CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    return f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    transformers.logging.set_verbosity_error()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    baseline_rss = proc_status_mib("VmRSS")
+    with tempfile.TemporaryDirectory() as tmp:
+        train_args = TrainArguments(output_dir=tmp)
+        settings = variant_settings(args.variants, device, train_args)
+        names = [n for n in args.variants if n in settings]
+
+        if args.json:  # child: one run, one variant; report its peak memory
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            time_variants(args, args.runs[0], names, settings, device, train_args)
+            peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else proc_status_mib("VmHWM")
+            print(json.dumps({"peak_mib": peak, "baseline_mib": 0.0 if device.type == "cuda" else baseline_rss}))
+            return
+
+        dtypes = {"no": torch.float32, "bf16": torch.bfloat16}
+        peaks = {
+            p: measure_peak(device, dtypes[p], args.peak_size) for p in {settings[n].mixed_precision for n in names}
+        }
+        datasheet = device_peak_flops(device)
+        results = {run.name: time_variants(args, run, names, settings, device, train_args) for run in args.runs}
+        for p in peaks:  # the machine may have been busier at the start: keep the best of two measurements
+            peaks[p] = max(peaks[p], measure_peak(device, dtypes[p], args.peak_size))
+        memory = {}
+        if not args.no_memory:
+            memory = {(run.name, n): child_memory(run, n, args) for run in args.runs for n in names}
+
+    print(
+        f"\n## Training throughput: {machine(device)}; torch {torch.__version__}, transformers "
+        f"{transformers.__version__}; {time.strftime('%Y-%m-%d')}\n"
+    )
+    print(f"Command: `python {' '.join(['benchmarks/train_throughput.py', *(argv or sys.argv[1:])])}`\n")
+    print(f"Median of {args.steps} interleaved steps after {args.warmup} warm-up (compilation) steps per variant.")
+    print("Variants:")
+    for name in names:
+        print(
+            f"- `{name}`: {settings[name].describe()}"
+            + (" (train_accelerate.py defaults)" * settings[name].accelerator)
+        )
+    peak_text = ", ".join(f"{dtypes[p]}: {v / 1e9:,.0f} GFLOP/s" for p, v in peaks.items())
+    print(f"\nMeasured matmul peak ({args.peak_size}^2 x {args.peak_size}, best of 5, twice): {peak_text}")
+    if datasheet:
+        print(f"Datasheet dense bf16 peak: {datasheet / 1e12:,.0f} TFLOP/s")
+    print(
+        "MFU = flops_per_token (6N + 12*L*C*T; N without position embedding) x tokens/s / peak of the matmul dtype\n"
+    )
+
+    for run in args.runs:
+        times, failed = results[run.name]["times"], results[run.name]["failed"]
+        median = {n: statistics.median(times[n]) for n in names if times[n]}
+        tok_s = {n: run.tokens / median[n] for n in median}
+        fpt = flops_per_token(GPT2ScratchConfig(**run.model), run.seq_len)
+        print(
+            f"### {run.name}: {run.model['n_layer']} layers, {run.model['n_head']} heads, {run.model['n_embd']} wide; "
+            f"batch {run.batch_size} x {run.seq_len} = {run.tokens} tokens/step; {fpt / 1e6:,.1f} MFLOP/token\n"
+        )
+        header = "| variant | settings | s/step (median) | min | tokens/s |"
+        sep = "|---|---|---:|---:|---:|"
+        for ref in (HF_FP32, HF_FAST):
+            if ref in tok_s:
+                header += f" vs {ref} |"
+                sep += "---:|"
+        header += " peak mem (MiB) | MFU (measured peak) |"
+        sep += "---:|---:|"
+        if datasheet:
+            header += " MFU (datasheet bf16) |"
+            sep += "---:|"
+        print(header)
+        print(sep)
+        for n in names:
+            if n not in median:
+                print(f"| {n} | {settings[n].describe()} | {failed.get(n, 'no timed step')} |")
+                continue
+            row = f"| {n} | {settings[n].describe()} | {median[n]:.3f} | {min(times[n]):.3f} | {tok_s[n]:,.0f} |"
+            for ref in (HF_FP32, HF_FAST):
+                if ref in tok_s:
+                    row += f" {tok_s[n] / tok_s[ref]:.2f}x |"
+            mem = memory.get((run.name, n))
+            if mem is None:
+                row += " - |"
+            elif "error" in mem:
+                row += f" error: {mem['error'][:60]} |"
+            elif device.type == "cuda":
+                row += f" {mem['peak_mib']:,.0f} |"
+            else:
+                row += f" {mem['peak_mib']:,.0f} (+{mem['peak_mib'] - mem['baseline_mib']:,.0f}) |"
+            row += f" {100 * fpt * tok_s[n] / peaks[settings[n].mixed_precision]:.1f}% |"
+            if datasheet:
+                row += f" {100 * fpt * tok_s[n] / datasheet:.1f}% |"
+            print(row)
+        losses = results[run.name]["first_loss"]
+        print(f"\nFirst-step losses: {', '.join(f'{n} {v:.4f}' for n, v in losses.items())}")
+        if device.type != "cuda" and memory:
+            print("Peak memory: the child process's RSS high-water mark (in brackets: above its RSS after imports).")
+        print()
+
+
+if __name__ == "__main__":
+    main()
