@@ -41,6 +41,7 @@ from modeling_gpt2_scratch.training import (
     build_scheduler,
     checkpoint_dir,
     cpu_supports_bf16,
+    describe_device,
     device_peak_flops,
     flops_per_token,
     format_seconds,
@@ -389,7 +390,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         "wall_clock_seconds": round(time.time() - start_time, 1),
         "num_processes": accelerator.num_processes,
         "device": device.type,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "device_name": describe_device(device),
         "mixed_precision": accelerator.mixed_precision,
         "compile": use_compile,
         "torch_version": torch.__version__,
@@ -417,14 +418,6 @@ def _postfix(record: dict) -> str:
         f"tok/s={record['tokens_per_sec']:,.0f}"
     )
     return text + (f", mfu={100 * record['mfu']:.1f}%" if "mfu" in record else "")
-
-
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    return f"CPU ({os.cpu_count()} cores)"
 
 
 def _flat(config: dict) -> dict:

@@ -15,8 +15,6 @@ rounds. The first step of each model also checks that the two losses agree. Prin
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import time
@@ -28,6 +26,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from modeling_gpt2_scratch import GPT2ScratchForCausalLM  # noqa: E402
+from modeling_gpt2_scratch.training import describe_device  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -81,20 +80,6 @@ def timed(fn, device: torch.device) -> tuple[float, float]:
     return time.perf_counter() - start, value
 
 
-def machine() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    name = platform.processor() or "CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -131,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     n_params = sum(p.numel() for p in models["hf"].parameters())
     print(
         f"forward + backward, fp32 eager, {n_params / 1e6:.0f}M parameters (HF count), batch {args.batch_size} x "
-        f"{args.seq_len}, {device.type}: {machine()}; torch {torch.__version__}, transformers "
+        f"{args.seq_len}, {device.type}: {describe_device(device)}; torch {torch.__version__}, transformers "
         f"{transformers.__version__}; median of {args.steps} interleaved rounds after {args.warmup} warm-up; "
         f"first-step losses agree (HF {reference:.5f})\n"
     )

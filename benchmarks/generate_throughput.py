@@ -21,9 +21,6 @@ markdown table.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
-import platform
 import statistics
 import sys
 import time
@@ -35,6 +32,7 @@ from transformers import CompileConfig, GPT2Config, GPT2LMHeadModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from modeling_gpt2_scratch import GPT2ScratchForCausalLM  # noqa: E402
+from modeling_gpt2_scratch.training import describe_device  # noqa: E402
 
 MODES = ("eager", "static-compile")
 
@@ -82,18 +80,6 @@ def timed_generate(model, prompt: torch.Tensor, kwargs: dict, device: torch.devi
     return time.perf_counter() - start, out
 
 
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or "CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    return f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     transformers.logging.set_verbosity_error()
@@ -135,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append((mode, batch, name, medians[name], tok_s, ratio, outputs[name + " warm-up s"], same))
 
     print(
-        f"\n## Generation throughput: {machine(device)}; torch {torch.__version__}, transformers "
+        f"\n## Generation throughput: {describe_device(device)}; torch {torch.__version__}, transformers "
         f"{transformers.__version__}; {time.strftime('%Y-%m-%d')}\n"
     )
     print(f"Command: `python {' '.join(['benchmarks/generate_throughput.py', *(argv or sys.argv[1:])])}`\n")

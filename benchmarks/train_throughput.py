@@ -40,8 +40,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -62,6 +60,7 @@ from modeling_gpt2_scratch.training import (  # noqa: E402
     ModelArguments,
     TrainArguments,
     build_optimizer,
+    describe_device,
     device_peak_flops,
     flops_per_token,
     load_preset,
@@ -373,18 +372,6 @@ def child_memory(run: Run, name: str, args) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}"
-    name = platform.processor() or "CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    return f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     transformers.logging.set_verbosity_error()
@@ -416,7 +403,7 @@ def main(argv: list[str] | None = None) -> None:
             memory = {(run.name, n): child_memory(run, n, args) for run in args.runs for n in names}
 
     print(
-        f"\n## Training throughput: {machine(device)}; torch {torch.__version__}, transformers "
+        f"\n## Training throughput: {describe_device(device)}; torch {torch.__version__}, transformers "
         f"{transformers.__version__}; {time.strftime('%Y-%m-%d')}\n"
     )
     print(f"Command: `python {' '.join(['benchmarks/train_throughput.py', *(argv or sys.argv[1:])])}`\n")

@@ -293,6 +293,24 @@ def device_peak_flops(device: torch.device) -> float | None:
     return None
 
 
+def describe_device(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name with its core and torch-thread counts."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = "CPU"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        name = next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in cpuinfo.read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            name,
+        )
+    return f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+
+
 def cpu_supports_bf16() -> bool:
     """Whether this CPU has native bf16 instructions (AVX512-BF16 or AMX), so bf16 autocast is worth it."""
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
