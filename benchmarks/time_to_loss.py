@@ -31,13 +31,14 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 from transformers import (  # noqa: E402
-    GPT2Config,
     GPT2LMHeadModel,
     Trainer,
     TrainerCallback,
     TrainingArguments,
 )
 
+from modeling_gpt2_scratch import GPT2ScratchConfig  # noqa: E402
+from modeling_gpt2_scratch.conversion import hf_config_from_scratch  # noqa: E402
 from modeling_gpt2_scratch.data import ShardedTokenLoader, prepare_dataset  # noqa: E402
 from modeling_gpt2_scratch.training import (  # noqa: E402
     cpu_supports_bf16,
@@ -124,15 +125,11 @@ def run_trainer(args, workdir: Path) -> dict:
     model_args, _, train_args = parse_arguments(["--config", str(PRESET), "--dataset", args.dataset])
     accum = gradient_accumulation_steps(train_args, 1)
     torch.manual_seed(train_args.seed)
-    config = GPT2Config(
-        n_layer=model_args.n_layer,
-        n_head=model_args.n_head,
-        n_embd=model_args.n_embd,
+    scratch = GPT2ScratchConfig(  # the quickstart's architecture, then its HF GPT-2 twin (unpadded vocabulary)
+        n_layer=model_args.n_layer, n_head=model_args.n_head, n_embd=model_args.n_embd,
         n_positions=model_args.n_positions,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
+    )  # fmt: skip
+    config = hf_config_from_scratch(scratch)
     model = GPT2LMHeadModel(config)
     dataset = ShardDataset(
         args.data_dir, train_args.micro_batch_size, train_args.seq_len, train_args.max_steps * accum
