@@ -50,6 +50,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from torch.profiler import record_function
 from transformers import GPT2LMHeadModel
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -70,6 +71,7 @@ from train_accelerate import _flag, build_accelerator  # noqa: E402
 VARIANTS = ("hf-fp32", "hf-bf16-compile", "hf-defaults", "ours-fp32", "ours-defaults", "ours-bf16-compile")
 HF_FP32, HF_FAST = "hf-fp32", "hf-bf16-compile"
 VARIANT_PARTS = ("defaults", "fp32", "bf16", "compile", "fused")
+PHASES = ("phase: forward", "phase: backward", "phase: clip", "phase: AdamW")  # profiler labels of a step
 QUICKSTART = REPO_ROOT / "configs" / "quickstart.yaml"
 
 
@@ -259,17 +261,25 @@ def make_step(
         with matmul_precision(settings.tf32):
             if settings.accelerator:  # train_accelerate.train()'s loop body, without the logging
                 with accelerator.accumulate(model):
+                    with record_function(PHASES[0]):
+                        loss = loss_of(x, y)
+                    with record_function(PHASES[1]):
+                        accelerator.backward(loss)
+                    with record_function(PHASES[2]):
+                        accelerator.clip_grad_norm_(model.parameters(), train_args.grad_clip)
+                    with record_function(PHASES[3]):
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+            else:
+                with record_function(PHASES[0]):
                     loss = loss_of(x, y)
-                    accelerator.backward(loss)
-                    accelerator.clip_grad_norm_(model.parameters(), train_args.grad_clip)
+                with record_function(PHASES[1]):
+                    loss.backward()
+                with record_function(PHASES[2]):
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), train_args.grad_clip)
+                with record_function(PHASES[3]):
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-            else:
-                loss = loss_of(x, y)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), train_args.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
             return loss.item()
 
     return step
@@ -333,20 +343,64 @@ def time_variants(args, run: Run, names: list[str], settings: dict[str, Settings
     return {"times": times, "first_loss": first_loss, "failed": failed}
 
 
+def op_category(name: str) -> str | None:
+    """Coarse kind of a profiled op, for the per-category summary (None: a wrapper whose children are counted)."""
+    if name.startswith(("phase:", "## ", "Optimizer.", "autograd::", "Torch-Compiled", "LinearCrossEntropy")):
+        return None
+    if name in ("aten::mm", "aten::addmm", "aten::bmm"):
+        return "matmul"
+    if "scaled_dot_product" in name:
+        return "attention (sdpa)"
+    if name.startswith("graph_"):
+        return "inductor kernels"
+    if name in ("aten::copy_", "aten::_to_copy"):
+        return "casts, copies"
+    if (
+        "softmax" in name
+        or "nll_loss" in name
+        or name in ("aten::exp", "aten::exp_", "aten::scatter_", "aten::gather")
+    ):
+        return "softmax, loss"
+    if "gelu" in name or name in ("aten::tanh", "aten::tanh_backward", "aten::pow"):
+        return "GELU"
+    return "other"
+
+
 def profile_variants(args, steps: dict, run: Run, device: torch.device) -> None:
+    """Per variant: ms per phase, forward + backward self time per op category, and the top ops (one step)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     seq = torch.randint(0, 50257, (run.batch_size, run.seq_len + 1), generator=torch.Generator().manual_seed(2))
     x, y = seq[:, :-1].contiguous().to(device), seq[:, 1:].contiguous().to(device)
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    summary, tables = {}, {}
     for name, step in steps.items():
         with profile(activities=activities) as prof:
             step(x, y)
-        print(f"\n### torch.profiler: {name}, {run.name}, one step (top {args.profile} ops by self time)\n")
-        print("```")
-        print(prof.key_averages().table(sort_by=sort, row_limit=args.profile, max_name_column_width=60))
-        print("```")
+        phases = {e.key: e.cpu_time_total / 1e3 for e in prof.key_averages() if e.key in PHASES}
+        categories: dict[str, float] = {}
+        for event in prof.events():
+            parent = event
+            while parent is not None and parent.name not in PHASES:
+                parent = parent.cpu_parent
+            category = op_category(event.name)
+            if parent is not None and parent.name in PHASES[:2] and category:
+                categories[category] = categories.get(category, 0.0) + event.self_cpu_time_total / 1e3
+        summary[name] = (phases, categories)
+        tables[name] = prof.key_averages().table(sort_by=sort, row_limit=args.profile, max_name_column_width=60)
+    kinds = sorted({k for _, cats in summary.values() for k in cats}, key=lambda k: (k == "other", k))
+    print(
+        f"\n### torch.profiler, {run.name}: one step, ms (CPU time; forward + backward split by op kind, self time)\n"
+    )
+    print("| variant | step | " + " | ".join(p.split(": ")[1] for p in PHASES) + " | " + " | ".join(kinds) + " |")
+    print("|---|" + "---:|" * (1 + len(PHASES) + len(kinds)))
+    for name, (phases, cats) in summary.items():
+        cells = [f"{sum(phases.values()):,.0f}"] + [f"{phases.get(p, 0):,.0f}" for p in PHASES]
+        cells += [f"{cats[k]:,.0f}" if k in cats else "-" for k in kinds]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    for name, table in tables.items():
+        print(f"\n#### {name}: top {args.profile} ops by self time\n\n```\n{table}\n```")
 
 
 def proc_status_mib(field: str) -> float:
@@ -376,6 +430,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     transformers.logging.set_verbosity_error()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.profile and device.type == "cpu":  # name inductor's C++ kernels in the profile (set before compiling)
+        import torch._inductor.config as inductor_config
+
+        inductor_config.cpp.enable_kernel_profile = True
     baseline_rss = proc_status_mib("VmRSS")
     with tempfile.TemporaryDirectory() as tmp:
         train_args = TrainArguments(output_dir=tmp)
