@@ -74,9 +74,12 @@ def build_accelerator(train_args: TrainArguments) -> Accelerator:
     bf16_ok = torch.cuda.is_bf16_supported() if cuda else cpu_supports_bf16()
     if precision == "auto":
         precision = "bf16" if bf16_ok else "no"
+    elif precision == "bf16" and not bf16_ok and cuda:
+        raise ValueError("--mixed_precision bf16: this GPU has no bf16 support; use --mixed_precision fp16 or no.")
     elif precision == "bf16" and not bf16_ok:
-        raise ValueError(
-            "--mixed_precision bf16: this device has no bf16 support; use --mixed_precision no (or fp16 on CUDA)."
+        logger.warning(
+            "--mixed_precision bf16: this CPU has no bf16 instructions (AVX512-BF16/AMX); bf16 autocast works but is "
+            "emulated and slower than fp32 here (--mixed_precision auto picks fp32)."
         )
     elif precision == "fp16" and not cuda:
         raise ValueError("--mixed_precision fp16 needs a CUDA GPU; use bf16 or no on this device.")

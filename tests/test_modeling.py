@@ -495,7 +495,7 @@ def test_fused_loss_matches_plain_loss_and_gradients(masked):
     assert fused.logits is None and plain.logits is not None
     assert abs(fused.loss.item() - plain.loss.item()) <= 1e-5
     for name, grad in plain_grads.items():
-        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)  # float32 rounding
 
 
 def test_fused_loss_is_the_default_in_training_mode_only(pair):

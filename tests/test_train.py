@@ -361,8 +361,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(corpus, data_dir, tmp_path
 
 @pytest.mark.slow
 def test_compile_and_bf16_on_cpu_lower_the_loss(corpus, data_dir, tmp_path):
-    if not train_accelerate.cpu_supports_bf16():
-        pytest.skip("this CPU has no bf16 instructions")
+    # bf16 autocast runs on any CPU: natively with AVX512-BF16/AMX, emulated (slower) without.
     out = tmp_path / "run"
     summary = run(
         corpus, data_dir, out, "--max_steps", "30", "--eval_every", "0", "--save_every", "0",
