@@ -11,19 +11,25 @@ groups), `zero_grad`.
 Variants (all with the same weights, shape, batch and AdamW settings; dropout as the trainer's default, 0):
 
 - `hf-fp32`: `GPT2LMHeadModel` (sdpa), fp32, eager: what a user has today.
-- `hf-bf16-compile`: HF with our speed settings: bf16 autocast + `torch.compile`, the trainer's TF32 and fused-AdamW
-  choices for this device.
-- `hf-defaults`: HF under exactly the trainer's defaults for this device (on CPU: bf16 autocast, no compile); left out
-  where it is the same as `hf-bf16-compile` (CUDA).
+- `hf-defaults-compile`: HF with our speed settings plus `torch.compile`: the trainer's defaults for this device
+  (mixed precision: bf16 where the device has it, else fp32; TF32; fused AdamW on CUDA) and compile.
+- `hf-defaults`: HF under exactly the trainer's defaults for this device (on CPU: no compile); left out where it is
+  the same as `hf-defaults-compile` (CUDA, where the trainer compiles).
 - `ours-fp32`: the scratch model, fp32, eager.
 - `ours-defaults`: the scratch model with exactly `train_accelerate.py`'s default speed settings for this device:
   its own `build_accelerator` (mixed precision), compile / fused AdamW / TF32 resolved from `TrainArguments()`
-  defaults, and its step (`accelerator.accumulate`, `accelerator.backward`, `accelerator.clip_grad_norm_`).
-- `ours-bf16-compile`: the scratch model with bf16 autocast + `torch.compile`; left out where it is the same as
-  `ours-defaults` (CUDA).
+  defaults, and its step (`accelerator.accumulate`, `accelerator.backward`,
+  `accelerator.clip_grad_norm_`).
+- `ours-defaults-compile`: the same plus `torch.compile`; left out where it is the same as `ours-defaults` (CUDA).
 
-Other combinations can be named with `--variants`: `{hf,ours}-{fp32,bf16}[-compile][-fused]` (`-fused`: fused AdamW
-kernel), e.g. `ours-bf16-compile-fused` to see what other trainer defaults would give.
+Other combinations can be named with `--variants`: `{hf,ours}-{defaults,fp32,bf16}[-compile][-fused]` (`-fused`:
+fused AdamW kernel), e.g. `ours-bf16-compile-fused` to see what other trainer defaults would give. The fp32 variants
+use torch's defaults (no TF32, foreach AdamW) unless named; the bf16 ones the trainer's choices for this device.
+
+The trainer's glibc malloc tuning on CPU (`--malloc_tuning`, `set_cpu_malloc_tuning`) is a process-wide setting, so
+it is applied once, to every variant alike (`--malloc`, default: the trainer's choice for this device); switching it
+between interleaved steps would charge one variant for the pages another gave back. Its own effect is measured in
+fresh processes by `benchmarks/malloc_tuning.py`.
 
 The variants run interleaved, one step each per round (the order rotates every round), so a shared machine's load
 hits them alike; compilation happens in the warm-up rounds. Tokens/s come from the median step time. Peak memory is
@@ -66,12 +72,13 @@ from modeling_gpt2_scratch.training import (  # noqa: E402
     device_peak_flops,
     flops_per_token,
     load_preset,
+    set_cpu_malloc_tuning,
 )
 from train_accelerate import _flag, build_accelerator  # noqa: E402
 
-VARIANTS = ("hf-fp32", "hf-bf16-compile", "hf-defaults", "ours-fp32", "ours-defaults", "ours-bf16-compile")
-HF_FP32, HF_FAST = "hf-fp32", "hf-bf16-compile"
-VARIANT_PARTS = ("defaults", "fp32", "bf16", "compile", "fused")
+VARIANTS = ("hf-fp32", "hf-defaults-compile", "hf-defaults", "ours-fp32", "ours-defaults", "ours-defaults-compile")
+HF_FP32, HF_FAST = "hf-fp32", "hf-defaults-compile"
+VARIANT_BASES, VARIANT_EXTRAS = ("defaults", "fp32", "bf16"), ("compile", "fused")
 PHASES = ("phase: forward", "phase: backward", "phase: clip", "phase: AdamW")  # profiler labels of a step
 QUICKSTART = REPO_ROOT / "configs" / "quickstart.yaml"
 
@@ -109,32 +116,41 @@ def trainer_defaults(device: torch.device, train_args: TrainArguments) -> Settin
 
 
 def variant_settings(names: list[str], device: torch.device, train_args: TrainArguments) -> dict[str, Settings]:
-    """Settings of each variant name: `{hf,ours}-defaults`, or `{hf,ours}-{fp32,bf16}[-compile][-fused]`.
+    """Settings of each variant name: `{hf,ours}-{defaults,fp32,bf16}[-compile][-fused]`.
 
-    fp32 variants: no TF32, foreach AdamW unless `-fused` (torch's defaults). bf16 variants: the trainer's TF32 and
-    fused-AdamW choices, `-fused` forcing the fused kernel. The default set drops `hf-defaults` and
-    `ours-bf16-compile` where they equal `hf-bf16-compile` / `ours-defaults` (CUDA: the defaults are bf16 + compile).
+    `defaults`: the trainer's settings for this device (its Accelerator and step), the extras switched on. fp32: no
+    TF32, foreach AdamW unless `-fused` (torch's defaults). bf16: the trainer's TF32 and fused-AdamW choices,
+    `-fused` forcing the fused kernel. The default set drops `hf-defaults` and
+    `ours-defaults-compile` where the trainer compiles by default (CUDA): they equal their neighbours.
     """
     defaults = trainer_defaults(device, train_args)
     settings = {}
     for name in names:
         model, *parts = name.split("-")
-        if model not in ("hf", "ours") or not parts or any(p not in VARIANT_PARTS for p in parts):
-            raise SystemExit(f"--variants {name!r}: use hf|ours-defaults or hf|ours-fp32|bf16[-compile][-fused]")
-        if parts == ["defaults"]:
-            settings[name] = defaults
+        if (
+            model not in ("hf", "ours")
+            or not parts
+            or parts[0] not in VARIANT_BASES
+            or any(p not in VARIANT_EXTRAS for p in parts[1:])
+        ):
+            raise SystemExit(f"--variants {name!r}: use hf|ours-defaults|fp32|bf16[-compile][-fused]")
+        base, extras = parts[0], parts[1:]
+        if base == "defaults":
+            settings[name] = dataclasses.replace(
+                defaults,
+                compile=defaults.compile or "compile" in extras,
+                fused_adamw=defaults.fused_adamw or "fused" in extras,
+            )
             continue
-        bf16 = parts[0] == "bf16"
+        bf16 = base == "bf16"
         settings[name] = Settings(
             "bf16" if bf16 else "no",
-            compile="compile" in parts,
-            fused_adamw="fused" in parts or (bf16 and defaults.fused_adamw),
+            compile="compile" in extras,
+            fused_adamw="fused" in extras or (bf16 and defaults.fused_adamw),
             tf32=bf16 and defaults.tf32,
         )
-    if names == list(VARIANTS):
-        plain_defaults = dataclasses.replace(defaults, accelerator=False)
-        if plain_defaults == settings["hf-bf16-compile"]:
-            del settings["hf-defaults"], settings["ours-bf16-compile"]
+    if names == list(VARIANTS) and defaults.compile:
+        del settings["hf-defaults"], settings["ours-defaults-compile"]
     return settings
 
 
@@ -200,6 +216,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--peak_size", type=int, default=8192 if cuda else 2048, help="square matmul size for the peak"
+    )
+    parser.add_argument(
+        "--malloc",
+        choices=("auto", "tuned", "default"),
+        default="auto",
+        help="glibc malloc tuning for every variant (CPU): auto = the trainer's choice (tuned on CPU)",
     )
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # child runs: one JSON line
     args = parser.parse_args(argv)
@@ -425,7 +447,7 @@ def proc_status_mib(field: str) -> float:
 def child_memory(run: Run, name: str, args) -> dict:
     """Peak memory of `name` alone: a fresh process running warm-up + 2 steps of it."""
     cmd = [sys.executable, __file__, "--json", "--no_memory", "--runs", run.name, "--variants", name]
-    cmd += ["--warmup", str(min(args.warmup, 2)), "--steps", "2"]
+    cmd += ["--warmup", str(min(args.warmup, 2)), "--steps", "2", "--malloc", args.malloc]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
     if proc.returncode:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
@@ -440,6 +462,9 @@ def main(argv: list[str] | None = None) -> None:
         import torch._inductor.config as inductor_config
 
         inductor_config.cpp.enable_kernel_profile = True
+    malloc_tuned = device.type == "cpu" and args.malloc != "default"
+    if malloc_tuned:
+        malloc_tuned = set_cpu_malloc_tuning(True)
     baseline_rss = proc_status_mib("VmRSS")
     with tempfile.TemporaryDirectory() as tmp:
         train_args = TrainArguments(output_dir=tmp)
@@ -472,6 +497,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(f"Command: `python {' '.join(['benchmarks/train_throughput.py', *(argv or sys.argv[1:])])}`\n")
     print(f"Median of {args.steps} interleaved steps after {args.warmup} warm-up (compilation) steps per variant.")
+    if device.type == "cpu":
+        print(f"glibc malloc: {'tuned (set_cpu_malloc_tuning)' if malloc_tuned else 'default'}, for every variant.")
     print("Variants:")
     for name in names:
         print(

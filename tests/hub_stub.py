@@ -76,7 +76,7 @@ class HubStub:
     def __init__(
         self,
         token: str,
-        lifetime_s: float = 120.0,
+        lifetime_s: float = 600.0,
         max_requests: int = 500,
         max_body_bytes: int = 64 * 1024 * 1024,
     ) -> None:

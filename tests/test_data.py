@@ -221,6 +221,16 @@ def test_a_different_source_in_the_same_folder_errors(tmp_path, corpus):
         prepare(other, tmp_path / "out")
 
 
+def test_a_folder_prepared_with_another_tokenizer_errors(tmp_path, corpus):
+    prepare(corpus, tmp_path / "out")
+    manifest_path = tmp_path / "out" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["tokenizer"] = {"name": "llama", "n_vocab": 32000, "eot_token": 2}  # as another tool would write it
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"tokenizer .*llama.*--overwrite"):
+        prepare(corpus, tmp_path / "out")
+
+
 def test_different_settings_in_the_same_folder_error(tmp_path, corpus):
     prepare(corpus, tmp_path / "out", shard_size=100)
     with pytest.raises(ValueError, match=r"shard_size=100 \(now 200\).*--overwrite"):

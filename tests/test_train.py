@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 import train_accelerate
 from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
 from modeling_gpt2_scratch.training import (
+    MetricsWriter,
     TrainArguments,
     build_scheduler,
     decay_parameter_groups,
@@ -426,3 +427,51 @@ def test_cpu_threads_default_to_the_cores_not_accelerates_one(corpus, data_dir, 
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_malloc_tuning_is_on_for_cpu_by_default_and_can_be_switched_off(corpus, data_dir, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(train_accelerate, "set_cpu_malloc_tuning", lambda enabled: calls.append(enabled) or True)
+    run(corpus, data_dir, tmp_path / "run", "--max_steps", "1", "--save_every", "0")
+    assert calls == [True]
+    run(corpus, data_dir, tmp_path / "run2", "--max_steps", "1", "--save_every", "0", "--malloc_tuning", "false")
+    assert calls == [True]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_malloc_tuning_stops_the_page_faults_of_reallocated_large_tensors():
+    # A fresh process: mallopt settings are process-wide. 64 MiB tensors are above glibc's largest mmap threshold,
+    # so by default each one is mmapped, faulted in page by page, and unmapped again.
+    code = """
+import resource, torch
+from modeling_gpt2_scratch.training import set_cpu_malloc_tuning
+def faults():
+    torch.ones(2**24)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        torch.ones(2**24)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+assert set_cpu_malloc_tuning(False)
+default = faults()
+assert set_cpu_malloc_tuning(True)
+tuned = faults()
+assert set_cpu_malloc_tuning(False)
+print(default, tuned, faults())
+"""
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    default, tuned, default_again = (int(v) for v in result.stdout.split())
+    # By default at least one fault per tensor: 16,384 4-KiB pages, or 32 where transparent huge pages are "always".
+    assert default >= 5 * 32
+    assert tuned * 10 < default
+    assert default_again >= 5 * 32
+
+
+def test_resume_skips_a_metrics_line_cut_short_by_a_kill(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    records = [{"step": s, "tokens": 256 * s, "train_loss": 5.0} for s in (1, 2, 3)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 4, "tok')  # SIGKILL mid-write
+    writer = MetricsWriter(tmp_path, resume_step=2)
+    assert writer.read() == records[:2]
+    writer.write(records[2])
+    assert [r["step"] for r in MetricsWriter(tmp_path, resume_step=3).read()] == [1, 2, 3]
