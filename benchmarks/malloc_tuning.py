@@ -27,23 +27,15 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+from train_throughput import model_shapes  # noqa: E402  (this folder is on sys.path when run as a script)
+
 from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM  # noqa: E402
 from modeling_gpt2_scratch.training import (  # noqa: E402
-    ModelArguments,
     TrainArguments,
     build_optimizer,
     describe_device,
-    load_preset,
     set_cpu_malloc_tuning,
 )
-
-SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "n_positions")
-
-
-def shapes() -> dict[str, dict]:
-    defaults = ModelArguments()
-    preset = load_preset(REPO_ROOT / "configs" / "quickstart.yaml")
-    return {"124m": {k: getattr(defaults, k) for k in SHAPE_KEYS}, "quickstart": {k: preset[k] for k in SHAPE_KEYS}}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,7 +57,7 @@ def child(run: str, setting: str, warmup: int, steps: int) -> dict:
     name, batch = run.split(":")
     batch_size, seq_len = (int(v) for v in batch.split("x"))
     torch.manual_seed(0)
-    model = GPT2ScratchForCausalLM(GPT2ScratchConfig(**shapes()[name])).train()
+    model = GPT2ScratchForCausalLM(GPT2ScratchConfig(**model_shapes()[name])).train()
     train_args = TrainArguments(output_dir="unused")
     optimizer = build_optimizer(model, train_args, fused=False)
     generator = torch.Generator().manual_seed(1)

@@ -5,7 +5,8 @@ AdamW settings, warmup + cosine-to-10% schedule, clipping, seed and mixed precis
 wall-clock budget (default 5 minutes, start-up and data preparation excluded for both), then measure the loss on
 the same validation batches:
 
-- ours: `train_accelerate.py --config configs/quickstart.yaml` (a subprocess, its default speed settings);
+- ours: `train_accelerate.py --config configs/quickstart.yaml` (a subprocess, its default speed settings), run to
+  the preset's last step: its "train seconds" column shows whether it fit the budget;
 - reference: `transformers.Trainer` training a `GPT2LMHeadModel` (sdpa attention), cut off by a callback when the
   budget is spent.
 
