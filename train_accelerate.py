@@ -214,6 +214,9 @@ def export_final(accelerator: Accelerator, model: GPT2ScratchForCausalLM, output
 class StopSignal(contextlib.AbstractContextManager):
     """Turns SIGTERM/SIGINT into a flag the loop checks after each optimizer step (then: checkpoint and exit).
 
+    The loop shares it across processes (`accelerator.set_trigger`/`check_trigger`), so a signal to one rank stops
+    every rank after the same step.
+
     Preemptible machines send SIGTERM before they go; the previous handlers come back on exit.
     """
 
@@ -375,6 +378,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
                     for i, text in enumerate(generate_samples(unwrapped, train_args, device)):
                         progress.write(f"sample {i} (step {state.step}): {text!r}")
             if stop.received:
+                accelerator.set_trigger()
+            if accelerator.check_trigger():  # a signal to any process stops them all after the same step
+                stop.received = stop.received or "a stop signal to another process"
                 break
             if train_args.save_every and state.step % train_args.save_every == 0 and not last:
                 save_checkpoint(accelerator, model, train_args, state.step)

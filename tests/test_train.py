@@ -475,3 +475,52 @@ def test_resume_skips_a_metrics_line_cut_short_by_a_kill(tmp_path):
     assert writer.read() == records[:2]
     writer.write(records[2])
     assert [r["step"] for r in MetricsWriter(tmp_path, resume_step=3).read()] == [1, 2, 3]
+
+
+def _children(pid: int) -> list[int]:
+    """All descendants of `pid` (Linux /proc)."""
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            children = (task / "children").read_text().split() if (task / "children").exists() else []
+            found += [int(c) for c in children]
+            frontier += [int(c) for c in children]
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the worker processes through /proc")
+def test_sigterm_to_one_of_two_processes_stops_both_with_one_checkpoint(corpus, data_dir, tmp_path):
+    out = tmp_path / "run"
+    args = ["--dataset", str(corpus), "--data_dir", str(data_dir), "--output_dir", str(out), *TINY]
+    args += ["--max_steps", "1000", "--save_every", "0", "--eval_every", "0", "--total_batch_tokens", "512"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    proc = subprocess.Popen(
+        [*launch, str(REPO / "train_accelerate.py"), *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, to clean up after a hang
+    )
+    _wait_for(out, "metrics.jsonl", proc)
+    rank1 = [
+        pid
+        for pid in _children(proc.pid)
+        if b"RANK=1\0" in Path(f"/proc/{pid}/environ").read_bytes()
+        and b"train_accelerate.py" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+    assert len(rank1) == 1, rank1
+    os.kill(rank1[0], signal.SIGTERM)  # rank 0 gets no signal: it must stop at the same step all the same
+    try:
+        _, stderr = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the ranks hang in a collective: leave no process behind
+        raise AssertionError("the other rank did not stop: the processes hung") from None
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "a stop signal to another process" in stderr and "SIGTERM received" in stderr
+    checkpoints = list_checkpoints(out)
+    assert len(checkpoints) == 1 and (checkpoints[0] / "model.safetensors").is_file()
+    assert not (out / "final").exists()
