@@ -334,7 +334,8 @@ def set_cpu_malloc_tuning(enabled: bool) -> bool:
     Enabled: no allocation is mmapped (`M_MMAP_MAX=0`) and the heap is trimmed only above 2 GiB of free memory at
     its top, so freed blocks are reused. The cost: memory freed during a step stays with the process for the next
     one, so its resident size can be higher (quickstart on CPU: 2.1 GB instead of 1.4 GB peak). Disabled: glibc's steady-state defaults (mmap above 32 MiB,
-    trim above 64 MiB; glibc's dynamic threshold cannot be restored through `mallopt`).
+    trim above 64 MiB; glibc's dynamic threshold cannot be restored through `mallopt`); free memory the heap already
+    holds is still reused until glibc trims it.
     Returns False (and changes nothing) where the C library has no `mallopt` (not glibc).
     """
     try:
