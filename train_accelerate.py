@@ -50,7 +50,7 @@ from modeling_gpt2_scratch.training import (
     prune_checkpoints,
     resolve_data_dir,
     resolve_resume,
-    set_cpu_malloc_tuning,
+    tune_cpu_malloc,
     write_json_atomic,
 )
 
@@ -289,7 +289,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))  # set by torchrun
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         torch.set_num_threads(train_args.cpu_threads or max(1, cores // local_processes))
-    if _flag(train_args.malloc_tuning, "malloc_tuning", auto=device.type == "cpu") and not set_cpu_malloc_tuning(True):
+    if _flag(train_args.malloc_tuning, "malloc_tuning", auto=device.type == "cpu") and not tune_cpu_malloc():
         logger.warning("--malloc_tuning: this C library has no mallopt (not glibc); left as it is.")
     accelerator.gradient_accumulation_steps = gradient_accumulation_steps(train_args, accelerator.num_processes)
     resume_from = resolve_resume(train_args.resume, train_args.output_dir) if train_args.resume else None

@@ -8,7 +8,7 @@ cannot share one), alternating `default` and `tuned`: the scratch model at the g
 (`build_optimizer`), fp32, eager; forward with the loss, backward, clip, AdamW step, `zero_grad`. A process runs
 `--warmup` steps, then `--steps` timed ones, and reports its median seconds per step and, per step, the kernel
 (system) CPU seconds and minor page faults (`getrusage`), and its peak RSS. The table gives the median over the
-processes of each setting. `default` is glibc as a process starts; `tuned` calls `set_cpu_malloc_tuning(True)` first,
+processes of each setting. `default` is glibc as a process starts; `tuned` calls `tune_cpu_malloc()` first,
 as `train_accelerate.py` does on CPU. Prints a markdown table.
 """
 
@@ -34,7 +34,7 @@ from modeling_gpt2_scratch.training import (  # noqa: E402
     TrainArguments,
     build_optimizer,
     describe_device,
-    set_cpu_malloc_tuning,
+    tune_cpu_malloc,
 )
 
 
@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def child(run: str, setting: str, warmup: int, steps: int) -> dict:
     """One process: `warmup` + `steps` training steps under `setting`; its per-step numbers."""
-    if setting == "tuned" and not set_cpu_malloc_tuning(True):
+    if setting == "tuned" and not tune_cpu_malloc():
         raise SystemExit("this C library has no mallopt (not glibc)")
     name, batch = run.split(":")
     batch_size, seq_len = (int(v) for v in batch.split("x"))

@@ -26,7 +26,7 @@ Other combinations can be named with `--variants`: `{hf,ours}-{defaults,fp32,bf1
 fused AdamW kernel), e.g. `ours-bf16-compile-fused` to see what other trainer defaults would give. The fp32 variants
 use torch's defaults (no TF32, foreach AdamW) unless named; the bf16 ones the trainer's choices for this device.
 
-The trainer's glibc malloc tuning on CPU (`--malloc_tuning`, `set_cpu_malloc_tuning`) is a process-wide setting, so
+The trainer's glibc malloc tuning on CPU (`--malloc_tuning`, `tune_cpu_malloc`) is a process-wide setting, so
 it is applied once, to every variant alike (`--malloc`, default: the trainer's choice for this device); switching it
 between interleaved steps would charge one variant for the pages another gave back. Its own effect is measured in
 fresh processes by `benchmarks/malloc_tuning.py`.
@@ -72,7 +72,7 @@ from modeling_gpt2_scratch.training import (  # noqa: E402
     device_peak_flops,
     flops_per_token,
     load_preset,
-    set_cpu_malloc_tuning,
+    tune_cpu_malloc,
 )
 from train_accelerate import _flag, build_accelerator  # noqa: E402
 
@@ -464,7 +464,7 @@ def main(argv: list[str] | None = None) -> None:
         inductor_config.cpp.enable_kernel_profile = True
     malloc_tuned = device.type == "cpu" and args.malloc != "default"
     if malloc_tuned:
-        malloc_tuned = set_cpu_malloc_tuning(True)
+        malloc_tuned = tune_cpu_malloc()
     baseline_rss = proc_status_mib("VmRSS")
     with tempfile.TemporaryDirectory() as tmp:
         train_args = TrainArguments(output_dir=tmp)
@@ -498,7 +498,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Command: `python {' '.join(['benchmarks/train_throughput.py', *(argv or sys.argv[1:])])}`\n")
     print(f"Median of {args.steps} interleaved steps after {args.warmup} warm-up (compilation) steps per variant.")
     if device.type == "cpu":
-        print(f"glibc malloc: {'tuned (set_cpu_malloc_tuning)' if malloc_tuned else 'default'}, for every variant.")
+        print(f"glibc malloc: {'tuned (tune_cpu_malloc)' if malloc_tuned else 'default'}, for every variant.")
     print("Variants:")
     for name in names:
         print(

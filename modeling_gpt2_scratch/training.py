@@ -321,21 +321,19 @@ def describe_device(device: torch.device) -> str:
 
 
 # glibc's mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 
 
-def set_cpu_malloc_tuning(enabled: bool) -> bool:
-    """Keep freed memory in glibc's heap (`enabled`) or give it back to the kernel as glibc does by default.
+def tune_cpu_malloc() -> bool:
+    """Keep freed memory in glibc's heap instead of giving large blocks back to the kernel (process-wide).
 
     By default glibc serves each allocation above its mmap threshold (which grows to at most 32 MiB) with a fresh
     `mmap` and unmaps it on `free`. A CPU training step allocates and frees its large tensors every step (the LM
     head's logits chunk, `(V, C)` weight gradients, activations, AdamW's temporaries), so every step page-faults
     them in again, zero-filled by the kernel: on 2 cores a step ran 1.4x faster without that (BENCHMARKS.md).
-    Enabled: no allocation is mmapped (`M_MMAP_MAX=0`) and the heap is trimmed only above 2 GiB of free memory at
-    its top, so freed blocks are reused. The cost: memory freed during a step stays with the process for the next
-    one, so its resident size can be higher (quickstart on CPU: 2.1 GB instead of 1.4 GB peak). Disabled: glibc's steady-state defaults (mmap above 32 MiB,
-    trim above 64 MiB; glibc's dynamic threshold cannot be restored through `mallopt`); free memory the heap already
-    holds is still reused until glibc trims it.
+    Here no allocation is mmapped (`M_MMAP_MAX=0`) and the heap is trimmed only above 2 GiB of free memory at its
+    top, so freed blocks are reused. The cost: memory freed during a step stays with the process for the next one,
+    so its resident size can be higher (quickstart on CPU: 2.1 GB instead of 1.4 GB peak).
     Returns False (and changes nothing) where the C library has no `mallopt` (not glibc).
     """
     try:
@@ -343,11 +341,7 @@ def set_cpu_malloc_tuning(enabled: bool) -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    if enabled:
-        settings = {_M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: 2**31 - 1}
-    else:
-        settings = {_M_MMAP_MAX: 65536, _M_MMAP_THRESHOLD: 32 * 2**20, _M_TRIM_THRESHOLD: 64 * 2**20}
-    return all(mallopt(param, value) == 1 for param, value in settings.items())
+    return mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
 
 
 def cpu_supports_bf16() -> bool:
