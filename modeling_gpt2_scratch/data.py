@@ -68,16 +68,17 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import torch
-from datasets import IterableDataset, load_dataset
-from datasets.exceptions import DatasetNotFoundError
 from transformers import HfArgumentParser
 
 from .tokenization import get_encoding
+
+if TYPE_CHECKING:
+    from datasets import IterableDataset
 
 try:
     import fcntl
@@ -259,7 +260,14 @@ def _hub_unreachable(source: _Source, err: BaseException) -> ValueError:
 
 
 def _open_split(source: _Source, split: str, args: DataArguments) -> IterableDataset:
-    """`datasets.load_dataset(..., streaming=True)` for one split, with its errors turned into one-line messages."""
+    """`datasets.load_dataset(..., streaming=True)` for one split, with its errors turned into one-line messages.
+
+    `datasets` is imported here, when a corpus is tokenized, not with the module: training from prepared shards
+    (and the benchmarks) never needs it.
+    """
+    from datasets import load_dataset
+    from datasets.exceptions import DatasetNotFoundError
+
     try:
         if source.is_local:
             extra = {"sample_by": "document"} if source.builder == "text" else {}
