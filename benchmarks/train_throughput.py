@@ -22,8 +22,9 @@ Variants (all with the same weights, shape, batch and AdamW settings; dropout as
   `accelerator.clip_grad_norm_`).
 - `ours-defaults-compile`: the same plus `torch.compile`; left out where it is the same as `ours-defaults` (CUDA).
 
-Other combinations can be named with `--variants`: `{hf,ours}-{defaults,fp32,bf16}[-compile][-fused]` (`-fused`:
-fused AdamW kernel), e.g. `ours-bf16-compile-fused` to see what other trainer defaults would give. The fp32 variants
+Other combinations can be named with `--variants`: `{hf,ours}-{defaults,fp32,bf16}[-compile][-fused][-logits]`
+(`-fused`: fused AdamW kernel; `-logits`, ours only: the plain LM head + `F.cross_entropy` on materialised logits,
+`skip_logits=False`, instead of the chunked `LinearCrossEntropy`), e.g. `ours-bf16-compile-fused` to see what other trainer defaults would give. The fp32 variants
 use torch's defaults (no TF32, foreach AdamW) unless named; the bf16 ones the trainer's choices for this device.
 
 The trainer's glibc malloc tuning on CPU (`--malloc_tuning`, `tune_cpu_malloc`) is a process-wide setting, so
@@ -33,8 +34,9 @@ fresh processes by `benchmarks/malloc_tuning.py`.
 
 The variants run interleaved, one step each per round (the order rotates every round), so a shared machine's load
 hits them alike; compilation happens in the warm-up rounds. Tokens/s come from the median step time. Peak memory is
-measured per variant in a fresh child process running the same steps (CPU: the process's resident-set high-water
-mark, and what the run added over the RSS after imports; CUDA: `torch.cuda.max_memory_allocated`). MFU = model
+measured per variant in a fresh child process running the same steps, after the timing (`--memory_jobs` of them at
+once: 4 on CUDA, 1 on CPU; CPU: the process's resident-set high-water mark, and what the run added over the RSS
+after imports; CUDA: `torch.cuda.max_memory_allocated`, per process). MFU = model
 FLOPs per token (`flops_per_token`: 6N + 12*L*C*T, N = parameters without the position embedding, the LM head at the
 padded vocabulary) x tokens/s / peak FLOP/s, with the peak measured in this process (the best of several large
 matmuls in the variant's matmul dtype: fp32 for the fp32 variants, bf16 for the mixed-precision ones) and, on a known
@@ -78,7 +80,7 @@ from train_accelerate import _flag, build_accelerator  # noqa: E402
 
 VARIANTS = ("hf-fp32", "hf-defaults-compile", "hf-defaults", "ours-fp32", "ours-defaults", "ours-defaults-compile")
 HF_FP32, HF_FAST = "hf-fp32", "hf-defaults-compile"
-VARIANT_BASES, VARIANT_EXTRAS = ("defaults", "fp32", "bf16"), ("compile", "fused")
+VARIANT_BASES, VARIANT_EXTRAS = ("defaults", "fp32", "bf16"), ("compile", "fused", "logits")
 PHASES = ("phase: forward", "phase: backward", "phase: clip", "phase: AdamW")  # profiler labels of a step
 QUICKSTART = REPO_ROOT / "configs" / "quickstart.yaml"
 
@@ -92,6 +94,7 @@ class Settings:
     fused_adamw: bool
     tf32: bool
     accelerator: bool = False  # the trainer's own Accelerator and step
+    logits: bool = False  # ours: materialise the logits (skip_logits=False) instead of the chunked fused loss
 
     def describe(self) -> str:
         parts = ["bf16 autocast" if self.mixed_precision == "bf16" else "fp32"]
@@ -99,6 +102,8 @@ class Settings:
         parts.append("fused AdamW" if self.fused_adamw else "foreach AdamW")
         if self.tf32:
             parts.append("TF32")
+        if self.logits:
+            parts.append("plain LM head + cross-entropy")
         return ", ".join(parts)
 
 
@@ -116,7 +121,7 @@ def trainer_defaults(device: torch.device, train_args: TrainArguments) -> Settin
 
 
 def variant_settings(names: list[str], device: torch.device, train_args: TrainArguments) -> dict[str, Settings]:
-    """Settings of each variant name: `{hf,ours}-{defaults,fp32,bf16}[-compile][-fused]`.
+    """Settings of each variant name: `{hf,ours}-{defaults,fp32,bf16}[-compile][-fused][-logits]`.
 
     `defaults`: the trainer's settings for this device (its Accelerator and step), the extras switched on. fp32: no
     TF32, foreach AdamW unless `-fused` (torch's defaults). bf16: the trainer's TF32 and fused-AdamW choices,
@@ -132,14 +137,16 @@ def variant_settings(names: list[str], device: torch.device, train_args: TrainAr
             or not parts
             or parts[0] not in VARIANT_BASES
             or any(p not in VARIANT_EXTRAS for p in parts[1:])
+            or (model == "hf" and "logits" in parts)
         ):
-            raise SystemExit(f"--variants {name!r}: use hf|ours-defaults|fp32|bf16[-compile][-fused]")
+            raise SystemExit(f"--variants {name!r}: use hf|ours-defaults|fp32|bf16[-compile][-fused][-logits (ours)]")
         base, extras = parts[0], parts[1:]
         if base == "defaults":
             settings[name] = dataclasses.replace(
                 defaults,
                 compile=defaults.compile or "compile" in extras,
                 fused_adamw=defaults.fused_adamw or "fused" in extras,
+                logits="logits" in extras,
             )
             continue
         bf16 = base == "bf16"
@@ -148,6 +155,7 @@ def variant_settings(names: list[str], device: torch.device, train_args: TrainAr
             compile="compile" in extras,
             fused_adamw="fused" in extras or (bf16 and defaults.fused_adamw),
             tf32=bf16 and defaults.tf32,
+            logits="logits" in extras,
         )
     if names == list(VARIANTS) and defaults.compile:
         del settings["hf-defaults"], settings["ours-defaults-compile"]
@@ -206,7 +214,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--variants",
         nargs="+",
         default=list(VARIANTS),
-        help="hf|ours-defaults, or hf|ours-fp32|bf16[-compile][-fused] (default: %(default)s)",
+        help="hf|ours-defaults, or hf|ours-fp32|bf16[-compile][-fused][-logits] (default: %(default)s)",
     )
     parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first (compilation happens here)")
     parser.add_argument("--steps", type=int, default=7, help="timed rounds (the median is reported)")
@@ -222,6 +230,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("auto", "tuned", "default"),
         default="auto",
         help="glibc malloc tuning for every variant (CPU): auto = the trainer's choice (tuned on CPU)",
+    )
+    parser.add_argument(
+        "--memory_jobs",
+        type=int,
+        default=4 if cuda else 1,
+        help="peak-memory child runs at once (default: 4 on CUDA, where each has its own peak; 1 on CPU)",
     )
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # child runs: one JSON line
     args = parser.parse_args(argv)
@@ -278,7 +292,7 @@ def make_step(
         with autocast:
             if is_hf:
                 return forward(input_ids=x, labels=y, shift_labels=y, use_cache=False).loss
-            return forward(input_ids=x, shift_labels=y, use_cache=False).loss
+            return forward(input_ids=x, shift_labels=y, use_cache=False, skip_logits=not settings.logits).loss
 
     def step(x: torch.Tensor, y: torch.Tensor) -> float:
         with matmul_precision(settings.tf32):
@@ -444,14 +458,34 @@ def proc_status_mib(field: str) -> float:
     return float("nan")
 
 
-def child_memory(run: Run, name: str, args) -> dict:
-    """Peak memory of `name` alone: a fresh process running warm-up + 2 steps of it."""
-    cmd = [sys.executable, __file__, "--json", "--no_memory", "--runs", run.name, "--variants", name]
-    cmd += ["--warmup", str(min(args.warmup, 2)), "--steps", "2", "--malloc", args.malloc]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
-    if proc.returncode:
-        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def child_memory(runs: list[Run], names: list[str], args) -> dict:
+    """Peak memory of each (run, variant) alone: a fresh process running warm-up + 2 steps of it.
+
+    Up to `--memory_jobs` children run at once (their peaks are per process: `max_memory_allocated` on CUDA,
+    `VmHWM` on CPU); a child that fails reports the last line of its error.
+    """
+    jobs = [(run, name) for run in runs for name in names]
+    results: dict = {}
+    running: list = []
+
+    def finish(job, proc) -> None:
+        out, err = proc.communicate()
+        if proc.returncode:
+            last = err.strip().splitlines()[-1] if err.strip() else f"exit {proc.returncode}"
+            results[job] = {"error": last}
+        else:
+            results[job] = json.loads(out.strip().splitlines()[-1])
+
+    for run, name in jobs:
+        cmd = [sys.executable, __file__, "--json", "--no_memory", "--runs", run.name, "--variants", name]
+        cmd += ["--warmup", str(min(args.warmup, 2)), "--steps", "2", "--malloc", args.malloc]
+        if len(running) >= args.memory_jobs:
+            finish(*running.pop(0))
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+        running.append(((run.name, name), proc))
+    for job, proc in running:
+        finish(job, proc)
+    return results
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -489,7 +523,7 @@ def main(argv: list[str] | None = None) -> None:
             peaks[p] = max(peaks[p], measure_peak(device, dtypes[p], args.peak_size))
         memory = {}
         if not args.no_memory:
-            memory = {(run.name, n): child_memory(run, n, args) for run in args.runs for n in names}
+            memory = child_memory(args.runs, names, args)
 
     print(
         f"\n## Training throughput: {describe_device(device)}; torch {torch.__version__}, transformers "
