@@ -386,9 +386,9 @@ def op_category(name: str) -> str | None:
         return None
     if name in ("aten::mm", "aten::addmm", "aten::bmm"):
         return "matmul"
-    if "scaled_dot_product" in name:
+    if "scaled_dot_product" in name or "_attention_" in name:  # CUDA: the flash/cuDNN kernel's own aten op
         return "attention (sdpa)"
-    if name.startswith("graph_"):
+    if name.startswith(("graph_", "triton_")):  # inductor's C++ (CPU) or Triton (CUDA) kernels
         return "inductor kernels"
     if name in ("aten::copy_", "aten::_to_copy"):
         return "casts, copies"
@@ -404,35 +404,53 @@ def op_category(name: str) -> str | None:
 
 
 def profile_variants(args, steps: dict, run: Run, device: torch.device) -> None:
-    """Per variant: ms per phase, forward + backward self time per op kind, and the top ops (best of 2 steps)."""
+    """Per variant: ms per phase, forward + backward self time per op kind, and the top ops (best of 2 steps).
+
+    Times are CPU time on a CPU and GPU kernel time on CUDA (each CPU-side op's `self_device_time_total`: the
+    kernels it launched itself), so a phase is the sum over the ops inside it.
+    """
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     seq = torch.randint(0, 50257, (run.batch_size, run.seq_len + 1), generator=torch.Generator().manual_seed(2))
     x, y = seq[:, :-1].contiguous().to(device), seq[:, 1:].contiguous().to(device)
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+
+    def split(prof) -> tuple[dict[str, float], dict[str, float]]:
+        """ms per phase, and ms per op kind inside forward + backward."""
+        phases: dict[str, float] = {}
+        categories: dict[str, float] = {}
+        for event in prof.events():
+            if event.device_type != DeviceType.CPU:  # CUDA: kernels are counted through the op that launched them
+                continue
+            parent = event
+            while parent is not None and parent.name not in PHASES:
+                parent = parent.cpu_parent
+            if parent is None:
+                continue
+            ms = (event.self_device_time_total if cuda else event.self_cpu_time_total) / 1e3
+            phases[parent.name] = phases.get(parent.name, 0.0) + ms
+            category = op_category(event.name)
+            if parent.name in PHASES[:2] and category:
+                categories[category] = categories.get(category, 0.0) + ms
+        return phases, categories
+
     summary, tables = {}, {}
     for name, step in steps.items():
         profiles = []
         for _ in range(2):  # keep the faster of two profiled steps: the other may have met a load spike
             with profile(activities=activities) as prof:
                 step(x, y)
-            profiles.append(prof)
-        prof = min(profiles, key=lambda p: sum(e.cpu_time_total for e in p.key_averages() if e.key in PHASES))
-        phases = {e.key: e.cpu_time_total / 1e3 for e in prof.key_averages() if e.key in PHASES}
-        categories: dict[str, float] = {}
-        for event in prof.events():
-            parent = event
-            while parent is not None and parent.name not in PHASES:
-                parent = parent.cpu_parent
-            category = op_category(event.name)
-            if parent is not None and parent.name in PHASES[:2] and category:
-                categories[category] = categories.get(category, 0.0) + event.self_cpu_time_total / 1e3
+            synchronize(device)
+            profiles.append((prof, *split(prof)))
+        prof, phases, categories = min(profiles, key=lambda p: sum(p[1].values()))
         summary[name] = (phases, categories)
         tables[name] = prof.key_averages().table(sort_by=sort, row_limit=args.profile, max_name_column_width=60)
     kinds = sorted({k for _, cats in summary.values() for k in cats}, key=lambda k: (k == "other", k))
     print(
-        f"\n### torch.profiler, {run.name}: one step (the faster of two), ms; "
+        f"\n### torch.profiler, {run.name}: one step (the faster of two), {'GPU kernel' if cuda else 'CPU'} ms; "
         "forward + backward split by op kind (self time)\n"
     )
     print("| variant | step | " + " | ".join(p.split(": ")[1] for p in PHASES) + " | " + " | ".join(kinds) + " |")
@@ -462,9 +480,17 @@ def child_memory(runs: list[Run], names: list[str], args) -> dict:
     """Peak memory of each (run, variant) alone: a fresh process running warm-up + 2 steps of it.
 
     Up to `--memory_jobs` children run at once (their peaks are per process: `max_memory_allocated` on CUDA,
-    `VmHWM` on CPU); a child that fails reports the last line of its error.
+    `VmHWM` on CPU); one that fails among others is run again alone (on an H200, one of four concurrent children
+    once died in compilation and passed alone), and one that fails alone reports the last line of its error.
     """
-    jobs = [(run, name) for run in runs for name in names]
+    results = _child_memory([(run, name) for run in runs for name in names], args, args.memory_jobs)
+    if args.memory_jobs > 1:
+        failed = [(run, name) for run in runs for name in names if "error" in results[(run.name, name)]]
+        results.update(_child_memory(failed, args, 1))
+    return results
+
+
+def _child_memory(jobs: list[tuple[Run, str]], args, max_jobs: int) -> dict:
     results: dict = {}
     running: list = []
 
@@ -479,7 +505,7 @@ def child_memory(runs: list[Run], names: list[str], args) -> dict:
     for run, name in jobs:
         cmd = [sys.executable, __file__, "--json", "--no_memory", "--runs", run.name, "--variants", name]
         cmd += ["--warmup", str(min(args.warmup, 2)), "--steps", "2", "--malloc", args.malloc]
-        if len(running) >= args.memory_jobs:
+        if len(running) >= max_jobs:
             finish(*running.pop(0))
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
         running.append(((run.name, name), proc))
