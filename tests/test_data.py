@@ -185,7 +185,7 @@ def test_hub_dataset_uses_its_validation_split(tmp_path, monkeypatch):
         calls.append((path, name, split, streaming))
         return datasets.Dataset.from_dict({"text": splits[split]}).to_iterable_dataset()
 
-    monkeypatch.setattr(data, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)  # data imports it when it tokenizes
     prepare("someone/tiny", tmp_path / "out", val_split="validation", val_fraction=0.5)
     assert read_split(tmp_path / "out", "train").tolist() == expected_stream(splits["train"])
     assert read_split(tmp_path / "out", "val").tolist() == expected_stream(splits["validation"])
