@@ -12,7 +12,7 @@ Variants (all with the same weights, shape, batch and AdamW settings; dropout as
 
 - `hf-fp32`: `GPT2LMHeadModel` (sdpa), fp32, eager: what a user has today.
 - `hf-defaults-compile`: HF with our speed settings plus `torch.compile`: the trainer's defaults for this device
-  (mixed precision: bf16 where the device has it, else fp32; TF32; fused AdamW on CUDA) and compile.
+  (mixed precision: bf16 where the device has it, else fp32; TF32; fused AdamW) and compile.
 - `hf-defaults`: HF under exactly the trainer's defaults for this device (on CPU: no compile); left out where it is
   the same as `hf-defaults-compile` (CUDA, where the trainer compiles).
 - `ours-fp32`: the scratch model, fp32, eager.
@@ -24,8 +24,9 @@ Variants (all with the same weights, shape, batch and AdamW settings; dropout as
 
 Other combinations can be named with `--variants`: `{hf,ours}-{defaults,fp32,bf16}[-compile][-fused][-logits]`
 (`-fused`: fused AdamW kernel; `-logits`, ours only: the plain LM head + `F.cross_entropy` on materialised logits,
-`skip_logits=False`, instead of the chunked `LinearCrossEntropy`), e.g. `ours-bf16-compile-fused` to see what other trainer defaults would give. The fp32 variants
-use torch's defaults (no TF32, foreach AdamW) unless named; the bf16 ones the trainer's choices for this device.
+`skip_logits=False`, instead of the chunked `LinearCrossEntropy`), e.g. `ours-bf16-compile` to see what other
+trainer defaults would give. The fp32 variants use torch's defaults (no TF32, foreach AdamW) unless named; the bf16
+ones the trainer's choices for this device.
 
 The trainer's glibc malloc tuning on CPU (`--malloc_tuning`, `tune_cpu_malloc`) is a process-wide setting, so
 it is applied once, to every variant alike (`--malloc`, default: the trainer's choice for this device); switching it
@@ -76,7 +77,7 @@ from modeling_gpt2_scratch.training import (  # noqa: E402
     load_preset,
     tune_cpu_malloc,
 )
-from train_accelerate import _flag, build_accelerator  # noqa: E402
+from train_accelerate import build_accelerator, speed_flags  # noqa: E402
 
 VARIANTS = ("hf-fp32", "hf-defaults-compile", "hf-defaults", "ours-fp32", "ours-defaults", "ours-defaults-compile")
 HF_FP32, HF_FAST = "hf-fp32", "hf-defaults-compile"
@@ -110,11 +111,11 @@ class Settings:
 def trainer_defaults(device: torch.device, train_args: TrainArguments) -> Settings:
     """The speed settings `train_accelerate.train()` resolves from its default `TrainArguments` on `device`."""
     accelerator = build_accelerator(train_args)  # the trainer's mixed-precision resolution
+    compile_on, fused = speed_flags(train_args, device)  # and its compile / fused-AdamW resolution
     return Settings(
         mixed_precision=accelerator.mixed_precision,
-        # train_accelerate.train(): `_flag(train_args.compile, "compile", auto=device.type == "cuda")`, same for fused
-        compile=_flag(train_args.compile, "compile", auto=device.type == "cuda"),
-        fused_adamw=_flag(train_args.fused_adamw, "fused_adamw", auto=device.type == "cuda"),
+        compile=compile_on,
+        fused_adamw=fused,
         tf32=train_args.tf32,
         accelerator=True,
     )

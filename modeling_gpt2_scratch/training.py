@@ -131,7 +131,9 @@ class TrainArguments:
         default="auto", metadata={"help": "torch.compile the model: true, false, or auto (on for CUDA only)."}
     )
     tf32: bool = field(default=True, metadata={"help": "TF32 matmuls (set_float32_matmul_precision('high'))."})
-    fused_adamw: str = field(default="auto", metadata={"help": "Fused AdamW kernel: true, false, or auto (CUDA)."})
+    fused_adamw: str = field(
+        default="auto", metadata={"help": "Fused AdamW kernel: true, false, or auto (CUDA and CPU)."}
+    )
     cpu_threads: int = field(
         default=0,
         metadata={

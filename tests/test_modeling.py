@@ -335,7 +335,7 @@ def test_gradient_checkpointing_gives_same_gradients():
     model(ids, labels=ids).loss.backward()
     plain = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     assert all(block.gradient_checkpointing for block in model.transformer.h)
     model(ids, labels=ids).loss.backward()
     for name, param in model.named_parameters():

@@ -439,6 +439,53 @@ def test_malloc_tuning_is_on_for_cpu_by_default_and_can_be_switched_off(corpus, 
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_training_from_prepared_shards_does_not_need_datasets(corpus, data_dir, tmp_path):
+    """`datasets` is imported only to tokenize a corpus: a machine with the shards alone can train."""
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "datasets.py").write_text("raise ImportError('datasets is blocked in this test')\n")
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(blocker), os.environ.get("PYTHONPATH", "")])}
+    args = ["--dataset", str(corpus), "--data_dir", str(data_dir), "--output_dir", str(tmp_path / "run"), *TINY]
+    result = cli(*args, "--max_steps", "2", "--save_every", "0", "--eval_every", "0", env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Reusing the shards" in result.stderr
+    assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2]
+
+
+def test_gradient_checkpointing_gives_the_same_steps(corpus, data_dir, tmp_path, monkeypatch):
+    models = []
+    build = train_accelerate.build_model
+    monkeypatch.setattr(train_accelerate, "build_model", lambda *a, **k: models.append(build(*a, **k)) or models[-1])
+    common = ("--max_steps", "2", "--save_every", "0", "--eval_every", "0")
+    run(corpus, data_dir, tmp_path / "plain", *common)
+    run(corpus, data_dir, tmp_path / "ckpt", *common, "--gradient_checkpointing", "true")
+    assert [any(b.gradient_checkpointing for b in m.transformer.h) for m in models] == [False, True]
+    for plain, ckpt in zip(metrics(tmp_path / "plain"), metrics(tmp_path / "ckpt"), strict=True):
+        assert abs(plain["train_loss"] - ckpt["train_loss"]) <= 1e-5
+        assert abs(plain["grad_norm"] - ckpt["grad_norm"]) <= 1e-4
+
+
+def test_speed_flags_resolve_auto_per_device():
+    args = TrainArguments(output_dir="unused")
+    assert train_accelerate.speed_flags(args, torch.device("cuda")) == (True, True)
+    assert train_accelerate.speed_flags(args, torch.device("cpu")) == (False, True)  # fused AdamW on CPU too
+    args = TrainArguments(output_dir="unused", compile="true", fused_adamw="false")
+    assert train_accelerate.speed_flags(args, torch.device("cpu")) == (True, False)
+    with pytest.raises(ValueError, match="--fused_adamw must be true, false or auto"):
+        train_accelerate.speed_flags(TrainArguments(output_dir="unused", fused_adamw="fast"), torch.device("cpu"))
+
+
+def test_fused_adamw_is_on_for_cpu_by_default_and_can_be_switched_off(corpus, data_dir, tmp_path, monkeypatch):
+    made = []
+    build = train_accelerate.build_optimizer
+    monkeypatch.setattr(train_accelerate, "build_optimizer", lambda *a, **k: made.append(build(*a, **k)) or made[-1])
+    run(corpus, data_dir, tmp_path / "run", "--max_steps", "1", "--save_every", "0")
+    run(corpus, data_dir, tmp_path / "run2", "--max_steps", "1", "--save_every", "0", "--fused_adamw", "false")
+    assert [bool(optimizer.defaults["fused"]) for optimizer in made] == [True, False]
+    for name, fused in (("run", True), ("run2", False)):
+        assert json.loads((tmp_path / name / "run_config.json").read_text())["training"]["fused_adamw"] is fused
+
+
 def test_malloc_tuning_stops_the_page_faults_of_reallocated_large_tensors():
     # A fresh process: mallopt settings are process-wide. 64 MiB tensors are above glibc's largest mmap threshold,
     # so by default each one is mmapped, faulted in page by page, and unmapped again. Tuned, once the heap has
