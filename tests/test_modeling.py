@@ -262,7 +262,8 @@ def test_past_key_values_keyword_still_accepted(pair):
     ids = random_ids(1, 6)
     with torch.no_grad():
         cache = model(ids[:, :5], use_cache=True).cache
-        step = model(ids[:, 5:], past_key_values=cache).logits
+        with pytest.warns(FutureWarning, match="`past_key_values` is deprecated.*Use `cache` instead"):
+            step = model(ids[:, 5:], past_key_values=cache).logits
         full = model(ids).logits
     assert (step[:, 0] - full[:, -1]).abs().max().item() <= 1e-4
 
