@@ -22,10 +22,12 @@ Variants (all with the same weights, shape, batch and AdamW settings; dropout as
   `accelerator.clip_grad_norm_`).
 - `ours-defaults-compile`: the same plus `torch.compile`; left out where it is the same as `ours-defaults` (CUDA).
 
-Other combinations can be named with `--variants`: `{hf,ours}-{defaults,fp32,bf16}[-compile][-fused][-logits]`
-(`-fused`: fused AdamW kernel; `-logits`, ours only: the plain LM head + `F.cross_entropy` on materialised logits,
-`skip_logits=False`, instead of the chunked `LinearCrossEntropy`), e.g. `ours-bf16-compile` to see what other
-trainer defaults would give. The fp32 variants use torch's defaults (no TF32, foreach AdamW) unless named; the bf16
+Other combinations can be named with `--variants`: `{hf,ours}-{defaults,fp32,bf16}[-compile][-fused][-logits]
+[-math|-flash|-efficient|-cudnn]` (`-fused`: fused AdamW kernel; `-logits`, ours only: the plain LM head +
+`F.cross_entropy` on materialised logits, `skip_logits=False`, instead of the chunked `LinearCrossEntropy`; the last
+pins `F.scaled_dot_product_attention` to one kernel with `torch.nn.attention.sdpa_kernel`, where the device has it),
+e.g. `ours-bf16-compile` to see what other trainer defaults would give, or `ours-defaults-flash` against
+`ours-defaults-cudnn` on an H100. The fp32 variants use torch's defaults (no TF32, foreach AdamW) unless named; the bf16
 ones the trainer's choices for this device.
 
 The trainer's glibc malloc tuning on CPU (`--malloc_tuning`, `tune_cpu_malloc`) is a process-wide setting, so
@@ -81,7 +83,13 @@ from train_accelerate import build_accelerator, speed_flags  # noqa: E402
 
 VARIANTS = ("hf-fp32", "hf-defaults-compile", "hf-defaults", "ours-fp32", "ours-defaults", "ours-defaults-compile")
 HF_FP32, HF_FAST = "hf-fp32", "hf-defaults-compile"
-VARIANT_BASES, VARIANT_EXTRAS = ("defaults", "fp32", "bf16"), ("compile", "fused", "logits")
+SDPA_BACKENDS = {
+    "math": "MATH",
+    "flash": "FLASH_ATTENTION",
+    "efficient": "EFFICIENT_ATTENTION",
+    "cudnn": "CUDNN_ATTENTION",
+}
+VARIANT_BASES, VARIANT_EXTRAS = ("defaults", "fp32", "bf16"), ("compile", "fused", "logits", *SDPA_BACKENDS)
 PHASES = ("phase: forward", "phase: backward", "phase: clip", "phase: AdamW")  # profiler labels of a step
 QUICKSTART = REPO_ROOT / "configs" / "quickstart.yaml"
 
@@ -96,6 +104,7 @@ class Settings:
     tf32: bool
     accelerator: bool = False  # the trainer's own Accelerator and step
     logits: bool = False  # ours: materialise the logits (skip_logits=False) instead of the chunked fused loss
+    sdpa_backend: str | None = None  # pin F.scaled_dot_product_attention to one kernel (SDPA_BACKENDS)
 
     def describe(self) -> str:
         parts = ["bf16 autocast" if self.mixed_precision == "bf16" else "fp32"]
@@ -105,6 +114,8 @@ class Settings:
             parts.append("TF32")
         if self.logits:
             parts.append("plain LM head + cross-entropy")
+        if self.sdpa_backend:
+            parts.append(f"sdpa {self.sdpa_backend} only")
         return ", ".join(parts)
 
 
@@ -140,7 +151,10 @@ def variant_settings(names: list[str], device: torch.device, train_args: TrainAr
             or any(p not in VARIANT_EXTRAS for p in parts[1:])
             or (model == "hf" and "logits" in parts)
         ):
-            raise SystemExit(f"--variants {name!r}: use hf|ours-defaults|fp32|bf16[-compile][-fused][-logits (ours)]")
+            raise SystemExit(
+                f"--variants {name!r}: use hf|ours-defaults|fp32|bf16[-compile][-fused][-logits (ours)]"
+                "[-math|-flash|-efficient|-cudnn]"
+            )
         base, extras = parts[0], parts[1:]
         if base == "defaults":
             settings[name] = dataclasses.replace(
@@ -148,6 +162,7 @@ def variant_settings(names: list[str], device: torch.device, train_args: TrainAr
                 compile=defaults.compile or "compile" in extras,
                 fused_adamw=defaults.fused_adamw or "fused" in extras,
                 logits="logits" in extras,
+                sdpa_backend=_backend(name, extras),
             )
             continue
         bf16 = base == "bf16"
@@ -157,10 +172,27 @@ def variant_settings(names: list[str], device: torch.device, train_args: TrainAr
             fused_adamw="fused" in extras or (bf16 and defaults.fused_adamw),
             tf32=bf16 and defaults.tf32,
             logits="logits" in extras,
+            sdpa_backend=_backend(name, extras),
         )
     if names == list(VARIANTS) and defaults.compile:
         del settings["hf-defaults"], settings["ours-defaults-compile"]
     return settings
+
+
+def _backend(name: str, extras: list[str]) -> str | None:
+    backends = [e for e in extras if e in SDPA_BACKENDS]
+    if len(backends) > 1:
+        raise SystemExit(f"--variants {name!r}: name one attention backend at most")
+    return backends[0] if backends else None
+
+
+def attention_backend(backend: str | None):
+    """`torch.nn.attention.sdpa_kernel` pinned to `backend` (a key of SDPA_BACKENDS), or nothing."""
+    if backend is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[backend]))
 
 
 @dataclasses.dataclass
@@ -215,7 +247,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--variants",
         nargs="+",
         default=list(VARIANTS),
-        help="hf|ours-defaults, or hf|ours-fp32|bf16[-compile][-fused][-logits] (default: %(default)s)",
+        help="hf|ours-defaults, or hf|ours-fp32|bf16[-compile][-fused][-logits][-math|-flash|-efficient|-cudnn] "
+        "(default: %(default)s)",
     )
     parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first (compilation happens here)")
     parser.add_argument("--steps", type=int, default=7, help="timed rounds (the median is reported)")
@@ -296,7 +329,7 @@ def make_step(
             return forward(input_ids=x, shift_labels=y, use_cache=False, skip_logits=not settings.logits).loss
 
     def step(x: torch.Tensor, y: torch.Tensor) -> float:
-        with matmul_precision(settings.tf32):
+        with matmul_precision(settings.tf32), attention_backend(settings.sdpa_backend):
             if settings.accelerator:  # train_accelerate.train()'s loop body, without the logging
                 with accelerator.accumulate(model):
                     with record_function(PHASES[0]):
@@ -371,6 +404,12 @@ def time_variants(args, run: Run, names: list[str], settings: dict[str, Settings
                 del steps[name]
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+                continue
+            except RuntimeError as err:  # a pinned attention kernel this device (or shape, dtype) lacks
+                if "No viable backend" not in str(err):
+                    raise
+                failed[name] = f"no {settings[name].sdpa_backend} attention kernel here"
+                del steps[name]
                 continue
             synchronize(device)
             first_loss.setdefault(name, loss)

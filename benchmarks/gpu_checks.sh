@@ -1,0 +1,44 @@
+#!/bin/bash
+# The GPU benchmarks in order of importance, each cut off so the whole fits a short GPU lease (default 540 s):
+#   BUDGET=540 OUT=gpu_out bash benchmarks/gpu_checks.sh
+# Needs the project's requirements (transformers >= 5.24) and, for the trainer run, tiny Shakespeare shards prepared
+# beforehand: DATA_DIR=<folder prepared with --val_fraction 0.1> TEXT=<the .txt it came from> (the trainer reuses
+# them; `datasets` is needed only to tokenize). Each part's output goes to $OUT; BENCHMARKS.md's GPU section came
+# from these commands on an H200 (2026-11-26).
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error
+OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
+T0=$(date +%s); DEADLINE=$((T0 + ${BUDGET:-540}))
+left() { local l=$((DEADLINE - $(date +%s))); [ "$l" -lt 1 ] && l=1; [ "$l" -gt "$1" ] && echo "$1" || echo "$l"; }
+mark() { echo "=== [t=$(($(date +%s) - T0))s] $*" | tee -a "$OUT/timeline.txt"; }
+
+mark environment
+{
+  date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  python3 -c "import torch, transformers, accelerate; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)"
+} 2>&1 | tee "$OUT/env.txt"
+
+mark "training throughput, 124m:16x1024 (the issue's GPU target)"
+timeout "$(left 230)" python3 benchmarks/train_throughput.py --runs 124m:16x1024 2>&1 | tee "$OUT/tt16.md"
+
+mark "attention kernels: 25% of an H200 step went to cuDNN's flash attention"
+timeout "$(left 150)" python3 benchmarks/train_throughput.py --runs 124m:16x1024 --no_memory --variants \
+  ours-defaults ours-defaults-cudnn ours-defaults-flash ours-defaults-efficient 2>&1 | tee "$OUT/attention.md"
+
+if [ -n "$DATA_DIR" ] && [ -n "$TEXT" ]; then
+  mark "the trainer, 124M defaults, 12 steps of 524,288 tokens"
+  timeout "$(left 150)" accelerate launch train_accelerate.py --dataset "$TEXT" --data_dir "$DATA_DIR" \
+    --val_fraction 0.1 --output_dir /tmp/gpu_checks_run --max_steps 12 --warmup_steps 4 --eval_every 12 \
+    --eval_batches 2 --sample_every 12 --num_samples 2 --save_every 6 --log_every 1 > "$OUT/train.log" 2>&1
+  echo "rc=$?" >> "$OUT/train.log"
+  cp /tmp/gpu_checks_run/metrics.jsonl "$OUT/" 2>/dev/null
+fi
+
+mark "training throughput, 124m:64x1024"
+timeout "$(left 170)" python3 benchmarks/train_throughput.py --runs 124m:64x1024 \
+  --variants hf-fp32 hf-defaults-compile ours-defaults ours-defaults-logits 2>&1 | tee "$OUT/tt64.md"
+
+mark "generation"
+timeout "$(left 60)" python3 benchmarks/generate_throughput.py --modes eager 2>&1 | tee "$OUT/gen.md"
+timeout "$(left 200)" python3 benchmarks/generate_throughput.py --modes static-compile --repeats 2 2>&1 \
+  | tee "$OUT/genc.md"
+mark done
