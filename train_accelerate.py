@@ -291,6 +291,18 @@ def train_step(
     return {"train_loss": train_loss, "lr": lr, "grad_norm": grad_norm}
 
 
+# accelerate trackers that take no text (they drop it with a warning, or reject it)
+_NO_TEXT_TRACKERS = frozenset({"aim", "clearml", "dvclive", "mlflow", "swanlab"})
+
+
+def log_samples(accelerator: Accelerator, samples: list[str], step: int) -> None:
+    """The samples as one text value `samples` to each tracker that takes text (TensorBoard's TEXT tab, W&B, ...)."""
+    text = "\n\n".join(f"{i}: {sample}" for i, sample in enumerate(samples))
+    for tracker in accelerator.trackers:
+        if tracker.name not in _NO_TEXT_TRACKERS:
+            tracker.log({"samples": text}, step=step)
+
+
 def train(model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments) -> dict:
     """The whole run: set up, loop (log, evaluate, sample, checkpoint), export; returns the run summary."""
     start_time = time.time()
@@ -387,8 +399,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
                 accelerator.log({k: v for k, v in record.items() if k != "step"}, step=state.step)
             if train_args.sample_every and (state.step % train_args.sample_every == 0 or last):
                 if accelerator.is_main_process:
-                    for i, text in enumerate(generate_samples(unwrapped, train_args, device)):
+                    samples = generate_samples(unwrapped, train_args, device)
+                    for i, text in enumerate(samples):
                         progress.write(f"sample {i} (step {state.step}): {text!r}")
+                    log_samples(accelerator, samples, state.step)
             if stop.received:
                 accelerator.set_trigger()
             if accelerator.check_trigger():  # a signal to any process stops them all after the same step

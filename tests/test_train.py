@@ -465,6 +465,37 @@ def test_gradient_checkpointing_gives_the_same_steps(corpus, data_dir, tmp_path,
         assert abs(plain["grad_norm"] - ckpt["grad_norm"]) <= 1e-4
 
 
+def test_samples_go_to_trackers_that_take_text(corpus, data_dir, tmp_path):
+    from accelerate.tracking import GeneralTracker, register_tracker_class
+
+    logged = []
+
+    class Recording(GeneralTracker):
+        name = "recording"
+        requires_logging_directory = False
+
+        def __init__(self, run_name: str, **kwargs):
+            super().__init__()
+
+        @property
+        def tracker(self):
+            return self
+
+        def store_init_configuration(self, values: dict) -> None:
+            pass
+
+        def log(self, values: dict, step: int | None = None, **kwargs) -> None:
+            logged.append((step, values))
+
+    register_tracker_class(Recording)
+    run(corpus, data_dir, tmp_path / "run", "--max_steps", "4", "--save_every", "0", "--eval_every", "0",
+        "--sample_every", "2", "--num_samples", "2", "--sample_tokens", "4", "--report_to", "recording")  # fmt: skip
+    samples = [(step, values["samples"]) for step, values in logged if "samples" in values]
+    assert [step for step, _ in samples] == [2, 4]
+    assert all(text.startswith("0: ") and "\n\n1: " in text for _, text in samples)
+    assert any("train_loss" in values for _, values in logged)  # the metrics still go there too
+
+
 def test_speed_flags_resolve_auto_per_device():
     args = TrainArguments(output_dir="unused")
     assert train_accelerate.speed_flags(args, torch.device("cuda")) == (True, True)
