@@ -62,6 +62,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import record_function
 from transformers import GPT2LMHeadModel
 
@@ -84,10 +85,10 @@ from train_accelerate import build_accelerator, speed_flags  # noqa: E402
 VARIANTS = ("hf-fp32", "hf-defaults-compile", "hf-defaults", "ours-fp32", "ours-defaults", "ours-defaults-compile")
 HF_FP32, HF_FAST = "hf-fp32", "hf-defaults-compile"
 SDPA_BACKENDS = {
-    "math": "MATH",
-    "flash": "FLASH_ATTENTION",
-    "efficient": "EFFICIENT_ATTENTION",
-    "cudnn": "CUDNN_ATTENTION",
+    "math": SDPBackend.MATH,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
 }
 VARIANT_BASES, VARIANT_EXTRAS = ("defaults", "fp32", "bf16"), ("compile", "fused", "logits", *SDPA_BACKENDS)
 PHASES = ("phase: forward", "phase: backward", "phase: clip", "phase: AdamW")  # profiler labels of a step
@@ -133,7 +134,7 @@ def trainer_defaults(device: torch.device, train_args: TrainArguments) -> Settin
 
 
 def variant_settings(names: list[str], device: torch.device, train_args: TrainArguments) -> dict[str, Settings]:
-    """Settings of each variant name: `{hf,ours}-{defaults,fp32,bf16}[-compile][-fused][-logits]`.
+    """Settings of each variant name: `{hf,ours}-{defaults,fp32,bf16}[-compile][-fused][-logits][-BACKEND]`.
 
     `defaults`: the trainer's settings for this device (its Accelerator and step), the extras switched on. fp32: no
     TF32, foreach AdamW unless `-fused` (torch's defaults). bf16: the trainer's TF32 and fused-AdamW choices,
@@ -156,13 +157,13 @@ def variant_settings(names: list[str], device: torch.device, train_args: TrainAr
                 "[-math|-flash|-efficient|-cudnn]"
             )
         base, extras = parts[0], parts[1:]
+        loss_and_attention = {"logits": "logits" in extras, "sdpa_backend": _backend(name, extras)}
         if base == "defaults":
             settings[name] = dataclasses.replace(
                 defaults,
                 compile=defaults.compile or "compile" in extras,
                 fused_adamw=defaults.fused_adamw or "fused" in extras,
-                logits="logits" in extras,
-                sdpa_backend=_backend(name, extras),
+                **loss_and_attention,
             )
             continue
         bf16 = base == "bf16"
@@ -171,8 +172,7 @@ def variant_settings(names: list[str], device: torch.device, train_args: TrainAr
             compile="compile" in extras,
             fused_adamw="fused" in extras or (bf16 and defaults.fused_adamw),
             tf32=bf16 and defaults.tf32,
-            logits="logits" in extras,
-            sdpa_backend=_backend(name, extras),
+            **loss_and_attention,
         )
     if names == list(VARIANTS) and defaults.compile:
         del settings["hf-defaults"], settings["ours-defaults-compile"]
@@ -188,11 +188,7 @@ def _backend(name: str, extras: list[str]) -> str | None:
 
 def attention_backend(backend: str | None):
     """`torch.nn.attention.sdpa_kernel` pinned to `backend` (a key of SDPA_BACKENDS), or nothing."""
-    if backend is None:
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[backend]))
+    return contextlib.nullcontext() if backend is None else sdpa_kernel(SDPA_BACKENDS[backend])
 
 
 @dataclasses.dataclass
