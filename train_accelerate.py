@@ -81,6 +81,11 @@ def speed_flags(train_args: TrainArguments, device: torch.device) -> tuple[bool,
     return use_compile, fused
 
 
+def malloc_tuning_on(train_args: TrainArguments, device: torch.device) -> bool:
+    """Whether `--malloc_tuning` (auto: on CPU) applies glibc's `tune_cpu_malloc` on `device`."""
+    return _flag(train_args.malloc_tuning, "malloc_tuning", auto=device.type == "cpu")
+
+
 def build_accelerator(train_args: TrainArguments) -> Accelerator:
     """The Accelerator with the resolved mixed precision, gradient accumulation and trackers."""
     cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "false").lower() not in ("true", "1")
@@ -314,7 +319,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))  # set by torchrun
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         torch.set_num_threads(train_args.cpu_threads or max(1, cores // local_processes))
-    if _flag(train_args.malloc_tuning, "malloc_tuning", auto=device.type == "cpu") and not tune_cpu_malloc():
+    if malloc_tuning_on(train_args, device) and not tune_cpu_malloc():
         logger.warning("--malloc_tuning: this C library has no mallopt (not glibc); left as it is.")
     accelerator.gradient_accumulation_steps = gradient_accumulation_steps(train_args, accelerator.num_processes)
     resume_from = resolve_resume(train_args.resume, train_args.output_dir) if train_args.resume else None

@@ -8,32 +8,41 @@ A step is what `train_accelerate.py` does per optimizer step without accumulatio
 (`input_ids=x, shift_labels=y`, the trainer's call; HF gets the same targets as `labels`/`shift_labels`), backward,
 gradient clipping (the trainer's default `grad_clip`), AdamW (`build_optimizer`: GPT-3's betas, eps, decay
 groups), `zero_grad`.
-Variants (all with the same weights, shape, batch and AdamW settings; dropout as the trainer's default, 0):
+Variants (all with the same weights, shape, batch and AdamW settings; dropout as the trainer's default, 0); the
+first four are the default set:
 
 - `hf-fp32`: `GPT2LMHeadModel` (sdpa), fp32, eager: what a user has today.
 - `hf-defaults-compile`: HF with our speed settings plus `torch.compile`: the trainer's defaults for this device
   (mixed precision: bf16 where the device has it, else fp32; TF32; fused AdamW) and compile.
-- `hf-defaults`: HF under exactly the trainer's defaults for this device (on CPU: no compile); left out where it is
-  the same as `hf-defaults-compile` (CUDA, where the trainer compiles).
 - `ours-fp32`: the scratch model, fp32, eager.
 - `ours-defaults`: the scratch model with exactly `train_accelerate.py`'s default speed settings for this device:
-  its own `build_accelerator` (mixed precision), compile / fused AdamW / TF32 resolved from `TrainArguments()`
-  defaults, and its step (`accelerator.accumulate`, `accelerator.backward`,
+  its own `build_accelerator` (mixed precision), compile / fused AdamW / TF32 / glibc malloc tuning resolved from
+  `TrainArguments()` defaults, and its step (`accelerator.accumulate`, `accelerator.backward`,
   `accelerator.clip_grad_norm_`).
-- `ours-defaults-compile`: the same plus `torch.compile`; left out where it is the same as `ours-defaults` (CUDA).
+- `hf-defaults`: HF under exactly the trainer's defaults for this device (on CPU: no compile; on CUDA the same as
+  `hf-defaults-compile`).
+- `ours-defaults-compile`: ours with the trainer's defaults plus `torch.compile` (on CUDA the same as
+  `ours-defaults`).
 
-Other combinations can be named with `--variants`: `{hf,ours}-{defaults,fp32,bf16}[-compile][-fused][-logits]
-[-math|-flash|-efficient|-cudnn]` (`-fused`: fused AdamW kernel; `-logits`, ours only: the plain LM head +
+Other combinations can be named with `--variants`: `{hf,ours}-{defaults,fp32,bf16}[-compile][-fused][-malloc]
+[-logits][-math|-flash|-efficient|-cudnn]` (`-fused`: fused AdamW kernel; `-malloc`: the trainer's glibc malloc
+tuning; `-logits`, ours only: the plain LM head +
 `F.cross_entropy` on materialised logits, `skip_logits=False`, instead of the chunked `LinearCrossEntropy`; the last
 pins `F.scaled_dot_product_attention` to one kernel with `torch.nn.attention.sdpa_kernel`, where the device has it),
 e.g. `ours-bf16-compile` to see what other trainer defaults would give, or `ours-defaults-flash` against
-`ours-defaults-cudnn` on an H100. The fp32 variants use torch's defaults (no TF32, foreach AdamW) unless named; the bf16
-ones the trainer's choices for this device.
+`ours-defaults-cudnn` on an H100. The fp32 variants use torch's and glibc's defaults (no TF32, foreach AdamW, glibc's
+malloc) unless named; the bf16 ones the trainer's choices for this device.
 
-The trainer's glibc malloc tuning on CPU (`--malloc_tuning`, `tune_cpu_malloc`) is a process-wide setting, so
-it is applied once, to every variant alike (`--malloc`, default: the trainer's choice for this device); switching it
-between interleaved steps would charge one variant for the pages another gave back. Its own effect is measured in
-fresh processes by `benchmarks/malloc_tuning.py`.
+The trainer's glibc malloc tuning on CPU (`--malloc_tuning`, `tune_cpu_malloc`) is one of its speed settings, so
+the `defaults` and `bf16` variants get it (as the trainer's choice for the device: on CPU) and the `fp32` ones do not,
+as a user's own process would not; `--malloc tuned|default` forces one setting on every variant. The setting is
+process-wide, and a heap shared by several models behaves like none of them alone, so on a CPU each variant runs in
+a worker process of its own (`--processes`, default `auto`: per variant on CPU, all in this one on CUDA), and this
+process still interleaves their steps one at a time (timed in the worker): every step follows a switch of process
+alike. All the variants' models are alive at once (124M: 2-4.5 GB each on CPU), so on a 24 GB machine name at most
+four 124M variants per run: a worker short of free memory pages its fresh allocations in slower, and the
+variants without the malloc tuning allocate afresh every step. The tuning's effect alone is measured in fresh
+processes by `benchmarks/malloc_tuning.py`.
 
 The variants run interleaved, one step each per round (the order rotates every round), so a shared machine's load
 hits them alike; compilation happens in the warm-up rounds. Tokens/s come from the median step time. Peak memory is
@@ -51,6 +60,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import io
 import json
 import statistics
 import subprocess
@@ -80,9 +90,9 @@ from modeling_gpt2_scratch.training import (  # noqa: E402
     load_preset,
     tune_cpu_malloc,
 )
-from train_accelerate import build_accelerator, speed_flags  # noqa: E402
+from train_accelerate import build_accelerator, malloc_tuning_on, speed_flags  # noqa: E402
 
-VARIANTS = ("hf-fp32", "hf-defaults-compile", "hf-defaults", "ours-fp32", "ours-defaults", "ours-defaults-compile")
+VARIANTS = ("hf-fp32", "hf-defaults-compile", "ours-fp32", "ours-defaults")  # the default set
 HF_FP32, HF_FAST = "hf-fp32", "hf-defaults-compile"
 SDPA_BACKENDS = {
     "math": SDPBackend.MATH,
@@ -90,7 +100,7 @@ SDPA_BACKENDS = {
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
     "cudnn": SDPBackend.CUDNN_ATTENTION,
 }
-VARIANT_BASES, VARIANT_EXTRAS = ("defaults", "fp32", "bf16"), ("compile", "fused", "logits", *SDPA_BACKENDS)
+VARIANT_BASES, VARIANT_EXTRAS = ("defaults", "fp32", "bf16"), ("compile", "fused", "malloc", "logits", *SDPA_BACKENDS)
 PHASES = ("phase: forward", "phase: backward", "phase: clip", "phase: AdamW")  # profiler labels of a step
 QUICKSTART = REPO_ROOT / "configs" / "quickstart.yaml"
 
@@ -106,6 +116,7 @@ class Settings:
     accelerator: bool = False  # the trainer's own Accelerator and step
     logits: bool = False  # ours: materialise the logits (skip_logits=False) instead of the chunked fused loss
     sdpa_backend: str | None = None  # pin F.scaled_dot_product_attention to one kernel (SDPA_BACKENDS)
+    malloc_tuning: bool = False  # glibc malloc tuned (tune_cpu_malloc; process-wide)
 
     def describe(self) -> str:
         parts = ["bf16 autocast" if self.mixed_precision == "bf16" else "fp32"]
@@ -113,6 +124,8 @@ class Settings:
         parts.append("fused AdamW" if self.fused_adamw else "foreach AdamW")
         if self.tf32:
             parts.append("TF32")
+        if self.malloc_tuning:
+            parts.append("malloc tuned")
         if self.logits:
             parts.append("plain LM head + cross-entropy")
         if self.sdpa_backend:
@@ -130,16 +143,19 @@ def trainer_defaults(device: torch.device, train_args: TrainArguments) -> Settin
         fused_adamw=fused,
         tf32=train_args.tf32,
         accelerator=True,
+        malloc_tuning=malloc_tuning_on(train_args, device),
     )
 
 
-def variant_settings(names: list[str], device: torch.device, train_args: TrainArguments) -> dict[str, Settings]:
-    """Settings of each variant name: `{hf,ours}-{defaults,fp32,bf16}[-compile][-fused][-logits][-BACKEND]`.
+def variant_settings(
+    names: list[str], device: torch.device, train_args: TrainArguments, malloc: str = "auto"
+) -> dict[str, Settings]:
+    """Settings of each variant name: `{hf,ours}-{defaults,fp32,bf16}[-compile][-fused][-malloc][-logits][-BACKEND]`.
 
     `defaults`: the trainer's settings for this device (its Accelerator and step), the extras switched on. fp32: no
-    TF32, foreach AdamW unless `-fused` (torch's defaults). bf16: the trainer's TF32 and fused-AdamW choices,
-    `-fused` forcing the fused kernel. The default set drops `hf-defaults` and
-    `ours-defaults-compile` where the trainer compiles by default (CUDA): they equal their neighbours.
+    TF32, foreach AdamW unless `-fused`, glibc's malloc unless `-malloc` (torch's and glibc's defaults). bf16: the
+    trainer's TF32, fused-AdamW and malloc choices, `-fused` forcing the fused kernel. `malloc` `tuned` or `default`
+    overrides every variant's malloc setting.
     """
     defaults = trainer_defaults(device, train_args)
     settings = {}
@@ -153,7 +169,7 @@ def variant_settings(names: list[str], device: torch.device, train_args: TrainAr
             or (model == "hf" and "logits" in parts)
         ):
             raise SystemExit(
-                f"--variants {name!r}: use hf|ours-defaults|fp32|bf16[-compile][-fused][-logits (ours)]"
+                f"--variants {name!r}: use hf|ours-defaults|fp32|bf16[-compile][-fused][-malloc][-logits (ours)]"
                 "[-math|-flash|-efficient|-cudnn]"
             )
         base, extras = parts[0], parts[1:]
@@ -163,19 +179,21 @@ def variant_settings(names: list[str], device: torch.device, train_args: TrainAr
                 defaults,
                 compile=defaults.compile or "compile" in extras,
                 fused_adamw=defaults.fused_adamw or "fused" in extras,
+                malloc_tuning=defaults.malloc_tuning or "malloc" in extras,
                 **loss_and_attention,
             )
-            continue
-        bf16 = base == "bf16"
-        settings[name] = Settings(
-            "bf16" if bf16 else "no",
-            compile="compile" in extras,
-            fused_adamw="fused" in extras or (bf16 and defaults.fused_adamw),
-            tf32=bf16 and defaults.tf32,
-            **loss_and_attention,
-        )
-    if names == list(VARIANTS) and defaults.compile:
-        del settings["hf-defaults"], settings["ours-defaults-compile"]
+        else:
+            bf16 = base == "bf16"
+            settings[name] = Settings(
+                "bf16" if bf16 else "no",
+                compile="compile" in extras,
+                fused_adamw="fused" in extras or (bf16 and defaults.fused_adamw),
+                tf32=bf16 and defaults.tf32,
+                malloc_tuning="malloc" in extras or (bf16 and defaults.malloc_tuning),
+                **loss_and_attention,
+            )
+        if malloc != "auto":
+            settings[name] = dataclasses.replace(settings[name], malloc_tuning=malloc == "tuned")
     return settings
 
 
@@ -259,7 +277,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--malloc",
         choices=("auto", "tuned", "default"),
         default="auto",
-        help="glibc malloc tuning for every variant (CPU): auto = the trainer's choice (tuned on CPU)",
+        help="glibc malloc: auto = per variant (the trainer's choice, tuned on CPU, for defaults and bf16; glibc's "
+        "default for fp32); tuned or default: that for every variant",
+    )
+    parser.add_argument(
+        "--processes",
+        choices=("auto", "per_variant", "one"),
+        default="auto",
+        help="per_variant: each variant in a worker process of its own; one: all in this process (needs one malloc "
+        "setting); auto: per variant on CPU, one on CUDA",
     )
     parser.add_argument(
         "--memory_jobs",
@@ -268,6 +294,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="peak-memory child runs at once (default: 4 on CUDA, where each has its own peak; 1 on CPU)",
     )
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # child runs: one JSON line
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # WorkerSteps' process
     args = parser.parse_args(argv)
     if args.runs is None:
         specs = ["124m:16x1024", "124m:64x1024"] if cuda else ["124m:4x256", "quickstart:16x256"]
@@ -373,47 +400,169 @@ def measure_peak(device: torch.device, dtype: torch.dtype, size: int, repeats: i
     return 2 * size**3 / best
 
 
-# --- one process: timing (and the child runs for memory) -------------------------------------------------------------
+# --- timing: the variants' steps, interleaved (in this process, or in workers by malloc setting) -------------------
+
+PROTOCOL = "@@train_throughput "  # prefix of a worker's replies on its stdout (other output passes through)
+
+
+def round_batch(run: Run, round_idx: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round `round_idx`'s random batch, the same in every process."""
+    seq = torch.randint(
+        0, 50257, (run.batch_size, run.seq_len + 1), generator=torch.Generator().manual_seed(1000 + round_idx)
+    )
+    return seq[:, :-1].contiguous().to(device), seq[:, 1:].contiguous().to(device)
+
+
+class LocalSteps:
+    """Some variants' training steps, built in this process."""
+
+    def __init__(self, args, run: Run, names: list[str], settings: dict[str, Settings], device, train_args):
+        accelerator = build_accelerator(train_args) if any(settings[n].accelerator for n in names) else None
+        self.steps = {name: make_step(name, settings[name], run, device, train_args, accelerator) for name in names}
+        self.args, self.run, self.settings, self.device = args, run, settings, device
+        self.batch: tuple[int, tuple] | None = None
+
+    def step(self, name: str, round_idx: int) -> dict:
+        """One timed step of `name`: `{"seconds", "loss"}`, or `{"failed": why}` for a variant this device can't run."""
+        if self.batch is None or self.batch[0] != round_idx:
+            self.batch = (round_idx, round_batch(self.run, round_idx, self.device))
+        x, y = self.batch[1]
+        synchronize(self.device)
+        start = time.perf_counter()
+        try:
+            loss = self.steps[name](x, y)
+        except torch.OutOfMemoryError:  # e.g. an fp32 variant at a large GPU batch: report it, keep the others
+            del self.steps[name]
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return {"failed": "out of memory"}
+        except RuntimeError as err:  # a pinned attention kernel this device (or shape, dtype) lacks
+            if "No viable backend" not in str(err):
+                raise
+            del self.steps[name]
+            return {"failed": f"no {self.settings[name].sdpa_backend} attention kernel here"}
+        synchronize(self.device)
+        return {"seconds": time.perf_counter() - start, "loss": loss}
+
+    def profile(self) -> str:
+        """The profiler tables of the variants that still run (markdown)."""
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer):
+            profile_variants(self.args, self.steps, self.run, self.device)
+        return buffer.getvalue()
+
+    def close(self) -> None:
+        self.steps.clear()
+
+
+class WorkerSteps:
+    """Some variants' training steps in a worker process (`--worker`) with its own glibc malloc setting.
+
+    The worker builds the variants as `LocalSteps` does and runs one step per request, timed there; this process
+    keeps the order of the rounds, so steps in different workers still run one at a time, interleaved.
+    """
+
+    def __init__(self, args, run: Run, names: list[str], malloc_tuning: bool):
+        cmd = [sys.executable, __file__, "--worker", "--runs", run.name, "--variants", *names]
+        cmd += [
+            "--malloc",
+            "tuned" if malloc_tuning else "default",
+            "--profile",
+            str(args.profile),
+            "--processes",
+            "one",
+        ]
+        self.names = names
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+        self.malloc_tuned = self._reply()["malloc_tuned"]
+
+    def _reply(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(PROTOCOL):
+                return json.loads(line[len(PROTOCOL) :])
+            sys.stderr.write(line)  # a library's own output
+        raise SystemExit(f"train_throughput.py: the worker for {self.names} exited with {self.proc.wait()}")
+
+    def _call(self, request: dict) -> dict:
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        return self._reply()
+
+    def step(self, name: str, round_idx: int) -> dict:
+        return self._call({"step": name, "round": round_idx})
+
+    def profile(self) -> str:
+        return self._call({"profile": True})["text"]
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        self.proc.wait()
+
+
+def serve(args, run: Run, names: list[str], settings: dict[str, Settings], device, train_args, malloc_tuned: bool):
+    """`--worker`: build the variants, then answer `WorkerSteps`' requests (one JSON line each) until stdin ends."""
+    local = LocalSteps(args, run, names, settings, device, train_args)
+
+    def reply(message: dict) -> None:
+        print(PROTOCOL + json.dumps(message), flush=True)
+
+    reply({"malloc_tuned": malloc_tuned})
+    for line in sys.stdin:
+        request = json.loads(line)
+        reply(local.step(request["step"], request["round"]) if "step" in request else {"text": local.profile()})
+
+
+def use_workers(args, names: list[str], settings: dict[str, Settings], device: torch.device) -> bool:
+    """Whether the variants run each in a worker process (`--processes`; needed where their malloc differs)."""
+    if len(names) < 2 or args.worker:
+        return False
+    if len({settings[n].malloc_tuning for n in names}) > 1:
+        if args.processes == "one":
+            raise SystemExit(
+                "--processes one: these variants differ in glibc malloc tuning, a process-wide setting; "
+                "use --malloc tuned or --malloc default, or --processes per_variant"
+            )
+        return True
+    return args.processes == "per_variant" or (args.processes == "auto" and device.type == "cpu")
 
 
 def time_variants(args, run: Run, names: list[str], settings: dict[str, Settings], device, train_args) -> dict:
-    """Median seconds per step of each variant, run interleaved."""
-    accelerator = build_accelerator(train_args) if any(settings[n].accelerator for n in names) else None
-    steps = {name: make_step(name, settings[name], run, device, train_args, accelerator) for name in names}
-    generator = torch.Generator().manual_seed(1)
+    """Seconds per step of each variant, run interleaved: each in a worker process of its own (`use_workers`), or
+    all in this process (whose malloc setting `main` applied)."""
+    if not use_workers(args, names, settings, device):
+        executors = [LocalSteps(args, run, names, settings, device, train_args)]
+        owner = dict.fromkeys(names, executors[0])
+        malloc_tuned = {}
+    else:
+        executors, owner, malloc_tuned = [], {}, {}
+        for name in names:  # one worker per variant: every timed step comes after a switch of process alike
+            worker = WorkerSteps(args, run, [name], settings[name].malloc_tuning)
+            executors.append(worker)
+            owner[name], malloc_tuned[name] = worker, worker.malloc_tuned
     times: dict[str, list[float]] = {name: [] for name in names}
     first_loss: dict[str, float] = {}
     failed: dict[str, str] = {}
-    for round_idx in range(args.warmup + args.steps):
-        seq = torch.randint(0, 50257, (run.batch_size, run.seq_len + 1), generator=generator)
-        x, y = seq[:, :-1].contiguous().to(device), seq[:, 1:].contiguous().to(device)
-        order = names[round_idx % len(names) :] + names[: round_idx % len(names)]
-        for name in order:
-            if name in failed:
-                continue
-            synchronize(device)
-            start = time.perf_counter()
-            try:
-                loss = steps[name](x, y)
-            except torch.OutOfMemoryError:  # e.g. an fp32 variant at a large GPU batch: report it, keep the others
-                failed[name] = "out of memory"
-                del steps[name]
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                continue
-            except RuntimeError as err:  # a pinned attention kernel this device (or shape, dtype) lacks
-                if "No viable backend" not in str(err):
-                    raise
-                failed[name] = f"no {settings[name].sdpa_backend} attention kernel here"
-                del steps[name]
-                continue
-            synchronize(device)
-            first_loss.setdefault(name, loss)
-            if round_idx >= args.warmup:
-                times[name].append(time.perf_counter() - start)
-    if args.profile:
-        profile_variants(args, steps, run, device)
-    return {"times": times, "first_loss": first_loss, "failed": failed}
+    try:
+        for round_idx in range(args.warmup + args.steps):
+            order = names[round_idx % len(names) :] + names[: round_idx % len(names)]
+            for name in order:
+                if name in failed:
+                    continue
+                result = owner[name].step(name, round_idx)
+                if "failed" in result:
+                    failed[name] = result["failed"]
+                    continue
+                first_loss.setdefault(name, result["loss"])
+                if round_idx >= args.warmup:
+                    times[name].append(result["seconds"])
+        profiles = [executor.profile() for executor in executors] if args.profile else []
+    finally:
+        for executor in executors:
+            executor.close()
+    for text in profiles:
+        print(text, end="")
+    return {"times": times, "first_loss": first_loss, "failed": failed, "malloc_tuned": malloc_tuned}
 
 
 def op_category(name: str) -> str | None:
@@ -550,6 +699,24 @@ def _child_memory(jobs: list[tuple[Run, str]], args, max_jobs: int) -> dict:
     return results
 
 
+def malloc_summary(names: list[str], results: dict, malloc_tuned: bool) -> str:
+    """One line: which variants ran with glibc malloc tuned, and in which processes."""
+    workers = next(iter(results.values()))["malloc_tuned"]
+    if not workers:
+        return f"glibc malloc: {'tuned (tune_cpu_malloc)' if malloc_tuned else 'default'}, for every variant, all in one process."
+    tuned = [n for n in names if workers.get(n)]
+    default = [n for n in names if not workers.get(n)]
+    groups = []
+    if tuned:
+        groups.append(f"tuned (tune_cpu_malloc) for {', '.join(tuned)}")
+    if default:
+        groups.append(f"glibc's default for {', '.join(default)}")
+    return (
+        f"glibc malloc: {'; '.join(groups)}. Each variant ran in a worker process of its own, their steps "
+        "interleaved one at a time."
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     transformers.logging.set_verbosity_error()
@@ -558,14 +725,17 @@ def main(argv: list[str] | None = None) -> None:
         import torch._inductor.config as inductor_config
 
         inductor_config.cpp.enable_kernel_profile = True
-    malloc_tuned = device.type == "cpu" and args.malloc != "default"
-    if malloc_tuned:
-        malloc_tuned = tune_cpu_malloc()
-    baseline_rss = proc_status_mib("VmRSS")
     with tempfile.TemporaryDirectory() as tmp:
         train_args = TrainArguments(output_dir=tmp)
-        settings = variant_settings(args.variants, device, train_args)
+        settings = variant_settings(args.variants, device, train_args, args.malloc)
         names = [n for n in args.variants if n in settings]
+        in_process = not use_workers(args, names, settings, device)  # else each worker sets its own malloc
+        malloc_tuned = in_process and settings[names[0]].malloc_tuning and tune_cpu_malloc()
+        baseline_rss = proc_status_mib("VmRSS")
+
+        if args.worker:
+            serve(args, args.runs[0], names, settings, device, train_args, malloc_tuned)
+            return
 
         if args.json:  # child: one run, one variant; report its peak memory
             if device.type == "cuda":
@@ -594,7 +764,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Command: `python {' '.join(['benchmarks/train_throughput.py', *(argv or sys.argv[1:])])}`\n")
     print(f"Median of {args.steps} interleaved steps after {args.warmup} warm-up (compilation) steps per variant.")
     if device.type == "cpu":
-        print(f"glibc malloc: {'tuned (tune_cpu_malloc)' if malloc_tuned else 'default'}, for every variant.")
+        print(malloc_summary(names, results, malloc_tuned))
     print("Variants:")
     for name in names:
         print(

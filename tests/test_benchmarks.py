@@ -1,5 +1,6 @@
 """The training-throughput benchmark compares like with like: its variants name what they run and agree on the loss."""
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -17,11 +18,18 @@ from modeling_gpt2_scratch.training import TrainArguments  # noqa: E402
 
 def test_variant_names_resolve_to_settings(tmp_path):
     args = TrainArguments(output_dir=str(tmp_path))
-    names = ["hf-fp32", "ours-defaults", "ours-bf16-compile-fused", "ours-fp32-logits-math"]
+    names = ["hf-fp32", "ours-defaults", "ours-bf16-compile-fused", "ours-fp32-logits-math", "hf-fp32-malloc"]
     settings = train_throughput.variant_settings(names, torch.device("cpu"), args)
     assert settings["hf-fp32"] == train_throughput.Settings("no", compile=False, fused_adamw=False, tf32=False)
     defaults = settings["ours-defaults"]
     assert defaults.accelerator and defaults.fused_adamw and not defaults.compile  # the trainer's CPU defaults
+    assert defaults.malloc_tuning and settings["ours-bf16-compile-fused"].malloc_tuning  # ... and its malloc tuning
+    assert settings["hf-fp32-malloc"] == dataclasses.replace(settings["hf-fp32"], malloc_tuning=True)
+    assert "malloc tuned" in defaults.describe() and "malloc" not in settings["hf-fp32"].describe()
+    forced = train_throughput.variant_settings(names, torch.device("cpu"), args, malloc="default")
+    assert not any(s.malloc_tuning for s in forced.values())
+    cuda = train_throughput.variant_settings(["ours-defaults"], torch.device("cuda"), args)
+    assert not cuda["ours-defaults"].malloc_tuning  # the trainer tunes malloc on CPU only
     assert (
         settings["ours-bf16-compile-fused"].mixed_precision == "bf16" and settings["ours-bf16-compile-fused"].compile
     )
@@ -50,3 +58,26 @@ def test_variants_agree_on_the_first_loss_and_report_missing_kernels(tmp_path):
     assert abs(losses["ours-defaults"] - losses["ours-fp32"]) <= tolerance
     assert "| ours-fp32-efficient |" in out and "no efficient attention kernel here" in out
     assert f"| ours-defaults | {defaults.describe()} |" in out
+    # The trainer's malloc tuning is for ours-defaults only: the two settings ran in two worker processes
+    assert "glibc malloc: tuned (tune_cpu_malloc) for ours-defaults; glibc's default for hf-fp32, ours-fp32," in out
+
+
+def test_variants_run_in_worker_processes_on_cpu_and_where_malloc_differs(tmp_path):
+    args = TrainArguments(output_dir=str(tmp_path))
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    names = ["hf-fp32", "ours-defaults"]  # glibc's default malloc, the trainer's tuned one
+
+    def workers(device, processes, variants=names, malloc="auto"):
+        options = train_throughput.parse_args(["--processes", processes, "--variants", *variants])
+        return train_throughput.use_workers(
+            options, variants, train_throughput.variant_settings(variants, device, args, malloc), device
+        )
+
+    assert workers(cpu, "auto") and workers(cpu, "auto", ["hf-fp32", "ours-fp32"])  # CPU: always isolated
+    assert not workers(cuda, "auto", ["hf-fp32", "ours-fp32"]) and workers(
+        cuda, "per_variant", ["hf-fp32", "ours-fp32"]
+    )
+    assert not workers(cpu, "auto", ["ours-defaults"])  # one variant: nothing to isolate
+    assert not workers(cpu, "one", malloc="tuned")  # one setting forced: one process may hold them all
+    with pytest.raises(SystemExit, match="--processes one: these variants differ in glibc malloc tuning"):
+        workers(cpu, "one")
