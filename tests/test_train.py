@@ -504,6 +504,14 @@ def test_speed_flags_resolve_auto_per_device():
     assert train_accelerate.speed_flags(args, torch.device("cpu")) == (True, False)
     with pytest.raises(ValueError, match="--fused_adamw must be true, false or auto"):
         train_accelerate.speed_flags(TrainArguments(output_dir="unused", fused_adamw="fast"), torch.device("cpu"))
+    args = TrainArguments(output_dir="unused")  # glibc malloc tuning: auto is CPU only
+    assert train_accelerate.malloc_tuning_on(args, torch.device("cpu"))
+    assert not train_accelerate.malloc_tuning_on(args, torch.device("cuda"))
+    assert not train_accelerate.malloc_tuning_on(
+        TrainArguments(output_dir="unused", malloc_tuning="false"), torch.device("cpu")
+    )
+    with pytest.raises(ValueError, match="--malloc_tuning must be true, false or auto"):
+        train_accelerate.malloc_tuning_on(TrainArguments(output_dir="unused", malloc_tuning="on"), torch.device("cpu"))
 
 
 def test_fused_adamw_is_on_for_cpu_by_default_and_can_be_switched_off(corpus, data_dir, tmp_path, monkeypatch):
