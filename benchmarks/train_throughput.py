@@ -400,7 +400,7 @@ def measure_peak(device: torch.device, dtype: torch.dtype, size: int, repeats: i
     return 2 * size**3 / best
 
 
-# --- timing: the variants' steps, interleaved (in this process, or in workers by malloc setting) -------------------
+# --- timing: the variants' steps, interleaved (in this process, or each in a worker process) ------------------------
 
 PROTOCOL = "@@train_throughput "  # prefix of a worker's replies on its stdout (other output passes through)
 
@@ -456,23 +456,16 @@ class LocalSteps:
 
 
 class WorkerSteps:
-    """Some variants' training steps in a worker process (`--worker`) with its own glibc malloc setting.
+    """One variant's training steps in a worker process (`--worker`) with its own glibc malloc setting.
 
-    The worker builds the variants as `LocalSteps` does and runs one step per request, timed there; this process
+    The worker builds the variant as `LocalSteps` does and runs one step per request, timed there; this process
     keeps the order of the rounds, so steps in different workers still run one at a time, interleaved.
     """
 
-    def __init__(self, args, run: Run, names: list[str], malloc_tuning: bool):
-        cmd = [sys.executable, __file__, "--worker", "--runs", run.name, "--variants", *names]
-        cmd += [
-            "--malloc",
-            "tuned" if malloc_tuning else "default",
-            "--profile",
-            str(args.profile),
-            "--processes",
-            "one",
-        ]
-        self.names = names
+    def __init__(self, args, run: Run, name: str, malloc_tuning: bool):
+        cmd = [sys.executable, __file__, "--worker", "--runs", run.name, "--variants", name]
+        cmd += ["--malloc", "tuned" if malloc_tuning else "default", "--profile", str(args.profile)]
+        self.name = name
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT)
         self.malloc_tuned = self._reply()["malloc_tuned"]
 
@@ -481,7 +474,7 @@ class WorkerSteps:
             if line.startswith(PROTOCOL):
                 return json.loads(line[len(PROTOCOL) :])
             sys.stderr.write(line)  # a library's own output
-        raise SystemExit(f"train_throughput.py: the worker for {self.names} exited with {self.proc.wait()}")
+        raise SystemExit(f"train_throughput.py: the worker for {self.name} exited with {self.proc.wait()}")
 
     def _call(self, request: dict) -> dict:
         self.proc.stdin.write(json.dumps(request) + "\n")
@@ -515,7 +508,7 @@ def serve(args, run: Run, names: list[str], settings: dict[str, Settings], devic
 
 def use_workers(args, names: list[str], settings: dict[str, Settings], device: torch.device) -> bool:
     """Whether the variants run each in a worker process (`--processes`; needed where their malloc differs)."""
-    if len(names) < 2 or args.worker:
+    if len(names) < 2:  # a worker (or a memory child) holds one variant
         return False
     if len({settings[n].malloc_tuning for n in names}) > 1:
         if args.processes == "one":
@@ -537,7 +530,7 @@ def time_variants(args, run: Run, names: list[str], settings: dict[str, Settings
     else:
         executors, owner, malloc_tuned = [], {}, {}
         for name in names:  # one worker per variant: every timed step comes after a switch of process alike
-            worker = WorkerSteps(args, run, [name], settings[name].malloc_tuning)
+            worker = WorkerSteps(args, run, name, settings[name].malloc_tuning)
             executors.append(worker)
             owner[name], malloc_tuned[name] = worker, worker.malloc_tuned
     times: dict[str, list[float]] = {name: [] for name in names}
@@ -728,7 +721,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         train_args = TrainArguments(output_dir=tmp)
         settings = variant_settings(args.variants, device, train_args, args.malloc)
-        names = [n for n in args.variants if n in settings]
+        names = list(settings)  # the variants in the order named (once each)
         in_process = not use_workers(args, names, settings, device)  # else each worker sets its own malloc
         malloc_tuned = in_process and settings[names[0]].malloc_tuning and tune_cpu_malloc()
         baseline_rss = proc_status_mib("VmRSS")
