@@ -41,4 +41,8 @@ mark "generation"
 timeout "$(left 60)" python3 benchmarks/generate_throughput.py --modes eager 2>&1 | tee "$OUT/gen.md"
 timeout "$(left 200)" python3 benchmarks/generate_throughput.py --modes static-compile --repeats 2 2>&1 \
   | tee "$OUT/genc.md"
+
+mark "gradient checkpointing at 64x1024: memory saved and time paid (measured on CPU only so far)"
+timeout "$(left 150)" python3 benchmarks/train_throughput.py --runs 124m:64x1024 --warmup 2 --steps 3 \
+  --variants ours-defaults ours-defaults-ckpt 2>&1 | tee "$OUT/ckpt64.md"
 mark done

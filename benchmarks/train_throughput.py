@@ -25,10 +25,11 @@ first four are the default set:
   `ours-defaults`).
 
 Other combinations can be named with `--variants`: `{hf,ours}-{defaults,fp32,bf16}[-compile][-fused][-malloc]
-[-logits][-math|-flash|-efficient|-cudnn]` (`-fused`: fused AdamW kernel; `-malloc`: the trainer's glibc malloc
-tuning; `-logits`, ours only: the plain LM head +
-`F.cross_entropy` on materialised logits, `skip_logits=False`, instead of the chunked `LinearCrossEntropy`; the last
-pins `F.scaled_dot_product_attention` to one kernel with `torch.nn.attention.sdpa_kernel`, where the device has it),
+[-ckpt][-logits][-math|-flash|-efficient|-cudnn]` (`-fused`: fused AdamW kernel; `-malloc`: the trainer's glibc
+malloc tuning; `-ckpt`: gradient checkpointing, as the trainer's `--gradient_checkpointing true`
+(`activation_checkpointing_enable()`: each block's activations recomputed in the backward); `-logits`, ours only: the
+plain LM head + `F.cross_entropy` on materialised logits, `skip_logits=False`, instead of the chunked
+`LinearCrossEntropy`; the last pins `F.scaled_dot_product_attention` to one kernel with `torch.nn.attention.sdpa_kernel`, where the device has it),
 e.g. `ours-bf16-compile` to see what other trainer defaults would give, or `ours-defaults-flash` against
 `ours-defaults-cudnn` on an H100. The fp32 variants use torch's and glibc's defaults (no TF32, foreach AdamW, glibc's
 malloc) unless named; the bf16 ones the trainer's choices for this device.
@@ -62,6 +63,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import signal
 import statistics
 import subprocess
 import sys
@@ -100,7 +102,8 @@ SDPA_BACKENDS = {
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
     "cudnn": SDPBackend.CUDNN_ATTENTION,
 }
-VARIANT_BASES, VARIANT_EXTRAS = ("defaults", "fp32", "bf16"), ("compile", "fused", "malloc", "logits", *SDPA_BACKENDS)
+VARIANT_BASES = ("defaults", "fp32", "bf16")
+VARIANT_EXTRAS = ("compile", "fused", "malloc", "ckpt", "logits", *SDPA_BACKENDS)
 PHASES = ("phase: forward", "phase: backward", "phase: clip", "phase: AdamW")  # profiler labels of a step
 QUICKSTART = REPO_ROOT / "configs" / "quickstart.yaml"
 
@@ -117,6 +120,7 @@ class Settings:
     logits: bool = False  # ours: materialise the logits (skip_logits=False) instead of the chunked fused loss
     sdpa_backend: str | None = None  # pin F.scaled_dot_product_attention to one kernel (SDPA_BACKENDS)
     malloc_tuning: bool = False  # glibc malloc tuned (tune_cpu_malloc; process-wide)
+    checkpointing: bool = False  # gradient checkpointing (activation_checkpointing_enable, as the trainer's flag)
 
     def describe(self) -> str:
         parts = ["bf16 autocast" if self.mixed_precision == "bf16" else "fp32"]
@@ -126,6 +130,8 @@ class Settings:
             parts.append("TF32")
         if self.malloc_tuning:
             parts.append("malloc tuned")
+        if self.checkpointing:
+            parts.append("gradient checkpointing")
         if self.logits:
             parts.append("plain LM head + cross-entropy")
         if self.sdpa_backend:
@@ -150,7 +156,7 @@ def trainer_defaults(device: torch.device, train_args: TrainArguments) -> Settin
 def variant_settings(
     names: list[str], device: torch.device, train_args: TrainArguments, malloc: str = "auto"
 ) -> dict[str, Settings]:
-    """Settings of each variant name: `{hf,ours}-{defaults,fp32,bf16}[-compile][-fused][-malloc][-logits][-BACKEND]`.
+    """Settings of each variant: `{hf,ours}-{defaults,fp32,bf16}[-compile][-fused][-malloc][-ckpt][-logits][-BACKEND]`.
 
     `defaults`: the trainer's settings for this device (its Accelerator and step), the extras switched on. fp32: no
     TF32, foreach AdamW unless `-fused`, glibc's malloc unless `-malloc` (torch's and glibc's defaults). bf16: the
@@ -169,18 +175,22 @@ def variant_settings(
             or (model == "hf" and "logits" in parts)
         ):
             raise SystemExit(
-                f"--variants {name!r}: use hf|ours-defaults|fp32|bf16[-compile][-fused][-malloc][-logits (ours)]"
-                "[-math|-flash|-efficient|-cudnn]"
+                f"--variants {name!r}: use hf|ours-defaults|fp32|bf16[-compile][-fused][-malloc][-ckpt]"
+                "[-logits (ours)][-math|-flash|-efficient|-cudnn]"
             )
         base, extras = parts[0], parts[1:]
-        loss_and_attention = {"logits": "logits" in extras, "sdpa_backend": _backend(name, extras)}
+        model_options = {
+            "logits": "logits" in extras,
+            "sdpa_backend": _backend(name, extras),
+            "checkpointing": "ckpt" in extras,
+        }
         if base == "defaults":
             settings[name] = dataclasses.replace(
                 defaults,
                 compile=defaults.compile or "compile" in extras,
                 fused_adamw=defaults.fused_adamw or "fused" in extras,
                 malloc_tuning=defaults.malloc_tuning or "malloc" in extras,
-                **loss_and_attention,
+                **model_options,
             )
         else:
             bf16 = base == "bf16"
@@ -190,7 +200,7 @@ def variant_settings(
                 fused_adamw="fused" in extras or (bf16 and defaults.fused_adamw),
                 tf32=bf16 and defaults.tf32,
                 malloc_tuning="malloc" in extras or (bf16 and defaults.malloc_tuning),
-                **loss_and_attention,
+                **model_options,
             )
         if malloc != "auto":
             settings[name] = dataclasses.replace(settings[name], malloc_tuning=malloc == "tuned")
@@ -261,7 +271,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--variants",
         nargs="+",
         default=list(VARIANTS),
-        help="hf|ours-defaults, or hf|ours-fp32|bf16[-compile][-fused][-logits][-math|-flash|-efficient|-cudnn] "
+        help="hf|ours-defaults|fp32|bf16[-compile][-fused][-malloc][-ckpt][-logits][-math|-flash|-efficient|-cudnn] "
         "(default: %(default)s)",
     )
     parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first (compilation happens here)")
@@ -334,6 +344,8 @@ def make_step(
 ) -> Callable[[torch.Tensor, torch.Tensor], float]:
     """A closure doing one full training step of the variant `name` on `(x, y)`; returns the loss."""
     model = build_model(name.split("-")[0], run, device).train()
+    if settings.checkpointing:
+        model.activation_checkpointing_enable()  # as train_accelerate.build_model with --gradient_checkpointing
     optimizer = build_optimizer(model, train_args, fused=settings.fused_adamw)
     is_hf = name.startswith("hf")
     if settings.accelerator:
@@ -474,11 +486,24 @@ class WorkerSteps:
             if line.startswith(PROTOCOL):
                 return json.loads(line[len(PROTOCOL) :])
             sys.stderr.write(line)  # a library's own output
-        raise SystemExit(f"train_throughput.py: the worker for {self.name} exited with {self.proc.wait()}")
+        raise self._died()
+
+    def _died(self) -> SystemExit:
+        code = self.proc.wait()
+        hint = ""
+        if code == -signal.SIGKILL:  # what the kernel's out-of-memory killer sends
+            hint = (
+                " (killed: out of memory? every variant's model is alive at once; name fewer --variants or a smaller"
+                " --runs shape)"
+            )
+        return SystemExit(f"train_throughput.py: the worker for {self.name} exited with {code}{hint}")
 
     def _call(self, request: dict) -> dict:
-        self.proc.stdin.write(json.dumps(request) + "\n")
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            raise self._died() from None
         return self._reply()
 
     def step(self, name: str, round_idx: int) -> dict:

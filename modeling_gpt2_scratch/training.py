@@ -149,7 +149,11 @@ class TrainArguments:
         },
     )
     gradient_checkpointing: bool = field(
-        default=False, metadata={"help": "Recompute activations in the backward pass: less memory, ~30% slower."}
+        default=False,
+        metadata={
+            "help": "Recompute each block's activations in the backward pass: less memory for one more forward of "
+            "the blocks (124M on a CPU: 15-19% slower steps)."
+        },
     )
     # evaluation, samples, logging
     eval_every: int = field(

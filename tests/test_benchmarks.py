@@ -34,6 +34,11 @@ def test_variant_names_resolve_to_settings(tmp_path):
         settings["ours-bf16-compile-fused"].mixed_precision == "bf16" and settings["ours-bf16-compile-fused"].compile
     )
     assert settings["ours-fp32-logits-math"].logits and settings["ours-fp32-logits-math"].sdpa_backend == "math"
+    checkpointed = train_throughput.variant_settings(["hf-fp32-ckpt", "ours-defaults-ckpt"], torch.device("cpu"), args)
+    assert checkpointed["hf-fp32-ckpt"] == dataclasses.replace(settings["hf-fp32"], checkpointing=True)
+    assert checkpointed["ours-defaults-ckpt"] == dataclasses.replace(defaults, checkpointing=True)
+    assert not any(s.checkpointing for s in settings.values())
+    assert "gradient checkpointing" in checkpointed["hf-fp32-ckpt"].describe()
     for bad in ("hf-fp32-logits", "ours-fast", "ours-fp32-math-flash"):
         with pytest.raises(SystemExit, match=re.escape(repr(bad))):
             train_throughput.variant_settings([bad], torch.device("cpu"), args)
@@ -42,6 +47,7 @@ def test_variant_names_resolve_to_settings(tmp_path):
 def test_variants_agree_on_the_first_loss_and_report_missing_kernels(tmp_path):
     """A run of the script (in its own process: it sets process-wide state) on a tiny shape."""
     variants = ["hf-fp32", "ours-fp32", "ours-fp32-logits", "ours-defaults", "ours-fp32-math", "ours-fp32-efficient"]
+    variants += ["hf-fp32-ckpt", "ours-fp32-ckpt"]
     cmd = [sys.executable, str(BENCHMARKS / "train_throughput.py"), "--runs", "quickstart:2x32", "--variants"]
     cmd += [*variants, "--warmup", "1", "--steps", "1", "--no_memory"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -81,3 +87,21 @@ def test_variants_run_in_worker_processes_on_cpu_and_where_malloc_differs(tmp_pa
     assert not workers(cpu, "one", malloc="tuned")  # one setting forced: one process may hold them all
     with pytest.raises(SystemExit, match="--processes one: these variants differ in glibc malloc tuning"):
         workers(cpu, "one")
+
+
+def test_a_worker_killed_mid_run_is_a_one_line_error():
+    """The kernel's out-of-memory killer sends SIGKILL: the run stops with a message naming the variant and the fix."""
+    worker = train_throughput.WorkerSteps.__new__(train_throughput.WorkerSteps)
+    worker.name = "ours-fp32"
+    handshake = f"print({train_throughput.PROTOCOL!r} + '{{}}', flush=True)"
+    worker.proc = subprocess.Popen(
+        [sys.executable, "-c", f"import os, signal, sys; {handshake}; sys.stdin.readline(); os.kill(os.getpid(), 9)"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert worker._reply() == {}
+    with pytest.raises(SystemExit, match=r"the worker for ours-fp32 exited with -9 \(killed: out of memory\?.*fewer"):
+        worker.step("ours-fp32", 0)
+    with pytest.raises(SystemExit, match="exited with -9"):  # writing to the dead worker: a broken pipe
+        worker.step("ours-fp32", 1)
