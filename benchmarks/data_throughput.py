@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from cli import positive_int  # this folder is on sys.path when run as a script
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
@@ -115,10 +117,12 @@ def cpu_model() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shard_size", type=int, default=1_000_000, help="tokens per shard")
-    parser.add_argument("--corpus_multiple", type=int, default=10, help="corpus size in shards")
-    parser.add_argument("--num_proc", type=int, nargs="+", default=[1, 2], help="process counts to time")
-    parser.add_argument("--repeats", type=int, default=3, help="prepare runs per row; the fastest is reported")
+    parser.add_argument("--shard_size", type=positive_int, default=1_000_000, help="tokens per shard")
+    parser.add_argument("--corpus_multiple", type=positive_int, default=10, help="corpus size in shards")
+    parser.add_argument("--num_proc", type=positive_int, nargs="+", default=[1, 2], help="process counts to time")
+    parser.add_argument(
+        "--repeats", type=positive_int, default=3, help="prepare runs per row; the fastest is reported"
+    )
     parser.add_argument("--shakespeare", type=Path, default=REPO_ROOT.parent / "shared/data/tinyshakespeare.txt")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO_ROOT))

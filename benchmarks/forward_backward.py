@@ -25,23 +25,28 @@ import transformers
 from transformers import GPT2Config, GPT2LMHeadModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cli import non_negative_int, positive_int  # noqa: E402  (this folder is on sys.path when run as a script)
+
 from modeling_gpt2_scratch import GPT2ScratchForCausalLM  # noqa: E402
 from modeling_gpt2_scratch.training import describe_device  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch_size", type=int, default=4, help="sequences per step (B)")
-    parser.add_argument("--seq_len", type=int, default=256, help="tokens per sequence (T)")
-    parser.add_argument("--n_layer", type=int, default=12, help="model size (default: GPT-2 124M)")
-    parser.add_argument("--n_head", type=int, default=12)
-    parser.add_argument("--n_embd", type=int, default=768)
-    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
-    parser.add_argument("--steps", type=int, default=7, help="timed rounds (the median is reported)")
+    parser.add_argument("--batch_size", type=positive_int, default=4, help="sequences per step (B)")
+    parser.add_argument("--seq_len", type=positive_int, default=256, help="tokens per sequence (T)")
+    parser.add_argument("--n_layer", type=positive_int, default=12, help="model size (default: GPT-2 124M)")
+    parser.add_argument("--n_head", type=positive_int, default=12)
+    parser.add_argument("--n_embd", type=positive_int, default=768)
+    parser.add_argument("--warmup", type=non_negative_int, default=2, help="untimed rounds first")
+    parser.add_argument("--steps", type=positive_int, default=7, help="timed rounds (the median is reported)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no_plain_head", action="store_true", help="skip the scratch plain-head row")
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.n_embd % args.n_head:
+        parser.error(f"--n_embd {args.n_embd} is not a multiple of --n_head {args.n_head}: heads split it evenly")
+    return args
 
 
 def build_models(args: argparse.Namespace, device: torch.device) -> dict[str, torch.nn.Module]:

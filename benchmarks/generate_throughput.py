@@ -31,24 +31,35 @@ import transformers
 from transformers import CompileConfig, GPT2Config, GPT2LMHeadModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cli import positive_int  # noqa: E402  (this folder is on sys.path when run as a script)
+
 from modeling_gpt2_scratch import GPT2ScratchForCausalLM  # noqa: E402
 from modeling_gpt2_scratch.training import describe_device  # noqa: E402
 
 MODES = ("eager", "static-compile")
+CONTEXT = GPT2Config().n_positions  # 1024: prompt + new tokens must fit
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
     )
-    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--prompt_len", type=int, default=64)
-    parser.add_argument("--new_tokens", type=int, default=128)
+    parser.add_argument("--batch_sizes", type=positive_int, nargs="+", default=[1, 8])
+    parser.add_argument("--prompt_len", type=positive_int, default=64)
+    parser.add_argument("--new_tokens", type=positive_int, default=128)
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per model (the median is reported)")
+    parser.add_argument(
+        "--repeats", type=positive_int, default=3, help="timed calls per model (the median is reported)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.prompt_len + args.new_tokens > CONTEXT:
+        parser.error(
+            f"--prompt_len {args.prompt_len} + --new_tokens {args.new_tokens} is longer than GPT-2's context, "
+            f"{CONTEXT} tokens: lower one of them"
+        )
+    return args
 
 
 def build_models(device: torch.device, seed: int) -> dict[str, torch.nn.Module]:

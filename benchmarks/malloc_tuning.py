@@ -27,7 +27,8 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
-from train_throughput import model_shapes  # noqa: E402  (this folder is on sys.path when run as a script)
+from cli import non_negative_int, positive_int  # noqa: E402  (this folder is on sys.path when run as a script)
+from train_throughput import model_shapes, parse_run  # noqa: E402  (this folder is on sys.path when run as a script)
 
 from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM  # noqa: E402
 from modeling_gpt2_scratch.training import (  # noqa: E402
@@ -43,11 +44,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
     )
     parser.add_argument("--runs", nargs="+", default=["quickstart:16x256", "124m:4x256"], help="MODEL:BxT shapes")
-    parser.add_argument("--repeats", type=int, default=3, help="fresh processes per setting and shape")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--repeats", type=positive_int, default=3, help="fresh processes per setting and shape")
+    parser.add_argument("--warmup", type=non_negative_int, default=2)
+    parser.add_argument("--steps", type=positive_int, default=5)
     parser.add_argument("--child", nargs=2, metavar=("RUN", "SETTING"), help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for spec in args.runs:
+        try:
+            parse_run(spec)
+        except argparse.ArgumentTypeError as err:
+            parser.error(str(err))
+    return args
 
 
 def child(run: str, setting: str, warmup: int, steps: int) -> dict:

@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+from cli import positive_float, positive_int  # noqa: E402  (this folder is on sys.path when run as a script)
 from transformers import (  # noqa: E402
     GPT2LMHeadModel,
     Trainer,
@@ -179,8 +180,8 @@ def run_trainer(args, workdir: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", default="../shared/data/tinyshakespeare.txt", help="Text for the quickstart.")
-    parser.add_argument("--budget_minutes", type=float, default=5.0, help="Wall-clock budget of each run.")
-    parser.add_argument("--eval_batches", type=int, default=16, help="Val batches for the final comparison.")
+    parser.add_argument("--budget_minutes", type=positive_float, default=5.0, help="Wall-clock budget of each run.")
+    parser.add_argument("--eval_batches", type=positive_int, default=16, help="Val batches for the final comparison.")
     args = parser.parse_args()
     _, data_args, train_args = parse_arguments(["--config", str(PRESET), "--dataset", args.dataset])
     args.data_dir = resolve_data_dir(data_args, train_args)

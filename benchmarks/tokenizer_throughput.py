@@ -22,6 +22,7 @@ from pathlib import Path
 
 import tiktoken
 import tokenizers
+from cli import positive_int  # this folder is on sys.path when run as a script
 
 from modeling_gpt2_scratch.tokenization import get_encoding, get_hf_tokenizer
 
@@ -31,7 +32,9 @@ DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="a UTF-8 text file")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per method (the median is reported)")
+    parser.add_argument(
+        "--repeats", type=positive_int, default=5, help="timed runs per method (the median is reported)"
+    )
     return parser.parse_args()
 
 

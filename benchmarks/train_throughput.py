@@ -80,6 +80,8 @@ from transformers import GPT2LMHeadModel
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+from cli import non_negative_int, positive_int  # noqa: E402  (this folder is on sys.path when run as a script)
+
 from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM  # noqa: E402
 from modeling_gpt2_scratch.conversion import hf_config_from_scratch  # noqa: E402
 from modeling_gpt2_scratch.training import (  # noqa: E402
@@ -253,6 +255,10 @@ def parse_run(spec: str) -> Run:
         raise argparse.ArgumentTypeError(
             f"--runs {spec!r}: use MODEL:BxT with MODEL one of {sorted(shapes)}, e.g. 124m:4x256"
         ) from None
+    if batch_size < 1 or not 1 <= seq_len <= shape["n_positions"]:
+        raise argparse.ArgumentTypeError(
+            f"--runs {spec!r}: B must be >= 1 and T between 1 and {name}'s context, {shape['n_positions']}"
+        )
     return Run(spec, shape, batch_size, seq_len)
 
 
@@ -274,14 +280,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="hf|ours-defaults|fp32|bf16[-compile][-fused][-malloc][-ckpt][-logits][-math|-flash|-efficient|-cudnn] "
         "(default: %(default)s)",
     )
-    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first (compilation happens here)")
-    parser.add_argument("--steps", type=int, default=7, help="timed rounds (the median is reported)")
+    parser.add_argument(
+        "--warmup", type=non_negative_int, default=3, help="untimed rounds first (compilation happens here)"
+    )
+    parser.add_argument("--steps", type=positive_int, default=7, help="timed rounds (the median is reported)")
     parser.add_argument("--no_memory", action="store_true", help="skip the per-variant peak-memory child runs")
     parser.add_argument(
-        "--profile", type=int, default=0, metavar="ROWS", help="print a torch.profiler table per variant"
+        "--profile", type=non_negative_int, default=0, metavar="ROWS", help="print a torch.profiler table per variant"
     )
     parser.add_argument(
-        "--peak_size", type=int, default=8192 if cuda else 2048, help="square matmul size for the peak"
+        "--peak_size", type=positive_int, default=8192 if cuda else 2048, help="square matmul size for the peak"
     )
     parser.add_argument(
         "--malloc",
@@ -299,7 +307,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--memory_jobs",
-        type=int,
+        type=positive_int,
         default=4 if cuda else 1,
         help="peak-memory child runs at once (default: 4 on CUDA, where each has its own peak; 1 on CPU)",
     )

@@ -1,5 +1,7 @@
-"""The training-throughput benchmark compares like with like: its variants name what they run and agree on the loss."""
+"""The benchmarks: training throughput compares like with like (variants name what they run and agree on the loss),
+and a bad number on any script's command line is a one-line usage error."""
 
+import argparse
 import dataclasses
 import re
 import subprocess
@@ -105,3 +107,25 @@ def test_a_worker_killed_mid_run_is_a_one_line_error():
         worker.step("ours-fp32", 0)
     with pytest.raises(SystemExit, match="exited with -9"):  # writing to the dead worker: a broken pipe
         worker.step("ours-fp32", 1)
+
+
+def test_bad_numbers_are_one_line_usage_errors(capsys):
+    import generate_throughput
+    from cli import non_negative_int, positive_float, positive_int
+
+    assert positive_int("3") == 3 and non_negative_int("0") == 0 and positive_float("0.5") == 0.5
+    for parse, text in ((positive_int, "0"), (positive_int, "x"), (non_negative_int, "-1"), (positive_float, "0")):
+        with pytest.raises(argparse.ArgumentTypeError, match=re.escape(repr(text))):
+            parse(text)
+    bad = [
+        (train_throughput.parse_args, ["--steps", "0"], "argument --steps: '0' is not an integer >= 1"),
+        (train_throughput.parse_args, ["--runs", "quickstart:2x512"], "T between 1 and quickstart's context, 256"),
+        (train_throughput.parse_args, ["--runs", "124m:0x256"], "B must be >= 1"),
+        (generate_throughput.parse_args, ["--batch_sizes", "1", "0"], "argument --batch_sizes: '0' is not"),
+        (generate_throughput.parse_args, ["--prompt_len", "1000"], "longer than GPT-2's context, 1024 tokens"),
+    ]
+    for parse_args, argv, message in bad:
+        with pytest.raises(SystemExit) as exit_info:
+            parse_args(argv)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err.splitlines()[-1]
