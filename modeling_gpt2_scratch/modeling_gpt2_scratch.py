@@ -183,9 +183,10 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad_hidden = torch.empty_like(h_all)
             grad_weight = None
             loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            previous_done = torch.zeros((), dtype=dtype, device=hidden.device)
             for start in range(0, n_rows, chunk_size):
                 rows = slice(start, start + chunk_size)
-                h, t, keep = h_all[rows], targets[rows], valid[rows]
+                h, t, keep = h_all[rows] + previous_done, targets[rows], valid[rows]
                 logits_lp = h @ w.t()  # (n, V) in the matmul dtype
                 logits = logits_lp.float()  # (n, V); the same tensor when that is float32
                 logits[:, real_vocab:] = float("-inf")
@@ -209,6 +210,11 @@ class LinearCrossEntropy(torch.autograd.Function):
                         grad_weight.addmm_(grad.t(), h)
                     else:
                         grad_weight += grad.t() @ h
+                # A zero made from this chunk's last result, added to the next chunk's rows: under torch.compile it
+                # keeps the chunks in order. Without it inductor runs every chunk's logits matmul first and holds
+                # all their (n, V) logits at once (3x the memory, see BENCHMARKS.md); a plain `x * 0` does not do it.
+                last = grad_weight if grad_weight is not None else grad_hidden[rows]
+                previous_done = torch.where(last[0, 0].isnan(), 0.0, 0.0).to(dtype)
         ctx.save_for_backward(grad_hidden, grad_weight, normalizer)
         ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
         return loss / normalizer

@@ -129,3 +129,23 @@ def test_bad_numbers_are_one_line_usage_errors(capsys):
             parse_args(argv)
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_ckpt_reaches_the_model(tmp_path):
+    args, cpu = TrainArguments(output_dir=str(tmp_path)), torch.device("cpu")
+    run = train_throughput.parse_run("quickstart:2x32")
+    settings = train_throughput.variant_settings(["ours-fp32", "ours-fp32-ckpt"], cpu, args)
+    built, build_model = [], train_throughput.build_model
+
+    def keep_model(*args, **kwargs):
+        built.append(build_model(*args, **kwargs))
+        return built[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_throughput, "build_model", keep_model)
+        for name in settings:
+            step = train_throughput.make_step(name, settings[name], run, cpu, args, accelerator=None)
+            assert 10 < step(*train_throughput.round_batch(run, 0, cpu)) < 12  # a step ran: ln(50257) = 10.8
+    plain, checkpointed = built
+    assert not any(block.gradient_checkpointing for block in plain.transformer.h)
+    assert all(block.gradient_checkpointing for block in checkpointed.transformer.h)

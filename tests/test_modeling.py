@@ -8,6 +8,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM, GPT2ScratchModel
+from modeling_gpt2_scratch import modeling_gpt2_scratch as modeling
 from modeling_gpt2_scratch.conversion import from_hf_gpt2
 
 GPT2_VOCAB = 50257
@@ -483,20 +484,40 @@ def _loss_and_grads(model, ids, labels, skip_logits, **kwargs):
     return out, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+@pytest.mark.parametrize("chunk_rows", [None, 16])  # None: the default chunk holds all 60 rows; 16: four chunks
 @pytest.mark.parametrize("masked", [False, True])
-def test_fused_loss_matches_plain_loss_and_gradients(masked):
+def test_fused_loss_matches_plain_loss_and_gradients(masked, chunk_rows, monkeypatch):
+    if chunk_rows:
+        monkeypatch.setattr(modeling, "LOSS_CHUNK_ELEMENTS", chunk_rows * GPT2ScratchConfig().vocab_size)
     torch.manual_seed(0)
     model = GPT2ScratchForCausalLM(GPT2ScratchConfig(**SMALL)).train()
     ids = random_ids(3, 20)
     labels = ids.clone()
     if masked:
         labels[0, :9] = -100
+        labels[1, 5:] = -100  # rows ignored in several chunks
     plain, plain_grads = _loss_and_grads(model, ids, labels, skip_logits=False)
     fused, fused_grads = _loss_and_grads(model, ids, labels, skip_logits=True)
     assert fused.logits is None and plain.logits is not None
     assert abs(fused.loss.item() - plain.loss.item()) <= 1e-5
     for name, grad in plain_grads.items():
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)  # float32 rounding
+
+
+@pytest.mark.slow
+def test_fused_loss_in_chunks_under_torch_compile_matches_eager(monkeypatch):
+    """The chunks run in order under torch.compile (BENCHMARKS.md); the loss and gradients stay eager's."""
+    monkeypatch.setattr(modeling, "LOSS_CHUNK_ELEMENTS", 16 * GPT2ScratchConfig().vocab_size)
+    torch.manual_seed(0)
+    model = GPT2ScratchForCausalLM(GPT2ScratchConfig(**SMALL)).train()
+    ids = random_ids(3, 20)
+    labels = ids.clone()
+    labels[0, :9] = -100
+    eager, eager_grads = _loss_and_grads(model, ids, labels, skip_logits=True)
+    compiled, compiled_grads = _loss_and_grads(torch.compile(model), ids, labels, skip_logits=True)
+    assert abs(compiled.loss.item() - eager.loss.item()) <= 1e-5
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[f"_orig_mod.{name}"], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_fused_loss_is_the_default_in_training_mode_only(pair):
