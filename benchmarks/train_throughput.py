@@ -29,9 +29,9 @@ Other combinations can be named with `--variants`: `{hf,ours}-{defaults,fp32,bf1
 malloc tuning; `-ckpt`: gradient checkpointing, as the trainer's `--gradient_checkpointing true`
 (`activation_checkpointing_enable()`: each block's activations recomputed in the backward); `-logits`, ours only: the
 plain LM head + `F.cross_entropy` on materialised logits, `skip_logits=False`, instead of the chunked
-`LinearCrossEntropy`; the last pins `F.scaled_dot_product_attention` to one kernel with `torch.nn.attention.sdpa_kernel`, where the device has it),
-e.g. `ours-bf16-compile` to see what other trainer defaults would give, or `ours-defaults-flash` against
-`ours-defaults-cudnn` on an H100. The fp32 variants use torch's and glibc's defaults (no TF32, foreach AdamW, glibc's
+`LinearCrossEntropy`; the last pins `F.scaled_dot_product_attention` to one kernel with
+`torch.nn.attention.sdpa_kernel`, where the device has it), e.g. `ours-bf16-compile` to see what other trainer
+defaults would give, or `ours-defaults-flash` against `ours-defaults-cudnn` on an H100. The fp32 variants use torch's and glibc's defaults (no TF32, foreach AdamW, glibc's
 malloc) unless named; the bf16 ones the trainer's choices for this device.
 
 The trainer's glibc malloc tuning on CPU (`--malloc_tuning`, `tune_cpu_malloc`) is one of its speed settings, so
