@@ -28,7 +28,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 from cli import non_negative_int, positive_int  # noqa: E402  (this folder is on sys.path when run as a script)
-from train_throughput import model_shapes, parse_run  # noqa: E402  (this folder is on sys.path when run as a script)
+from train_throughput import parse_run  # noqa: E402  (this folder is on sys.path when run as a script)
 
 from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM  # noqa: E402
 from modeling_gpt2_scratch.training import (  # noqa: E402
@@ -61,16 +61,15 @@ def child(run: str, setting: str, warmup: int, steps: int) -> dict:
     """One process: `warmup` + `steps` training steps under `setting`; its per-step numbers."""
     if setting == "tuned" and not tune_cpu_malloc():
         raise SystemExit("this C library has no mallopt (not glibc)")
-    name, batch = run.split(":")
-    batch_size, seq_len = (int(v) for v in batch.split("x"))
+    shape = parse_run(run)
     torch.manual_seed(0)
-    model = GPT2ScratchForCausalLM(GPT2ScratchConfig(**model_shapes()[name])).train()
+    model = GPT2ScratchForCausalLM(GPT2ScratchConfig(**shape.model)).train()
     train_args = TrainArguments(output_dir="unused")
     optimizer = build_optimizer(model, train_args, fused=False)
     generator = torch.Generator().manual_seed(1)
     times, sys_s, faults = [], [], []
     for i in range(warmup + steps):
-        seq = torch.randint(0, 50257, (batch_size, seq_len + 1), generator=generator)
+        seq = torch.randint(0, 50257, (shape.batch_size, shape.seq_len + 1), generator=generator)
         x, y = seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
         before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         model(input_ids=x, shift_labels=y).loss.backward()
