@@ -345,13 +345,19 @@ class GPT2ScratchModel(GPT2ScratchPreTrainedModel):
             )
 
         # None for plain causal attention under sdpa/flash (their `is_causal` fast path), else a 4D mask.
-        causal_mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            cache=cache,
-            position_ids=position_ids,
-        )
+        if attention_mask is None and cache is None and self.config._attn_implementation == "sdpa":
+            # Training's case (no padding, no cache). `create_causal_mask` gives None here too, except under
+            # torch.compile on torch < 2.14, where it builds a (B, 1, T, T) mask: that rules out the flash kernels
+            # and makes every kernel compute the whole T x T square instead of its causal half.
+            causal_mask = None
+        else:
+            causal_mask = create_causal_mask(
+                config=self.config,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                cache=cache,
+                position_ids=position_ids,
+            )
 
         hidden_states = self.drop(inputs_embeds + self.wpe(position_ids))  # (B, T, C)
         all_hidden_states = () if output_hidden_states else None

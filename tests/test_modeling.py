@@ -173,6 +173,38 @@ def test_attention_implementations_agree(attn_implementation):
     assert (out[mask.bool()] - ref[mask.bool()]).abs().max().item() <= 1e-4
 
 
+def _sdpa_calls_under_compile(model, ids, attention_mask=None):
+    """The keyword arguments of each `scaled_dot_product_attention` call in the graph torch.compile traces."""
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    out = torch.compile(model, backend=capture)(ids, attention_mask=attention_mask, use_cache=False).logits
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    calls = [node.kwargs for gm in graphs for node in gm.graph.nodes if node.target is sdpa]
+    return out, calls
+
+
+def test_training_forward_under_compile_uses_sdpa_causal_path(pair):
+    """No padding, no cache: sdpa gets `is_causal=True` and no mask under torch.compile too, as in eager (a built
+    (B, 1, T, T) mask would rule out the flash kernels and double the attention work on a GPU)."""
+    _, model = pair
+    ids = random_ids(2, 16)
+    with torch.no_grad():
+        eager = model(ids, use_cache=False).logits
+        out, calls = _sdpa_calls_under_compile(model, ids)
+        assert len(calls) == SMALL["n_layer"]
+        assert all(call["attn_mask"] is None and call["is_causal"] for call in calls)
+        torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+        padding = torch.ones_like(ids)
+        padding[0, :5] = 0  # with padding the mask is still built and passed
+        _, calls = _sdpa_calls_under_compile(model, ids, attention_mask=padding)
+    assert all(call["attn_mask"] is not None and not call["is_causal"] for call in calls)
+
+
 def test_output_hidden_states_and_attentions_match_hf(pair):
     hf, model = pair
     ids = random_ids(1, 10)
