@@ -456,8 +456,8 @@ class LocalSteps:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             return {"failed": "out of memory"}
-        except RuntimeError as err:  # a pinned attention kernel this device (or shape, dtype) lacks
-            if "No viable backend" not in str(err):
+        except RuntimeError as err:  # a pinned attention kernel this device (or shape, dtype, mask) lacks
+            if not any(why in str(err) for why in ("No viable backend", "No available kernel")):  # eager, compiled
                 raise
             del self.steps[name]
             return {"failed": f"no {self.settings[name].sdpa_backend} attention kernel here"}

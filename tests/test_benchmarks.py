@@ -70,6 +70,32 @@ def test_variants_agree_on_the_first_loss_and_report_missing_kernels(tmp_path):
     assert "glibc malloc: tuned (tune_cpu_malloc) for ours-defaults; glibc's default for hf-fp32, ours-fp32," in out
 
 
+@pytest.mark.parametrize(
+    "message",
+    [
+        "No viable backend for scaled_dot_product_attention was found.",  # eager
+        "RuntimeError when making fake tensor call ... got RuntimeError('No available kernel. Aborting execution.')",
+    ],
+)
+def test_a_missing_pinned_kernel_fails_that_variant_only(message):
+    """Eager and compiled (on CUDA: flash pinned with a mask) say it differently; any other error still raises."""
+
+    def missing(x, y):
+        raise RuntimeError(message)
+
+    def broken(x, y):
+        raise RuntimeError("shape mismatch")
+
+    steps = object.__new__(train_throughput.LocalSteps)
+    run = train_throughput.parse_run("quickstart:1x8")
+    settings = train_throughput.Settings("no", compile=True, fused_adamw=False, tf32=False, sdpa_backend="flash")
+    steps.run, steps.device, steps.batch = run, torch.device("cpu"), None
+    steps.settings, steps.steps = {"a": settings, "b": settings}, {"a": missing, "b": broken}
+    assert steps.step("a", 0) == {"failed": "no flash attention kernel here"} and "a" not in steps.steps
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        steps.step("b", 0)
+
+
 def test_variants_run_in_worker_processes_on_cpu_and_where_malloc_differs(tmp_path):
     args = TrainArguments(output_dir=str(tmp_path))
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
