@@ -329,6 +329,7 @@ class GPT2ScratchModel(GPT2ScratchPreTrainedModel):
             inputs_embeds = self.wte(input_ids)  # (B, T, C)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
+        default_positions = position_ids is None  # 0..T-1 (after any past): no packed sequences in them
         if position_ids is None:
             cache_position = kwargs.pop("cache_position", None)  # older callers pass absolute positions this way
             if cache_position is None:
@@ -345,10 +346,16 @@ class GPT2ScratchModel(GPT2ScratchPreTrainedModel):
             )
 
         # None for plain causal attention under sdpa/flash (their `is_causal` fast path), else a 4D mask.
-        if attention_mask is None and cache is None and self.config._attn_implementation == "sdpa":
-            # Training's case (no padding, no cache). `create_causal_mask` gives None here too, except under
-            # torch.compile on torch < 2.14, where it builds a (B, 1, T, T) mask: that rules out the flash kernels
-            # and makes every kernel compute the whole T x T square instead of its causal half.
+        if (
+            attention_mask is None
+            and cache is None
+            and default_positions
+            and self.config._attn_implementation == "sdpa"
+        ):
+            # Training's case (no padding, no cache, no packed sequences in given position ids). `create_causal_mask`
+            # gives None here too, except under torch.compile, where it builds a (B, 1, T, T) mask (it cannot tell
+            # traced position ids from packed ones): that rules out the flash kernels and makes every kernel compute
+            # the whole T x T square instead of its causal half.
             causal_mask = None
         else:
             causal_mask = create_causal_mask(

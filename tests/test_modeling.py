@@ -158,6 +158,21 @@ def test_explicit_position_ids_match_hf(pair):
 
 
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_packed_sequences_by_position_ids_attend_within_themselves(attn_implementation):
+    """Position ids that restart mark packed sequences (e.g. DataCollatorWithFlattening): `create_causal_mask` keeps
+    attention within each, so each sequence's logits are its logits alone (HF's GPT-2 lets them see each other)."""
+    _, model = make_pair()
+    model.set_attn_implementation(attn_implementation)
+    ids = random_ids(2, 14)
+    position_ids = torch.cat([torch.arange(5), torch.arange(9)]).unsqueeze(0).expand(2, -1)
+    with torch.no_grad():
+        out = model(ids, position_ids=position_ids, use_cache=False).logits
+        first, second = model(ids[:, :5], use_cache=False).logits, model(ids[:, 5:], use_cache=False).logits
+    torch.testing.assert_close(out[:, :5], first, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[:, 5:], second, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 def test_attention_implementations_agree(attn_implementation):
     torch.manual_seed(0)
     hf = GPT2LMHeadModel(GPT2Config(**SMALL)).eval()
