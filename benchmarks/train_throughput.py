@@ -53,7 +53,8 @@ after imports; CUDA: `torch.cuda.max_memory_allocated`, per process). MFU = mode
 FLOPs per token (`flops_per_token`: 6N + 12*L*C*T, N = parameters without the position embedding, the LM head at the
 padded vocabulary) x tokens/s / peak FLOP/s, with the peak measured in this process (the best of several large
 matmuls in the variant's matmul dtype: fp32 for the fp32 variants, bf16 for the mixed-precision ones) and, on a known
-GPU, the datasheet dense bf16 figure. Prints markdown tables.
+GPU, the datasheet dense bf16 figure. Prints markdown tables at the end; a progress line per round and per memory
+child goes to stderr as the run goes.
 """
 
 from __future__ import annotations
@@ -553,6 +554,16 @@ def use_workers(args, names: list[str], settings: dict[str, Settings], device: t
     return args.processes == "per_variant" or (args.processes == "auto" and device.type == "cpu")
 
 
+STARTED = time.perf_counter()
+
+
+def progress(args, message: str) -> None:
+    """A progress line on stderr (the tables go to stdout at the end), so a run cut off by a time limit still shows
+    how far it got; the script's own child processes stay quiet."""
+    if not (args.json or args.worker):
+        print(f"[train_throughput +{time.perf_counter() - STARTED:.0f}s] {message}", file=sys.stderr, flush=True)
+
+
 def time_variants(args, run: Run, names: list[str], settings: dict[str, Settings], device, train_args) -> dict:
     """Seconds per step of each variant, run interleaved: each in a worker process of its own (`use_workers`), or
     all in this process (whose malloc setting `main` applied)."""
@@ -582,6 +593,8 @@ def time_variants(args, run: Run, names: list[str], settings: dict[str, Settings
                 first_loss.setdefault(name, result["loss"])
                 if round_idx >= args.warmup:
                     times[name].append(result["seconds"])
+            kind = "warm-up" if round_idx < args.warmup else "timed"
+            progress(args, f"{run.name}: round {round_idx + 1}/{args.warmup + args.steps} ({kind}) done")
         profiles = [executor.profile() for executor in executors] if args.profile else []
     finally:
         for executor in executors:
@@ -712,7 +725,10 @@ def _child_memory(jobs: list[tuple[Run, str]], args, max_jobs: int) -> dict:
             results[job] = {"error": last}
         else:
             results[job] = json.loads(out.strip().splitlines()[-1])
+        progress(args, f"{job[0]}: peak memory of {job[1]}: {'failed' if proc.returncode else 'measured'}")
 
+    if jobs:
+        progress(args, f"peak memory: {len(jobs)} child process(es), {max_jobs} at a time")
     for run, name in jobs:
         cmd = [sys.executable, __file__, "--json", "--no_memory", "--runs", run.name, "--variants", name]
         cmd += ["--warmup", str(min(args.warmup, 2)), "--steps", "2", "--malloc", args.malloc]

@@ -66,6 +66,8 @@ def test_variants_agree_on_the_first_loss_and_report_missing_kernels(tmp_path):
     assert abs(losses["ours-defaults"] - losses["ours-fp32"]) <= tolerance
     assert "| ours-fp32-efficient |" in out and "no efficient attention kernel here" in out
     assert f"| ours-defaults | {defaults.describe()} |" in out
+    assert "quickstart:2x32: round 1/2 (warm-up) done" in result.stderr  # progress, for a run cut off by a limit
+    assert "quickstart:2x32: round 2/2 (timed) done" in result.stderr and "peak memory" not in result.stderr
     # The trainer's malloc tuning is for ours-defaults only: the two settings ran in two worker processes
     assert "glibc malloc: tuned (tune_cpu_malloc) for ours-defaults; glibc's default for hf-fp32, ours-fp32," in out
 
