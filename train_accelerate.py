@@ -81,6 +81,30 @@ def speed_flags(train_args: TrainArguments, device: torch.device) -> tuple[bool,
     return use_compile, fused
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_forward(
+    model: torch.nn.Module, train_args: TrainArguments, device: torch.device
+) -> tuple[torch.nn.Module, bool]:
+    """`torch.compile(model)` in `--compile_mode`, and whether its steps run as CUDA graphs.
+
+    CUDA graphs (reduce-overhead and max-autotune, on CUDA) replay each step into the same memory, so the training
+    step marks the start of every micro-step (`torch.compiler.cudagraph_mark_step_begin`) and the gradients live in
+    buffers of their own: zeroed here, before the first backward, and zeroed again (not freed) after each optimizer
+    step. A gradient left in the backward graph's memory would be overwritten by the next micro-step's replay.
+    """
+    mode = train_args.compile_mode
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"--compile_mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}.")
+    cudagraphs = device.type == "cuda" and mode in ("reduce-overhead", "max-autotune")
+    if cudagraphs:
+        for param in model.parameters():
+            if param.requires_grad and param.grad is None:
+                param.grad = torch.zeros_like(param)
+    return torch.compile(model, mode=None if mode == "default" else mode), cudagraphs
+
+
 def malloc_tuning_on(train_args: TrainArguments, device: torch.device) -> bool:
     """Whether `--malloc_tuning` (auto: on CPU) applies glibc's `tune_cpu_malloc` on `device`."""
     return _flag(train_args.malloc_tuning, "malloc_tuning", auto=device.type == "cpu")
@@ -169,6 +193,7 @@ def evaluate(accelerator: Accelerator, model: torch.nn.Module, val_loader: Shard
         for _ in range(batches):
             x, y = val_loader.next_batch()
             x, y = x.to(accelerator.device), y.to(accelerator.device)
+            torch.compiler.cudagraph_mark_step_begin()  # (CUDA graphs only) the last output is consumed
             total += model(input_ids=x, shift_labels=y, use_cache=False, skip_logits=True).loss.float()
     model.train()
     return accelerator.reduce(total / batches, reduction="mean").item()
@@ -261,12 +286,14 @@ def train_step(
     train_loader: ShardedTokenLoader,
     train_args: TrainArguments,
     step: int,
+    cudagraphs: bool = False,
 ) -> dict[str, float]:
     """One optimizer step: `gradient_accumulation_steps` micro-batches, clip, AdamW, schedule.
 
     `accelerator.accumulate` skips the gradient all-reduce on all but the last micro-step and `accelerator.backward`
     divides each micro-loss by the accumulation steps, so the update is the mean over the whole batch, the same for
     1 process x 2k micro-steps as for 2 processes x k. A non-finite loss raises before the optimizer moves.
+    `cudagraphs` (`compile_forward`): the gradients stay in their buffers, zeroed instead of freed.
     """
     grad_accum = accelerator.gradient_accumulation_steps
     loss_sum = torch.zeros((), device=accelerator.device)
@@ -274,6 +301,8 @@ def train_step(
         x, y = train_loader.next_batch()
         x, y = x.to(accelerator.device, non_blocking=True), y.to(accelerator.device, non_blocking=True)
         with accelerator.accumulate(model):
+            if cudagraphs:
+                torch.compiler.cudagraph_mark_step_begin()  # the last micro-step's outputs are consumed
             loss = forward(input_ids=x, shift_labels=y, use_cache=False).loss
             loss_sum += loss.detach().float()
             accelerator.backward(loss)
@@ -292,7 +321,7 @@ def train_step(
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=not cudagraphs)
     return {"train_loss": train_loss, "lr": lr, "grad_norm": grad_norm}
 
 
@@ -331,7 +360,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     optimizer = build_optimizer(model, train_args, fused=fused)
     scheduler = build_scheduler(optimizer, train_args)
     model, optimizer = accelerator.prepare(model, optimizer)
-    forward = torch.compile(model) if use_compile else model  # same parameters; checkpoints use the plain model
+    forward, cudagraphs = (  # same parameters; checkpoints use the plain model
+        compile_forward(model, train_args, device) if use_compile else (model, False)
+    )
     unwrapped = accelerator.unwrap_model(model)
     state = TrainState()
     accelerator.register_for_checkpointing(scheduler, train_loader, state)
@@ -346,6 +377,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
             "num_processes": accelerator.num_processes,
             "mixed_precision": accelerator.mixed_precision,
             "compile": use_compile,
+            "cuda_graphs": cudagraphs,
             "fused_adamw": fused,
         },
     }
@@ -373,7 +405,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         while state.step < train_args.max_steps:
             step_start = time.time()
             record = train_step(
-                accelerator, forward, model, optimizer, scheduler, train_loader, train_args, state.step + 1
+                accelerator, forward, model, optimizer, scheduler, train_loader, train_args, state.step + 1, cudagraphs
             )
             state.step += 1
             state.tokens += tokens_per_step

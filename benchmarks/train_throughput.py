@@ -24,15 +24,18 @@ first four are the default set:
 - `ours-defaults-compile`: ours with the trainer's defaults plus `torch.compile` (on CUDA the same as
   `ours-defaults`).
 
-Other combinations can be named with `--variants`: `{hf,ours}-{defaults,fp32,bf16}[-compile][-fused][-malloc]
-[-ckpt][-logits][-math|-flash|-efficient|-cudnn]` (`-fused`: fused AdamW kernel; `-malloc`: the trainer's glibc
+Other combinations can be named with `--variants`: `{hf,ours}-{defaults,fp32,bf16}[-compile][-cudagraphs]
+[-autotune][-fused][-malloc][-ckpt][-logits][-math|-flash|-efficient|-cudnn]` (`-cudagraphs` and `-autotune` compile
+in the trainer's `--compile_mode` reduce-overhead and max-autotune-no-cudagraphs, both together max-autotune, with
+its CUDA-graph step (`compile_forward`); `-fused`: fused AdamW kernel; `-malloc`: the trainer's glibc
 malloc tuning; `-ckpt`: gradient checkpointing, as the trainer's `--gradient_checkpointing true`
 (`activation_checkpointing_enable()`: each block's activations recomputed in the backward); `-logits`, ours only: the
 plain LM head + `F.cross_entropy` on materialised logits, `skip_logits=False`, instead of the chunked
 `LinearCrossEntropy`; the last pins `F.scaled_dot_product_attention` to one kernel with
 `torch.nn.attention.sdpa_kernel`, where the device has it), e.g. `ours-bf16-compile` to see what other trainer
-defaults would give, or `ours-defaults-flash` against `ours-defaults-cudnn` on an H100. The fp32 variants use torch's and glibc's defaults (no TF32, foreach AdamW, glibc's
-malloc) unless named; the bf16 ones the trainer's choices for this device.
+defaults would give, or `ours-defaults-flash` against `ours-defaults-cudnn` on an H100. The fp32 variants use torch's
+and glibc's defaults (no TF32, foreach AdamW, glibc's malloc) unless named; the bf16 ones the trainer's choices for
+this device.
 
 The trainer's glibc malloc tuning on CPU (`--malloc_tuning`, `tune_cpu_malloc`) is one of its speed settings, so
 the `defaults` and `bf16` variants get it (as the trainer's choice for the device: on CPU) and the `fp32` ones do not,
@@ -95,7 +98,7 @@ from modeling_gpt2_scratch.training import (  # noqa: E402
     load_preset,
     tune_cpu_malloc,
 )
-from train_accelerate import build_accelerator, malloc_tuning_on, speed_flags  # noqa: E402
+from train_accelerate import build_accelerator, compile_forward, malloc_tuning_on, speed_flags  # noqa: E402
 
 VARIANTS = ("hf-fp32", "hf-defaults-compile", "ours-fp32", "ours-defaults")  # the default set
 HF_FP32, HF_FAST = "hf-fp32", "hf-defaults-compile"
@@ -106,7 +109,8 @@ SDPA_BACKENDS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
 }
 VARIANT_BASES = ("defaults", "fp32", "bf16")
-VARIANT_EXTRAS = ("compile", "fused", "malloc", "ckpt", "logits", *SDPA_BACKENDS)
+COMPILE_MODE_EXTRAS = {"cudagraphs": "reduce-overhead", "autotune": "max-autotune-no-cudagraphs"}  # -> --compile_mode
+VARIANT_EXTRAS = ("compile", *COMPILE_MODE_EXTRAS, "fused", "malloc", "ckpt", "logits", *SDPA_BACKENDS)
 PHASES = ("phase: forward", "phase: backward", "phase: clip", "phase: AdamW")  # profiler labels of a step
 QUICKSTART = REPO_ROOT / "configs" / "quickstart.yaml"
 
@@ -124,10 +128,15 @@ class Settings:
     sdpa_backend: str | None = None  # pin F.scaled_dot_product_attention to one kernel (SDPA_BACKENDS)
     malloc_tuning: bool = False  # glibc malloc tuned (tune_cpu_malloc; process-wide)
     checkpointing: bool = False  # gradient checkpointing (activation_checkpointing_enable, as the trainer's flag)
+    compile_mode: str = "default"  # the trainer's --compile_mode (COMPILE_MODE_EXTRAS)
 
     def describe(self) -> str:
         parts = ["bf16 autocast" if self.mixed_precision == "bf16" else "fp32"]
-        parts.append("compile" if self.compile else "eager")
+        parts.append(
+            ("compile" if self.compile_mode == "default" else f"compile {self.compile_mode}")
+            if self.compile
+            else "eager"
+        )
         parts.append("fused AdamW" if self.fused_adamw else "foreach AdamW")
         if self.tf32:
             parts.append("TF32")
@@ -159,7 +168,8 @@ def trainer_defaults(device: torch.device, train_args: TrainArguments) -> Settin
 def variant_settings(
     names: list[str], device: torch.device, train_args: TrainArguments, malloc: str = "auto"
 ) -> dict[str, Settings]:
-    """Settings of each variant: `{hf,ours}-{defaults,fp32,bf16}[-compile][-fused][-malloc][-ckpt][-logits][-BACKEND]`.
+    """Each variant's settings: `{hf,ours}-{defaults,fp32,bf16}[-compile][-MODE][-fused][-malloc][-ckpt][-logits]
+    [-KERNEL]` (MODE: cudagraphs, autotune; KERNEL: an sdpa backend).
 
     `defaults`: the trainer's settings for this device (its Accelerator and step), the extras switched on. fp32: no
     TF32, foreach AdamW unless `-fused`, glibc's malloc unless `-malloc` (torch's and glibc's defaults). bf16: the
@@ -178,7 +188,8 @@ def variant_settings(
             or (model == "hf" and "logits" in parts)
         ):
             raise SystemExit(
-                f"--variants {name!r}: use hf|ours-defaults|fp32|bf16[-compile][-fused][-malloc][-ckpt]"
+                f"--variants {name!r}: use hf|ours-defaults|fp32|bf16[-compile][-cudagraphs][-autotune][-fused]"
+                "[-malloc][-ckpt]"
                 "[-logits (ours)][-math|-flash|-efficient|-cudnn]"
             )
         base, extras = parts[0], parts[1:]
@@ -186,11 +197,12 @@ def variant_settings(
             "logits": "logits" in extras,
             "sdpa_backend": _backend(name, extras),
             "checkpointing": "ckpt" in extras,
+            "compile_mode": _compile_mode(extras, train_args),
         }
         if base == "defaults":
             settings[name] = dataclasses.replace(
                 defaults,
-                compile=defaults.compile or "compile" in extras,
+                compile=defaults.compile or "compile" in extras or any(e in COMPILE_MODE_EXTRAS for e in extras),
                 fused_adamw=defaults.fused_adamw or "fused" in extras,
                 malloc_tuning=defaults.malloc_tuning or "malloc" in extras,
                 **model_options,
@@ -199,7 +211,7 @@ def variant_settings(
             bf16 = base == "bf16"
             settings[name] = Settings(
                 "bf16" if bf16 else "no",
-                compile="compile" in extras,
+                compile="compile" in extras or any(e in COMPILE_MODE_EXTRAS for e in extras),
                 fused_adamw="fused" in extras or (bf16 and defaults.fused_adamw),
                 tf32=bf16 and defaults.tf32,
                 malloc_tuning="malloc" in extras or (bf16 and defaults.malloc_tuning),
@@ -208,6 +220,15 @@ def variant_settings(
         if malloc != "auto":
             settings[name] = dataclasses.replace(settings[name], malloc_tuning=malloc == "tuned")
     return settings
+
+
+def _compile_mode(extras: list[str], train_args: TrainArguments) -> str:
+    """The `--compile_mode` of `-cudagraphs` (reduce-overhead), `-autotune` (max-autotune-no-cudagraphs), both
+    (max-autotune), or neither (the trainer's)."""
+    named = {e for e in extras if e in COMPILE_MODE_EXTRAS}
+    if len(named) == 2:
+        return "max-autotune"
+    return COMPILE_MODE_EXTRAS[named.pop()] if named else train_args.compile_mode
 
 
 def _backend(name: str, extras: list[str]) -> str | None:
@@ -278,8 +299,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--variants",
         nargs="+",
         default=list(VARIANTS),
-        help="hf|ours-defaults|fp32|bf16[-compile][-fused][-malloc][-ckpt][-logits][-math|-flash|-efficient|-cudnn] "
-        "(default: %(default)s)",
+        help="hf|ours-defaults|fp32|bf16[-compile][-cudagraphs][-autotune][-fused][-malloc][-ckpt][-logits]"
+        "[-math|-flash|-efficient|-cudnn] (default: %(default)s)",
     )
     parser.add_argument(
         "--warmup", type=non_negative_int, default=3, help="untimed rounds first (compilation happens here)"
@@ -359,7 +380,11 @@ def make_step(
     is_hf = name.startswith("hf")
     if settings.accelerator:
         model, optimizer = accelerator.prepare(model, optimizer)
-    forward = torch.compile(model) if settings.compile else model
+    forward, cudagraphs = (  # as train_accelerate.train
+        compile_forward(model, dataclasses.replace(train_args, compile_mode=settings.compile_mode), device)
+        if settings.compile
+        else (model, False)
+    )
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16)
         if settings.mixed_precision == "bf16" and not settings.accelerator
@@ -367,6 +392,8 @@ def make_step(
     )
 
     def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast:
             if is_hf:
                 return forward(input_ids=x, labels=y, shift_labels=y, use_cache=False).loss
@@ -384,7 +411,7 @@ def make_step(
                         accelerator.clip_grad_norm_(model.parameters(), train_args.grad_clip)
                     with record_function(PHASES[3]):
                         optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
+                        optimizer.zero_grad(set_to_none=not cudagraphs)
             else:
                 with record_function(PHASES[0]):
                     loss = loss_of(x, y)
@@ -394,7 +421,7 @@ def make_step(
                     torch.nn.utils.clip_grad_norm_(model.parameters(), train_args.grad_clip)
                 with record_function(PHASES[3]):
                     optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    optimizer.zero_grad(set_to_none=not cudagraphs)
             return loss.item()
 
     return step

@@ -130,6 +130,14 @@ class TrainArguments:
     compile: str = field(
         default="auto", metadata={"help": "torch.compile the model: true, false, or auto (on for CUDA only)."}
     )
+    compile_mode: str = field(
+        default="default",
+        metadata={
+            "help": "torch.compile mode when compiling: default, reduce-overhead (CUDA graphs), max-autotune "
+            "(matmul autotuning + CUDA graphs) or max-autotune-no-cudagraphs; the last two compile for longer.",
+            "choices": ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        },
+    )
     tf32: bool = field(default=True, metadata={"help": "TF32 matmuls (set_float32_matmul_precision('high'))."})
     fused_adamw: str = field(
         default="auto", metadata={"help": "Fused AdamW kernel: true, false, or auto (CUDA and CPU)."}

@@ -41,6 +41,17 @@ def test_variant_names_resolve_to_settings(tmp_path):
     assert checkpointed["ours-defaults-ckpt"] == dataclasses.replace(defaults, checkpointing=True)
     assert not any(s.checkpointing for s in settings.values())
     assert "gradient checkpointing" in checkpointed["hf-fp32-ckpt"].describe()
+    modes = train_throughput.variant_settings(
+        ["ours-defaults-cudagraphs", "hf-bf16-autotune"], torch.device("cpu"), args
+    )
+    assert modes["ours-defaults-cudagraphs"] == dataclasses.replace(
+        defaults, compile=True, compile_mode="reduce-overhead"
+    )
+    assert modes["hf-bf16-autotune"].compile and modes["hf-bf16-autotune"].compile_mode == "max-autotune-no-cudagraphs"
+    assert "compile reduce-overhead" in modes["ours-defaults-cudagraphs"].describe()
+    assert all(s.compile_mode == "default" for s in settings.values())  # the trainer's default --compile_mode
+    both = train_throughput.variant_settings(["ours-defaults-cudagraphs-autotune"], torch.device("cpu"), args)
+    assert both["ours-defaults-cudagraphs-autotune"].compile_mode == "max-autotune"
     for bad in ("hf-fp32-logits", "ours-fast", "ours-fp32-math-flash"):
         with pytest.raises(SystemExit, match=re.escape(repr(bad))):
             train_throughput.variant_settings([bad], torch.device("cpu"), args)

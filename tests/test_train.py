@@ -514,6 +514,63 @@ def test_speed_flags_resolve_auto_per_device():
         train_accelerate.malloc_tuning_on(TrainArguments(output_dir="unused", malloc_tuning="on"), torch.device("cpu"))
 
 
+def test_compile_mode_is_checked_and_cuda_graphs_are_for_cuda_only():
+    model = GPT2ScratchForCausalLM(GPT2ScratchConfig(n_layer=1, n_head=2, n_embd=16, n_positions=16))
+    args = TrainArguments(output_dir="unused", compile_mode="reduce-overhead")
+    forward, cudagraphs = train_accelerate.compile_forward(model, args, torch.device("cpu"))
+    assert not cudagraphs and forward._orig_mod is model  # inductor skips CUDA graphs on a CPU
+    assert all(p.grad is None for p in model.parameters())  # no gradient buffers made
+    with pytest.raises(ValueError, match="--compile_mode must be one of default, reduce-overhead, max-autotune"):
+        train_accelerate.compile_forward(model, TrainArguments(output_dir="unused", compile_mode="fast"), "cpu")
+    with pytest.raises(SystemExit):  # the command line takes the listed modes only
+        parse_arguments(["--dataset", "x", "--compile_mode", "fast"])
+
+
+def test_a_cuda_graph_step_keeps_its_gradient_buffers_and_computes_the_same_update(corpus, data_dir):
+    """train_step with cudagraphs=True (the gradients in buffers of their own, zeroed, never freed; as
+    compile_forward sets them up) gives the same loss, gradient norm and weights as the plain step, over two optimizer
+    steps of two micro-steps each. The CUDA graphs themselves need a GPU (benchmarks/gpu_checks.sh runs them)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from modeling_gpt2_scratch.data import ShardedTokenLoader
+
+    results = []
+    for cudagraphs in (False, True):
+        model_args, data_args, train_args = parse_arguments(
+            ["--dataset", str(corpus), "--output_dir", "unused", *TINY]
+        )
+        torch.manual_seed(0)
+        model = train_accelerate.build_model(model_args, train_args)
+        accelerator = Accelerator(gradient_accumulation_steps=2)
+        optimizer = train_accelerate.build_optimizer(model, train_args, fused=False)
+        scheduler = build_scheduler(optimizer, train_args)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        if cudagraphs:
+            for param in model.parameters():
+                param.grad = torch.zeros_like(param)
+        buffers = [p.grad for p in model.parameters()]
+        loader = ShardedTokenLoader(data_dir, "train", train_args.micro_batch_size, train_args.seq_len)
+        records = [
+            train_accelerate.train_step(
+                accelerator, model, model, optimizer, scheduler, loader, train_args, step, cudagraphs
+            )
+            for step in (1, 2)
+        ]
+        if cudagraphs:
+            assert all(p.grad is b and not p.grad.any() for p, b in zip(model.parameters(), buffers, strict=True))
+        else:
+            assert all(p.grad is None for p in model.parameters())
+        results.append((records, [p.detach().clone() for p in model.parameters()]))
+        AcceleratorState._reset_state(reset_partial_state=True)
+    (plain, plain_weights), (graphs, graph_weights) = results
+    for a, b in zip(plain, graphs, strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    for a, b in zip(plain_weights, graph_weights, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_fused_adamw_is_on_for_cpu_by_default_and_can_be_switched_off(corpus, data_dir, tmp_path, monkeypatch):
     made = []
     build = train_accelerate.build_optimizer
