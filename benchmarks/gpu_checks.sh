@@ -5,7 +5,9 @@
 # beforehand: DATA_DIR=<folder prepared with --val_fraction 0.1> TEXT=<the .txt it came from> (the trainer reuses
 # them; `datasets` is needed only to tokenize). Each part's output goes to $OUT; BENCHMARKS.md's GPU sections came
 # from these commands on H200s (2026-11-26). There, 3 compiled variants at 16x1024 with their memory children took
-# 146 s, a trainer run of 8 steps 65-70 s; 3 variants at 64x1024 did not finish in 200 s.
+# 146 s, 2 without them 50-70 s, a trainer run of 8 steps 65-80 s (micro-batch 32: step 1 compiles for 49 s);
+# 3 variants at 64x1024 did not finish in 200 s, nor did `-autotune` variants (inductor's matmul autotuning took 119 s
+# for 9 shapes, and cuBLAS won 8 of them: not worth a lease).
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 T0=$(date +%s); DEADLINE=$((T0 + ${BUDGET:-540}))
@@ -21,15 +23,21 @@ mark environment
 mark "training throughput, 124m:16x1024 (the issue's GPU target)"
 timeout "$(left 230)" python3 benchmarks/train_throughput.py --runs 124m:16x1024 2>&1 | tee "$OUT/tt16.md"
 
+mark "CUDA graphs (--compile_mode reduce-overhead) against the default mode, 124m:16x1024"
+timeout "$(left 110)" python3 benchmarks/train_throughput.py --runs 124m:16x1024 --variants ours-defaults \
+  ours-defaults-cudagraphs --no_memory --warmup 3 --steps 6 2>&1 | tee "$OUT/tt16_graphs.md"
+
 if [ -n "$DATA_DIR" ] && [ -n "$TEXT" ]; then
   # micro-batch 32 needs a validation split of at least 32 x 1024 + 1 tokens: tiny Shakespeare's 0.1 has 33,803
-  for mb in 16 32; do
-    mark "the trainer, 124M defaults at micro-batch $mb, 8 steps of 524,288 tokens"
-    timeout "$(left 80)" accelerate launch train_accelerate.py --dataset "$TEXT" --data_dir "$DATA_DIR" \
-      --val_fraction 0.1 --output_dir /tmp/gpu_checks_mb$mb --micro_batch_size $mb --max_steps 8 --warmup_steps 4 \
-      --eval_every 0 --eval_batches 1 --sample_every 0 --save_every 0 --log_every 1 > "$OUT/train_mb$mb.log" 2>&1
-    echo "rc=$?" >> "$OUT/train_mb$mb.log"
-    cp /tmp/gpu_checks_mb$mb/metrics.jsonl "$OUT/metrics_mb$mb.jsonl" 2>/dev/null
+  for run in "16 default" "16 reduce-overhead" "32 default"; do
+    set -- $run
+    mark "the trainer, 124M defaults at micro-batch $1, --compile_mode $2, 8 steps of 524,288 tokens"
+    timeout "$(left 90)" accelerate launch train_accelerate.py --dataset "$TEXT" --data_dir "$DATA_DIR" \
+      --val_fraction 0.1 --output_dir /tmp/gpu_checks_mb$1_$2 --micro_batch_size $1 --compile_mode $2 --max_steps 8 \
+      --warmup_steps 4 --eval_every 0 --eval_batches 1 --sample_every 0 --save_every 0 --log_every 1 \
+      > "$OUT/train_mb$1_$2.log" 2>&1
+    echo "rc=$?" >> "$OUT/train_mb$1_$2.log"
+    cp /tmp/gpu_checks_mb$1_$2/metrics.jsonl "$OUT/metrics_mb$1_$2.jsonl" 2>/dev/null
   done
 fi
 
