@@ -363,6 +363,17 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     forward, cudagraphs = (  # same parameters; checkpoints use the plain model
         compile_forward(model, train_args, device) if use_compile else (model, False)
     )
+    if train_args.compile_mode != "default" and not use_compile:
+        logger.warning(
+            "--compile_mode %s has no effect: the model is not compiled (--compile).", train_args.compile_mode
+        )
+    if cudagraphs and accelerator.num_processes > 1:
+        logger.warning(
+            "--compile_mode %s: CUDA graphs were measured on one GPU only; with %d processes, use "
+            "--compile_mode default if a step fails.",
+            train_args.compile_mode,
+            accelerator.num_processes,
+        )
     unwrapped = accelerator.unwrap_model(model)
     state = TrainState()
     accelerator.register_for_checkpointing(scheduler, train_loader, state)

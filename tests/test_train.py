@@ -526,6 +526,15 @@ def test_compile_mode_is_checked_and_cuda_graphs_are_for_cuda_only():
         parse_arguments(["--dataset", "x", "--compile_mode", "fast"])
 
 
+def test_compile_mode_without_compile_warns_and_changes_nothing(corpus, data_dir, tmp_path, caplog):
+    out = tmp_path / "run"
+    with caplog.at_level("WARNING", logger="train_accelerate"):
+        run(corpus, data_dir, out, "--max_steps", "1", "--save_every", "0", "--compile_mode", "reduce-overhead")
+    assert "--compile_mode reduce-overhead has no effect: the model is not compiled" in caplog.text
+    config = json.loads((out / "run_config.json").read_text())["training"]
+    assert config["compile_mode"] == "reduce-overhead" and not config["compile"] and not config["cuda_graphs"]
+
+
 def test_a_cuda_graph_step_keeps_its_gradient_buffers_and_computes_the_same_update(corpus, data_dir):
     """train_step with cudagraphs=True (the gradients in buffers of their own, zeroed, never freed; as
     compile_forward sets them up) gives the same loss, gradient norm and weights as the plain step, over two optimizer
