@@ -31,6 +31,7 @@ from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
 from modeling_gpt2_scratch.data import DataArguments, ShardedTokenLoader, prepare_dataset, read_manifest
 from modeling_gpt2_scratch.tokenization import get_encoding, get_hf_tokenizer
 from modeling_gpt2_scratch.training import (
+    COMPILE_MODES,
     RUN_CONFIG_NAME,
     RUN_SUMMARY_NAME,
     MetricsWriter,
@@ -79,9 +80,6 @@ def speed_flags(train_args: TrainArguments, device: torch.device) -> tuple[bool,
     use_compile = _flag(train_args.compile, "compile", auto=device.type == "cuda")
     fused = _flag(train_args.fused_adamw, "fused_adamw", auto=device.type in ("cuda", "cpu"))
     return use_compile, fused
-
-
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def compile_forward(

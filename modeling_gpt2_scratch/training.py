@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "step_"
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 RUN_CONFIG_NAME = "run_config.json"
 RUN_SUMMARY_NAME = "run_summary.json"
 METRICS_NAME = "metrics.jsonl"
@@ -135,7 +136,7 @@ class TrainArguments:
         metadata={
             "help": "torch.compile mode when compiling: default, reduce-overhead (CUDA graphs), max-autotune "
             "(matmul autotuning + CUDA graphs) or max-autotune-no-cudagraphs; the last two compile for longer.",
-            "choices": ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+            "choices": COMPILE_MODES,
         },
     )
     tf32: bool = field(default=True, metadata={"help": "TF32 matmuls (set_float32_matmul_precision('high'))."})
