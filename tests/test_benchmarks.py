@@ -148,7 +148,25 @@ def test_a_worker_killed_mid_run_is_a_one_line_error():
         worker.step("ours-fp32", 1)
 
 
+def test_decode_matmul_times_three_ways_that_agree(capsys):
+    """The three ways of writing decoding's product agree (the script checks), and each gets a timed cell."""
+    import decode_matmul
+
+    decode_matmul.main(
+        ["--rows", "1", "3", "--repeats", "1", "--n_layer", "1", "--n_embd", "32", "--vocab_size", "96"]
+    )
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows[0] == "| weights | rows | F.linear | W @ x.T | Conv1D |"
+    cells = [row.strip("| ").split(" | ") for row in rows[1:]]
+    assert [(c[0], c[1]) for c in cells] == [
+        ("4 block matrices", "1"), ("4 block matrices", "3"), ("LM head (96, 32)", "1"), ("LM head (96, 32)", "3")
+    ]  # fmt: skip
+    assert all(re.fullmatch(r"\d+\.\d\d", c[2]) for c in cells)  # F.linear, the reference
+    assert all(re.fullmatch(r"\d+\.\d\d \(\d+\.\d\dx\)", cell) for c in cells for cell in c[3:5])
+
+
 def test_bad_numbers_are_one_line_usage_errors(capsys):
+    import decode_matmul
     import generate_throughput
     from cli import non_negative_int, positive_float, positive_int
 
@@ -162,6 +180,7 @@ def test_bad_numbers_are_one_line_usage_errors(capsys):
         (train_throughput.parse_args, ["--runs", "124m:0x256"], "B must be >= 1"),
         (generate_throughput.parse_args, ["--batch_sizes", "1", "0"], "argument --batch_sizes: '0' is not"),
         (generate_throughput.parse_args, ["--prompt_len", "1000"], "longer than GPT-2's context, 1024 tokens"),
+        (decode_matmul.parse_args, ["--rows", "8", "0"], "argument --rows: '0' is not an integer >= 1"),
     ]
     for parse_args, argv, message in bad:
         with pytest.raises(SystemExit) as exit_info:
