@@ -182,8 +182,17 @@ def build_model(model_args: ModelArguments, train_args: TrainArguments) -> GPT2S
     return model
 
 
-def evaluate(accelerator: Accelerator, model: torch.nn.Module, val_loader: ShardedTokenLoader, batches: int) -> float:
-    """Mean val loss over the first `batches` val batches of every process (the same batches at every evaluation)."""
+def evaluate(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    val_loader: ShardedTokenLoader,
+    batches: int,
+    cudagraphs: bool = False,
+) -> float:
+    """Mean val loss over the first `batches` val batches of every process (the same batches at every evaluation).
+
+    `cudagraphs` (`compile_forward`): each batch starts a new CUDA-graph step.
+    """
     model.eval()
     val_loader.reset()
     total = torch.zeros((), device=accelerator.device)
@@ -191,7 +200,8 @@ def evaluate(accelerator: Accelerator, model: torch.nn.Module, val_loader: Shard
         for _ in range(batches):
             x, y = val_loader.next_batch()
             x, y = x.to(accelerator.device), y.to(accelerator.device)
-            torch.compiler.cudagraph_mark_step_begin()  # (CUDA graphs only) the last output is consumed
+            if cudagraphs:
+                torch.compiler.cudagraph_mark_step_begin()  # the last batch's loss is consumed
             total += model(input_ids=x, shift_labels=y, use_cache=False, skip_logits=True).loss.float()
     model.train()
     return accelerator.reduce(total / batches, reduction="mean").item()
@@ -435,7 +445,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
             last = state.step == train_args.max_steps
             evaluate_now = last or (train_args.eval_every and state.step % train_args.eval_every == 0)
             if val_loader is not None and evaluate_now:
-                val_loss = record["val_loss"] = evaluate(accelerator, forward, val_loader, train_args.eval_batches)
+                val_loss = record["val_loss"] = evaluate(
+                    accelerator, forward, val_loader, train_args.eval_batches, cudagraphs
+                )
             if state.step % train_args.log_every == 0 or state.step == 1 or "val_loss" in record:
                 if accelerator.is_main_process:
                     metrics.write(record)
