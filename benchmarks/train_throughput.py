@@ -199,10 +199,11 @@ def variant_settings(
             "checkpointing": "ckpt" in extras,
             "compile_mode": _compile_mode(extras, train_args),
         }
+        compile_named = "compile" in extras or any(e in COMPILE_MODE_EXTRAS for e in extras)
         if base == "defaults":
             settings[name] = dataclasses.replace(
                 defaults,
-                compile=defaults.compile or "compile" in extras or any(e in COMPILE_MODE_EXTRAS for e in extras),
+                compile=defaults.compile or compile_named,
                 fused_adamw=defaults.fused_adamw or "fused" in extras,
                 malloc_tuning=defaults.malloc_tuning or "malloc" in extras,
                 **model_options,
@@ -211,7 +212,7 @@ def variant_settings(
             bf16 = base == "bf16"
             settings[name] = Settings(
                 "bf16" if bf16 else "no",
-                compile="compile" in extras or any(e in COMPILE_MODE_EXTRAS for e in extras),
+                compile=compile_named,
                 fused_adamw="fused" in extras or (bf16 and defaults.fused_adamw),
                 tf32=bf16 and defaults.tf32,
                 malloc_tuning="malloc" in extras or (bf16 and defaults.malloc_tuning),
