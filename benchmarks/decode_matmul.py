@@ -11,7 +11,9 @@ the same numbers:
   LM head) does it;
 - `W @ x.T`: `(W @ x.T).T + b`, the same product with the weight on the left;
 - `Conv1D`: `addmm(b, x, W_in_out)` with a transposed copy of the weight stored `(in, out)`, as GPT-2's `Conv1D`
-  (Hugging Face's blocks) does it.
+  (Hugging Face's blocks) does it;
+- `MKL packed` (where torch has MKL): MKL's packed GEMM with the weight packed for that row count, as the scratch
+  model's `generate()` decodes from 4 rows up (`packed_decoding`); packing is done before the timing.
 
 Two groups of weights, fp32, random: the 48 block matrices of 124M (`c_attn`, `attn.c_proj`, `c_fc`, `mlp.c_proj`
 x 12 layers; 340 MB, so they stream from memory as in decoding), and the tied LM head `(50304, 768)`. Each cell is
@@ -33,13 +35,21 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cli import positive_int  # noqa: E402  (this folder is on sys.path when run as a script)
 
+from modeling_gpt2_scratch.modeling_gpt2_scratch import mkl_packing_available  # noqa: E402
 from modeling_gpt2_scratch.training import describe_device  # noqa: E402
 
+# each way: (x, W, W (in, out), b, W packed by MKL for x's rows) -> x @ W.T + b
 WAYS = {
-    "F.linear": lambda x, w, w_in_out, b: F.linear(x, w, b),
-    "W @ x.T": lambda x, w, w_in_out, b: torch.mm(w, x.t()).t() + b,
-    "Conv1D": lambda x, w, w_in_out, b: torch.addmm(b, x, w_in_out),
+    "F.linear": lambda x, w, w_in_out, b, packed: F.linear(x, w, b),
+    "W @ x.T": lambda x, w, w_in_out, b, packed: torch.mm(w, x.t()).t() + b,
+    "Conv1D": lambda x, w, w_in_out, b, packed: torch.addmm(b, x, w_in_out),
 }
+if mkl_packing_available():
+    WAYS["MKL packed"] = lambda x, w, w_in_out, b, packed: torch.ops.mkl._mkl_linear(x, packed, w, b, x.shape[0])
+
+
+def pack(w: torch.Tensor, rows: int) -> torch.Tensor | None:
+    return torch.ops.mkl._mkl_reorder_linear_weight(w, rows) if mkl_packing_available() else None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -75,18 +85,19 @@ def check_agreement(group: list[tuple[torch.Tensor, ...]], rows: int) -> None:
     x = torch.randn(rows, w.shape[1])
     reference = F.linear(x, w, b)
     for name, way in WAYS.items():
-        torch.testing.assert_close(way(x, w, w_in_out, b), reference, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(way(x, w, w_in_out, b, pack(w, rows)), reference, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def time_cells(group: list[tuple[torch.Tensor, ...]], rows: int, repeats: int) -> dict[str, float]:
     """Fastest pass over the whole group per way, in ms (the ways interleaved, one pass each per round)."""
     inputs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w, _, _ in group}
+    packs = [pack(w, rows) for w, _, _ in group]
     best = dict.fromkeys(WAYS, float("inf"))
     for round_idx in range(repeats + 1):
         for name, way in WAYS.items():
             start = time.perf_counter()
-            for w, w_in_out, b in group:
-                way(inputs[w.shape[1]], w, w_in_out, b)
+            for (w, w_in_out, b), packed in zip(group, packs, strict=True):
+                way(inputs[w.shape[1]], w, w_in_out, b, packed)
             if round_idx:  # round 0 warms up
                 best[name] = min(best[name], (time.perf_counter() - start) * 1e3)
     return best

@@ -13,9 +13,11 @@ max_new_tokens=N, min_new_tokens=N)` on random prompt ids; new tokens/s = batch 
   (`CompileConfig`; on CPU `mode="default"` and `_compile_all_devices=True`, which `generate()` needs to compile off
   CUDA; on CUDA its default `reduce-overhead`). Compilation happens in the warm-up call.
 
-For every batch size and mode the two models run interleaved (one call each per round, after one warm-up call
-each), and the median is reported; the generated ids of the two models are checked to be identical. Prints a
-markdown table.
+The scratch model's `generate()` decodes with MKL-packed weights on a CPU (`packed_decoding`, from 4 rows up); in
+`eager` mode on a CPU with MKL a third row, `scratch, F.linear`, runs it with `pack_decoding_weights = False`.
+
+For every batch size and mode the models run interleaved (one call each per round, after one warm-up call each),
+and the median is reported; each model's generated ids are checked against HF's. Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -34,9 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cli import positive_int  # noqa: E402  (this folder is on sys.path when run as a script)
 
 from modeling_gpt2_scratch import GPT2ScratchForCausalLM  # noqa: E402
+from modeling_gpt2_scratch.modeling_gpt2_scratch import mkl_packing_available  # noqa: E402
 from modeling_gpt2_scratch.training import describe_device  # noqa: E402
 
 MODES = ("eager", "static-compile")
+HF = "HF GPT2LMHeadModel"
 CONTEXT = GPT2Config().n_positions  # 1024: prompt + new tokens must fit
 
 
@@ -67,7 +71,16 @@ def build_models(device: torch.device, seed: int) -> dict[str, torch.nn.Module]:
     hf = GPT2LMHeadModel._from_config(GPT2Config(), attn_implementation="sdpa").eval()
     ours = GPT2ScratchForCausalLM.from_hf_gpt2(hf).eval()
     ours.set_attn_implementation("sdpa")
-    return {"HF GPT2LMHeadModel": hf.to(device), "scratch": ours.to(device)}
+    return {HF: hf.to(device), "scratch": ours.to(device)}
+
+
+def variants(models: dict[str, torch.nn.Module], mode: str, device: torch.device) -> dict[str, tuple]:
+    """`{row name: (model, pack_decoding_weights or None)}`: HF, the scratch model as it comes, and in eager mode
+    on a CPU with MKL the scratch model decoding with `F.linear` (the packed weights' baseline)."""
+    rows = {HF: (models[HF], None), "scratch": (models["scratch"], True)}
+    if mode == "eager" and device.type == "cpu" and mkl_packing_available():
+        rows["scratch, F.linear"] = (models["scratch"], False)
+    return rows
 
 
 def generate_kwargs(mode: str, device: torch.device, new_tokens: int) -> dict:
@@ -80,7 +93,11 @@ def generate_kwargs(mode: str, device: torch.device, new_tokens: int) -> dict:
     return kwargs
 
 
-def timed_generate(model, prompt: torch.Tensor, kwargs: dict, device: torch.device) -> tuple[float, torch.Tensor]:
+def timed_generate(
+    model, pack: bool | None, prompt: torch.Tensor, kwargs: dict, device: torch.device
+) -> tuple[float, torch.Tensor]:
+    if pack is not None:
+        model.pack_decoding_weights = pack
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -102,34 +119,27 @@ def main(argv: list[str] | None = None) -> None:
         for batch in args.batch_sizes:
             gen = torch.Generator().manual_seed(args.seed + batch)
             prompt = torch.randint(0, 50257, (batch, args.prompt_len), generator=gen).to(device)
-            times: dict[str, list[float]] = {name: [] for name in models}
-            outputs, errors = {}, {}
-            for name, model in models.items():  # warm-up (compilation for static-compile)
+            runs = variants(models, mode, device)
+            times: dict[str, list[float]] = {name: [] for name in runs}
+            outputs, warmups, errors = {}, {}, {}
+            for name, (model, pack) in runs.items():  # warm-up (compilation for static-compile)
                 try:
-                    warmup, outputs[name] = timed_generate(model, prompt, kwargs, device)
+                    warmups[name], outputs[name] = timed_generate(model, pack, prompt, kwargs, device)
                 except Exception as err:  # noqa: BLE001 - report why a mode does not work instead of stopping
                     errors[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
-                    continue
-                outputs[name + " warm-up s"] = warmup
             for _ in range(args.repeats):
-                for name, model in models.items():
+                for name, (model, pack) in runs.items():
                     if name not in errors:
-                        times[name].append(timed_generate(model, prompt, kwargs, device)[0])
-            same = (
-                "yes"
-                if not errors and torch.equal(outputs["HF GPT2LMHeadModel"], outputs["scratch"])
-                else ("no" if not errors else "-")
-            )
+                        times[name].append(timed_generate(model, pack, prompt, kwargs, device)[0])
             medians = {name: statistics.median(t) for name, t in times.items() if t}
-            for name in models:
+            for name in runs:
                 if name in errors:
                     rows.append((mode, batch, name, None, None, None, None, errors[name]))
                     continue
+                same = "-" if HF not in outputs else ("yes" if torch.equal(outputs[HF], outputs[name]) else "no")
                 tok_s = batch * args.new_tokens / medians[name]
-                ratio = (
-                    medians["HF GPT2LMHeadModel"] / medians[name] if "HF GPT2LMHeadModel" in medians else float("nan")
-                )
-                rows.append((mode, batch, name, medians[name], tok_s, ratio, outputs[name + " warm-up s"], same))
+                ratio = medians[HF] / medians[name] if HF in medians else float("nan")
+                rows.append((mode, batch, name, medians[name], tok_s, ratio, warmups[name], same))
 
     print(
         f"\n## Generation throughput: {describe_device(device)}; torch {torch.__version__}, transformers "
@@ -138,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Command: `python {' '.join(['benchmarks/generate_throughput.py', *(argv or sys.argv[1:])])}`\n")
     print(
         f"GPT-2 124M (random weights, identical in both), fp32, greedy, prompt {args.prompt_len} tokens, "
-        f"{args.new_tokens} new tokens; median of {args.repeats} interleaved calls after 1 warm-up call per model.\n"
+        f"{args.new_tokens} new tokens; median of {args.repeats} interleaved calls after 1 warm-up call per row.\n"
     )
     print("| mode | batch | model | s / call | new tokens/s | vs HF | warm-up call s | same ids as HF |")
     print("|---|---:|---|---:|---:|---:|---:|---|")

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -32,6 +33,69 @@ from .configuration_gpt2_scratch import GPT2ScratchConfig
 
 IGNORE_INDEX = -100  # label value that contributes no loss (transformers' convention)
 LOSS_CHUNK_ELEMENTS = 2**26  # logits per chunk of the fused LM-head loss (256 MB in float32)
+MIN_PACKED_ROWS = 4  # decoding rows from which MKL's packed GEMM beats its small-row kernels (BENCHMARKS.md)
+
+
+class Linear(nn.Linear):
+    """`nn.Linear`, which can multiply decoding steps by an MKL-packed copy of its weight (`packed_decoding`).
+
+    A decoding step multiplies a few rows (one position per sequence) by every weight. On a CPU, MKL's packed GEMM
+    (the weight re-laid out once for a given row count, as `torch.compile`'s CPU freezing does it) runs those
+    products 1.3-2.7x faster than `F.linear` from 4 rows up; below that both are as fast. Only when enabled (by
+    `packed_decoding`), without autograd or autocast, in float32 on a CPU with MKL; otherwise `F.linear`.
+    """
+
+    decoding_pack: dict | None = None  # {} while `packed_decoding` is on: {"rows", "version", "weight"}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            self.decoding_pack is not None
+            and not torch.compiler.is_compiling()
+            and x.dim() == 3
+            and x.shape[1] == 1  # one position per sequence: a decoding step
+            and x.shape[0] >= MIN_PACKED_ROWS
+            and x.dtype == self.weight.dtype == torch.float32
+            and x.device.type == "cpu"
+            and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu")
+        ):
+            rows, pack = x.shape[0], self.decoding_pack
+            if pack.get("rows") != rows or pack.get("version") != (self.weight.data_ptr(), self.weight._version):
+                pack.clear()  # one pack at a time: free the old one before making the new one
+                pack.update(
+                    rows=rows,
+                    version=(self.weight.data_ptr(), self.weight._version),
+                    weight=torch.ops.mkl._mkl_reorder_linear_weight(self.weight, rows),
+                )
+            return torch.ops.mkl._mkl_linear(x, pack["weight"], self.weight, self.bias, rows)
+        return F.linear(x, self.weight, self.bias)
+
+
+def mkl_packing_available() -> bool:
+    """Whether this torch has MKL and its packed-GEMM ops (x86 builds do; e.g. ARM builds do not)."""
+    return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
+
+
+@contextmanager
+def packed_decoding(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Within the block, `model`'s `Linear`s run decoding steps of >= 4 rows with MKL-packed weights on a CPU.
+
+    Each `Linear` packs its weight at its first such step (for that row count; again if the rows or the weight
+    change) and drops the pack when the block ends, so decoding holds one more copy of the weights meanwhile
+    (0.5 GB for 124M in float32). The products equal `F.linear`'s to float32 rounding. A no-op where MKL is missing
+    or `enabled` is False. `GPT2ScratchForCausalLM.generate` runs inside it.
+    """
+    linears = [module for module in model.modules() if isinstance(module, Linear)]
+    if not (enabled and mkl_packing_available()) or any(m.decoding_pack is not None for m in linears):
+        yield  # off, or already on (a nested call): leave the packs to the outer block
+        return
+    for module in linears:
+        module.decoding_pack = {}
+    try:
+        yield
+    finally:
+        for module in linears:
+            module.decoding_pack = None
 
 
 def eager_attention_forward(
@@ -66,8 +130,8 @@ class CausalSelfAttention(nn.Module):
         self.head_dim = config.n_embd // config.n_head
         self.scaling = self.head_dim**-0.5
         self.is_causal = True  # read by transformers' sdpa/flash attention functions
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
+        self.c_proj = Linear(config.n_embd, config.n_embd)
         self.c_proj.is_residual_projection = True  # scaled init, see `_init_weights`
         self.attn_dropout = nn.Dropout(config.attn_pdrop)  # applied inside the attention function
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
@@ -111,8 +175,8 @@ class MLP(nn.Module):
     def __init__(self, config: GPT2ScratchConfig):
         super().__init__()
         n_inner = config.n_inner if config.n_inner is not None else 4 * config.n_embd
-        self.c_fc = nn.Linear(config.n_embd, n_inner)
-        self.c_proj = nn.Linear(n_inner, config.n_embd)
+        self.c_fc = Linear(config.n_embd, n_inner)
+        self.c_proj = Linear(n_inner, config.n_embd)
         self.c_proj.is_residual_projection = True  # scaled init, see `_init_weights`
         self.dropout = nn.Dropout(config.resid_pdrop)
 
@@ -400,11 +464,12 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
     """
 
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+    pack_decoding_weights = True  # `generate()` on a CPU: decode with MKL-packed weights (`packed_decoding`)
 
     def __init__(self, config: GPT2ScratchConfig):
         super().__init__(config)
         self.transformer = GPT2ScratchModel(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         self.post_init()
         if self.generation_config is not None and self.generation_config.pad_token_id is None:
             self.generation_config.pad_token_id = config.eos_token_id  # GPT-2 has no pad token: pad with eos
@@ -421,6 +486,16 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
     def to_hf_gpt2(self) -> nn.Module:
         """A `transformers.GPT2LMHeadModel` with the same weights (and the same logits over GPT-2's 50257 ids)."""
         return _conversion().to_hf_gpt2(self)
+
+    def generate(self, *args, **kwargs):
+        """`GenerationMixin.generate`, decoding with MKL-packed weights on a CPU (`packed_decoding`).
+
+        In float32 on a CPU, decoding steps of 4 or more rows (batch x beams) multiply by packed copies of the
+        weights, made at the first step and dropped after the call: faster matmuls (BENCHMARKS.md) for one more copy
+        of the weights in memory meanwhile. Set `model.pack_decoding_weights = False` to decode with `F.linear`.
+        """
+        with packed_decoding(self, enabled=self.pack_decoding_weights):
+            return super().generate(*args, **kwargs)
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(

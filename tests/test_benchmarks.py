@@ -1,5 +1,5 @@
 """The benchmarks: training throughput compares like with like (variants name what they run and agree on the loss),
-and a bad number on any script's command line is a one-line usage error."""
+generation rows give HF's ids, and a bad number on any script's command line is a one-line usage error."""
 
 import argparse
 import dataclasses
@@ -15,6 +15,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 import train_throughput  # noqa: E402
 
+from modeling_gpt2_scratch.modeling_gpt2_scratch import mkl_packing_available  # noqa: E402
 from modeling_gpt2_scratch.training import TrainArguments  # noqa: E402
 
 
@@ -148,21 +149,35 @@ def test_a_worker_killed_mid_run_is_a_one_line_error():
         worker.step("ours-fp32", 1)
 
 
-def test_decode_matmul_times_three_ways_that_agree(capsys):
-    """The three ways of writing decoding's product agree (the script checks), and each gets a timed cell."""
+def test_decode_matmul_times_ways_that_agree(capsys):
+    """The ways of writing decoding's product agree (the script checks), and each gets a timed cell."""
     import decode_matmul
 
     decode_matmul.main(
         ["--rows", "1", "3", "--repeats", "1", "--n_layer", "1", "--n_embd", "32", "--vocab_size", "96"]
     )
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
-    assert rows[0] == "| weights | rows | F.linear | W @ x.T | Conv1D |"
+    ways = ["F.linear", "W @ x.T", "Conv1D"] + (["MKL packed"] if mkl_packing_available() else [])
+    assert rows[0] == "| weights | rows | " + " | ".join(ways) + " |"
     cells = [row.strip("| ").split(" | ") for row in rows[1:]]
     assert [(c[0], c[1]) for c in cells] == [
         ("4 block matrices", "1"), ("4 block matrices", "3"), ("LM head (96, 32)", "1"), ("LM head (96, 32)", "3")
     ]  # fmt: skip
     assert all(re.fullmatch(r"\d+\.\d\d", c[2]) for c in cells)  # F.linear, the reference
-    assert all(re.fullmatch(r"\d+\.\d\d \(\d+\.\d\dx\)", cell) for c in cells for cell in c[3:5])
+    assert all(re.fullmatch(r"\d+\.\d\d \(\d+\.\d\dx\)", cell) for c in cells for cell in c[3:])
+    assert all(len(c) == 2 + len(ways) for c in cells)
+
+
+def test_generate_throughput_rows_give_hf_ids(capsys):
+    import generate_throughput
+
+    generate_throughput.main(
+        ["--batch_sizes", "4", "--prompt_len", "4", "--new_tokens", "3", "--modes", "eager", "--repeats", "1"]
+    )
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| eager | 4 |")]
+    expected = ["HF GPT2LMHeadModel", "scratch"] + (["scratch, F.linear"] if mkl_packing_available() else [])
+    assert [row[2] for row in rows] == expected
+    assert [row[-1] for row in rows] == ["yes |"] * len(expected)  # each row's ids equal HF's
 
 
 def test_bad_numbers_are_one_line_usage_errors(capsys):

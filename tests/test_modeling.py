@@ -355,6 +355,75 @@ def test_static_cache_generate_matches_dynamic(pair):
     assert torch.equal(dynamic, static)
 
 
+# --- decoding with MKL-packed weights --------------------------------------------------------------------------------
+
+needs_mkl = pytest.mark.skipif(not modeling.mkl_packing_available(), reason="this torch has no MKL packed GEMM")
+
+
+@pytest.fixture
+def packs_made(monkeypatch) -> list[tuple[int, ...]]:
+    """The (weight shape..., rows) of every MKL weight pack made while the test runs."""
+    made = []
+    reorder = torch.ops.mkl._mkl_reorder_linear_weight
+    monkeypatch.setattr(
+        torch.ops.mkl, "_mkl_reorder_linear_weight", lambda w, rows: made.append((*w.shape, rows)) or reorder(w, rows)
+    )
+    return made
+
+
+def linears(model) -> list[modeling.Linear]:
+    return [m for m in model.modules() if isinstance(m, modeling.Linear)]
+
+
+@needs_mkl
+def test_generate_decodes_batches_of_four_with_packed_weights_and_hf_ids(pair, packs_made):
+    hf, model = pair
+    prompt = random_ids(5, 8)
+    ref = hf.generate(prompt, max_new_tokens=16, do_sample=False)
+    out = model.generate(prompt, max_new_tokens=16, do_sample=False)
+    assert torch.equal(out, ref)
+    # each of the 2 x 4 block linears and the LM head packed once, for the 5 decoding rows; the prefill did not pack
+    assert sorted(packs_made) == sorted((*m.weight.shape, 5) for m in linears(model))
+    assert all(m.decoding_pack is None for m in linears(model))  # dropped after the call
+
+
+@needs_mkl
+def test_packed_decoding_step_matches_f_linear_and_follows_weight_changes(packs_made):
+    _, model = make_pair()
+    ids = random_ids(4, 6)
+
+    def last_step_logits() -> torch.Tensor:
+        with torch.no_grad():
+            cache = model(ids[:, :-1], use_cache=True).cache
+            return model(ids[:, -1:], cache=cache).logits  # (4, 1, V): one decoding step of 4 rows
+
+    reference = last_step_logits()
+    with modeling.packed_decoding(model):
+        with modeling.packed_decoding(model):  # nested: the outer block keeps the packs
+            pass
+        packed = last_step_logits()
+        assert len(packs_made) == len(linears(model))
+        with torch.no_grad():
+            model.transformer.h[0].mlp.c_fc.weight.mul_(0.5)  # in place: its pack must follow
+        packed_after_change = last_step_logits()
+    torch.testing.assert_close(packed, reference, rtol=1e-5, atol=1e-5)
+    assert len(packs_made) == len(linears(model)) + 1  # only the changed weight packed again
+    torch.testing.assert_close(packed_after_change, last_step_logits(), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(packed_after_change, reference, atol=1e-3)
+
+
+@needs_mkl
+def test_no_packs_below_four_rows_with_grad_or_when_switched_off(pair, packs_made, monkeypatch):
+    _, model = pair
+    model.generate(random_ids(3, 8), max_new_tokens=4, do_sample=False)  # 3 decoding rows
+    with modeling.packed_decoding(model):
+        model(random_ids(4, 1)).logits.sum().backward()  # autograd needs F.linear's backward
+    model.zero_grad(set_to_none=True)
+    monkeypatch.setattr(model, "pack_decoding_weights", False)
+    model.generate(random_ids(4, 8), max_new_tokens=4, do_sample=False)
+    assert packs_made == []
+
+
 # --- gradients -------------------------------------------------------------------------------------------------------
 
 
@@ -480,7 +549,7 @@ def test_saved_code_imports_only_torch_transformers_and_itself(tmp_path, pair):
             if line.startswith(("import ", "from ")):
                 module = line.split()[1]
                 allowed = ("torch", "transformers", ".configuration_gpt2_scratch", "__future__")
-                stdlib = ("importlib", "math", "collections", "pathlib")
+                stdlib = ("importlib", "math", "collections", "contextlib", "pathlib")
                 assert module.startswith(allowed + stdlib), f"{name}: {line}"
 
 
