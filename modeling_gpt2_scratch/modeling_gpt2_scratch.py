@@ -45,7 +45,7 @@ class Linear(nn.Linear):
     `packed_decoding`), without autograd or autocast, in float32 on a CPU with MKL; otherwise `F.linear`.
     """
 
-    decoding_pack: dict | None = None  # {} while `packed_decoding` is on: {"rows", "version", "weight"}
+    decoding_pack: dict | None = None  # {} while `packed_decoding` is on, then {"key": ..., "weight": the pack}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
@@ -59,15 +59,13 @@ class Linear(nn.Linear):
             and not torch.is_grad_enabled()
             and not torch.is_autocast_enabled("cpu")
         ):
-            rows, pack = x.shape[0], self.decoding_pack
-            if pack.get("rows") != rows or pack.get("version") != (self.weight.data_ptr(), self.weight._version):
+            rows, weight, pack = x.shape[0], self.weight, self.decoding_pack
+            # packed for these rows, from this weight as it is now (inference tensors have no version counter)
+            key = (rows, weight.data_ptr(), None if weight.is_inference() else weight._version)
+            if pack.get("key") != key:
                 pack.clear()  # one pack at a time: free the old one before making the new one
-                pack.update(
-                    rows=rows,
-                    version=(self.weight.data_ptr(), self.weight._version),
-                    weight=torch.ops.mkl._mkl_reorder_linear_weight(self.weight, rows),
-                )
-            return torch.ops.mkl._mkl_linear(x, pack["weight"], self.weight, self.bias, rows)
+                pack.update(key=key, weight=torch.ops.mkl._mkl_reorder_linear_weight(weight, rows))
+            return torch.ops.mkl._mkl_linear(x, pack["weight"], weight, self.bias, rows)
         return F.linear(x, self.weight, self.bias)
 
 

@@ -413,6 +413,15 @@ def test_packed_decoding_step_matches_f_linear_and_follows_weight_changes(packs_
 
 
 @needs_mkl
+def test_packed_decoding_of_a_model_made_under_inference_mode(packs_made):
+    with torch.inference_mode():  # its weights are inference tensors: no version counter to key the packs on
+        hf, model = make_pair()
+        prompt = random_ids(4, 8)
+        assert torch.equal(model.generate(prompt, max_new_tokens=8), hf.generate(prompt, max_new_tokens=8))
+    assert model.lm_head.weight.is_inference() and len(packs_made) == len(linears(model))
+
+
+@needs_mkl
 def test_no_packs_below_four_rows_with_grad_or_when_switched_off(pair, packs_made, monkeypatch):
     _, model = pair
     model.generate(random_ids(3, 8), max_new_tokens=4, do_sample=False)  # 3 decoding rows
