@@ -49,8 +49,8 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
-            self.decoding_pack is not None
-            and not torch.compiler.is_compiling()
+            not torch.compiler.is_compiling()  # first: compiled code never reads (or guards on) the pack
+            and self.decoding_pack is not None
             and x.dim() == 3
             and x.shape[1] == 1  # one position per sequence: a decoding step
             and x.shape[0] >= MIN_PACKED_ROWS

@@ -421,6 +421,21 @@ def test_packed_decoding_of_a_model_made_under_inference_mode(packs_made):
     assert model.lm_head.weight.is_inference() and len(packs_made) == len(linears(model))
 
 
+def test_compiled_decoding_does_not_recompile_on_the_next_call(pair):
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    hf, model = pair
+    compile_config = CompileConfig(mode="default")
+    compile_config._compile_all_devices = True  # generate() compiles only on CUDA-like devices otherwise
+    prompt = random_ids(4, 8)
+    kwargs = dict(max_new_tokens=5, cache_implementation="static", compile_config=compile_config)
+    assert torch.equal(model.generate(prompt, **kwargs), hf.generate(prompt, max_new_tokens=5))
+    graphs = counters["stats"]["unique_graphs"]
+    assert torch.equal(model.generate(prompt, **kwargs), hf.generate(prompt, max_new_tokens=5))
+    assert counters["stats"]["unique_graphs"] == graphs  # the packing switch is no guard of the compiled step
+
+
 @needs_mkl
 def test_no_packs_below_four_rows_with_grad_or_when_switched_off(pair, packs_made, monkeypatch):
     _, model = pair
