@@ -13,8 +13,10 @@ max_new_tokens=N, min_new_tokens=N)` on random prompt ids; new tokens/s = batch 
   (`CompileConfig`; on CPU `mode="default"` and `_compile_all_devices=True`, which `generate()` needs to compile off
   CUDA; on CUDA its default `reduce-overhead`). Compilation happens in the warm-up call.
 
-The scratch model's `generate()` decodes with MKL-packed weights on a CPU (`packed_decoding`, from 4 rows up); in
-`eager` mode on a CPU with MKL a third row, `scratch, F.linear`, runs it with `pack_decoding_weights = False`.
+The scratch model's `generate()` keeps its keys and values in a `GrowingCache` (written in place, where
+`DynamicCache` concatenates every step) and decodes with MKL-packed weights on a CPU (`packed_decoding`, from 4
+rows up). In `eager` mode two more rows take one of them away: `scratch, DynamicCache` passes
+`cache=DynamicCache(...)`, and on a CPU with MKL `scratch, F.linear` sets `pack_decoding_weights = False`.
 
 For every batch size and mode the models run interleaved (one call each per round, after one warm-up call each),
 and the median is reported; each model's generated ids are checked against HF's. Prints a markdown table.
@@ -26,11 +28,12 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import transformers
-from transformers import CompileConfig, GPT2Config, GPT2LMHeadModel
+from transformers import CompileConfig, DynamicCache, GPT2Config, GPT2LMHeadModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cli import positive_int  # noqa: E402  (this folder is on sys.path when run as a script)
@@ -75,11 +78,15 @@ def build_models(device: torch.device, seed: int) -> dict[str, torch.nn.Module]:
 
 
 def variants(models: dict[str, torch.nn.Module], mode: str, device: torch.device) -> dict[str, tuple]:
-    """`{row name: (model, pack_decoding_weights or None)}`: HF, the scratch model as it comes, and in eager mode
-    on a CPU with MKL the scratch model decoding with `F.linear` (the packed weights' baseline)."""
-    rows = {HF: (models[HF], None), "scratch": (models["scratch"], True)}
-    if mode == "eager" and device.type == "cpu" and mkl_packing_available():
-        rows["scratch, F.linear"] = (models["scratch"], False)
+    """`{row name: (model, pack_decoding_weights or None, extra generate() kwargs or None)}`: HF and the scratch
+    model as they come; in eager mode the scratch model with `transformers`' `DynamicCache` and, on a CPU with MKL,
+    decoding with `F.linear` (the baselines of its cache and of its packed weights)."""
+    scratch = models["scratch"]
+    rows = {HF: (models[HF], None, None), "scratch": (scratch, True, None)}
+    if mode == "eager":
+        rows["scratch, DynamicCache"] = (scratch, True, lambda: {"cache": DynamicCache(config=scratch.config)})
+        if device.type == "cpu" and mkl_packing_available():
+            rows["scratch, F.linear"] = (scratch, False, None)
     return rows
 
 
@@ -94,10 +101,11 @@ def generate_kwargs(mode: str, device: torch.device, new_tokens: int) -> dict:
 
 
 def timed_generate(
-    model, pack: bool | None, prompt: torch.Tensor, kwargs: dict, device: torch.device
+    model, pack: bool | None, extra: Callable[[], dict] | None, prompt: torch.Tensor, kwargs: dict, device
 ) -> tuple[float, torch.Tensor]:
     if pack is not None:
         model.pack_decoding_weights = pack
+    kwargs = kwargs | (extra() if extra is not None else {})  # a fresh cache for every call
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -122,15 +130,15 @@ def main(argv: list[str] | None = None) -> None:
             runs = variants(models, mode, device)
             times: dict[str, list[float]] = {name: [] for name in runs}
             outputs, warmups, errors = {}, {}, {}
-            for name, (model, pack) in runs.items():  # warm-up (compilation for static-compile)
+            for name, (model, pack, extra) in runs.items():  # warm-up (compilation for static-compile)
                 try:
-                    warmups[name], outputs[name] = timed_generate(model, pack, prompt, kwargs, device)
+                    warmups[name], outputs[name] = timed_generate(model, pack, extra, prompt, kwargs, device)
                 except Exception as err:  # noqa: BLE001 - report why a mode does not work instead of stopping
                     errors[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
             for _ in range(args.repeats):
-                for name, (model, pack) in runs.items():
+                for name, (model, pack, extra) in runs.items():
                     if name not in errors:
-                        times[name].append(timed_generate(model, pack, prompt, kwargs, device)[0])
+                        times[name].append(timed_generate(model, pack, extra, prompt, kwargs, device)[0])
             medians = {name: statistics.median(t) for name, t in times.items() if t}
             for name in runs:
                 if name in errors:

@@ -175,7 +175,8 @@ def test_generate_throughput_rows_give_hf_ids(capsys):
         ["--batch_sizes", "4", "--prompt_len", "4", "--new_tokens", "3", "--modes", "eager", "--repeats", "1"]
     )
     rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| eager | 4 |")]
-    expected = ["HF GPT2LMHeadModel", "scratch"] + (["scratch, F.linear"] if mkl_packing_available() else [])
+    expected = ["HF GPT2LMHeadModel", "scratch", "scratch, DynamicCache"]
+    expected += ["scratch, F.linear"] if mkl_packing_available() else []
     assert [row[2] for row in rows] == expected
     assert [row[-1] for row in rows] == ["yes |"] * len(expected)  # each row's ids equal HF's
 

@@ -305,6 +305,77 @@ def test_token_by_token_cache_matches_full_forward(pair):
     assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-4
 
 
+def test_growing_cache_holds_what_dynamic_cache_holds_without_copying_each_step(pair):
+    from transformers import DynamicCache
+
+    _, model = pair
+    ids = random_ids(3, 12)
+    growing, dynamic = modeling.GrowingCache(model.config), DynamicCache(config=model.config)
+    first_keys = None
+    with torch.no_grad():
+        for start, stop in ((0, 5), (5, 6), (6, 9), (9, 10), (10, 12)):  # a prompt, then 1- and 3-token steps
+            got = model(ids[:, start:stop], cache=growing).logits
+            want = model(ids[:, start:stop], cache=dynamic).logits
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+            for layer, reference in zip(growing.layers, dynamic.layers, strict=True):
+                assert torch.equal(layer.keys, reference.keys) and torch.equal(layer.values, reference.values)
+            first_keys = first_keys if first_keys is not None else growing.layers[0].keys
+    assert growing.layers[0].keys.data_ptr() == first_keys.data_ptr()  # 12 positions fit the first buffer: no copy
+    assert growing.get_seq_length() == 12
+    with torch.no_grad():
+        assert isinstance(model(ids[:, :2], use_cache=True).cache, modeling.GrowingCache)  # forward's own cache
+
+
+def test_growing_cache_after_crop_reorder_and_batch_select_matches_dynamic_cache(pair):
+    from transformers import DynamicCache
+
+    _, model = pair
+    ids = random_ids(4, 10)
+    caches = [modeling.GrowingCache(model.config), DynamicCache(config=model.config)]
+    logits = []
+    with torch.no_grad():
+        for cache in caches:
+            model(ids[:, :6], cache=cache)
+            cache.crop(-2)  # speculative decoding's rollback: the next step writes over positions 4 and 5
+            step = [model(ids[:, 6:7], cache=cache).logits]
+            cache.reorder_cache(torch.tensor([2, 0, 0, 1]))  # beam search
+            step.append(model(ids[:, 7:8], cache=cache).logits)
+            cache.batch_select_indices(torch.tensor([0, 3]))
+            step.append(model(ids[[0, 3], 8:9], cache=cache).logits)
+            logits.append(step)
+    for got, want in zip(*logits, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert caches[0].get_seq_length() == caches[1].get_seq_length() == 7
+
+
+def test_generate_uses_a_growing_cache_unless_told_otherwise(pair):
+    from transformers import DynamicCache, StaticCache
+
+    hf, model = pair
+    prompt = random_ids(2, 6)
+    reference = hf.generate(prompt, max_new_tokens=6, do_sample=False)
+
+    def run(**kwargs):
+        out = model.generate(prompt, max_new_tokens=6, do_sample=False, return_dict_in_generate=True, **kwargs)
+        assert torch.equal(out.sequences, reference)
+        return out.past_key_values
+
+    assert type(run()) is modeling.GrowingCache
+    assert type(run(cache=DynamicCache(config=model.config))) is DynamicCache  # the caller's own cache
+    assert isinstance(run(cache_implementation="static"), StaticCache)
+    assert run(use_cache=False) is None
+
+
+def test_assisted_and_beam_search_generation_match_hf(pair):
+    hf, model = pair
+    prompt = random_ids(1, 8)
+    _, assistant = make_pair(seed=1, n_embd=32, n_layer=1, n_head=4, n_positions=64)
+    greedy = hf.generate(prompt, max_new_tokens=12, do_sample=False)
+    assert torch.equal(model.generate(prompt, assistant_model=assistant, max_new_tokens=12, do_sample=False), greedy)
+    beams = hf.generate(prompt, num_beams=3, max_new_tokens=12, do_sample=False)
+    assert torch.equal(model.generate(prompt, num_beams=3, max_new_tokens=12, do_sample=False), beams)
+
+
 def test_past_key_values_keyword_still_accepted(pair):
     _, model = pair
     ids = random_ids(1, 6)
