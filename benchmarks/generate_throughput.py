@@ -13,10 +13,11 @@ max_new_tokens=N, min_new_tokens=N)` on random prompt ids; new tokens/s = batch 
   (`CompileConfig`; on CPU `mode="default"` and `_compile_all_devices=True`, which `generate()` needs to compile off
   CUDA; on CUDA its default `reduce-overhead`). Compilation happens in the warm-up call.
 
-The scratch model's `generate()` keeps its keys and values in a `GrowingCache` (written in place, where
-`DynamicCache` concatenates every step) and decodes with MKL-packed weights on a CPU (`packed_decoding`, from 4
-rows up). In `eager` mode two more rows take one of them away: `scratch, DynamicCache` passes
-`cache=DynamicCache(...)`, and on a CPU with MKL `scratch, F.linear` sets `pack_decoding_weights = False`.
+On a CPU the scratch model's `generate()` keeps its keys and values in a `GrowingCache` (written in place, where
+`DynamicCache` concatenates every step) and decodes with MKL-packed weights (`packed_decoding`, from 4 rows up). In
+`eager` mode more rows change one thing each: `scratch, DynamicCache` passes `cache=DynamicCache(...)` (on a GPU,
+where `DynamicCache` is the default, `scratch, GrowingCache` passes a `GrowingCache`), and on a CPU with MKL
+`scratch, F.linear` sets `pack_decoding_weights = False`.
 
 For every batch size and mode the models run interleaved (one call each per round, after one warm-up call each),
 and the median is reported; each model's generated ids are checked against HF's. Prints a markdown table.
@@ -39,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cli import positive_int  # noqa: E402  (this folder is on sys.path when run as a script)
 
 from modeling_gpt2_scratch import GPT2ScratchForCausalLM  # noqa: E402
-from modeling_gpt2_scratch.modeling_gpt2_scratch import mkl_packing_available  # noqa: E402
+from modeling_gpt2_scratch.modeling_gpt2_scratch import GrowingCache, mkl_packing_available  # noqa: E402
 from modeling_gpt2_scratch.training import describe_device  # noqa: E402
 
 MODES = ("eager", "static-compile")
@@ -79,12 +80,15 @@ def build_models(device: torch.device, seed: int) -> dict[str, torch.nn.Module]:
 
 def variants(models: dict[str, torch.nn.Module], mode: str, device: torch.device) -> dict[str, tuple]:
     """`{row name: (model, pack_decoding_weights or None, extra generate() kwargs or None)}`: HF and the scratch
-    model as they come; in eager mode the scratch model with `transformers`' `DynamicCache` and, on a CPU with MKL,
-    decoding with `F.linear` (the baselines of its cache and of its packed weights)."""
+    model as they come; in eager mode the scratch model with the other cache (`DynamicCache` on a CPU, where it
+    makes a `GrowingCache`; the reverse elsewhere) and, on a CPU with MKL, decoding with `F.linear`."""
     scratch = models["scratch"]
     rows = {HF: (models[HF], None, None), "scratch": (scratch, True, None)}
-    if mode == "eager":
-        rows["scratch, DynamicCache"] = (scratch, True, lambda: {"cache": DynamicCache(config=scratch.config)})
+    if mode == "eager":  # the cache the model does not make by default on this device
+        if device.type == "cpu":
+            rows["scratch, DynamicCache"] = (scratch, True, lambda: {"cache": DynamicCache(config=scratch.config)})
+        else:
+            rows["scratch, GrowingCache"] = (scratch, True, lambda: {"cache": GrowingCache(scratch.config)})
         if device.type == "cpu" and mkl_packing_available():
             rows["scratch, F.linear"] = (scratch, False, None)
     return rows

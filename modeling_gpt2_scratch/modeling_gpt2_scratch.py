@@ -290,60 +290,61 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_h, grad_w, None, None, None, None, None
 
 
-def _append(past: torch.Tensor, room: torch.Tensor | None, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`torch.cat([past, new], dim=-2)`, written into `room` and returned as a view of it, with `room`.
-
-    `past` is copied only into a new room: on the first call, when `room` is full, or when `past` is no longer the
-    start of `room` (replaced, e.g. by a beam-search reorder). A new room has a quarter of its length (at least 64
-    positions) to spare.
-    """
-    length = past.shape[-2] if past.dim() == 4 else 0  # an empty DynamicLayer holds a 1-D `tensor([])`
-    total = length + new.shape[-2]
-    in_room = (
-        room is not None
-        and total <= room.shape[-2]
-        and room.dtype == new.dtype
-        and past.dim() == 4  # and `past` is `room[..., :length, :]`:
-        and past.data_ptr() == room.data_ptr()
-        and past.shape[:-2] == room.shape[:-2]
-        and past.stride() == room.stride()
-    )
-    if not in_room:
-        room = new.new_empty((*new.shape[:-2], total + max(64, total // 4), new.shape[-1]))
-        if length:
-            room[..., :length, :].copy_(past)
-    room[..., length:total, :].copy_(new)
-    return room[..., :total, :], room  # (B, nh, total, hs), a view
-
-
 class GrowingLayer(DynamicLayer):
-    """A `DynamicLayer` that appends each step's keys and values in place instead of concatenating.
+    """A `DynamicLayer` that writes each step's keys and values in place instead of concatenating.
 
     `DynamicLayer.update` concatenates, so every decoding step copies the whole cache of every layer: the copies grow
     with the square of the length (0.95 s of a 7.1 s, 128-token, batch-8 call at 124M on 2 CPU cores). Here keys and
-    values are views of the first `S` positions of larger buffers, written in place; a buffer is copied into a
-    larger one only when full. The other `DynamicLayer` methods keep working as they are: crop leaves a shorter view
-    of the buffer (the next update writes over what was cropped), and reorder or batch selection leave new tensors
-    (the next update starts a new buffer from them).
+    values are views of the first `S` positions of larger buffers ("rooms", with a quarter of their length, at least
+    64 positions, to spare), and a step writes its positions into them. The other `DynamicLayer` methods work as
+    they are: a crop leaves shorter views of the rooms (the next update writes over what was cropped); a reorder,
+    batch selection or offload leaves new tensors, which the next update copies into new rooms.
     """
+
+    _rooms: tuple[torch.Tensor, torch.Tensor] | None = None  # the buffers behind `keys` and `values`
+    _views: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)  # the `keys`, `values` they last gave
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
-        self.key_room = self.value_room = None
+        self._rooms, self._views = None, (None, None)
+
+    def _in_rooms(self) -> bool:
+        return self._rooms is not None and self.keys is self._views[0] and self.values is self._views[1]
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.keys, self.key_room = _append(self.keys, self.key_room, key_states)
-        self.values, self.value_room = _append(self.values, self.value_room, value_states)
+        start, n = self.get_seq_length(), key_states.shape[-2]
+        if not (self._in_rooms() and start + n <= self._rooms[0].shape[-2]):  # first step, full, or replaced
+            spare = max(64, (start + n) // 4)
+            rooms = []
+            for past, new in ((self.keys, key_states), (self.values, value_states)):
+                room = new.new_empty((*new.shape[:-2], start + n + spare, new.shape[-1]))  # (B, nh, room, hs)
+                if start:
+                    room.narrow(-2, 0, start).copy_(past)
+                rooms.append(room)
+            self._rooms = tuple(rooms)
+        key_room, value_room = self._rooms
+        key_room.narrow(-2, start, n).copy_(key_states)
+        value_room.narrow(-2, start, n).copy_(value_states)
+        self.keys, self.values = key_room.narrow(-2, 0, start + n), value_room.narrow(-2, 0, start + n)
+        self._views = (self.keys, self.values)
         return self.keys, self.values
+
+    def crop(self, tokens_to_remove: int) -> None:
+        in_rooms = self._in_rooms()
+        super().crop(tokens_to_remove)
+        if in_rooms:  # shorter views of the same rooms
+            self._views = (self.keys, self.values)
 
 
 class GrowingCache(DynamicCache):
     """`transformers`' `DynamicCache` with one `GrowingLayer` per block: the cache `generate()` and `forward` make
-    when given none."""
+    on a CPU when given none. On a GPU they keep `DynamicCache`: there a decoding step is bound by kernel launches
+    and Python, and a `GrowingLayer` update runs more small operations than one `torch.cat` (unmeasured on a GPU; on
+    a CPU it is faster even at batch 1: 24 us against 31-33 us per update at 1 x 12 x 200 x 64, BENCHMARKS.md)."""
 
     def __init__(self, config: GPT2ScratchConfig):
         super().__init__(config=config)
@@ -449,8 +450,9 @@ class GPT2ScratchModel(GPT2ScratchPreTrainedModel):
 
         if inputs_embeds is None:
             inputs_embeds = self.wte(input_ids)  # (B, T, C)
-        if use_cache and cache is None:
-            cache = GrowingCache(self.config)
+        if use_cache and cache is None:  # see `GrowingCache` for why only on a CPU
+            on_cpu = inputs_embeds.device.type == "cpu"
+            cache = GrowingCache(self.config) if on_cpu else DynamicCache(config=self.config)
         default_positions = position_ids is None  # 0..T-1 (after any past): no packed sequences in them
         if position_ids is None:
             cache_position = kwargs.pop("cache_position", None)  # older callers pass absolute positions this way
@@ -548,8 +550,9 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
     def generate(self, *args, **kwargs):
         """`GenerationMixin.generate`, with a `GrowingCache` and, on a CPU, MKL-packed weights (`packed_decoding`).
 
-        - Where `generate()` would make its default `DynamicCache` (no cache passed, no `cache_implementation`,
-          `use_cache` on), it gets a `GrowingCache` instead: the same cache, without copying it at every step.
+        - On a CPU, where `generate()` would make its default `DynamicCache` (no cache passed, no
+          `cache_implementation`, `use_cache` on), it gets a `GrowingCache` instead: the same cache, without copying
+          it at every step.
         - In float32 on a CPU, decoding steps of 4 or more rows (batch x beams) multiply by packed copies of the
           weights, made at the first step and dropped after the call: faster matmuls (BENCHMARKS.md) for one more
           copy of the weights in memory meanwhile. Set `model.pack_decoding_weights = False` to decode with
@@ -562,7 +565,8 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
             return kwargs[name] if name in kwargs else getattr(generation_config, name, None)
 
         if (
-            kwargs.get("cache") is None
+            self.device.type == "cpu"
+            and kwargs.get("cache") is None
             and kwargs.get("past_key_values") is None
             and setting("cache_implementation") is None
             and setting("use_cache") is not False

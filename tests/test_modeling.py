@@ -336,8 +336,11 @@ def test_growing_cache_after_crop_reorder_and_batch_select_matches_dynamic_cache
     with torch.no_grad():
         for cache in caches:
             model(ids[:, :6], cache=cache)
+            keys_before_crop = cache.layers[0].keys
             cache.crop(-2)  # speculative decoding's rollback: the next step writes over positions 4 and 5
             step = [model(ids[:, 6:7], cache=cache).logits]
+            if isinstance(cache, modeling.GrowingCache):
+                assert cache.layers[0].keys.data_ptr() == keys_before_crop.data_ptr()  # the same room
             cache.reorder_cache(torch.tensor([2, 0, 0, 1]))  # beam search
             step.append(model(ids[:, 7:8], cache=cache).logits)
             cache.batch_select_indices(torch.tensor([0, 3]))
