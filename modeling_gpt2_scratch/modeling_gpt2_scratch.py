@@ -344,7 +344,7 @@ class GrowingCache(DynamicCache):
     """`transformers`' `DynamicCache` with one `GrowingLayer` per block: the cache `generate()` and `forward` make
     on a CPU when given none. On a GPU they keep `DynamicCache`: there a decoding step is bound by kernel launches
     and Python, and a `GrowingLayer` update runs more small operations than one `torch.cat` (unmeasured on a GPU; on
-    a CPU it is faster even at batch 1: 24 us against 31-33 us per update at 1 x 12 x 200 x 64, BENCHMARKS.md)."""
+    a CPU it is faster even at batch 1: 24 us against 31-33 us per `(1, 12, 1, 64)` update, BENCHMARKS.md)."""
 
     def __init__(self, config: GPT2ScratchConfig):
         super().__init__(config=config)
