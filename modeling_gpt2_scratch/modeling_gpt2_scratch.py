@@ -298,7 +298,8 @@ class GrowingLayer(DynamicLayer):
     values are views of the first `S` positions of larger buffers ("rooms", with a quarter of their length, at least
     64 positions, to spare), and a step writes its positions into them. The other `DynamicLayer` methods work as
     they are: a crop leaves shorter views of the rooms (the next update writes over what was cropped); a reorder,
-    batch selection or offload leaves new tensors, which the next update copies into new rooms.
+    batch selection or offload leaves new tensors, which the next update copies into new rooms. Under autograd an
+    update concatenates, as `DynamicLayer` does.
     """
 
     _rooms: tuple[torch.Tensor, torch.Tensor] | None = None  # the buffers behind `keys` and `values`
@@ -314,6 +315,9 @@ class GrowingLayer(DynamicLayer):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
+            # autograd keeps earlier steps' views for the backward: writing into their buffers would corrupt them
+            return super().update(key_states, value_states, *args, **kwargs)  # concatenate, as DynamicLayer does
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         start, n = self.get_seq_length(), key_states.shape[-2]

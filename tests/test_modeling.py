@@ -351,6 +351,21 @@ def test_growing_cache_after_crop_reorder_and_batch_select_matches_dynamic_cache
     assert caches[0].get_seq_length() == caches[1].get_seq_length() == 7
 
 
+def test_growing_cache_under_autograd_gives_dynamic_cache_gradients():
+    from transformers import DynamicCache
+
+    _, model = make_pair(seed=4)
+    ids = random_ids(2, 8)
+    grads = []
+    for cache in (modeling.GrowingCache(model.config), DynamicCache(config=model.config)):
+        model.zero_grad(set_to_none=True)
+        prefill = model(ids[:, :6], cache=cache).logits
+        step = model(ids[:, 6:7], cache=cache).logits  # must not write over what the prefill saved for backward
+        (prefill.sum() + step.sum()).backward()
+        grads.append(model.transformer.h[0].attn.c_attn.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
 def test_generate_uses_a_growing_cache_unless_told_otherwise(pair):
     from transformers import DynamicCache, StaticCache
 
