@@ -85,7 +85,7 @@ def variants(models: dict[str, torch.nn.Module], mode: str, device: torch.device
     scratch = models["scratch"]
     rows = {HF: (models[HF], None, None), "scratch": (scratch, True, None)}
     if mode == "eager":  # the cache the model does not make by default on this device
-        if device.type == "cpu":
+        if GrowingCache.is_default_on(device):
             rows["scratch, DynamicCache"] = (scratch, True, lambda: {"cache": DynamicCache(config=scratch.config)})
         else:
             rows["scratch, GrowingCache"] = (scratch, True, lambda: {"cache": GrowingCache(scratch.config)})

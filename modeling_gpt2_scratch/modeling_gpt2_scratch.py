@@ -354,6 +354,11 @@ class GrowingCache(DynamicCache):
         super().__init__(config=config)
         self.layers = [GrowingLayer() for _ in self.layers]
 
+    @staticmethod
+    def is_default_on(device: torch.device) -> bool:
+        """Whether `forward` and `generate()` make this cache, rather than `DynamicCache`, on `device`."""
+        return device.type == "cpu"
+
 
 class GPT2ScratchPreTrainedModel(PreTrainedModel):
     """Flags and weight initialisation shared by the base model and the LM-head model."""
@@ -454,9 +459,9 @@ class GPT2ScratchModel(GPT2ScratchPreTrainedModel):
 
         if inputs_embeds is None:
             inputs_embeds = self.wte(input_ids)  # (B, T, C)
-        if use_cache and cache is None:  # see `GrowingCache` for why only on a CPU
-            on_cpu = inputs_embeds.device.type == "cpu"
-            cache = GrowingCache(self.config) if on_cpu else DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            growing = GrowingCache.is_default_on(inputs_embeds.device)
+            cache = GrowingCache(self.config) if growing else DynamicCache(config=self.config)
         default_positions = position_ids is None  # 0..T-1 (after any past): no packed sequences in them
         if position_ids is None:
             cache_position = kwargs.pop("cache_position", None)  # older callers pass absolute positions this way
@@ -569,7 +574,7 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
             return kwargs[name] if name in kwargs else getattr(generation_config, name, None)
 
         if (
-            self.device.type == "cpu"
+            GrowingCache.is_default_on(self.device)
             and kwargs.get("cache") is None
             and kwargs.get("past_key_values") is None
             and setting("cache_implementation") is None
