@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import transformers
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
@@ -47,6 +47,7 @@ from modeling_gpt2_scratch.training import (
     flops_per_token,
     format_seconds,
     gradient_accumulation_steps,
+    gradient_norm,
     parse_arguments,
     prune_checkpoints,
     resolve_data_dir,
@@ -285,6 +286,28 @@ class StopSignal(contextlib.AbstractContextManager):
             signal.signal(sig, handler)
 
 
+def clip_gradients(accelerator: Accelerator, model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm to `max_norm` (`> 0`, else only measure it); return the norm before clipping.
+
+    On a CPU, one process or DDP (whose gradients are already all-reduced here): `gradient_norm` (accurate, and
+    faster than torch's CPU norm), then `torch.nn.utils.clip_grads_with_norm_` only where torch's coefficient
+    `max_norm / (norm + 1e-6)` is below 1. Otherwise torch's `clip_grad_norm_` multiplies every gradient by exactly
+    1, a pass over all of them (26 ms of a 124M step on 2 cores) that changes nothing; it does so to spare a GPU a
+    device sync. Elsewhere (GPUs, FSDP, DeepSpeed, XLA): `accelerator.clip_grad_norm_`.
+    """
+    on_cpu = accelerator.device.type == "cpu"
+    if max_norm > 0 and not (
+        on_cpu and accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU)
+    ):
+        return accelerator.clip_grad_norm_(model.parameters(), max_norm)
+    accelerator.unscale_gradients()  # a no-op without fp16's gradient scaler
+    params = [p for p in model.parameters() if p.grad is not None]
+    total_norm = gradient_norm([p.grad for p in params])
+    if max_norm > 0 and max_norm / (total_norm + 1e-6) < 1:  # torch's coefficient, below 1
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total_norm)
+    return total_norm
+
+
 def train_step(
     accelerator: Accelerator,
     forward: torch.nn.Module,
@@ -320,12 +343,7 @@ def train_step(
             f"non-finite loss ({train_loss}) at step {step}; nothing was saved, the last good checkpoint stays: "
             "lower --max_lr, check the data, then --resume latest."
         )
-    if train_args.grad_clip > 0:
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), train_args.grad_clip).item()
-    else:
-        grad_norm = torch.linalg.vector_norm(
-            torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])
-        ).item()
+    grad_norm = clip_gradients(accelerator, model, train_args.grad_clip).item()
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()

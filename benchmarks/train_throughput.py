@@ -17,25 +17,27 @@ first four are the default set:
 - `ours-fp32`: the scratch model, fp32, eager.
 - `ours-defaults`: the scratch model with exactly `train_accelerate.py`'s default speed settings for this device:
   its own `build_accelerator` (mixed precision), compile / fused AdamW / TF32 / glibc malloc tuning resolved from
-  `TrainArguments()` defaults, and its step (`accelerator.accumulate`, `accelerator.backward`,
-  `accelerator.clip_grad_norm_`).
+  `TrainArguments()` defaults, and its step (`accelerator.accumulate`, `accelerator.backward`, its
+  `clip_gradients`).
 - `hf-defaults`: HF under exactly the trainer's defaults for this device (on CPU: no compile; on CUDA the same as
   `hf-defaults-compile`).
 - `ours-defaults-compile`: ours with the trainer's defaults plus `torch.compile` (on CUDA the same as
   `ours-defaults`).
 
 Other combinations can be named with `--variants`: `{hf,ours}-{defaults,fp32,bf16}[-compile][-cudagraphs]
-[-autotune][-fused][-malloc][-ckpt][-logits][-math|-flash|-efficient|-cudnn]` (`-cudagraphs` and `-autotune` compile
-in the trainer's `--compile_mode` reduce-overhead and max-autotune-no-cudagraphs, both together max-autotune, with
-its CUDA-graph step (`compile_forward`); `-fused`: fused AdamW kernel; `-malloc`: the trainer's glibc
-malloc tuning; `-ckpt`: gradient checkpointing, as the trainer's `--gradient_checkpointing true`
-(`activation_checkpointing_enable()`: each block's activations recomputed in the backward); `-logits`, ours only: the
-plain LM head + `F.cross_entropy` on materialised logits, `skip_logits=False`, instead of the chunked
-`LinearCrossEntropy`; the last pins `F.scaled_dot_product_attention` to one kernel with
-`torch.nn.attention.sdpa_kernel`, where the device has it), e.g. `ours-bf16-compile` to see what other trainer
-defaults would give, or `ours-defaults-flash` against `ours-defaults-cudnn` on an H100. The fp32 variants use torch's
-and glibc's defaults (no TF32, foreach AdamW, glibc's malloc) unless named; the bf16 ones the trainer's choices for
-this device.
+[-autotune][-fused][-malloc][-ckpt][-logits][-denseemb][-torchclip][-math|-flash|-efficient|-cudnn]` (`-cudagraphs`
+and `-autotune` compile in the trainer's `--compile_mode` reduce-overhead and max-autotune-no-cudagraphs, both
+together max-autotune, with its CUDA-graph step (`compile_forward`); `-fused`: fused AdamW kernel; `-malloc`: the
+trainer's glibc malloc tuning; `-ckpt`: gradient checkpointing, as the trainer's `--gradient_checkpointing true`
+(`activation_checkpointing_enable()`: each block's activations recomputed in the backward); `-logits`, ours only:
+the plain LM head + `F.cross_entropy` on materialised logits, `skip_logits=False`, instead of the chunked
+`LinearCrossEntropy`; `-denseemb`, ours only: the token embedding's dense gradient, summed with the head's by
+autograd, instead of `TiedEmbedding`'s rows added in place (`add_embedding_gradient_in_place = False`);
+`-torchclip`, with `defaults`: `accelerator.clip_grad_norm_` instead of the trainer's `clip_gradients`; the last
+pins `F.scaled_dot_product_attention` to one kernel with `torch.nn.attention.sdpa_kernel`, where the device has it),
+e.g. `ours-bf16-compile` to see what other trainer defaults would give, or `ours-defaults-flash` against
+`ours-defaults-cudnn` on an H100. The fp32 variants use torch's and glibc's defaults (no TF32, foreach AdamW,
+glibc's malloc) unless named; the bf16 ones the trainer's choices for this device.
 
 The trainer's glibc malloc tuning on CPU (`--malloc_tuning`, `tune_cpu_malloc`) is one of its speed settings, so
 the `defaults` and `bf16` variants get it (as the trainer's choice for the device: on CPU) and the `fp32` ones do not,
@@ -98,7 +100,13 @@ from modeling_gpt2_scratch.training import (  # noqa: E402
     load_preset,
     tune_cpu_malloc,
 )
-from train_accelerate import build_accelerator, compile_forward, malloc_tuning_on, speed_flags  # noqa: E402
+from train_accelerate import (  # noqa: E402
+    build_accelerator,
+    clip_gradients,
+    compile_forward,
+    malloc_tuning_on,
+    speed_flags,
+)
 
 VARIANTS = ("hf-fp32", "hf-defaults-compile", "ours-fp32", "ours-defaults")  # the default set
 HF_FP32, HF_FAST = "hf-fp32", "hf-defaults-compile"
@@ -110,7 +118,17 @@ SDPA_BACKENDS = {
 }
 VARIANT_BASES = ("defaults", "fp32", "bf16")
 COMPILE_MODE_EXTRAS = {"cudagraphs": "reduce-overhead", "autotune": "max-autotune-no-cudagraphs"}  # -> --compile_mode
-VARIANT_EXTRAS = ("compile", *COMPILE_MODE_EXTRAS, "fused", "malloc", "ckpt", "logits", *SDPA_BACKENDS)
+VARIANT_EXTRAS = (
+    "compile",
+    *COMPILE_MODE_EXTRAS,
+    "fused",
+    "malloc",
+    "ckpt",
+    "logits",
+    "denseemb",
+    "torchclip",
+    *SDPA_BACKENDS,
+)
 PHASES = ("phase: forward", "phase: backward", "phase: clip", "phase: AdamW")  # profiler labels of a step
 QUICKSTART = REPO_ROOT / "configs" / "quickstart.yaml"
 
@@ -129,6 +147,8 @@ class Settings:
     malloc_tuning: bool = False  # glibc malloc tuned (tune_cpu_malloc; process-wide)
     checkpointing: bool = False  # gradient checkpointing (activation_checkpointing_enable, as the trainer's flag)
     compile_mode: str = "default"  # the trainer's --compile_mode (COMPILE_MODE_EXTRAS)
+    dense_embedding: bool = False  # ours: no `TiedEmbedding` (add_embedding_gradient_in_place off)
+    torch_clip: bool = False  # the `accelerator` step: `accelerator.clip_grad_norm_`, not the trainer's
 
     def describe(self) -> str:
         parts = ["bf16 autocast" if self.mixed_precision == "bf16" else "fp32"]
@@ -148,6 +168,10 @@ class Settings:
             parts.append("plain LM head + cross-entropy")
         if self.sdpa_backend:
             parts.append(f"sdpa {self.sdpa_backend} only")
+        if self.dense_embedding:
+            parts.append("dense embedding gradient")
+        if self.torch_clip:
+            parts.append("accelerate's clip_grad_norm_")
         return ", ".join(parts)
 
 
@@ -169,7 +193,7 @@ def variant_settings(
     names: list[str], device: torch.device, train_args: TrainArguments, malloc: str = "auto"
 ) -> dict[str, Settings]:
     """Each variant's settings: `{hf,ours}-{defaults,fp32,bf16}[-compile][-MODE][-fused][-malloc][-ckpt][-logits]
-    [-KERNEL]` (MODE: cudagraphs, autotune; KERNEL: an sdpa backend).
+    [-denseemb][-torchclip][-KERNEL]` (MODE: cudagraphs, autotune; KERNEL: an sdpa backend).
 
     `defaults`: the trainer's settings for this device (its Accelerator and step), the extras switched on. fp32: no
     TF32, foreach AdamW unless `-fused`, glibc's malloc unless `-malloc` (torch's and glibc's defaults). bf16: the
@@ -185,18 +209,20 @@ def variant_settings(
             or not parts
             or parts[0] not in VARIANT_BASES
             or any(p not in VARIANT_EXTRAS for p in parts[1:])
-            or (model == "hf" and "logits" in parts)
+            or (model == "hf" and ("logits" in parts or "denseemb" in parts))
         ):
             raise SystemExit(
                 f"--variants {name!r}: use hf|ours-defaults|fp32|bf16[-compile][-cudagraphs][-autotune][-fused]"
                 "[-malloc][-ckpt]"
-                "[-logits (ours)][-math|-flash|-efficient|-cudnn]"
+                "[-logits (ours)][-denseemb (ours)][-torchclip][-math|-flash|-efficient|-cudnn]"
             )
         base, extras = parts[0], parts[1:]
         model_options = {
             "logits": "logits" in extras,
             "sdpa_backend": _backend(name, extras),
             "checkpointing": "ckpt" in extras,
+            "dense_embedding": "denseemb" in extras,
+            "torch_clip": "torchclip" in extras,
             "compile_mode": _compile_mode(extras, train_args),
         }
         compile_named = "compile" in extras or any(e in COMPILE_MODE_EXTRAS for e in extras)
@@ -375,6 +401,8 @@ def make_step(
 ) -> Callable[[torch.Tensor, torch.Tensor], float]:
     """A closure doing one full training step of the variant `name` on `(x, y)`; returns the loss."""
     model = build_model(name.split("-")[0], run, device).train()
+    if settings.dense_embedding:
+        model.add_embedding_gradient_in_place = False
     if settings.checkpointing:
         model.activation_checkpointing_enable()  # as train_accelerate.build_model with --gradient_checkpointing
     optimizer = build_optimizer(model, train_args, fused=settings.fused_adamw)
@@ -409,7 +437,10 @@ def make_step(
                     with record_function(PHASES[1]):
                         accelerator.backward(loss)
                     with record_function(PHASES[2]):
-                        accelerator.clip_grad_norm_(model.parameters(), train_args.grad_clip)
+                        if settings.torch_clip:
+                            accelerator.clip_grad_norm_(model.parameters(), train_args.grad_clip)
+                        else:
+                            clip_gradients(accelerator, model, train_args.grad_clip)
                     with record_function(PHASES[3]):
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=not cudagraphs)

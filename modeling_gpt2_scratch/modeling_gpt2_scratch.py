@@ -233,7 +233,17 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, real_vocab: int, normalizer, ignore_index: int, chunk_size: int):
+    def forward(
+        ctx,
+        hidden,
+        weight,
+        targets,
+        real_vocab: int,
+        normalizer,
+        ignore_index: int,
+        chunk_size: int,
+        tied_gradient: dict | None = None,
+    ):
         device_type = hidden.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
         with torch.autocast(device_type, enabled=False):
@@ -279,6 +289,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                 previous_done = torch.where(last[0, 0].isnan(), 0.0, 0.0).to(dtype)
         ctx.save_for_backward(grad_hidden, grad_weight, normalizer)
         ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
+        ctx.tied_gradient = tied_gradient
         return loss / normalizer
 
     @staticmethod
@@ -287,7 +298,39 @@ class LinearCrossEntropy(torch.autograd.Function):
         scale = grad_output / normalizer
         grad_h = (grad_hidden * scale).to(ctx.hidden_dtype)
         grad_w = (grad_weight * scale).to(ctx.weight_dtype) if grad_weight is not None else None
-        return grad_h, grad_w, None, None, None, None, None
+        if ctx.tied_gradient is not None and grad_w is not None:
+            ctx.tied_gradient["weight"] = grad_w  # the tensor autograd holds: `TiedEmbedding.backward` adds to it
+        return grad_h, grad_w, None, None, None, None, None, None
+
+
+class TiedEmbedding(torch.autograd.Function):
+    """`F.embedding(input_ids, weight)` whose backward adds its rows to the tied LM head's weight gradient in place.
+
+    With the head tied to the token embedding, autograd gets two gradients of the one weight: the head's, and the
+    lookup's, as dense though only the looked-up rows are non-zero. Zeroing that `vocab x n_embd` tensor and adding
+    it to the head's costs a 124M step ~50 ms on 2 CPU cores (BENCHMARKS.md). Here `LinearCrossEntropy` also leaves
+    the weight gradient it returns in `tied_gradient` (a dict this forward made). Autograd runs this backward after
+    that one (the head's input depends on the lookup) and before it writes `.grad` (which waits for both), so the
+    rows are added with `index_add_` to the very tensor autograd holds, and this backward returns no gradient of
+    its own: `.grad` gets the same sum, rounded in another order. Without the head's gradient (not computed in this
+    backward) it returns the dense gradient as `F.embedding` does.
+    """
+
+    @staticmethod
+    def forward(ctx, input_ids: torch.Tensor, weight: torch.Tensor, tied_gradient: dict) -> torch.Tensor:
+        ctx.save_for_backward(input_ids)
+        ctx.tied_gradient, ctx.weight_shape = tied_gradient, weight.shape
+        return F.embedding(input_ids, weight)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (input_ids,) = ctx.saved_tensors
+        rows = grad_output.reshape(-1, grad_output.shape[-1])
+        head_gradient = ctx.tied_gradient.pop("weight", None)  # dropped here: autograd can then move it into .grad
+        if head_gradient is None:
+            return None, rows.new_zeros(ctx.weight_shape).index_add_(0, input_ids.reshape(-1), rows), None
+        head_gradient.index_add_(0, input_ids.reshape(-1), rows.to(head_gradient.dtype))
+        return None, None, None
 
 
 class GrowingLayer(DynamicLayer):
@@ -534,6 +577,7 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
 
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
     pack_decoding_weights = True  # `generate()` on a CPU: decode with MKL-packed weights (`packed_decoding`)
+    add_embedding_gradient_in_place = True  # training on a CPU: the lookup's gradient rows go into the head's
 
     def __init__(self, config: GPT2ScratchConfig):
         super().__init__(config)
@@ -584,6 +628,32 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
         with packed_decoding(self, enabled=self.pack_decoding_weights):
             return super().generate(*args, **kwargs)
 
+    def _tied_embedding_gradient(self, input_ids, inputs_embeds, skip_logits: bool) -> dict | None:
+        """A `TiedEmbedding` channel for this forward where it is exact and pays off, else None.
+
+        Where: the fused loss (`LinearCrossEntropy`) and the token embedding share one weight, autograd records,
+        eager, on a CPU (on a GPU the dense embedding gradient costs next to nothing, and `index_add_` would sum
+        repeated ids in a nondeterministic order), and `wte` is a plain `nn.Embedding` without hooks (the lookup
+        bypasses the module call). `model.add_embedding_gradient_in_place = False` switches it off.
+        """
+        wte = self.transformer.wte
+        if not (
+            self.add_embedding_gradient_in_place
+            and skip_logits
+            and input_ids is not None
+            and inputs_embeds is None
+            and torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+            and type(wte) is nn.Embedding
+            and self.lm_head.weight is wte.weight
+            and wte.weight.requires_grad
+            and wte.weight.device.type == "cpu"
+        ):
+            return None
+        plain = wte.padding_idx is None and wte.max_norm is None and not wte.scale_grad_by_freq and not wte.sparse
+        hooks = wte._forward_hooks or wte._forward_pre_hooks or nn.modules.module._global_forward_hooks
+        return {} if plain and not hooks and not nn.modules.module._global_forward_pre_hooks else None
+
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
@@ -614,6 +684,13 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
             Other arguments: see `GPT2ScratchModel.forward`.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        has_labels = labels is not None or shift_labels is not None
+        if skip_logits is None:
+            skip_logits = self.training and has_labels
+        tied_gradient = self._tied_embedding_gradient(input_ids, inputs_embeds, skip_logits)
+        if tied_gradient is not None:
+            inputs_embeds = TiedEmbedding.apply(input_ids, self.transformer.wte.weight, tied_gradient)
+            input_ids = None
         outputs = self.transformer(
             input_ids,
             attention_mask=attention_mask,
@@ -628,9 +705,6 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
         )
         hidden_states = outputs.last_hidden_state
         real_vocab = self.config.tokenizer_vocab_size
-        has_labels = labels is not None or shift_labels is not None
-        if skip_logits is None:
-            skip_logits = self.training and has_labels
         if skip_logits:
             if not has_labels:
                 raise ValueError("skip_logits=True needs labels or shift_labels (it only computes the loss).")
@@ -648,6 +722,7 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
                 torch.as_tensor(normalizer, dtype=torch.float32, device=hidden_states.device),
                 IGNORE_INDEX,
                 max(1, LOSS_CHUNK_ELEMENTS // self.config.vocab_size),
+                tied_gradient,
             )
             logits = None
         else:

@@ -559,6 +559,80 @@ def test_gradients_match_hf():
         torch.testing.assert_close(grad, ref, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def _graph_functions(tensor: torch.Tensor) -> set[str]:
+    """The names of the autograd nodes behind `tensor`."""
+    names, seen, stack = set(), set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(node.name())
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+def _plain_embedding_grads(model, monkeypatch, run) -> dict[str, torch.Tensor]:
+    """The gradients `run()` leaves with `TiedEmbedding` switched off (the lookup through `wte`, as HF does)."""
+    with monkeypatch.context() as patch:
+        patch.setattr(model, "add_embedding_gradient_in_place", False)
+        model.zero_grad(set_to_none=True)
+        run()
+        return {name: param.grad.clone() for name, param in model.named_parameters() if param.grad is not None}
+
+
+def test_tied_embedding_adds_its_rows_to_the_head_gradient_over_accumulated_micro_batches(monkeypatch):
+    torch.manual_seed(0)
+    model = GPT2ScratchForCausalLM(GPT2ScratchConfig(**SMALL, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    model.train()
+    batches = [random_ids(2, 16, seed=s) for s in (1, 2)]
+
+    def run():
+        for ids in batches:  # two micro-batches: the second adds to `.grad`
+            model(ids, labels=ids).loss.backward()
+
+    plain = _plain_embedding_grads(model, monkeypatch, run)
+    model.zero_grad(set_to_none=True)
+    run()
+    assert "TiedEmbeddingBackward" in _graph_functions(model(batches[0], labels=batches[0]).loss)
+    wte = model.transformer.wte.weight
+    assert not wte.grad.is_sparse and wte.grad.data_ptr() != plain["transformer.wte.weight"].data_ptr()
+    for name, param in model.named_parameters():  # the embedding's rows are there: they are most of these
+        torch.testing.assert_close(param.grad, plain[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_tied_embedding_without_the_head_gradient_returns_its_own(monkeypatch):
+    """A backward that does not reach the LM head (here: from the embeddings' output) still gets the lookup's."""
+    torch.manual_seed(0)
+    model = GPT2ScratchForCausalLM(GPT2ScratchConfig(**SMALL)).train()
+    ids = random_ids(2, 16)
+
+    def run():
+        out = model(ids, labels=ids, output_hidden_states=True)
+        out.hidden_states[0].square().sum().backward()
+
+    plain = _plain_embedding_grads(model, monkeypatch, run)["transformer.wte.weight"]
+    model.zero_grad(set_to_none=True)
+    run()
+    assert plain.abs().sum() > 0
+    torch.testing.assert_close(model.transformer.wte.weight.grad, plain, rtol=0, atol=0)
+
+
+def test_tied_embedding_only_where_exact():
+    torch.manual_seed(0)
+    ids = random_ids(2, 8)
+    model = GPT2ScratchForCausalLM(GPT2ScratchConfig(**SMALL)).train()
+    uses = lambda **kw: "TiedEmbeddingBackward" in _graph_functions(model(ids, **kw).loss)  # noqa: E731
+    assert uses(labels=ids)
+    assert not uses(labels=ids, skip_logits=False)  # the plain head: autograd sums the two gradients itself
+    calls = []
+    handle = model.transformer.wte.register_forward_hook(lambda *args: calls.append(1))
+    assert not uses(labels=ids) and calls == [1]  # hooks on wte (e.g. NEFTune's) run: the module is called
+    handle.remove()
+    untied = GPT2ScratchForCausalLM(GPT2ScratchConfig(**SMALL, tie_word_embeddings=False)).train()
+    assert "TiedEmbeddingBackward" not in _graph_functions(untied(ids, labels=ids).loss)
+
+
 def test_gradient_checkpointing_gives_same_gradients():
     torch.manual_seed(0)
     model = GPT2ScratchForCausalLM(GPT2ScratchConfig(**SMALL)).train()

@@ -22,6 +22,7 @@ from modeling_gpt2_scratch.training import (
     build_scheduler,
     decay_parameter_groups,
     gradient_accumulation_steps,
+    gradient_norm,
     list_checkpoints,
     load_preset,
     parse_arguments,
@@ -140,6 +141,42 @@ def test_gradient_accumulation_steps():
     assert gradient_accumulation_steps(args, 8) == 4
     with pytest.raises(ValueError, match="not a multiple of micro_batch_size x seq_len x processes"):
         gradient_accumulation_steps(args, 3)
+
+
+def test_gradient_norm_is_accurate_where_one_long_float32_sum_is_not():
+    torch.manual_seed(0)
+    grads = [torch.randn(4096, 1024) + 1, torch.randn(3, 5, 7), torch.randn(11), torch.randn(2, 0)]
+    exact = math.sqrt(sum(g.double().square().sum().item() for g in grads))
+    assert abs(gradient_norm(grads).item() - exact) / exact < 1e-6
+    assert gradient_norm([]).item() == 0
+
+
+def _model_with_gradients(scale: float) -> GPT2ScratchForCausalLM:
+    torch.manual_seed(0)
+    model = GPT2ScratchForCausalLM(GPT2ScratchConfig(n_embd=32, n_layer=2, n_head=4, n_positions=64)).train()
+    ids = torch.randint(0, 50257, (2, 16))
+    (model(ids, labels=ids).loss * scale).backward()
+    return model
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 0.0, 1e6])
+def test_clip_gradients_clips_as_torch_does_and_leaves_gradients_below_the_limit_untouched(max_norm):
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    ours, reference = _model_with_gradients(3.0), _model_with_gradients(3.0)
+    before = {name: (p.grad.clone(), p.grad._version) for name, p in ours.named_parameters()}
+    norm = train_accelerate.clip_gradients(accelerator, ours, max_norm)
+    expected = torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm if max_norm > 0 else math.inf)
+    assert expected > 0.5
+    torch.testing.assert_close(norm, expected, rtol=1e-5, atol=0)
+    for (name, param), ref in zip(ours.named_parameters(), reference.parameters(), strict=True):
+        if max_norm == 0.5:  # clipped, by torch's own function
+            torch.testing.assert_close(param.grad, ref.grad, rtol=1e-5, atol=1e-9, msg=name)
+            assert param.grad.abs().max() < before[name][0].abs().max() or param.grad.abs().max() == 0
+        else:  # not clipped (or no limit): not even multiplied by 1
+            assert param.grad._version == before[name][1], name
+            torch.testing.assert_close(param.grad, before[name][0], rtol=0, atol=0, msg=name)
 
 
 def test_presets_parse_and_command_line_wins():
