@@ -651,8 +651,14 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
         ):
             return None
         plain = wte.padding_idx is None and wte.max_norm is None and not wte.scale_grad_by_freq and not wte.sparse
-        hooks = wte._forward_hooks or wte._forward_pre_hooks or nn.modules.module._global_forward_hooks
-        return {} if plain and not hooks and not nn.modules.module._global_forward_pre_hooks else None
+        module = nn.modules.module
+        hooks = (
+            wte._forward_hooks,
+            wte._forward_pre_hooks,
+            module._global_forward_hooks,
+            module._global_forward_pre_hooks,
+        )
+        return {} if plain and not any(hooks) else None
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
