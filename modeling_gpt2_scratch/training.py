@@ -298,7 +298,8 @@ def gradient_norm(grads: list[torch.Tensor]) -> torch.Tensor:
 
     torch's CPU `vector_norm` of one large tensor (what `clip_grad_norm_` takes per gradient there) sums it in a few
     long runs: 3e-3 off for a 38.6M-entry float32 vector (the tied embedding's gradient), and 2x slower than the
-    norms of its rows and then of those (5e-8 off; BENCHMARKS.md). On a GPU the two agree; this is used on CPUs.
+    norms of its rows and then of those (5e-8 off; BENCHMARKS.md). The trainer clips by it on CPUs
+    (`clip_gradients`), and measures by it on any device when clipping is off.
     """
     if not grads:
         return torch.zeros(())
