@@ -51,7 +51,10 @@ variants without the malloc tuning allocate afresh every step. The tuning's effe
 processes by `benchmarks/malloc_tuning.py`.
 
 The variants run interleaved, one step each per round (the order rotates every round), so a shared machine's load
-hits them alike; compilation happens in the warm-up rounds. Tokens/s come from the median step time. Peak memory is
+hits them alike; compilation happens in the warm-up rounds. Tokens/s come from the median step time. Below each
+table, paired speed-ups divide the two steps of the same round and take the median over the rounds: a slow drift in
+the machine's speed (common on shared machines) moves a round's steps together, so it leaves these ratios alone
+where it shifts the medians. Peak memory is
 measured per variant in a fresh child process running the same steps, after the timing (`--memory_jobs` of them at
 once: 4 on CUDA, 1 on CPU; CPU: the process's resident-set high-water mark, and what the run added over the RSS
 after imports; CUDA: `torch.cuda.max_memory_allocated`, per process). MFU = model
@@ -636,7 +639,7 @@ def time_variants(args, run: Run, names: list[str], settings: dict[str, Settings
             worker = WorkerSteps(args, run, name, settings[name].malloc_tuning)
             executors.append(worker)
             owner[name], malloc_tuned[name] = worker, worker.malloc_tuned
-    times: dict[str, list[float]] = {name: [] for name in names}
+    times: dict[str, dict[int, float]] = {name: {} for name in names}  # seconds per timed round
     first_loss: dict[str, float] = {}
     failed: dict[str, str] = {}
     try:
@@ -651,7 +654,7 @@ def time_variants(args, run: Run, names: list[str], settings: dict[str, Settings
                     continue
                 first_loss.setdefault(name, result["loss"])
                 if round_idx >= args.warmup:
-                    times[name].append(result["seconds"])
+                    times[name][round_idx] = result["seconds"]
             kind = "warm-up" if round_idx < args.warmup else "timed"
             progress(args, f"{run.name}: round {round_idx + 1}/{args.warmup + args.steps} ({kind}) done")
         profiles = [executor.profile() for executor in executors] if args.profile else []
@@ -744,6 +747,15 @@ def profile_variants(args, steps: dict, run: Run, device: torch.device) -> None:
         print(f"| {name} | " + " | ".join(cells) + " |")
     for name, table in tables.items():
         print(f"\n#### {name}: top {args.profile} ops by self time\n\n```\n{table}\n```")
+
+
+def paired_speedup(times: dict[str, dict[int, float]], name: str, ref: str) -> str:
+    """`ref`'s step time over `name`'s, round by round: the median and quartiles over the rounds both timed."""
+    ratios = [times[ref][r] / times[name][r] for r in times[name].keys() & times[ref].keys()]
+    if len(ratios) < 2:
+        return f"{ratios[0]:.2f}x" if ratios else "-"
+    low, mid, high = statistics.quantiles(ratios, n=4, method="inclusive")
+    return f"{mid:.2f}x [{low:.2f}-{high:.2f}]"
 
 
 def proc_status_mib(field: str) -> float:
@@ -882,7 +894,7 @@ def main(argv: list[str] | None = None) -> None:
 
     for run in args.runs:
         times, failed = results[run.name]["times"], results[run.name]["failed"]
-        median = {n: statistics.median(times[n]) for n in names if times[n]}
+        median = {n: statistics.median(times[n].values()) for n in names if times[n]}
         tok_s = {n: run.tokens / median[n] for n in median}
         fpt = flops_per_token(GPT2ScratchConfig(**run.model), run.seq_len)
         print(
@@ -906,7 +918,7 @@ def main(argv: list[str] | None = None) -> None:
             if n not in median:
                 print(f"| {n} | {settings[n].describe()} | {failed.get(n, 'no timed step')} |")
                 continue
-            row = f"| {n} | {settings[n].describe()} | {median[n]:.3f} | {min(times[n]):.3f} | {tok_s[n]:,.0f} |"
+            row = f"| {n} | {settings[n].describe()} | {median[n]:.3f} | {min(times[n].values()):.3f} | {tok_s[n]:,.0f} |"
             for ref in (HF_FP32, HF_FAST):
                 if ref in tok_s:
                     row += f" {tok_s[n] / tok_s[ref]:.2f}x |"
@@ -923,6 +935,18 @@ def main(argv: list[str] | None = None) -> None:
             if datasheet:
                 row += f" {100 * fpt * tok_s[n] / datasheet:.1f}% |"
             print(row)
+        paired = [
+            f"{n} vs {ref} {paired_speedup(times, n, ref)}"
+            for ref in (HF_FP32, HF_FAST)
+            if ref in median
+            for n in median
+            if n not in (HF_FP32, HF_FAST)
+        ]
+        if paired:
+            print(
+                "\nPaired speed-ups (a round runs every variant's step back to back, so a drift in the machine's speed "
+                f"hits a round's steps alike; median over the rounds [quartiles]): {'; '.join(paired)}"
+            )
         losses = results[run.name]["first_loss"]
         print(f"\nFirst-step losses: {', '.join(f'{n} {v:.4f}' for n, v in losses.items())}")
         if device.type != "cuda" and memory:

@@ -80,8 +80,18 @@ def test_variants_agree_on_the_first_loss_and_report_missing_kernels(tmp_path):
     assert f"| ours-defaults | {defaults.describe()} |" in out
     assert "quickstart:2x32: round 1/2 (warm-up) done" in result.stderr  # progress, for a run cut off by a limit
     assert "quickstart:2x32: round 2/2 (timed) done" in result.stderr and "peak memory" not in result.stderr
+    assert re.search(r"Paired speed-ups .*: ours-fp32 vs hf-fp32 \d+\.\d\dx;", out)  # one timed round: no quartiles
     # The trainer's malloc tuning is for ours-defaults only: the two settings ran in two worker processes
     assert "glibc malloc: tuned (tune_cpu_malloc) for ours-defaults; glibc's default for hf-fp32, ours-fp32," in out
+
+
+def test_paired_speedups_compare_steps_of_the_same_round():
+    # the machine slowed down 2x halfway: the medians' ratio says 1.25x, each round says 1.5x
+    times = {"hf": {3: 1.5, 4: 1.5, 5: 3.0, 6: 3.0, 7: 3.0}, "ours": {3: 1.0, 4: 1.0, 5: 2.0, 6: 2.0, 7: 2.0}}
+    assert train_throughput.paired_speedup(times, "ours", "hf") == "1.50x [1.50-1.50]"
+    times["ours"] = {4: 1.0, 6: 3.0}  # rounds where only one ran (a failure) are left out
+    assert train_throughput.paired_speedup(times, "ours", "hf") == "1.25x [1.12-1.38]"
+    assert train_throughput.paired_speedup({"hf": {3: 2.0}, "ours": {3: 1.0}}, "ours", "hf") == "2.00x"
 
 
 @pytest.mark.parametrize(
