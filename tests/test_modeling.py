@@ -823,6 +823,28 @@ def test_fused_loss_in_chunks_under_torch_compile_matches_eager(monkeypatch):
         torch.testing.assert_close(compiled_grads[f"_orig_mod.{name}"], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_mlp_under_torch_compile_takes_the_sigmoid_form_of_tanh_gelu():
+    """Compiled, the MLP writes GPT-2's tanh-GELU as x * sigmoid(2u) (inductor's CPU kernel for it is faster); the
+    values and gradients stay eager's `F.gelu` ones to float32 rounding."""
+    torch.manual_seed(0)
+    mlp = modeling.MLP(GPT2ScratchConfig(**SMALL))
+    x = (torch.randn(2, 8, SMALL["n_embd"]) * 3).requires_grad_()
+    ops = []
+
+    def capture(gm, example_inputs):
+        ops.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm
+
+    torch._dynamo.reset()
+    compiled = torch.compile(mlp, backend=capture)(x)
+    assert any("sigmoid" in op for op in ops) and not any("gelu" in op for op in ops)
+    (compiled_grad,) = torch.autograd.grad(compiled.square().sum(), x)
+    eager = mlp(x)
+    (eager_grad,) = torch.autograd.grad(eager.square().sum(), x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-5, atol=1e-5)
+
+
 def test_fused_loss_is_the_default_in_training_mode_only(pair):
     _, model = pair
     ids = random_ids(1, 8)
