@@ -15,6 +15,10 @@ trainer's glibc malloc tuning on, one untimed call first); each cell is the medi
 - `clip below the limit` / `clip above the limit`: `accelerator.clip_grad_norm_` against the trainer's
   `clip_gradients`, with `max_norm` above and below the gradients' norm (the gradients are put back, untimed,
   before each call).
+- `tanh-GELU, compiled, forward + backward`: only for `torch.compile`d runs (the trainer's CPU default is eager).
+  `F.gelu(x, approximate="tanh")` compiled, against the MLP's own activation compiled (its `x * sigmoid(2u)` form;
+  the `MLP` module with its two linears taken out), on `tokens x 4 n_embd` activations, four of them in turn (a
+  step's come from memory, not the cache).
 
 Checks that both ways of each part give the same result: to float32 rounding, but for torch's clipping, which
 is off by its norm's error. BENCHMARKS.md (machine B, "Training:
@@ -36,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cli import positive_int  # noqa: E402  (this folder is on sys.path when run as a script)
 
 from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM  # noqa: E402
+from modeling_gpt2_scratch.modeling_gpt2_scratch import MLP  # noqa: E402
 from modeling_gpt2_scratch.training import describe_device, gradient_norm, tune_cpu_malloc  # noqa: E402
 from train_accelerate import clip_gradients  # noqa: E402
 
@@ -88,6 +93,38 @@ def tied_embedding_gradient(args, generator: torch.Generator) -> tuple[float, fl
 
     times = median_ms({"torch": (fresh("torch"), dense), "ours": (fresh("ours"), in_place)}, args.repeats)
     torch.testing.assert_close(grads["ours"], grads["torch"], rtol=1e-6, atol=1e-6)
+    return times["torch"], times["ours"]
+
+
+def compiled_gelu(args, config: GPT2ScratchConfig, generator: torch.Generator) -> tuple[float, float]:
+    """Forward and backward of tanh-GELU under torch.compile, `F.gelu`'s form and the MLP's: ms each."""
+    inputs = [torch.randn(args.tokens, 4 * args.n_embd, generator=generator) * 3 for _ in range(4)]
+    grad = torch.randn(args.tokens, 4 * args.n_embd, generator=generator)
+    activation = MLP(config)
+    activation.c_fc = activation.c_proj = activation.dropout = torch.nn.Identity()  # the MLP's activation alone
+    functions = {
+        "torch": torch.compile(lambda x: torch.nn.functional.gelu(x, approximate="tanh")),
+        "ours": torch.compile(activation),
+    }
+    current, results = {}, {}
+
+    def next_input(name: str) -> Callable[[], None]:
+        return lambda: current.update({name: inputs[len(results.setdefault(name, [])) % len(inputs)]})
+
+    def forward_backward(name: str) -> Callable[[], None]:
+        def call() -> None:
+            x = current[name].detach().requires_grad_()
+            y = functions[name](x)
+            y.backward(grad)
+            results[name].append((y.detach(), x.grad))
+
+        return call
+
+    ways = {name: (next_input(name), forward_backward(name)) for name in functions}
+    times = median_ms(ways, args.repeats)
+    (y_torch, dx_torch), (y_ours, dx_ours) = results["torch"][-1], results["ours"][-1]
+    torch.testing.assert_close(y_ours, y_torch, rtol=1e-5, atol=2e-6)  # float32 rounding apart
+    torch.testing.assert_close(dx_ours, dx_torch, rtol=1e-5, atol=2e-5)
     return times["torch"], times["ours"]
 
 
@@ -154,6 +191,9 @@ def main(argv: list[str] | None = None) -> None:
         }
         times = median_ms(ways, args.repeats)
         rows.append((f"clip {label} the limit", times["torch"], times["ours"], ""))
+
+    gelu_torch, gelu_ours = compiled_gelu(args, config, generator)
+    rows.append(("tanh-GELU, compiled, forward + backward", gelu_torch, gelu_ours, ""))
 
     print(f"\n## Step overheads: {describe_device(torch.device('cpu'))}; torch {torch.__version__}\n")
     print(f"Command: `python benchmarks/step_overheads.py {' '.join(argv if argv is not None else sys.argv[1:])}`")

@@ -179,7 +179,8 @@ def test_decode_matmul_times_ways_that_agree(capsys):
 
 
 def test_step_overheads_times_both_ways_of_each_part(capsys):
-    """Each part's two ways agree (the script checks: our norm to float64, torch's to its own error) and are timed."""
+    """Each part's two ways agree (the script checks: our norm to float64, torch's to its own error; the compiled
+    GELUs to float32 rounding) and are timed."""
     import step_overheads
 
     step_overheads.main(["--n_layer", "1", "--n_embd", "32", "--vocab_size", "96", "--tokens", "8", "--repeats", "1"])
@@ -187,6 +188,7 @@ def test_step_overheads_times_both_ways_of_each_part(capsys):
     assert rows[0] == "| part | torch / accelerate | ours | speed-up | relative error (torch / ours) |"
     cells = [row.strip("| ").split(" | ") for row in rows[1:]]
     parts = ["tied embedding gradient", "gradient norm", "clip below the limit", "clip above the limit"]
+    parts.append("tanh-GELU, compiled, forward + backward")
     assert [c[0] for c in cells] == parts
     assert all(re.fullmatch(r"\d+\.\d\d", cell) for c in cells for cell in c[1:3])
     assert all(re.fullmatch(r"\d+\.\dx", c[3]) for c in cells)
