@@ -689,6 +689,20 @@ def op_category(name: str) -> str | None:
     return "other"
 
 
+FLOOR_KINDS = ("matmul", "attention (sdpa)")  # with the clip and AdamW phases: a step's floor (`step_floor_ms`)
+
+
+def step_floor_ms(phases: dict[str, float], categories: dict[str, float]) -> float:
+    """The profiled ms of a step's matmuls, sdpa attention, clipping and AdamW: what no rewrite of the model removes.
+
+    Every variant runs the same matmul FLOPs, and the other three the same kernels for the same settings; the rest of
+    the step (activations, norms, the loss's softmax, copies) is what the implementations differ in. So step / floor
+    bounds how much faster a variant could get with all of that free, and another variant's step / this floor how
+    much faster than that variant this one could ever be (BENCHMARKS.md).
+    """
+    return sum(categories.get(kind, 0.0) for kind in FLOOR_KINDS) + sum(phases.get(p, 0.0) for p in PHASES[2:])
+
+
 def profile_variants(args, steps: dict, run: Run, device: torch.device) -> None:
     """Per variant: ms per phase, forward + backward self time per op kind, and the top ops (best of 2 steps).
 
@@ -739,12 +753,19 @@ def profile_variants(args, steps: dict, run: Run, device: torch.device) -> None:
         f"\n### torch.profiler, {run.name}: one step (the faster of two), {'GPU kernel' if cuda else 'CPU'} ms; "
         "forward + backward split by op kind (self time)\n"
     )
-    print("| variant | step | " + " | ".join(p.split(": ")[1] for p in PHASES) + " | " + " | ".join(kinds) + " |")
-    print("|---|" + "---:|" * (1 + len(PHASES) + len(kinds)))
+    header = ["variant", "step", *(p.split(": ")[1] for p in PHASES), *kinds, "floor", "step / floor"]
+    print("| " + " | ".join(header) + " |")
+    print("|---|" + "---:|" * (len(header) - 1))
     for name, (phases, cats) in summary.items():
-        cells = [f"{sum(phases.values()):,.0f}"] + [f"{phases.get(p, 0):,.0f}" for p in PHASES]
+        step_ms, floor_ms = sum(phases.values()), step_floor_ms(phases, cats)
+        cells = [f"{step_ms:,.0f}"] + [f"{phases.get(p, 0):,.0f}" for p in PHASES]
         cells += [f"{cats[k]:,.0f}" if k in cats else "-" for k in kinds]
+        cells += [f"{floor_ms:,.0f}", f"{step_ms / floor_ms:.2f}x" if floor_ms else "-"]
         print(f"| {name} | " + " | ".join(cells) + " |")
+    print(
+        "\nfloor: matmul + attention (sdpa) + clip + AdamW, the work no rewrite of the model removes; step / floor: "
+        "how much faster the step would be if everything else were free."
+    )
     for name, table in tables.items():
         print(f"\n#### {name}: top {args.profile} ops by self time\n\n```\n{table}\n```")
 

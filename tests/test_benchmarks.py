@@ -59,14 +59,25 @@ def test_variant_names_resolve_to_settings(tmp_path):
 
 
 def test_variants_agree_on_the_first_loss_and_report_missing_kernels(tmp_path):
-    """A run of the script (in its own process: it sets process-wide state) on a tiny shape."""
+    """A run of the script (in its own process: it sets process-wide state) on a tiny shape, with profiles."""
     variants = ["hf-fp32", "ours-fp32", "ours-fp32-logits", "ours-defaults", "ours-fp32-math", "ours-fp32-efficient"]
     variants += ["hf-fp32-ckpt", "ours-fp32-ckpt"]
     cmd = [sys.executable, str(BENCHMARKS / "train_throughput.py"), "--runs", "quickstart:2x32", "--variants"]
-    cmd += [*variants, "--warmup", "1", "--steps", "1", "--no_memory"]
+    cmd += [*variants, "--warmup", "1", "--steps", "1", "--no_memory", "--profile", "3"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
+    # --profile: per variant, ms per phase and op kind, and the floor (matmul + sdpa + clip + AdamW) under the step
+    for name in ("hf-fp32", "ours-fp32"):
+        header, _, row = re.search(rf"(\| variant \|.*)\n(.*)\n(\| {name} \|.*)", out).groups()
+        columns, values = ([c.strip() for c in line.strip("|").split("|")] for line in (header, row))
+        cells = dict(zip(columns, values, strict=True))
+        number = {k: float(v.replace(",", "")) for k, v in cells.items() if re.fullmatch(r"[\d,.]+", v)}
+        floor = number["matmul"] + number.get("attention (sdpa)", 0.0) + number["clip"] + number["AdamW"]
+        assert number["floor"] == pytest.approx(floor, abs=2.5)  # from the rounded cells
+        assert 0 < number["floor"] < number["step"] and cells["step / floor"].endswith("x")
+        assert f"#### {name}: top 3 ops by self time" in out
+    assert "step / floor: how much faster the step would be if everything else were free." in out
     losses = {name: float(value) for name, value in re.findall(r"([\w-]+) (\d+\.\d+)", out.split("First-step")[1])}
     assert set(losses) == set(variants) - {"ours-fp32-efficient"}  # CPUs have no memory-efficient kernel
     defaults = train_throughput.variant_settings(
@@ -83,6 +94,13 @@ def test_variants_agree_on_the_first_loss_and_report_missing_kernels(tmp_path):
     assert re.search(r"Paired speed-ups .*: ours-fp32 vs hf-fp32 \d+\.\d\dx;", out)  # one timed round: no quartiles
     # The trainer's malloc tuning is for ours-defaults only: the two settings ran in two worker processes
     assert "glibc malloc: tuned (tune_cpu_malloc) for ours-defaults; glibc's default for hf-fp32, ours-fp32," in out
+
+
+def test_step_floor_counts_matmul_attention_clip_and_adamw():
+    phases = {"phase: forward": 50.0, "phase: backward": 80.0, "phase: clip": 3.0, "phase: AdamW": 7.0}
+    categories = {"matmul": 90.0, "attention (sdpa)": 10.0, "GELU": 12.0, "other": 18.0}
+    assert train_throughput.step_floor_ms(phases, categories) == 110.0
+    assert train_throughput.step_floor_ms({"phase: forward": 5.0}, {"other": 5.0}) == 0.0
 
 
 def test_paired_speedups_compare_steps_of_the_same_round():
