@@ -235,10 +235,11 @@ class LinearCrossEntropy(torch.autograd.Function):
     (3.3 GB at 16 x 1024 x 50304). Columns `>= real_vocab` (the padded ids) are `-inf`; targets equal to
     `ignore_index` count for nothing. Returns the summed loss divided by `normalizer`.
 
-    Per chunk, besides the three matmuls, the `(n, V)` work is one `log_softmax` (as `F.cross_entropy` computes it)
-    and one in-place `exp_` (its softmax), written back into tensors already allocated; ignored rows are zeroed on
-    the `(n, C)` side and the float32 weight gradient is accumulated in place. On a CPU those passes over memory and
-    fresh allocations, not the FLOPs, are what this costs beyond the matmuls, so chunks are equal and large.
+    Per chunk, besides the three matmuls, the `(n, V)` work is one `log_softmax` (as `F.cross_entropy` computes it;
+    on a CPU, eager, written over the logits) and one in-place `exp_` (its softmax), written back into tensors
+    already allocated; ignored rows are zeroed on the `(n, C)` side and the float32 weight gradient is accumulated
+    in place. On a CPU those passes over memory and fresh allocations, not the FLOPs, are what this costs beyond the
+    matmuls, so chunks are equal and large.
     """
 
     @staticmethod
@@ -271,7 +272,12 @@ class LinearCrossEntropy(torch.autograd.Function):
                 logits_lp = h @ w.t()  # (n, V) in the matmul dtype
                 logits = logits_lp.float()  # (n, V); the same tensor when that is float32
                 logits[:, real_vocab:] = float("-inf")
-                log_probs = torch.log_softmax(logits, dim=-1)  # (n, V), as F.cross_entropy computes it
+                if logits.device.type == "cpu" and not torch.compiler.is_compiling():
+                    # (n, V), as F.cross_entropy computes it, written over the logits: ATen's CPU kernel reads each
+                    # row before it writes it: no second (n, V) tensor, up to 256 MiB less at the peak (BENCHMARKS.md)
+                    log_probs = torch.ops.aten._log_softmax.out(logits, -1, False, out=logits)
+                else:
+                    log_probs = torch.log_softmax(logits, dim=-1)  # (n, V), as F.cross_entropy computes it
                 del logits
                 target_log_probs = log_probs.gather(1, t)  # (n, 1)
                 loss -= (target_log_probs * keep).sum()

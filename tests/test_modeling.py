@@ -807,6 +807,22 @@ def test_fused_loss_matches_plain_loss_and_gradients(masked, chunk_rows, monkeyp
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)  # float32 rounding
 
 
+def test_fused_loss_on_a_cpu_holds_one_logits_sized_tensor_per_chunk():
+    """On a CPU (eager) the log-softmax is written over the chunk's logits: the only (n, V) allocation is the matmul's."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    n, c, v = 64, 32, 1000
+    hidden, weight = torch.randn(n, c, requires_grad=True), torch.randn(v, c, requires_grad=True)
+    targets = torch.randint(0, v - 10, (n,))
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss = modeling.LinearCrossEntropy.apply(hidden, weight, targets, v - 10, torch.tensor(float(n)), -100, n)
+    logits_sized = [e.name for e in prof.events() if e.self_cpu_memory_usage >= n * v * 4]
+    assert logits_sized == ["aten::mm"]
+    logits = (hidden @ weight.t()).masked_fill(torch.arange(v) >= v - 10, float("-inf"))
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, targets), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_fused_loss_in_chunks_under_torch_compile_matches_eager(monkeypatch):
     """The chunks run in order under torch.compile (BENCHMARKS.md); the loss and gradients stay eager's."""
