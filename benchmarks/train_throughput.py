@@ -696,7 +696,7 @@ def step_floor_ms(phases: dict[str, float], categories: dict[str, float]) -> flo
     """The profiled ms of a step's matmuls, sdpa attention, clipping and AdamW: what no rewrite of the model removes.
 
     Every variant runs the same matmul FLOPs, and the other three the same kernels for the same settings; the rest of
-    the step (activations, norms, the loss's softmax, copies) is what the implementations differ in. So step / floor
+    the step (activations, LayerNorm, the loss's softmax, copies) is what the implementations differ in. So step / floor
     bounds how much faster a variant could get with all of that free, and another variant's step / this floor how
     much faster than that variant this one could ever be (BENCHMARKS.md).
     """
