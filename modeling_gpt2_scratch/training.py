@@ -368,7 +368,7 @@ def tune_cpu_malloc() -> bool:
     them in again, zero-filled by the kernel: on 2 cores a step ran 1.4x faster without that (BENCHMARKS.md).
     Here no allocation is mmapped (`M_MMAP_MAX=0`) and the heap is trimmed only above 2 GiB of free memory at its
     top, so freed blocks are reused. The cost: memory freed during a step stays with the process for the next one,
-    so its resident size can be higher (quickstart on CPU: 2.1 GB instead of 1.4 GB peak).
+    so its resident size can be higher (quickstart on CPU: 1.2-1.6 GB instead of 1.1 GB peak).
     Returns False (and changes nothing) where the C library has no `mallopt` (not glibc).
     """
     try:
