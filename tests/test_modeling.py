@@ -789,11 +789,11 @@ def _loss_and_grads(model, ids, labels, skip_logits, **kwargs):
 
 @pytest.mark.parametrize("chunk_rows", [None, 16])  # None: the default chunk holds all 60 rows; 16: four chunks
 @pytest.mark.parametrize("masked", [False, True])
-def test_fused_loss_matches_plain_loss_and_gradients(masked, chunk_rows, monkeypatch):
-    if chunk_rows:
-        monkeypatch.setattr(modeling, "LOSS_CHUNK_ELEMENTS", chunk_rows * GPT2ScratchConfig().vocab_size)
+def test_fused_loss_matches_plain_loss_and_gradients(masked, chunk_rows):
     torch.manual_seed(0)
     model = GPT2ScratchForCausalLM(GPT2ScratchConfig(**SMALL)).train()
+    if chunk_rows:
+        model.loss_chunk_elements = chunk_rows * model.config.vocab_size
     ids = random_ids(3, 20)
     labels = ids.clone()
     if masked:
@@ -805,6 +805,25 @@ def test_fused_loss_matches_plain_loss_and_gradients(masked, chunk_rows, monkeyp
     assert abs(fused.loss.item() - plain.loss.item()) <= 1e-5
     for name, grad in plain_grads.items():
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)  # float32 rounding
+
+
+def test_fused_loss_chunk_rows_by_device_or_the_models_setting(monkeypatch):
+    """The fused loss's chunk: 2**26 logits on a CPU, 2**30 on a CUDA GPU (a 16 x 1024 micro-batch in one chunk,
+    faster there: BENCHMARKS.md), or `model.loss_chunk_elements`; the forward hands it to `LinearCrossEntropy`."""
+    model = GPT2ScratchForCausalLM(GPT2ScratchConfig(**SMALL)).train()
+    vocab = model.config.vocab_size
+    assert model.loss_chunk_rows(torch.device("cpu")) == 2**26 // vocab
+    assert model.loss_chunk_rows(torch.device("cuda")) == 2**30 // vocab >= 16 * 1024
+    model.loss_chunk_elements = 16 * vocab
+    assert model.loss_chunk_rows("cpu") == model.loss_chunk_rows("cuda") == 16
+    chunk_sizes = []
+    apply = modeling.LinearCrossEntropy.apply
+    monkeypatch.setattr(
+        modeling.LinearCrossEntropy, "apply", lambda *args: chunk_sizes.append(args[6]) or apply(*args)
+    )
+    ids = random_ids(2, 8)
+    model(ids, labels=ids)
+    assert chunk_sizes == [16]
 
 
 def test_fused_loss_on_a_cpu_holds_one_logits_sized_tensor_per_chunk():
