@@ -25,19 +25,21 @@ first four are the default set:
   `ours-defaults`).
 
 Other combinations can be named with `--variants`: `{hf,ours}-{defaults,fp32,bf16}[-compile][-cudagraphs]
-[-autotune][-fused][-malloc][-ckpt][-logits][-denseemb][-torchclip][-math|-flash|-efficient|-cudnn]` (`-cudagraphs`
-and `-autotune` compile in the trainer's `--compile_mode` reduce-overhead and max-autotune-no-cudagraphs, both
-together max-autotune, with its CUDA-graph step (`compile_forward`); `-fused`: fused AdamW kernel; `-malloc`: the
-trainer's glibc malloc tuning; `-ckpt`: gradient checkpointing, as the trainer's `--gradient_checkpointing true`
-(`activation_checkpointing_enable()`: each block's activations recomputed in the backward); `-logits`, ours only:
-the plain LM head + `F.cross_entropy` on materialised logits, `skip_logits=False`, instead of the chunked
-`LinearCrossEntropy`; `-denseemb`, ours only: the token embedding's dense gradient, summed with the head's by
-autograd, instead of `TiedEmbedding`'s rows added in place (`add_embedding_gradient_in_place = False`);
-`-torchclip`, with `defaults`: `accelerator.clip_grad_norm_` instead of the trainer's `clip_gradients`; the last
-pins `F.scaled_dot_product_attention` to one kernel with `torch.nn.attention.sdpa_kernel`, where the device has it),
-e.g. `ours-bf16-compile` to see what other trainer defaults would give, or `ours-defaults-flash` against
-`ours-defaults-cudnn` on an H100. The fp32 variants use torch's and glibc's defaults (no TF32, foreach AdamW,
-glibc's malloc) unless named; the bf16 ones the trainer's choices for this device.
+[-autotune][-fused][-malloc][-ckpt][-logits|-chunkK][-denseemb][-torchclip][-math|-flash|-efficient|-cudnn]`
+(`-cudagraphs` and `-autotune` compile in the trainer's `--compile_mode` reduce-overhead and
+max-autotune-no-cudagraphs, both together max-autotune, with its CUDA-graph step (`compile_forward`); `-fused`: fused
+AdamW kernel; `-malloc`: the trainer's glibc malloc tuning; `-ckpt`: gradient checkpointing, as the trainer's
+`--gradient_checkpointing true` (`activation_checkpointing_enable()`: each block's activations recomputed in the
+backward); `-logits`, ours only: the plain LM head + `F.cross_entropy` on materialised logits, `skip_logits=False`,
+instead of the chunked `LinearCrossEntropy`; `-chunkK`, ours only: the fused loss in chunks of 2**K logits
+(`model.loss_chunk_elements`; the model's default is 2**26, 2**30 on a CUDA GPU); `-denseemb`, ours only: the token
+embedding's dense gradient, summed with the head's by autograd, instead of `TiedEmbedding`'s rows added in place
+(`add_embedding_gradient_in_place = False`); `-torchclip`, with `defaults`: `accelerator.clip_grad_norm_` instead of
+the trainer's `clip_gradients`; the last pins `F.scaled_dot_product_attention` to one kernel with
+`torch.nn.attention.sdpa_kernel`, where the device has it), e.g. `ours-bf16-compile` to see what other trainer
+defaults would give, or `ours-defaults-flash` against `ours-defaults-cudnn` on an H100. The fp32 variants use torch's
+and glibc's defaults (no TF32, foreach AdamW, glibc's malloc) unless named; the bf16 ones the trainer's choices for
+this device.
 
 The trainer's glibc malloc tuning on CPU (`--malloc_tuning`, `tune_cpu_malloc`) is one of its speed settings, so
 the `defaults` and `bf16` variants get it (as the trainer's choice for the device: on CPU) and the `fp32` ones do not,
@@ -72,6 +74,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import re
 import signal
 import statistics
 import subprocess
@@ -132,6 +135,7 @@ VARIANT_EXTRAS = (
     "torchclip",
     *SDPA_BACKENDS,
 )
+CHUNK_EXTRA = re.compile(r"chunk(\d+)")  # -chunkK: the fused loss in chunks of 2**K logits
 PHASES = ("phase: forward", "phase: backward", "phase: clip", "phase: AdamW")  # profiler labels of a step
 QUICKSTART = REPO_ROOT / "configs" / "quickstart.yaml"
 
@@ -151,6 +155,7 @@ class Settings:
     checkpointing: bool = False  # gradient checkpointing (activation_checkpointing_enable, as the trainer's flag)
     compile_mode: str = "default"  # the trainer's --compile_mode (COMPILE_MODE_EXTRAS)
     dense_embedding: bool = False  # ours: no `TiedEmbedding` (add_embedding_gradient_in_place off)
+    loss_chunk_elements: int | None = None  # ours: logits per chunk of the fused loss (None: the model's default)
     torch_clip: bool = False  # the `accelerator` step: `accelerator.clip_grad_norm_`, not the trainer's
 
     def describe(self) -> str:
@@ -171,6 +176,8 @@ class Settings:
             parts.append("plain LM head + cross-entropy")
         if self.sdpa_backend:
             parts.append(f"sdpa {self.sdpa_backend} only")
+        if self.loss_chunk_elements:
+            parts.append(f"loss chunks of 2**{self.loss_chunk_elements.bit_length() - 1} logits")
         if self.dense_embedding:
             parts.append("dense embedding gradient")
         if self.torch_clip:
@@ -196,7 +203,8 @@ def variant_settings(
     names: list[str], device: torch.device, train_args: TrainArguments, malloc: str = "auto"
 ) -> dict[str, Settings]:
     """Each variant's settings: `{hf,ours}-{defaults,fp32,bf16}[-compile][-MODE][-fused][-malloc][-ckpt][-logits]
-    [-denseemb][-torchclip][-KERNEL]` (MODE: cudagraphs, autotune; KERNEL: an sdpa backend).
+    [-chunkK][-denseemb][-torchclip][-KERNEL]` (MODE: cudagraphs, autotune; KERNEL: an sdpa backend; K: 2**K logits
+    per chunk of the fused loss).
 
     `defaults`: the trainer's settings for this device (its Accelerator and step), the extras switched on. fp32: no
     TF32, foreach AdamW unless `-fused`, glibc's malloc unless `-malloc` (torch's and glibc's defaults). bf16: the
@@ -211,13 +219,14 @@ def variant_settings(
             model not in ("hf", "ours")
             or not parts
             or parts[0] not in VARIANT_BASES
-            or any(p not in VARIANT_EXTRAS for p in parts[1:])
-            or (model == "hf" and ("logits" in parts or "denseemb" in parts))
+            or any(p not in VARIANT_EXTRAS and not CHUNK_EXTRA.fullmatch(p) for p in parts[1:])
+            or (model == "hf" and any(p in ("logits", "denseemb") or CHUNK_EXTRA.fullmatch(p) for p in parts))
+            or ("logits" in parts and any(CHUNK_EXTRA.fullmatch(p) for p in parts))
         ):
             raise SystemExit(
                 f"--variants {name!r}: use hf|ours-defaults|fp32|bf16[-compile][-cudagraphs][-autotune][-fused]"
-                "[-malloc][-ckpt]"
-                "[-logits (ours)][-denseemb (ours)][-torchclip][-math|-flash|-efficient|-cudnn]"
+                "[-malloc][-ckpt][-logits (ours) | -chunkK (ours, K in 10-40)][-denseemb (ours)][-torchclip]"
+                "[-math|-flash|-efficient|-cudnn]"
             )
         base, extras = parts[0], parts[1:]
         model_options = {
@@ -225,6 +234,7 @@ def variant_settings(
             "sdpa_backend": _backend(name, extras),
             "checkpointing": "ckpt" in extras,
             "dense_embedding": "denseemb" in extras,
+            "loss_chunk_elements": _loss_chunk_elements(name, extras),
             "torch_clip": "torchclip" in extras,
             "compile_mode": _compile_mode(extras, train_args),
         }
@@ -259,6 +269,14 @@ def _compile_mode(extras: list[str], train_args: TrainArguments) -> str:
     if len(named) == 2:
         return "max-autotune"
     return COMPILE_MODE_EXTRAS[named.pop()] if named else train_args.compile_mode
+
+
+def _loss_chunk_elements(name: str, extras: list[str]) -> int | None:
+    """2**K for a `-chunkK` extra (K in 10-40), else None (the model's default)."""
+    chunks = [int(m.group(1)) for m in map(CHUNK_EXTRA.fullmatch, extras) if m]
+    if len(chunks) > 1 or any(not 10 <= k <= 40 for k in chunks):
+        raise SystemExit(f"--variants {name!r}: name one -chunkK at most, with K from 10 to 40 (2**K logits)")
+    return 2 ** chunks[0] if chunks else None
 
 
 def _backend(name: str, extras: list[str]) -> str | None:
@@ -329,8 +347,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--variants",
         nargs="+",
         default=list(VARIANTS),
-        help="hf|ours-defaults|fp32|bf16[-compile][-cudagraphs][-autotune][-fused][-malloc][-ckpt][-logits]"
-        "[-math|-flash|-efficient|-cudnn] (default: %(default)s)",
+        help="hf|ours-defaults|fp32|bf16[-compile][-cudagraphs][-autotune][-fused][-malloc][-ckpt][-logits|-chunkK]"
+        "[-denseemb][-torchclip][-math|-flash|-efficient|-cudnn] (default: %(default)s)",
     )
     parser.add_argument(
         "--warmup", type=non_negative_int, default=3, help="untimed rounds first (compilation happens here)"
@@ -406,6 +424,8 @@ def make_step(
     model = build_model(name.split("-")[0], run, device).train()
     if settings.dense_embedding:
         model.add_embedding_gradient_in_place = False
+    if settings.loss_chunk_elements:
+        model.loss_chunk_elements = settings.loss_chunk_elements
     if settings.checkpointing:
         model.activation_checkpointing_enable()  # as train_accelerate.build_model with --gradient_checkpointing
     optimizer = build_optimizer(model, train_args, fused=settings.fused_adamw)

@@ -53,7 +53,20 @@ def test_variant_names_resolve_to_settings(tmp_path):
     assert all(s.compile_mode == "default" for s in settings.values())  # the trainer's default --compile_mode
     both = train_throughput.variant_settings(["ours-defaults-cudagraphs-autotune"], torch.device("cpu"), args)
     assert both["ours-defaults-cudagraphs-autotune"].compile_mode == "max-autotune"
-    for bad in ("hf-fp32-logits", "ours-fast", "ours-fp32-math-flash"):
+    chunked = train_throughput.variant_settings(["ours-defaults-chunk30"], torch.device("cpu"), args)
+    assert chunked["ours-defaults-chunk30"] == dataclasses.replace(defaults, loss_chunk_elements=2**30)
+    assert "loss chunks of 2**30 logits" in chunked["ours-defaults-chunk30"].describe()
+    assert all(s.loss_chunk_elements is None for s in settings.values())
+    for bad in (
+        "hf-fp32-logits",
+        "ours-fast",
+        "ours-fp32-math-flash",
+        "hf-fp32-chunk26",
+        "ours-fp32-logits-chunk26",
+        "ours-fp32-chunk26-chunk28",
+        "ours-fp32-chunk50",
+        "ours-fp32-chunk",
+    ):
         with pytest.raises(SystemExit, match=re.escape(repr(bad))):
             train_throughput.variant_settings([bad], torch.device("cpu"), args)
 
@@ -250,10 +263,10 @@ def test_bad_numbers_are_one_line_usage_errors(capsys):
         assert message in capsys.readouterr().err.splitlines()[-1]
 
 
-def test_ckpt_reaches_the_model(tmp_path):
+def test_ckpt_and_loss_chunks_reach_the_model(tmp_path):
     args, cpu = TrainArguments(output_dir=str(tmp_path)), torch.device("cpu")
     run = train_throughput.parse_run("quickstart:2x32")
-    settings = train_throughput.variant_settings(["ours-fp32", "ours-fp32-ckpt"], cpu, args)
+    settings = train_throughput.variant_settings(["ours-fp32", "ours-fp32-ckpt", "ours-fp32-chunk20"], cpu, args)
     built, build_model = [], train_throughput.build_model
 
     def keep_model(*args, **kwargs):
@@ -265,6 +278,8 @@ def test_ckpt_reaches_the_model(tmp_path):
         for name in settings:
             step = train_throughput.make_step(name, settings[name], run, cpu, args, accelerator=None)
             assert 10 < step(*train_throughput.round_batch(run, 0, cpu)) < 12  # a step ran: ln(50257) = 10.8
-    plain, checkpointed = built
+    plain, checkpointed, chunked = built
     assert not any(block.gradient_checkpointing for block in plain.transformer.h)
     assert all(block.gradient_checkpointing for block in checkpointed.transformer.h)
+    assert plain.loss_chunk_elements is None and chunked.loss_chunk_elements == 2**20
+    assert chunked.loss_chunk_rows(cpu) == 2**20 // chunked.config.vocab_size  # 20 rows: 64 tokens in 4 chunks
