@@ -233,8 +233,10 @@ class LinearCrossEntropy(torch.autograd.Function):
     Each chunk's logits (at most `chunk_size x V`) are made, reduced to the loss and turned into the gradients of
     `hidden` and `weight` at once, then dropped; the backward only scales the stored gradients. Same FLOPs as
     the plain head + `F.cross_entropy`, but nothing `(N, V)` kept for the backward and at most one chunk's
-    logits at a time (the model's `loss_chunk_rows`: 2**26 logits, or 2**30 on a CUDA GPU). Columns `>= real_vocab` (the padded ids) are `-inf`; targets equal to
-    `ignore_index` count for nothing. Returns the summed loss divided by `normalizer`.
+    logits at a time (the model's `loss_chunk_rows`: 2**26 logits, or 2**30 on a CUDA GPU). Columns `>= real_vocab`
+    (the padded ids) are `-inf`; targets equal to `ignore_index` count for nothing. Returns the summed loss divided by
+    `normalizer`. With `gradients=False` (the model passes it where autograd records nothing, e.g. an evaluation under
+    `torch.no_grad()`) it computes the loss alone: one matmul per chunk instead of three, nothing stored.
 
     Per chunk, besides the three matmuls, the `(n, V)` work is one `log_softmax` (as `F.cross_entropy` computes it;
     on a CPU, eager, written over the logits) and one in-place `exp_` (its softmax), written back into tensors
@@ -254,7 +256,9 @@ class LinearCrossEntropy(torch.autograd.Function):
         ignore_index: int,
         chunk_size: int,
         tied_gradient: dict | None = None,
+        gradients: bool = True,
     ):
+        want_hidden, want_weight = gradients and ctx.needs_input_grad[0], gradients and ctx.needs_input_grad[1]
         device_type = hidden.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
         with torch.autocast(device_type, enabled=False):
@@ -263,7 +267,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             chunk_size = math.ceil(n_rows / math.ceil(n_rows / chunk_size))  # equal chunks: no small last one
             valid = (targets != ignore_index).unsqueeze(1)  # (N, 1)
             targets = targets.unsqueeze(1).masked_fill(~valid, 0)  # (N, 1), ignored rows point at id 0
-            grad_hidden = torch.empty_like(h_all)
+            grad_hidden = torch.empty_like(h_all) if want_hidden else None
             grad_weight = None
             loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
             previous_done = torch.zeros((), dtype=dtype, device=hidden.device)
@@ -282,27 +286,31 @@ class LinearCrossEntropy(torch.autograd.Function):
                 del logits
                 target_log_probs = log_probs.gather(1, t)  # (n, 1)
                 loss -= (target_log_probs * keep).sum()
-                # d(sum loss)/d(logits) = softmax - onehot, in the matmul dtype; written over the tensors already
-                # made (a fresh (n, V) allocation costs more than the pass that fills it on a CPU)
-                grad = log_probs.exp_()
-                if grad.dtype != dtype:
-                    grad = logits_lp.copy_(grad)
-                del log_probs, logits_lp
-                grad.scatter_(1, t, (target_log_probs.exp() - 1).to(dtype))
-                torch.mul(grad @ w, keep, out=grad_hidden[rows])  # ignored rows: zero gradient
-                if ctx.needs_input_grad[1]:
-                    h = h * keep
-                    if grad_weight is None:
-                        grad_weight = (grad.t() @ h).float()  # accumulated in float32
-                    elif grad.dtype == torch.float32:
-                        grad_weight.addmm_(grad.t(), h)
-                    else:
-                        grad_weight += grad.t() @ h
+                last = loss
+                if want_hidden or want_weight:
+                    # d(sum loss)/d(logits) = softmax - onehot, in the matmul dtype; written over the tensors already
+                    # made (a fresh (n, V) allocation costs more than the pass that fills it on a CPU)
+                    grad = log_probs.exp_()
+                    if grad.dtype != dtype:
+                        grad = logits_lp.copy_(grad)
+                    del log_probs, logits_lp
+                    grad.scatter_(1, t, (target_log_probs.exp() - 1).to(dtype))
+                    if want_hidden:
+                        torch.mul(grad @ w, keep, out=grad_hidden[rows])  # ignored rows: zero gradient
+                        last = grad_hidden[rows][0, 0]
+                    if want_weight:
+                        h = h * keep
+                        if grad_weight is None:
+                            grad_weight = (grad.t() @ h).float()  # accumulated in float32
+                        elif grad.dtype == torch.float32:
+                            grad_weight.addmm_(grad.t(), h)
+                        else:
+                            grad_weight += grad.t() @ h
+                        last = grad_weight[0, 0]
                 # A zero made from this chunk's last result, added to the next chunk's rows: under torch.compile it
                 # keeps the chunks in order. Without it inductor runs every chunk's logits matmul first and holds
                 # all their (n, V) logits at once (3x the memory, see BENCHMARKS.md); a plain `x * 0` does not do it.
-                last = grad_weight if grad_weight is not None else grad_hidden[rows]
-                previous_done = torch.where(last[0, 0].isnan(), 0.0, 0.0).to(dtype)
+                previous_done = torch.where(last.isnan(), 0.0, 0.0).to(dtype)
         ctx.save_for_backward(grad_hidden, grad_weight, normalizer)
         ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
         ctx.tied_gradient = tied_gradient
@@ -312,11 +320,11 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         grad_hidden, grad_weight, normalizer = ctx.saved_tensors
         scale = grad_output / normalizer
-        grad_h = (grad_hidden * scale).to(ctx.hidden_dtype)
+        grad_h = (grad_hidden * scale).to(ctx.hidden_dtype) if grad_hidden is not None else None
         grad_w = (grad_weight * scale).to(ctx.weight_dtype) if grad_weight is not None else None
         if ctx.tied_gradient is not None and grad_w is not None:
             ctx.tied_gradient["weight"] = grad_w  # the tensor autograd holds: `TiedEmbedding.backward` adds to it
-        return grad_h, grad_w, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None
 
 
 class TiedEmbedding(torch.autograd.Function):
@@ -324,12 +332,12 @@ class TiedEmbedding(torch.autograd.Function):
 
     With the head tied to the token embedding, autograd gets two gradients of the one weight: the head's, and the
     lookup's, as dense though only the looked-up rows are non-zero. Zeroing that `vocab x n_embd` tensor and adding
-    it to the head's cost 25 ms a 124M step on 2 CPU cores, against 0.6 ms for the rows alone (BENCHMARKS.md). Here `LinearCrossEntropy` also leaves
-    the weight gradient it returns in `tied_gradient` (a dict this forward made). Autograd runs this backward after
-    that one (the head's input depends on the lookup) and before it writes `.grad` (which waits for both), so the
-    rows are added with `index_add_` to the very tensor autograd holds, and this backward returns no gradient of
-    its own: `.grad` gets the same sum, rounded in another order. Without the head's gradient (not computed in this
-    backward) it returns the dense gradient as `F.embedding` does.
+    it to the head's cost 25 ms a 124M step on 2 CPU cores, against 0.6 ms for the rows alone (BENCHMARKS.md). Here
+    `LinearCrossEntropy` also leaves the weight gradient it returns in `tied_gradient` (a dict this forward made).
+    Autograd runs this backward after that one (the head's input depends on the lookup) and before it writes `.grad`
+    (which waits for both), so the rows are added with `index_add_` to the very tensor autograd holds, and this
+    backward returns no gradient of its own: `.grad` gets the same sum, rounded in another order. Without the head's
+    gradient (not computed in this backward) it returns the dense gradient as `F.embedding` does.
     """
 
     @staticmethod
@@ -680,9 +688,9 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
     def loss_chunk_rows(self, device: torch.device) -> int:
         """Rows per chunk of the fused loss (`LinearCrossEntropy`) on `device`: `loss_chunk_elements` logits.
 
-        By default 2**26 logits (256 MB in float32) and 2**30 on a CUDA GPU: a 16 x 1024 micro-batch in one chunk, whose bf16 logits and float32 log-probabilities
-        (5 GB) are held at once, for 1.05x faster 124M steps on an H200 than with 2**26. Set
-        `model.loss_chunk_elements` to trade speed for memory.
+        By default 2**26 logits (256 MB in float32) and 2**30 on a CUDA GPU: a 16 x 1024 micro-batch in one chunk,
+        whose bf16 logits and float32 log-probabilities (5 GB) are held at once, for 1.05x faster 124M steps on an
+        H200 than with 2**26. Set `model.loss_chunk_elements` to trade speed for memory.
         """
         elements = self.loss_chunk_elements or (
             CUDA_LOSS_CHUNK_ELEMENTS if torch.device(device).type == "cuda" else LOSS_CHUNK_ELEMENTS
@@ -758,6 +766,7 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
                 IGNORE_INDEX,
                 self.loss_chunk_rows(hidden_states.device),
                 tied_gradient,
+                torch.is_grad_enabled(),  # else the loss alone: no gradients computed for a backward that never runs
             )
             logits = None
         else:

@@ -826,6 +826,30 @@ def test_fused_loss_chunk_rows_by_device_or_the_models_setting(monkeypatch):
     assert chunk_sizes == [16]
 
 
+def test_fused_loss_without_autograd_computes_the_loss_alone():
+    """Under `torch.no_grad()` (the trainer's evaluation) the fused loss runs one matmul per chunk instead of three
+    (logits; no gradients of the hidden states or of the weight) and gives the loss it gives with autograd."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    model = GPT2ScratchForCausalLM(GPT2ScratchConfig(**SMALL)).train()
+    model.loss_chunk_elements = 16 * model.config.vocab_size  # 60 rows: four chunks of 15
+    ids = random_ids(3, 20)
+    labels = ids.clone()
+    labels[0, :9] = -100
+    with profile(activities=[ProfilerActivity.CPU]) as recorded:
+        with_autograd = model(ids, labels=labels, skip_logits=True).loss
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        loss_alone = model(ids, labels=labels, skip_logits=True).loss
+        plain = model(ids, labels=labels, skip_logits=False).loss
+    # the trunk's linears are `aten::addmm` (bias); the weight gradient is accumulated with `addmm_` after chunk 1
+    head_matmuls = [e for e in recorded.events() if e.name in ("aten::mm", "aten::addmm_")]
+    assert len(head_matmuls) == 12  # four chunks x (logits, hidden gradient, weight gradient)
+    assert sum(e.name == "aten::mm" for e in prof.events()) == 4 + 1  # four chunks' logits, then the plain head
+    assert loss_alone.item() == with_autograd.item()
+    assert abs(loss_alone.item() - plain.item()) <= 1e-5
+
+
 def test_fused_loss_on_a_cpu_holds_one_logits_sized_tensor_per_chunk():
     """On a CPU (eager) the log-softmax is written over the chunk's logits: the only (n, V) allocation is the matmul's."""
     from torch.profiler import ProfilerActivity, profile
@@ -852,10 +876,13 @@ def test_fused_loss_in_chunks_under_torch_compile_matches_eager(monkeypatch):
     labels = ids.clone()
     labels[0, :9] = -100
     eager, eager_grads = _loss_and_grads(model, ids, labels, skip_logits=True)
-    compiled, compiled_grads = _loss_and_grads(torch.compile(model), ids, labels, skip_logits=True)
+    compiled_model = torch.compile(model)
+    compiled, compiled_grads = _loss_and_grads(compiled_model, ids, labels, skip_logits=True)
     assert abs(compiled.loss.item() - eager.loss.item()) <= 1e-5
     for name, grad in eager_grads.items():
         torch.testing.assert_close(compiled_grads[f"_orig_mod.{name}"], grad, rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad():  # the loss alone (the trainer's evaluation), compiled too
+        assert abs(compiled_model(ids, labels=labels, skip_logits=True).loss.item() - eager.loss.item()) <= 1e-5
 
 
 def test_mlp_under_torch_compile_takes_the_sigmoid_form_of_tanh_gelu():
