@@ -215,13 +215,14 @@ def variant_settings(
     settings = {}
     for name in names:
         model, *parts = name.split("-")
+        chunked = any(CHUNK_EXTRA.fullmatch(p) for p in parts[1:])
         if (
             model not in ("hf", "ours")
             or not parts
             or parts[0] not in VARIANT_BASES
             or any(p not in VARIANT_EXTRAS and not CHUNK_EXTRA.fullmatch(p) for p in parts[1:])
-            or (model == "hf" and any(p in ("logits", "denseemb") or CHUNK_EXTRA.fullmatch(p) for p in parts))
-            or ("logits" in parts and any(CHUNK_EXTRA.fullmatch(p) for p in parts))
+            or (model == "hf" and ("logits" in parts or "denseemb" in parts or chunked))
+            or ("logits" in parts and chunked)
         ):
             raise SystemExit(
                 f"--variants {name!r}: use hf|ours-defaults|fp32|bf16[-compile][-cudagraphs][-autotune][-fused]"
