@@ -180,6 +180,12 @@ def build_model(model_args: ModelArguments, train_args: TrainArguments) -> GPT2S
         )
     if train_args.gradient_checkpointing:
         model.activation_checkpointing_enable()
+    if train_args.loss_chunk_elements < 0:
+        raise ValueError(
+            f"--loss_chunk_elements must be 0 (the model's default) or a positive count of logits, got "
+            f"{train_args.loss_chunk_elements}."
+        )
+    model.loss_chunk_elements = train_args.loss_chunk_elements or None
     return model
 
 

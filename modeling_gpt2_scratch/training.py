@@ -164,6 +164,14 @@ class TrainArguments:
             "the blocks (124M on a CPU: 15-19% slower steps)."
         },
     )
+    loss_chunk_elements: int = field(
+        default=0,
+        metadata={
+            "help": "Logits per chunk of the fused LM-head loss: fewer for less memory, more for speed; 0: the "
+            "model's default, 2**26 (256 MB in fp32), or 2**30 on a CUDA GPU (a 16 x 1024 micro-batch in one chunk: "
+            "1.05x faster 124M steps on an H200 for 2.5 GB more memory)."
+        },
+    )
     # evaluation, samples, logging
     eval_every: int = field(
         default=250, metadata={"help": "Evaluate the val loss every N steps (0: only at the end)."}

@@ -493,17 +493,23 @@ def test_training_from_prepared_shards_does_not_need_datasets(corpus, data_dir, 
     assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2]
 
 
-def test_gradient_checkpointing_gives_the_same_steps(corpus, data_dir, tmp_path, monkeypatch):
+def test_gradient_checkpointing_and_loss_chunks_give_the_same_steps(corpus, data_dir, tmp_path, monkeypatch):
     models = []
     build = train_accelerate.build_model
     monkeypatch.setattr(train_accelerate, "build_model", lambda *a, **k: models.append(build(*a, **k)) or models[-1])
     common = ("--max_steps", "2", "--save_every", "0", "--eval_every", "0")
     run(corpus, data_dir, tmp_path / "plain", *common)
     run(corpus, data_dir, tmp_path / "ckpt", *common, "--gradient_checkpointing", "true")
-    assert [any(b.gradient_checkpointing for b in m.transformer.h) for m in models] == [False, True]
-    for plain, ckpt in zip(metrics(tmp_path / "plain"), metrics(tmp_path / "ckpt"), strict=True):
-        assert abs(plain["train_loss"] - ckpt["train_loss"]) <= 1e-5
-        assert abs(plain["grad_norm"] - ckpt["grad_norm"]) <= 1e-4
+    run(corpus, data_dir, tmp_path / "chunks", *common, "--loss_chunk_elements", str(40 * 50304))  # 128 rows: 4 chunks
+    assert [any(b.gradient_checkpointing for b in m.transformer.h) for m in models] == [False, True, False]
+    assert [m.loss_chunk_elements for m in models] == [None, None, 40 * 50304]
+    assert models[2].loss_chunk_rows("cpu") == 40
+    for other in ("ckpt", "chunks"):
+        for plain, step in zip(metrics(tmp_path / "plain"), metrics(tmp_path / other), strict=True):
+            assert abs(plain["train_loss"] - step["train_loss"]) <= 1e-5, other
+            assert abs(plain["grad_norm"] - step["grad_norm"]) <= 1e-4, other
+    with pytest.raises(ValueError, match="--loss_chunk_elements must be 0"):
+        run(corpus, data_dir, tmp_path / "bad", *common, "--loss_chunk_elements", "-1")
 
 
 def test_samples_go_to_trackers_that_take_text(corpus, data_dir, tmp_path):
