@@ -34,6 +34,7 @@ from modeling_gpt2_scratch.training import (
     COMPILE_MODES,
     RUN_CONFIG_NAME,
     RUN_SUMMARY_NAME,
+    TRI_STATE_VALUES,
     MetricsWriter,
     ModelArguments,
     TrainArguments,
@@ -65,7 +66,7 @@ class TrainingError(RuntimeError):
 
 def _flag(value: str, name: str, auto: bool) -> bool:
     value = str(value).lower()
-    if value not in ("auto", "true", "false", "1", "0", "yes", "no"):
+    if value not in TRI_STATE_VALUES:
         raise ValueError(f"--{name} must be true, false or auto, got {value!r}.")
     return auto if value == "auto" else value in ("true", "1", "yes")
 
@@ -180,11 +181,6 @@ def build_model(model_args: ModelArguments, train_args: TrainArguments) -> GPT2S
         )
     if train_args.gradient_checkpointing:
         model.activation_checkpointing_enable()
-    if train_args.loss_chunk_elements < 0:
-        raise ValueError(
-            f"--loss_chunk_elements must be 0 (the model's default) or a positive count of logits, got "
-            f"{train_args.loss_chunk_elements}."
-        )
     model.loss_chunk_elements = train_args.loss_chunk_elements or None
     return model
 

@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "step_"
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
+TRI_STATE_VALUES = ("auto", "true", "false", "1", "0", "yes", "no")  # --compile, --fused_adamw, --malloc_tuning
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 RUN_CONFIG_NAME = "run_config.json"
 RUN_SUMMARY_NAME = "run_summary.json"
@@ -188,7 +189,44 @@ class TrainArguments:
     )
     # checkpoints
     save_every: int = field(default=1000, metadata={"help": "Save a resumable checkpoint every N steps (0: off)."})
-    keep_last: int = field(default=3, metadata={"help": "Checkpoints to keep (older ones are deleted)."})
+    keep_last: int = field(default=3, metadata={"help": "Checkpoints to keep, 1 or more (older ones are deleted)."})
+
+    def __post_init__(self) -> None:
+        """Reject values the run could not use, before any data is prepared or a step is taken.
+
+        Raises:
+            ValueError: one line naming the flag, the value and what it accepts.
+        """
+        for name in ("micro_batch_size", "seq_len", "total_batch_tokens", "max_steps", "eval_batches", "num_samples",
+                     "sample_tokens", "log_every", "keep_last"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be a positive integer, got {getattr(self, name)}.")
+        for name in ("warmup_steps", "eval_every", "sample_every", "save_every", "cpu_threads", "grad_clip",
+                     "weight_decay"):  # fmt: skip
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be 0 or more, got {getattr(self, name)}.")
+        if self.loss_chunk_elements < 0:
+            raise ValueError(
+                f"--loss_chunk_elements must be 0 (the model's default) or a positive count of logits, got "
+                f"{self.loss_chunk_elements}."
+            )
+        for name in ("max_lr", "eps"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name} must be a positive number, got {getattr(self, name)}.")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(
+                f"--min_lr_ratio must be between 0 and 1 (a fraction of max_lr), got {self.min_lr_ratio}."
+            )
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be in [0, 1), got {getattr(self, name)}.")
+        if str(self.mixed_precision).lower() not in ("auto", "bf16", "fp16", "no"):
+            raise ValueError(f"--mixed_precision must be auto, bf16, fp16 or no, got {self.mixed_precision!r}.")
+        for name in ("compile", "fused_adamw", "malloc_tuning"):
+            if str(getattr(self, name)).lower() not in TRI_STATE_VALUES:
+                raise ValueError(f"--{name} must be true, false or auto, got {str(getattr(self, name)).lower()!r}.")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"--compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}.")
 
 
 ALL_ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainArguments)

@@ -217,6 +217,41 @@ def test_help_documents_every_flag_with_its_default():
 # --- bad input -------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--micro_batch_size", "0", "--micro_batch_size must be a positive integer, got 0."),
+        ("--seq_len", "-4", "--seq_len must be a positive integer, got -4."),
+        ("--log_every", "0", "--log_every must be a positive integer, got 0."),
+        ("--keep_last", "0", "--keep_last must be a positive integer, got 0."),
+        ("--eval_batches", "-1", "--eval_batches must be a positive integer, got -1."),
+        ("--save_every", "-1", "--save_every must be 0 or more, got -1."),
+        ("--loss_chunk_elements", "-1", "--loss_chunk_elements must be 0 (the model's default)"),
+        ("--max_lr", "0", "--max_lr must be a positive number, got 0.0."),
+        ("--min_lr_ratio", "1.5", "--min_lr_ratio must be between 0 and 1"),
+        ("--beta2", "1", "--beta2 must be in [0, 1), got 1.0."),
+        ("--mixed_precision", "fp8", "--mixed_precision must be auto, bf16, fp16 or no, got 'fp8'."),
+        ("--compile", "maybe", "--compile must be true, false or auto, got 'maybe'."),
+    ],
+)
+def test_bad_training_flags_fail_at_parsing(flag, value, message):
+    """Caught when the flags are read: before the data is prepared, and not mid-run (`--log_every 0` used to
+    stop the first step with a ZeroDivisionError, `--keep_last 0` to delete every checkpoint)."""
+    with pytest.raises(ValueError) as err:
+        parse_arguments(["--config", str(REPO / "configs/quickstart.yaml"), flag, value])
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_a_bad_flag_stops_the_cli_before_the_data_is_prepared(corpus, tmp_path):
+    data = tmp_path / "shards"
+    result = cli("--dataset", str(corpus), "--data_dir", str(data), "--output_dir", str(tmp_path / "run"), *TINY,
+                 "--micro_batch_size", "0", timeout=120)  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == "error: --micro_batch_size must be a positive integer, got 0."
+    assert "Traceback" not in result.stderr
+    assert not data.exists() and not (tmp_path / "run").exists()
+
+
 def test_resume_with_nothing_to_resume(corpus, data_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         run(corpus, data_dir, tmp_path / "run", "--resume", "latest", "--max_steps", "2")
@@ -508,8 +543,6 @@ def test_gradient_checkpointing_and_loss_chunks_give_the_same_steps(corpus, data
         for plain, step in zip(metrics(tmp_path / "plain"), metrics(tmp_path / other), strict=True):
             assert abs(plain["train_loss"] - step["train_loss"]) <= 1e-5, other
             assert abs(plain["grad_norm"] - step["grad_norm"]) <= 1e-4, other
-    with pytest.raises(ValueError, match="--loss_chunk_elements must be 0"):
-        run(corpus, data_dir, tmp_path / "bad", *common, "--loss_chunk_elements", "-1")
 
 
 def test_samples_go_to_trackers_that_take_text(corpus, data_dir, tmp_path):
