@@ -223,13 +223,24 @@ class TrainArguments:
         if str(self.mixed_precision).lower() not in ("auto", "bf16", "fp16", "no"):
             raise ValueError(f"--mixed_precision must be auto, bf16, fp16 or no, got {self.mixed_precision!r}.")
         for name in ("compile", "fused_adamw", "malloc_tuning"):
-            if str(getattr(self, name)).lower() not in TRI_STATE_VALUES:
-                raise ValueError(f"--{name} must be true, false or auto, got {str(getattr(self, name)).lower()!r}.")
+            resolve_flag(getattr(self, name), name, auto=False)
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"--compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}.")
 
 
 ALL_ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainArguments)
+
+
+def resolve_flag(value: str | bool, name: str, auto: bool) -> bool:
+    """A true/false/auto flag (`--compile`, `--fused_adamw`, `--malloc_tuning`) as a bool; auto gives `auto`.
+
+    Raises:
+        ValueError: for any other value, naming the flag.
+    """
+    value = str(value).lower()  # a YAML preset gives true/false as bools
+    if value not in TRI_STATE_VALUES:
+        raise ValueError(f"--{name} must be true, false or auto, got {value!r}.")
+    return auto if value == "auto" else value in ("true", "1", "yes")
 
 
 def _flag_names() -> set[str]:
