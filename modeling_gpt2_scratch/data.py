@@ -790,6 +790,8 @@ def _build_shards(source: _Source, args: DataArguments, staging: Path) -> tuple[
     counts = _Counts()
     train_ds = _open_split(source, args.split, args)
     use_val_split = args.val_split is not None and not source.is_local
+    if args.split != "train" and source.is_local:
+        logger.info("Local files form one stream: ignoring --split %s; training on all of them", args.split)
     if args.val_split is not None and source.is_local:
         logger.info("Local files form one stream: ignoring --val_split; holding out --val_fraction instead")
     val_ds = _open_split(source, args.val_split, args) if use_val_split else None  # a bad name fails before the work
