@@ -3,8 +3,8 @@
 The module names are the same on both sides, so a conversion is a key-for-key copy plus:
 - GPT-2's `Conv1D` stores its weight as `(in_features, out_features)`, `nn.Linear` as `(out, in)`: the four
   projection weights (`attn.c_attn`, `attn.c_proj`, `mlp.c_fc`, `mlp.c_proj`) are transposed;
-- the token embedding (and the tied LM head) is padded from GPT-2's 50257 rows to `config.vocab_size` (50304) with
-  zero rows on the way in, and sliced back on the way out;
+- the token embedding and the LM head (tied to it unless `tie_word_embeddings=False`) are padded from GPT-2's 50257
+  rows to `config.vocab_size` (50304) with zero rows on the way in, and sliced back on the way out;
 - the causal-mask buffers old HF checkpoints carry (`attn.bias`, `attn.masked_bias`) are dropped.
 """
 
@@ -43,11 +43,13 @@ def config_from_hf(hf_config: GPT2Config, pad_vocab: bool = True) -> GPT2Scratch
         ValueError: if the HF config uses a GPT-2 variant this model does not implement.
     """
     unsupported = {
-        "activation_function": (hf_config.activation_function, "gelu_new"),
+        "activation_function": (hf_config.activation_function, "gelu_new"),  # `gelu_pytorch_tanh`: the same
         "scale_attn_weights": (hf_config.scale_attn_weights, True),
         "scale_attn_by_inverse_layer_idx": (hf_config.scale_attn_by_inverse_layer_idx, False),
         "add_cross_attention": (hf_config.add_cross_attention, False),
     }
+    if unsupported["activation_function"][0] == "gelu_pytorch_tanh":  # GPT-2's tanh GELU, computed by torch
+        del unsupported["activation_function"]
     bad = [f"{name}={got!r} (need {want!r})" for name, (got, want) in unsupported.items() if got != want]
     if bad:
         raise ValueError(
@@ -69,7 +71,7 @@ def config_from_hf(hf_config: GPT2Config, pad_vocab: bool = True) -> GPT2Scratch
         attn_pdrop=hf_config.attn_pdrop,
         bos_token_id=hf_config.bos_token_id,
         eos_token_id=hf_config.eos_token_id,
-        tie_word_embeddings=True,
+        tie_word_embeddings=hf_config.tie_word_embeddings,
     )
 
 
@@ -91,7 +93,7 @@ def hf_config_from_scratch(config: GPT2ScratchConfig) -> GPT2Config:
         bos_token_id=config.bos_token_id,
         eos_token_id=config.eos_token_id,
         pad_token_id=config.pad_token_id,
-        tie_word_embeddings=True,
+        tie_word_embeddings=config.tie_word_embeddings,
     )
 
 

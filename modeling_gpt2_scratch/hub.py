@@ -449,7 +449,7 @@ The run's configuration was not saved with it: hyperparameters unknown.
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-tokenizer = AutoTokenizer.from_pretrained("{{ repo_id }}")
+tokenizer = AutoTokenizer.from_pretrained("{{ repo_id }}"{{ remote_code_kwarg }})  # it reads config.json first
 model = AutoModelForCausalLM.from_pretrained("{{ repo_id }}"{{ remote_code_kwarg }})
 
 inputs = tokenizer("Once upon a time", return_tensors="pt")

@@ -46,12 +46,12 @@ class Linear(nn.Linear):
     `packed_decoding`), without autograd or autocast, in float32 on a CPU with MKL; otherwise `F.linear`.
     """
 
-    decoding_pack: dict | None = None  # {} while `packed_decoding` is on, then {"key": ..., "weight": the pack}
+    decoding_pack: dict | None = None  # {} while `packed_decoding` is on, then {"current": (key, the pack)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pack = None if torch.compiler.is_compiling() else self.decoding_pack  # compiled code never reads the pack
         if (
-            not torch.compiler.is_compiling()  # first: compiled code never reads (or guards on) the pack
-            and self.decoding_pack is not None
+            pack is not None  # read once: another thread's `packed_decoding` may end meanwhile
             and x.dim() == 3
             and x.shape[1] == 1  # one position per sequence: a decoding step
             and x.shape[0] >= MIN_PACKED_ROWS
@@ -60,14 +60,31 @@ class Linear(nn.Linear):
             and not torch.is_grad_enabled()
             and not torch.is_autocast_enabled("cpu")
         ):
-            rows, weight, pack = x.shape[0], self.weight, self.decoding_pack
+            rows, weight = x.shape[0], self.weight
             # packed for these rows, from this weight as it is now (inference tensors have no version counter)
             key = (rows, weight.data_ptr(), None if weight.is_inference() else weight._version)
-            if pack.get("key") != key:
-                pack.clear()  # one pack at a time: free the old one before making the new one
-                pack.update(key=key, weight=torch.ops.mkl._mkl_reorder_linear_weight(weight, rows))
-            return torch.ops.mkl._mkl_linear(x, pack["weight"], weight, self.bias, rows)
+            current = pack.get("current")  # one (key, pack) tuple, replaced whole: safe to share between threads
+            if current is None or current[0] != key:
+                pack.pop("current", None)  # one pack at a time: free the old one before making the new one
+                current = (key, torch.ops.mkl._mkl_reorder_linear_weight(weight, rows))
+                pack["current"] = current
+            return torch.ops.mkl._mkl_linear(x, current[1], weight, self.bias, rows)
         return F.linear(x, self.weight, self.bias)
+
+
+def called_plainly(module: nn.Module, *classes: type[nn.Module]) -> bool:
+    """Whether `module` is exactly one of `classes`, without forward hooks (its own or global ones).
+
+    Only then may the model read its weight directly instead of calling it: a PEFT/LoRA layer in its place, or hooks
+    (DeepSpeed ZeRO-3 gathers partitioned weights in one), change what the call computes.
+    """
+    hooks = (
+        module._forward_hooks,
+        module._forward_pre_hooks,
+        nn.modules.module._global_forward_hooks,
+        nn.modules.module._global_forward_pre_hooks,
+    )
+    return type(module) in classes and not any(hooks)
 
 
 def mkl_packing_available() -> bool:
@@ -495,10 +512,12 @@ class GPT2ScratchModel(GPT2ScratchPreTrainedModel):
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        *,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
@@ -506,11 +525,14 @@ class GPT2ScratchModel(GPT2ScratchPreTrainedModel):
         **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
         """
+        The positional order is `GPT2Model.forward`'s; the arguments after `inputs_embeds` are keyword-only.
+
         Args:
             input_ids: `(B, T)` token ids; with a `cache`, only the tokens not yet in it.
-            attention_mask: `(B, S)` with 1 for tokens to attend to and 0 for padding (left or right), S = past + T.
-            position_ids: `(B, T)` positions; default: `past + arange(T)`, or from `cache_position` if given.
             cache: a `transformers` `Cache` (e.g. `DynamicCache`, `StaticCache`) holding past keys and values.
+            attention_mask: `(B, S)` with 1 for tokens to attend to and 0 for padding (left or right), S = past + T.
+            token_type_ids: `(B, T)` segment ids, embedded with the token embedding and added (as GPT-2 does).
+            position_ids: `(B, T)` positions; default: `past + arange(T)`, or from `cache_position` if given.
             use_cache: create a `DynamicCache` when none is given and return it.
         """
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
@@ -566,7 +588,10 @@ class GPT2ScratchModel(GPT2ScratchPreTrainedModel):
                 position_ids=position_ids,
             )
 
-        hidden_states = self.drop(inputs_embeds + self.wpe(position_ids))  # (B, T, C)
+        hidden_states = inputs_embeds + self.wpe(position_ids)  # (B, T, C)
+        if token_type_ids is not None:  # GPT-2's segment embeddings are rows of the token embedding
+            hidden_states = hidden_states + self.wte(token_type_ids.view(-1, inputs_embeds.shape[1]))
+        hidden_states = self.drop(hidden_states)
         all_hidden_states = () if output_hidden_states else None
         all_attentions = () if output_attentions else None
         for block in self.h:
@@ -625,6 +650,20 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
         """A `transformers.GPT2LMHeadModel` with the same weights (and the same logits over GPT-2's 50257 ids)."""
         return _conversion().to_hf_gpt2(self)
 
+    def resize_token_embeddings(
+        self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, mean_resizing: bool = True
+    ) -> nn.Embedding:
+        """`PreTrainedModel.resize_token_embeddings`, which also makes `new_num_tokens` the real tokens.
+
+        After `resize_token_embeddings(len(tokenizer))` every id the tokenizer gives has a logit and can be trained
+        and generated (`config.tokenizer_vocab_size = new_num_tokens`); rows past it (`pad_to_multiple_of=128`
+        keeps the aligned width) are padding, masked as before.
+        """
+        embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        if new_num_tokens is not None:
+            self.config.tokenizer_vocab_size = new_num_tokens
+        return embeddings
+
     def generate(self, *args, **kwargs):
         """`GenerationMixin.generate`, with a `GrowingCache` and, on a CPU, MKL-packed weights (`packed_decoding`).
 
@@ -653,7 +692,7 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
         with packed_decoding(self, enabled=self.pack_decoding_weights):
             return super().generate(*args, **kwargs)
 
-    def _tied_embedding_gradient(self, input_ids, inputs_embeds, skip_logits: bool) -> dict | None:
+    def _tied_embedding_gradient(self, input_ids, inputs_embeds, token_type_ids, fused_loss: bool) -> dict | None:
         """A `TiedEmbedding` channel for this forward where it is exact and pays off, else None.
 
         Where: the fused loss (`LinearCrossEntropy`) and the token embedding share one weight, autograd records,
@@ -664,26 +703,20 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
         wte = self.transformer.wte
         if not (
             self.add_embedding_gradient_in_place
-            and skip_logits
+            and fused_loss
             and input_ids is not None
             and inputs_embeds is None
+            and token_type_ids is None  # their lookup is a second use of the weight, through autograd
             and torch.is_grad_enabled()
             and not torch.compiler.is_compiling()
-            and type(wte) is nn.Embedding
+            and called_plainly(wte, nn.Embedding)
             and self.lm_head.weight is wte.weight
             and wte.weight.requires_grad
             and wte.weight.device.type == "cpu"
         ):
             return None
         plain = wte.padding_idx is None and wte.max_norm is None and not wte.scale_grad_by_freq and not wte.sparse
-        module = nn.modules.module
-        hooks = (
-            wte._forward_hooks,
-            wte._forward_pre_hooks,
-            module._global_forward_hooks,
-            module._global_forward_pre_hooks,
-        )
-        return {} if plain and not any(hooks) else None
+        return {} if plain else None
 
     def loss_chunk_rows(self, device: torch.device) -> int:
         """Rows per chunk of the fused loss (`LinearCrossEntropy`) on `device`: `loss_chunk_elements` logits.
@@ -701,10 +734,12 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        *,
         labels: torch.LongTensor | None = None,
         shift_labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -723,22 +758,28 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
             logits_to_keep: compute logits only for the last `n` positions (0 = all), or for the given indices.
             skip_logits: compute the loss chunk by chunk without materialising the logits (`LinearCrossEntropy`)
                 and return `logits=None`. Default: in training mode when labels are given (what `Trainer` and
-                `train_accelerate.py` need); pass `False` to get the logits too.
+                `train_accelerate.py` need); pass `False` to get the logits too. Where `lm_head` has to be called
+                as a module (a PEFT/LoRA layer in its place, or forward hooks), it is, and the logits are returned.
             Other arguments: see `GPT2ScratchModel.forward`.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         has_labels = labels is not None or shift_labels is not None
         if skip_logits is None:
             skip_logits = self.training and has_labels
-        tied_gradient = self._tied_embedding_gradient(input_ids, inputs_embeds, skip_logits)
+        if skip_logits and not has_labels:
+            raise ValueError("skip_logits=True needs labels or shift_labels (it only computes the loss).")
+        # the fused loss reads `lm_head.weight`; a wrapped head (PEFT/LoRA, hooks) is called as usual instead
+        fused_loss = skip_logits and called_plainly(self.lm_head, Linear, nn.Linear)
+        tied_gradient = self._tied_embedding_gradient(input_ids, inputs_embeds, token_type_ids, fused_loss)
         if tied_gradient is not None:
             inputs_embeds = TiedEmbedding.apply(input_ids, self.transformer.wte.weight, tied_gradient)
             input_ids = None
         outputs = self.transformer(
             input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
             cache=cache,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_attentions=output_attentions,
@@ -748,9 +789,7 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
         )
         hidden_states = outputs.last_hidden_state
         real_vocab = self.config.tokenizer_vocab_size
-        if skip_logits:
-            if not has_labels:
-                raise ValueError("skip_logits=True needs labels or shift_labels (it only computes the loss).")
+        if fused_loss:
             if shift_labels is None:  # position t predicts token t+1; the last position has no target
                 shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
             shift_labels = shift_labels.reshape(-1).to(hidden_states.device)

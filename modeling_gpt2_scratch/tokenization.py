@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import os
 import tempfile
@@ -137,8 +138,15 @@ class _EncodingConverter(TikTokenConverter):
 
 @functools.lru_cache(maxsize=1)
 def _backend_tokenizer() -> tokenizers.Tokenizer:
-    """The `tokenizers` byte-level BPE built from `get_encoding()`'s ranks (built once; callers get copies)."""
-    return _EncodingConverter(get_encoding()).converted()
+    """The `tokenizers` byte-level BPE built from `get_encoding()`'s ranks (built once; callers get copies).
+
+    `<|endoftext|>` goes into the BPE vocabulary too (with no merges), as in GPT-2's own `tokenizer.json`, so
+    `tokenizer.vocab_size` is 50257 like `GPT2TokenizerFast`'s; the text is only ever matched as the special token.
+    """
+    encoding = get_encoding()
+    state = json.loads(_EncodingConverter(encoding).converted().to_str())
+    state["model"]["vocab"].update(encoding._special_tokens)
+    return tokenizers.Tokenizer.from_str(json.dumps(state))
 
 
 def get_hf_tokenizer(
@@ -161,7 +169,8 @@ def get_hf_tokenizer(
     added around the text (GPT-2 adds none).
 
     `save_pretrained(dir)` writes `tokenizer.json` and `tokenizer_config.json`; `AutoTokenizer.from_pretrained(dir)`
-    loads them back without this package, offline and without remote code.
+    loads them back without this package, offline and without remote code. (Next to a `gpt2_scratch` model's
+    `config.json`, which `AutoTokenizer` reads first, pass `trust_remote_code=True` where the package is not imported.)
 
     Args:
         padding_side: `"right"` (training, scoring) or `"left"` (batched `generate()`, so that every row's last

@@ -1,6 +1,8 @@
 """Parity of the scratch GPT-2 with Hugging Face's `GPT2LMHeadModel` (the reference), and its Hub format."""
 
+import inspect
 import json
+import threading
 
 import pytest
 import torch
@@ -287,6 +289,41 @@ def test_input_longer_than_context_raises(pair):
         model(random_ids(1, SMALL["n_positions"] + 1))
 
 
+def test_forward_takes_gpt2s_positional_order(pair):
+    hf, model = pair
+    for ours, theirs in ((model, hf), (model.transformer, hf.transformer)):
+        names = list(inspect.signature(ours.forward).parameters)[:6]
+        assert names == list(inspect.signature(theirs.forward).parameters)[:6]
+    ids = random_ids(1, 10)
+    with torch.no_grad():
+        cache = model(ids[:, :6], use_cache=True).cache
+        step = model(ids[:, 6:], cache).logits  # positional, as `GPT2LMHeadModel(input_ids, cache)` takes it
+        torch.testing.assert_close(step, model(ids).logits[:, 6:], rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="positional"):
+        model(ids, None, None, None, None, None, ids)  # HF's 7th is encoder_hidden_states: not silently labels
+
+
+def test_token_type_ids_match_hf_in_forward_backward_and_generate():
+    hf, model = make_pair(seed=4, **SMALL, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    ids, types = random_ids(2, 12), random_ids(2, 12, seed=7) % 3
+    with torch.no_grad():
+        ref, out = hf(ids, token_type_ids=types).logits, model(ids, token_type_ids=types).logits
+    assert (out - ref).abs().max().item() <= 1e-4
+    assert (out - model(ids).logits).abs().max().item() > 1e-2  # they change the result
+    hf.train()
+    model.train()  # the fused loss and (on a CPU) the tied embedding's in-place gradient path
+    hf(ids, token_type_ids=types, labels=ids).loss.backward()
+    model(ids, token_type_ids=types, labels=ids).loss.backward()
+    torch.testing.assert_close(
+        model.transformer.wte.weight.grad[:GPT2_VOCAB], hf.transformer.wte.weight.grad, rtol=1e-4, atol=1e-6
+    )
+    hf.eval()
+    model.eval()
+    prompt, prompt_types = random_ids(1, 6), torch.ones(1, 6, dtype=torch.long)
+    ref = hf.generate(prompt, token_type_ids=prompt_types, max_new_tokens=8, do_sample=False)
+    assert torch.equal(model.generate(prompt, token_type_ids=prompt_types, max_new_tokens=8, do_sample=False), ref)
+
+
 # --- cache and generate ----------------------------------------------------------------------------------------------
 
 
@@ -526,6 +563,32 @@ def test_compiled_decoding_does_not_recompile_on_the_next_call(pair):
 
 
 @needs_mkl
+def test_threads_can_share_one_model_for_packed_decoding(pair):
+    """A threaded server calls `generate()` on one model from several threads, each its own number of rows."""
+    _, model = pair
+    prompts = {rows: random_ids(rows, 6, seed=rows) for rows in (4, 5, 6, 7)}
+    expected = {rows: model.generate(p, max_new_tokens=16, do_sample=False) for rows, p in prompts.items()}
+    results, errors = [], []
+
+    def worker(rows: int) -> None:
+        for _ in range(10):
+            try:
+                results.append(
+                    torch.equal(model.generate(prompts[rows], max_new_tokens=16, do_sample=False), expected[rows])
+                )
+            except Exception as error:  # noqa: BLE001 - every failure in a thread is the test's result
+                errors.append(f"{type(error).__name__}: {error}")
+
+    threads = [threading.Thread(target=worker, args=(rows,)) for rows in prompts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and results == [True] * 40
+    assert all(m.decoding_pack is None for m in linears(model))
+
+
+@needs_mkl
 def test_no_packs_below_four_rows_with_grad_or_when_switched_off(pair, packs_made, monkeypatch):
     _, model = pair
     model.generate(random_ids(3, 8), max_new_tokens=4, do_sample=False)  # 3 decoding rows
@@ -689,6 +752,31 @@ def test_unexpected_keys_are_listed():
     deeper = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=3, n_head=4, n_positions=64))
     with pytest.raises(ValueError, match=r"unexpected keys: .*transformer\.h\.2\.attn\.c_attn\.weight"):
         from_hf_gpt2(deeper, config=GPT2ScratchConfig(**SMALL))
+
+
+def test_untied_checkpoints_convert_both_ways():
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(**SMALL, tie_word_embeddings=False)).eval()
+    with torch.no_grad():
+        hf.lm_head.weight.normal_()  # a head of its own
+    model = GPT2ScratchForCausalLM.from_hf_gpt2(hf).eval()
+    assert model.config.tie_word_embeddings is False
+    assert model.lm_head.weight.data_ptr() != model.transformer.wte.weight.data_ptr()
+    ids = random_ids(2, 10)
+    back = model.to_hf_gpt2().eval()
+    with torch.no_grad():
+        assert (model(ids).logits - hf(ids).logits).abs().max().item() <= 1e-4
+        assert torch.equal(back.lm_head.weight, hf.lm_head.weight)
+        assert (back(ids).logits - hf(ids).logits).abs().max().item() <= 1e-4
+
+
+def test_pytorch_tanh_gelu_checkpoints_convert():
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(**SMALL, activation_function="gelu_pytorch_tanh")).eval()
+    model = GPT2ScratchForCausalLM.from_hf_gpt2(hf).eval()
+    ids = random_ids(1, 10)
+    with torch.no_grad():
+        assert (model(ids).logits - hf(ids).logits).abs().max().item() <= 1e-4
 
 
 def test_unsupported_gpt2_variant_raises():
@@ -942,3 +1030,48 @@ def test_fused_loss_under_bf16_autocast_is_close():
     assert fused.dtype == torch.float32
     assert abs(fused.item() - reference) <= 2e-2
     assert model.transformer.wte.weight.grad.dtype == torch.float32
+
+
+def test_a_wrapped_lm_head_is_called_by_the_training_loss():
+    """A PEFT/LoRA layer or a hook on `lm_head` changes what it computes: the fused loss must not bypass it."""
+    torch.manual_seed(0)
+    model = GPT2ScratchForCausalLM(GPT2ScratchConfig(**SMALL)).train()
+    ids = random_ids(2, 12)
+    plain = model(ids, labels=ids).loss.item()
+    model.lm_head.register_forward_hook(lambda module, args, output: output * 0.5)
+    hooked = model(ids, labels=ids)
+    assert hooked.logits is not None  # the head was called, so its logits come back
+    hooked.loss.backward()
+    with torch.no_grad():
+        reference = model.eval()(ids, labels=ids).loss.item()
+    assert abs(hooked.loss.item() - reference) <= 1e-5 and abs(hooked.loss.item() - plain) > 1e-3
+
+
+# --- resizing the vocabulary -----------------------------------------------------------------------------------------
+
+
+def test_resize_token_embeddings_makes_new_tokens_real_and_reloads(tmp_path):
+    torch.manual_seed(0)
+    model = GPT2ScratchForCausalLM(GPT2ScratchConfig(**SMALL)).eval()  # 50304 rows, 50257 real tokens
+    new_id = GPT2_VOCAB  # e.g. a pad token added to the tokenizer
+    model.resize_token_embeddings(GPT2_VOCAB + 1)
+    assert model.config.tokenizer_vocab_size == model.config.vocab_size == GPT2_VOCAB + 1
+    ids = torch.cat([random_ids(1, 6), torch.tensor([[new_id]])], dim=1)
+    with torch.no_grad():
+        out = model(ids, labels=ids)
+    assert out.logits.shape[-1] == GPT2_VOCAB + 1 and torch.isfinite(out.logits[..., new_id]).all()
+    assert torch.isfinite(out.loss)
+    model.train()
+    model(ids, labels=ids).loss.backward()  # the fused loss trains the new token's row
+    assert model.transformer.wte.weight.grad[new_id].abs().sum() > 0
+    model.eval()
+
+    model.resize_token_embeddings(GPT2_VOCAB + 2, pad_to_multiple_of=128)  # keeps the aligned width
+    assert (model.config.vocab_size, model.config.tokenizer_vocab_size) == (50304, GPT2_VOCAB + 2)
+    model.resize_token_embeddings(1000)  # shrinking
+    model.save_pretrained(tmp_path / "shrunk")
+    reloaded = GPT2ScratchForCausalLM.from_pretrained(tmp_path / "shrunk").eval()
+    assert (reloaded.config.vocab_size, reloaded.config.tokenizer_vocab_size) == (1000, 1000)
+    small_ids = ids % 1000
+    with torch.no_grad():
+        assert torch.equal(reloaded(small_ids).logits, model(small_ids).logits)

@@ -224,7 +224,8 @@ def test_model_card_holds_metadata_and_run_numbers(staged, tiny_run):
     assert "<details>" in text and "`log_every` | 1" in text and "`data_dir` | `shards` (local)" in text
     assert "karpathy/tiny_shakespeare" in text and "`x` (local)" in text  # data, local path reduced to its name
     assert "![" in text and "(loss.png)" in text
-    assert f'from_pretrained("{REPO_ID}", trust_remote_code=True)' in text
+    assert f'AutoTokenizer.from_pretrained("{REPO_ID}", trust_remote_code=True)' in text  # it reads config.json
+    assert f'AutoModelForCausalLM.from_pretrained("{REPO_ID}", trust_remote_code=True)' in text
     assert f'pipeline("text-generation", model="{REPO_ID}", trust_remote_code=True)' in text
     assert "## Limitations" in text and "## Model" in text and "| layers | 2 |" in text
 

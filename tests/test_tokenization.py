@@ -98,7 +98,7 @@ def test_literal_eot_as_special_token_matches_allowed_special(hf_tokenizer):
 
 
 def test_special_tokens_and_lengths(hf_tokenizer):
-    assert len(hf_tokenizer) == 50257
+    assert len(hf_tokenizer) == hf_tokenizer.vocab_size == 50257  # as GPT2TokenizerFast: <|endoftext|> in the vocab
     for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
         assert getattr(hf_tokenizer, name) == "<|endoftext|>"
         assert getattr(hf_tokenizer, f"{name}_id") == EOT_ID
