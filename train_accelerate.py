@@ -37,14 +37,18 @@ from modeling_gpt2_scratch.training import (
     ModelArguments,
     TrainArguments,
     TrainState,
+    apply_optimizer_flags,
     build_optimizer,
     build_scheduler,
+    check_checkpoint_fits,
+    check_no_checkpoints_ahead,
     checkpoint_dir,
     cpu_supports_bf16,
     describe_device,
     device_peak_flops,
     flops_per_token,
     format_seconds,
+    fsync_tree,
     gradient_accumulation_steps,
     gradient_norm,
     parse_arguments,
@@ -116,6 +120,16 @@ def build_accelerator(train_args: TrainArguments) -> Accelerator:
         )
     elif precision == "fp16" and not cuda:
         raise ValueError("--mixed_precision fp16 needs a CUDA GPU; use bf16 or no on this device.")
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()  # `accelerate launch --mixed_precision`
+    if launcher != "no" and launcher != precision:
+        logger.warning(
+            "accelerate launch asked for mixed precision %s, but this script's --mixed_precision %s decides (%s): "
+            "pass --mixed_precision %s to the script instead.",
+            launcher,
+            train_args.mixed_precision,
+            precision,
+            launcher,
+        )
     report_to = [t.strip() for t in train_args.report_to.split(",") if t.strip() and t.strip() != "none"]
     return Accelerator(
         cpu=not cuda,  # also what makes torchrun-launched CPU processes join a gloo group (MULTI_CPU)
@@ -150,6 +164,11 @@ def build_model(model_args: ModelArguments, train_args: TrainArguments) -> GPT2S
     if model_args.init_from:
         model = GPT2ScratchForCausalLM.from_hf_gpt2(model_args.init_from)
         model.set_attn_implementation(model_args.attn_implementation)
+        for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):  # a training choice, not the checkpoint's
+            setattr(model.config, name, model_args.dropout)
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = model_args.dropout
     else:
         config = GPT2ScratchConfig(
             n_layer=model_args.n_layer,
@@ -221,7 +240,8 @@ def generate_samples(model: GPT2ScratchForCausalLM, train_args: TrainArguments, 
 def save_checkpoint(accelerator: Accelerator, model: GPT2ScratchForCausalLM, train_args: TrainArguments, step: int):
     """`accelerator.save_state` into a temporary folder, then an atomic rename to `checkpoints/step_N`.
 
-    A crash mid-save leaves only a `.tmp-*` folder (ignored by `--resume latest`, cleaned at the next save).
+    A crash mid-save leaves only a `.tmp-*` folder (ignored by `--resume latest`, cleaned at the next save). The
+    files are flushed to disk before the rename, and a checkpoint of the same step is replaced by renames only.
     """
     final = checkpoint_dir(train_args.output_dir, step)
     tmp = final.parent / f".tmp-{final.name}"
@@ -233,9 +253,13 @@ def save_checkpoint(accelerator: Accelerator, model: GPT2ScratchForCausalLM, tra
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).config.save_pretrained(tmp)  # a checkpoint is self-describing
-        if final.exists():
-            shutil.rmtree(final)
+        fsync_tree(tmp)
+        old = final.parent / f".tmp-old-{final.name}"
+        if final.exists():  # the same step again (a run branched from an earlier one): never without a checkpoint
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
         prune_checkpoints(train_args.output_dir, train_args.keep_last)
         logger.info("saved checkpoint %s", final)
     accelerator.wait_for_everyone()
@@ -314,7 +338,8 @@ def train_step(
 
     `accelerator.accumulate` skips the gradient all-reduce on all but the last micro-step and `accelerator.backward`
     divides each micro-loss by the accumulation steps, so the update is the mean over the whole batch, the same for
-    1 process x 2k micro-steps as for 2 processes x k. A non-finite loss raises before the optimizer moves.
+    1 process x 2k micro-steps as for 2 processes x k. A non-finite loss or gradient norm raises before the optimizer
+    moves (under fp16 the gradient scaler skips such a step instead, and the schedule waits with it).
     `cudagraphs` (`compile_forward`): the gradients stay in their buffers, zeroed instead of freed.
     """
     grad_accum = accelerator.gradient_accumulation_steps
@@ -335,9 +360,15 @@ def train_step(
             "lower --max_lr, check the data, then --resume latest."
         )
     grad_norm = clip_gradients(accelerator, model, train_args.grad_clip).item()
+    if not math.isfinite(grad_norm) and accelerator.mixed_precision != "fp16":  # fp16's scaler skips such steps
+        raise TrainingError(
+            f"non-finite gradient norm ({grad_norm}) at step {step}, with a finite loss; nothing was saved, the last "
+            "good checkpoint stays: lower --max_lr or use --mixed_precision bf16/no, then --resume latest."
+        )
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
-    scheduler.step()
+    if not optimizer.step_was_skipped:  # fp16: an overflowing step moves neither the weights nor the schedule
+        scheduler.step()
     optimizer.zero_grad(set_to_none=not cudagraphs)
     return {"train_loss": train_loss, "lr": lr, "grad_norm": grad_norm}
 
@@ -369,10 +400,14 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         logger.warning("--malloc_tuning: this C library has no mallopt (not glibc); left as it is.")
     accelerator.gradient_accumulation_steps = gradient_accumulation_steps(train_args, accelerator.num_processes)
     resume_from = resolve_resume(train_args.resume, train_args.output_dir) if train_args.resume else None
+    if resume_from is None:
+        check_no_checkpoints_ahead(train_args.output_dir, 0)
     set_seed(train_args.seed)
 
+    model = build_model(model_args, train_args)  # before the data: a bad model flag fails at once
+    if resume_from is not None:
+        check_checkpoint_fits(resume_from, model.config)
     train_loader, val_loader = build_dataloaders(accelerator, data_args, train_args)
-    model = build_model(model_args, train_args)
     use_compile, fused = speed_flags(train_args, device)
     optimizer = build_optimizer(model, train_args, fused=fused)
     scheduler = build_scheduler(optimizer, train_args)
@@ -409,13 +444,25 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
             "fused_adamw": fused,
         },
     }
-    if accelerator.is_main_process:
+    saved_step = None  # the step of the checkpoint on disk that holds this run's state
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        accelerator.step = 0  # accelerate's micro-step count: restart at a step boundary (the accumulation may differ)
+        saved_step = state.step
+        if state.step > train_args.max_steps:
+            raise ValueError(
+                f"--resume {resume_from}: the checkpoint is at step {state.step}, past --max_steps "
+                f"{train_args.max_steps}: raise --max_steps, or resume an earlier checkpoint."
+            )
+        check_no_checkpoints_ahead(train_args.output_dir, state.step)
+        changes = apply_optimizer_flags(optimizer, scheduler, train_args)
+        logger.info("resumed from %s at step %d", resume_from, state.step)
+        if changes:
+            logger.info("resume: this run's flags replace the checkpoint's: %s", "; ".join(changes))
+    if accelerator.is_main_process:  # after a resume that worked: a failed one leaves the run's files as they were
         output_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(output_dir / RUN_CONFIG_NAME, run_config)
         logger.info("configuration:\n%s", _format_config(run_config))
-    if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        logger.info("resumed from %s at step %d", resume_from, state.step)
     metrics = MetricsWriter(output_dir, resume_step=state.step if resume_from else None)
     if train_args.report_to != "none":
         accelerator.init_trackers(output_dir.name, config=_flat(run_config))
@@ -457,7 +504,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
                 val_loss = record["val_loss"] = evaluate(
                     accelerator, forward, val_loader, train_args.eval_batches, cudagraphs
                 )
-            if state.step % train_args.log_every == 0 or state.step == 1 or "val_loss" in record:
+            if state.step % train_args.log_every == 0 or state.step == 1 or last or "val_loss" in record:
                 if accelerator.is_main_process:
                     metrics.write(record)
                     progress.write(_log_line(record, train_args.max_steps))
@@ -472,25 +519,28 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
                     log_samples(accelerator, samples, state.step)
             if stop.received:
                 accelerator.set_trigger()
-            if accelerator.check_trigger():  # a signal to any process stops them all after the same step
+            # a signal to any process stops them all after the same step; after the last one, the run just ends
+            if accelerator.check_trigger() and not last:
                 stop.received = stop.received or "a stop signal to another process"
                 break
             if train_args.save_every and state.step % train_args.save_every == 0 and not last:
                 save_checkpoint(accelerator, model, train_args, state.step)
+                saved_step = state.step
     progress.close()
 
-    if stop.received:
+    if state.step < train_args.max_steps:  # stopped by a signal
         save_checkpoint(accelerator, model, train_args, state.step)
         logger.info("%s received: saved step %d; continue with --resume latest", stop.received, state.step)
         accelerator.end_training()
         return {"stopped_by": stop.received, "steps": state.step}
-    if train_args.save_every:
+    if train_args.save_every and saved_step != state.step:
         save_checkpoint(accelerator, model, train_args, state.step)
     final = export_final(accelerator, model, train_args.output_dir)
+    logged = [r for r in metrics.read() if "train_loss" in r] if accelerator.is_main_process else []
     summary = {
         "steps": state.step,
         "tokens_seen": state.tokens,
-        "final_train_loss": record["train_loss"] if state.step else None,
+        "final_train_loss": logged[-1]["train_loss"] if logged else None,  # also when a resume had no step left
         "final_val_loss": val_loss,
         "wall_clock_seconds": round(time.time() - start_time, 1),
         "num_processes": accelerator.num_processes,

@@ -63,7 +63,9 @@ class ModelArguments:
     vocab_size: int = field(
         default=50304, metadata={"help": "Embedding rows: GPT-2's 50257 tokens padded to a multiple of 128 for speed."}
     )
-    dropout: float = field(default=0.0, metadata={"help": "Dropout on embeddings, attention and residuals."})
+    dropout: float = field(
+        default=0.0, metadata={"help": "Dropout on embeddings, attention and residuals (--init_from models too)."}
+    )
     attn_implementation: str = field(
         default="sdpa",
         metadata={"help": "Attention kernel: sdpa (fused F.scaled_dot_product_attention), eager, flash_attention_2."},
@@ -72,7 +74,7 @@ class ModelArguments:
         default=None,
         metadata={
             "help": "Start from Hugging Face GPT-2 weights (a Hub id like gpt2, or a local GPT2LMHeadModel folder) "
-            "instead of random ones; the size arguments are then taken from that checkpoint."
+            "instead of random ones; the size arguments are then taken from that checkpoint, --dropout from this run."
         },
     )
 
@@ -97,7 +99,12 @@ class TrainArguments:
         metadata={"help": "Rebuild --data_dir when it holds shards of another source, tokenizer or settings."},
     )
     resume: str | None = field(
-        default=None, metadata={"help": "Continue a run: 'latest' (newest checkpoint in output_dir) or a path."}
+        default=None,
+        metadata={
+            "help": "Continue a run: 'latest' (newest checkpoint in output_dir) or a path. Optimizer and schedule "
+            "flags given now (max_lr, betas, eps, weight_decay, warmup, max_steps, total_batch_tokens) apply from "
+            "the next step; the model flags must be the checkpoint's."
+        },
     )
     seed: int = field(default=1337, metadata={"help": "Seed for the weights, dropout and samples."})
     # batch
@@ -265,6 +272,10 @@ def load_preset(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(
             f"Preset {path} has unknown keys {unknown}: use the trainer's flags (python train_accelerate.py --help)."
         )
+    text_flags = {f.name for cls in ALL_ARGUMENT_CLASSES for f in dataclasses.fields(cls) if f.type in (str, "str")}
+    for key, value in values.items():  # YAML 1.1 reads no/off/false and yes/on/true as booleans
+        if isinstance(value, bool) and key in text_flags:
+            values[key] = "true" if value else ("no" if key == "mixed_precision" else "false")
     return values
 
 
@@ -348,6 +359,34 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train_args: TrainArguments
         num_training_steps=train_args.max_steps,
         min_lr_rate=train_args.min_lr_ratio,
     )
+
+
+def apply_optimizer_flags(
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, train_args: TrainArguments
+) -> list[str]:
+    """Give a resumed optimizer and schedule this run's flags; return what changed (`--flag old -> new`).
+
+    `accelerator.load_state` brings back the checkpoint's learning rate, betas, eps and weight decay, so without this
+    flags changed on resume would be ignored. With the same flags nothing changes: the lr is recomputed exactly as
+    the scheduler computes it (`max_lr * schedule(step)`), so resume stays bitwise exact.
+    """
+    changes = []
+    wanted = {"betas": (train_args.beta1, train_args.beta2), "eps": train_args.eps}
+    for index, group in enumerate(optimizer.param_groups):
+        decay = {"weight_decay": train_args.weight_decay} if index == 0 else {}  # group 1: biases, LayerNorm
+        for key, value in (wanted | decay).items():
+            current = tuple(group[key]) if key == "betas" else group[key]
+            if current != value:
+                flag = "--beta1/--beta2" if key == "betas" else f"--{key}"
+                changes.append(f"{flag} {current} -> {value}")
+                group[key] = value
+    if any(base != train_args.max_lr for base in scheduler.base_lrs):
+        changes.append(f"--max_lr {scheduler.base_lrs[0]} -> {train_args.max_lr}")
+    scheduler.base_lrs = [train_args.max_lr] * len(optimizer.param_groups)
+    for group, lr_lambda in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group["lr"] = train_args.max_lr * lr_lambda(scheduler.last_epoch)  # this run's max_steps and warmup too
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    return sorted(set(changes))
 
 
 def gradient_norm(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -478,6 +517,62 @@ def resolve_resume(resume: str, output_dir: str | os.PathLike) -> Path:
             f"{Path(output_dir) / 'checkpoints' / 'step_N'} folder."
         )
     return path
+
+
+def check_no_checkpoints_ahead(output_dir: str | os.PathLike, step: int) -> None:
+    """Refuse to train from `step` where `output_dir` holds checkpoints past it (another run's, or a later branch).
+
+    This run's saves would mix with them: `--keep_last` would delete the new ones (it keeps the highest steps) and
+    `--resume latest` would pick the old ones.
+
+    Raises:
+        ValueError: naming the checkpoints and the ways out.
+    """
+    ahead = [p.name for p in list_checkpoints(output_dir) if int(CHECKPOINT_PATTERN.match(p.name).group(1)) > step]
+    if ahead:
+        start = "a new run" if step == 0 else f"a run from step {step}"
+        raise ValueError(
+            f"--output_dir {output_dir} already holds checkpoints past step {step} ({', '.join(ahead)}), which "
+            f"{start} would mix with: continue them with --resume latest, or use another --output_dir (or move "
+            "them away)."
+        )
+
+
+def check_checkpoint_fits(checkpoint: str | os.PathLike, config: Any) -> None:
+    """Compare the architecture a checkpoint was saved from (its `config.json`) with this run's model.
+
+    Raises:
+        ValueError: one line listing the differences, before `load_state` fails on the tensors' shapes.
+    """
+    path = Path(checkpoint) / "config.json"
+    if not path.is_file():
+        return  # an older checkpoint without its config: load_state checks the shapes
+    saved = json.loads(path.read_text())
+    keys = ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size", "n_inner", "tie_word_embeddings")
+    differ = [
+        f"{k}={saved[k]} (this run: {getattr(config, k)})"
+        for k in keys
+        if k in saved and saved[k] != getattr(config, k)
+    ]
+    if differ:
+        raise ValueError(
+            f"--resume {checkpoint}: the checkpoint's model differs from this run's: {', '.join(differ)}; resume "
+            "with the model flags it was trained with."
+        )
+
+
+def fsync_tree(path: str | os.PathLike) -> None:
+    """Flush every file under `path` and the folders themselves to disk (before a rename makes them a checkpoint)."""
+    root = Path(path)
+    directories = hasattr(os, "O_DIRECTORY")  # POSIX; elsewhere only the files
+    for item in [*root.rglob("*"), root]:
+        if item.is_dir() and not directories:
+            continue
+        fd = os.open(item, os.O_RDONLY | (os.O_DIRECTORY if item.is_dir() else 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def prune_checkpoints(output_dir: str | os.PathLike, keep_last: int) -> None:

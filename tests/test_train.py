@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 import train_accelerate
 from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
+from modeling_gpt2_scratch.data import ShardedTokenLoader
 from modeling_gpt2_scratch.training import (
     MetricsWriter,
     TrainArguments,
@@ -767,3 +768,169 @@ def test_sigterm_to_one_of_two_processes_stops_both_with_one_checkpoint(corpus, 
     checkpoints = list_checkpoints(out)
     assert len(checkpoints) == 1 and (checkpoints[0] / "model.safetensors").is_file()
     assert not (out / "final").exists()
+
+
+# --- resume and checkpoint edge cases --------------------------------------------------------------------------------
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(path / "model.safetensors")
+
+
+def test_resume_at_max_steps_exports_without_training_or_saving_again(corpus, data_dir, tmp_path):
+    out = tmp_path / "run"
+    run(corpus, data_dir, out, "--max_steps", "4", "--save_every", "2", "--eval_every", "0")
+    (out / "run_summary.json").unlink()
+    last = list_checkpoints(out)[-1]
+    before = {p.name: p.stat().st_mtime_ns for p in last.iterdir()}
+    summary = run(corpus, data_dir, out, "--max_steps", "4", "--save_every", "2", "--resume", "latest")
+    assert summary["steps"] == 4 and summary["final_train_loss"] == metrics(out)[-1]["train_loss"]
+    assert {p.name: p.stat().st_mtime_ns for p in last.iterdir()} == before  # not deleted and written again
+    assert (out / "run_summary.json").is_file() and (out / "final" / "model.safetensors").is_file()
+    with pytest.raises(ValueError, match="at step 4, past --max_steps 3: raise --max_steps"):
+        run(corpus, data_dir, out, "--max_steps", "3", "--resume", "latest")
+
+
+def test_a_run_never_mixes_its_checkpoints_with_later_ones_in_its_output_dir(corpus, data_dir, tmp_path):
+    out = tmp_path / "run"
+    run(corpus, data_dir, out, "--max_steps", "4", "--save_every", "2", "--eval_every", "0", "--keep_last", "2")
+    checkpoints = [p.name for p in list_checkpoints(out)]
+    config = (out / "run_config.json").read_text()
+    with pytest.raises(ValueError, match=r"already holds checkpoints past step 0 \(step_0000002, step_0000004\)"):
+        run(corpus, data_dir, out, "--max_steps", "2")  # a new run: its saves would be pruned as the oldest
+    branch = str(out / "checkpoints" / "step_0000002")
+    with pytest.raises(ValueError, match=r"past step 2 \(step_0000004\)"):
+        run(corpus, data_dir, out, "--max_steps", "4", "--resume", branch, "--keep_last", "1")
+    assert [p.name for p in list_checkpoints(out)] == checkpoints
+    assert (out / "run_config.json").read_text() == config
+
+
+def test_resume_with_another_accumulation_keeps_stepping(corpus, data_dir, tmp_path):
+    """accelerate restores its micro-step counter; with 2 micro-steps before and 3 after it never synced again."""
+    out = tmp_path / "run"
+    run(corpus, data_dir, out, "--max_steps", "2", "--save_every", "2", "--eval_every", "0")
+    saved = _weights(list_checkpoints(out)[-1])
+    run(corpus, data_dir, out, "--max_steps", "4", "--eval_every", "0", "--resume", "latest",
+        "--total_batch_tokens", "384")  # fmt: skip
+    final = _weights(out / "final")
+    assert all(not torch.equal(final[key], saved[key]) for key in ("transformer.h.0.attn.c_attn.weight",))
+    assert metrics(out)[-1]["grad_norm"] < 10 * metrics(out)[1]["grad_norm"]  # not gradients piling up
+
+
+def test_resume_applies_changed_optimizer_flags_and_says_so(corpus, data_dir, tmp_path, caplog):
+    out = tmp_path / "run"
+    run(corpus, data_dir, out, "--max_steps", "4", "--save_every", "4", "--eval_every", "0")
+    with caplog.at_level("INFO", logger="train_accelerate"):
+        run(corpus, data_dir, out, "--max_steps", "6", "--resume", "latest", "--max_lr", "1e-3",
+            "--weight_decay", "0.05")  # fmt: skip
+    assert "--max_lr 0.003 -> 0.001" in caplog.text and "--weight_decay 0.1 -> 0.05" in caplog.text
+    args = parse_arguments(["--dataset", "x", *TINY, "--max_steps", "6", "--max_lr", "1e-3"])[2]
+    scheduler = build_scheduler(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3), args)
+    expected = []
+    for _ in range(6):
+        expected.append(scheduler.get_last_lr()[0])
+        scheduler.optimizer.step()
+        scheduler.step()
+    assert [r["lr"] for r in metrics(out) if r["step"] > 4] == pytest.approx(expected[4:], rel=1e-12)
+
+
+def test_a_resume_into_another_model_size_is_one_line_and_leaves_the_run_as_it_was(corpus, data_dir, tmp_path):
+    out = tmp_path / "run"
+    run(corpus, data_dir, out, "--max_steps", "2", "--eval_every", "0")
+    config = (out / "run_config.json").read_text()
+    with pytest.raises(ValueError, match=r"n_embd=32 \(this run: 64\).*resume with the model flags") as err:
+        run(corpus, data_dir, out, "--max_steps", "4", "--resume", "latest", "--n_embd", "64")
+    assert "\n" not in str(err.value)
+    assert (out / "run_config.json").read_text() == config
+
+
+def test_a_bad_model_flag_fails_before_the_data_is_prepared(corpus, tmp_path):
+    data = tmp_path / "shards"
+    with pytest.raises(ValueError, match="n_head"):
+        run(corpus, data, tmp_path / "run", "--n_head", "3")
+    with pytest.raises(ValueError, match="--seq_len 128 is longer than the model's context"):
+        run(corpus, data, tmp_path / "run", "--seq_len", "128", "--total_batch_tokens", "512")
+    assert not data.exists()
+
+
+def test_yaml_no_and_off_stay_text_flags(tmp_path):
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("mixed_precision: no\ncompile: off\nfused_adamw: true\n")  # YAML 1.1: booleans
+    train_args = parse_arguments(["--config", str(preset), "--dataset", "x"])[2]
+    assert (train_args.mixed_precision, train_args.compile, train_args.fused_adamw) == ("no", "false", "true")
+
+
+def test_the_last_step_is_logged_without_a_val_split(corpus, tmp_path):
+    text = tmp_path / "small.txt"
+    text.write_text(corpus.read_text()[:60_000])
+    argv = ["--dataset", str(text), "--data_dir", str(tmp_path / "shards"), "--output_dir", str(tmp_path / "run"),
+            *TINY, "--val_fraction", "0", "--max_steps", "5", "--log_every", "2"]  # fmt: skip
+    train_accelerate.train(*parse_arguments(argv))
+    assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2, 4, 5]
+
+
+def test_a_stop_signal_in_the_last_step_finishes_the_run(corpus, data_dir, tmp_path, monkeypatch):
+    real_step = train_accelerate.train_step
+
+    def step_then_signal(*args, **kwargs):
+        record = real_step(*args, **kwargs)
+        if args[7] == 3:  # the step number: the last
+            os.kill(os.getpid(), signal.SIGTERM)
+        return record
+
+    monkeypatch.setattr(train_accelerate, "train_step", step_then_signal)
+    out = tmp_path / "run"
+    summary = run(corpus, data_dir, out, "--max_steps", "3", "--eval_every", "0")
+    assert "stopped_by" not in summary and summary["steps"] == 3
+    assert (out / "final" / "model.safetensors").is_file() and (out / "run_summary.json").is_file()
+
+
+def test_a_non_finite_gradient_norm_stops_without_saving(corpus, data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    run(corpus, data_dir, out, "--max_steps", "2", "--eval_every", "0")
+    good = {p.name: p.stat().st_mtime_ns for p in list_checkpoints(out)[-1].iterdir()}
+    monkeypatch.setattr(train_accelerate, "clip_gradients", lambda *args: torch.tensor(float("inf")))
+    with pytest.raises(train_accelerate.TrainingError, match=r"non-finite gradient norm \(inf\) at step 3"):
+        run(corpus, data_dir, out, "--max_steps", "4", "--save_every", "1", "--resume", "latest")
+    assert [p.name for p in list_checkpoints(out)] == ["step_0000002"]
+    assert {p.name: p.stat().st_mtime_ns for p in list_checkpoints(out)[-1].iterdir()} == good
+
+
+def test_a_step_the_fp16_scaler_skips_leaves_the_schedule_where_it_was(corpus, data_dir, monkeypatch):
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    train_args = parse_arguments(["--dataset", str(corpus), *TINY])[2]
+    accelerator = train_accelerate.build_accelerator(train_args)
+    accelerator.gradient_accumulation_steps = 2
+    model = GPT2ScratchForCausalLM(GPT2ScratchConfig(n_layer=1, n_head=2, n_embd=32, n_positions=64))
+    optimizer = train_accelerate.build_optimizer(model, train_args, fused=False)
+    scheduler = build_scheduler(optimizer, train_args)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    loader = ShardedTokenLoader(data_dir, "train", batch_size=4, seq_len=32)
+    monkeypatch.setattr(AcceleratedOptimizer, "step_was_skipped", property(lambda self: True))
+    train_accelerate.train_step(accelerator, model, model, optimizer, scheduler, loader, train_args, 1)
+    assert scheduler.last_epoch == 0
+    monkeypatch.setattr(AcceleratedOptimizer, "step_was_skipped", property(lambda self: False))
+    train_accelerate.train_step(accelerator, model, model, optimizer, scheduler, loader, train_args, 1)
+    assert scheduler.last_epoch == 1
+
+
+def test_init_from_takes_the_dropout_flag(tmp_path, corpus, data_dir):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=64)).save_pretrained(tmp_path / "hf")
+    out = tmp_path / "run"
+    run(corpus, data_dir, out, "--init_from", str(tmp_path / "hf"), "--dropout", "0.0", "--max_steps", "1",
+        "--save_every", "0", "--eval_every", "0")  # fmt: skip
+    config = json.loads((out / "final" / "config.json").read_text())
+    assert config["resid_pdrop"] == config["embd_pdrop"] == config["attn_pdrop"] == 0.0
+
+
+def test_accelerate_launchs_mixed_precision_is_not_silently_dropped(monkeypatch, caplog):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # `accelerate launch --mixed_precision bf16`
+    train_args = parse_arguments(["--dataset", "x", *TINY])[2]  # TINY: --mixed_precision no
+    with caplog.at_level("WARNING", logger="train_accelerate"):
+        train_accelerate.build_accelerator(train_args)
+    assert "accelerate launch asked for mixed precision bf16" in caplog.text
+    assert "pass --mixed_precision bf16 to the script" in caplog.text
