@@ -18,7 +18,7 @@ import sys
 from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
 from transformers.utils import logging as transformers_logging
 
-from modeling_gpt2_scratch.hub import FORMATS, PushResult, StagedFile, push_run_to_hub
+from modeling_gpt2_scratch.hub import DEFAULT_LICENSE, FORMATS, PushResult, StagedFile, push_run_to_hub
 
 try:  # huggingface_hub's HTTP client: httpx2 (huggingface_hub >= 2), httpx (1.x)
     from httpx2 import HTTPError
@@ -48,6 +48,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="scratch",
         help="scratch (default): GPT2ScratchForCausalLM with its code (trust_remote_code=True); "
         "gpt2: a plain transformers GPT2LMHeadModel (no remote code; vLLM, TGI, ...)",
+    )
+    parser.add_argument(
+        "--license",
+        default=DEFAULT_LICENSE,
+        help="the model card's license id for the weights (default: mit; e.g. apache-2.0, cc-by-4.0, other): yours "
+        "to choose, within the training data's terms",
     )
     parser.add_argument(
         "--local-dir", default=None, help="stage into this new or empty folder and keep it (default: a temp folder)"
@@ -96,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             args.source,
             args.repo_id,
             fmt=args.format,
+            license=args.license,
             private=args.private,
             revision=args.revision,
             commit_message=args.commit_message,

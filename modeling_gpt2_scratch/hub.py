@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 Format = Literal["scratch", "gpt2"]
 FORMATS: tuple[str, ...] = ("scratch", "gpt2")
+DEFAULT_LICENSE = "mit"  # the model card's license for the weights: OpenAI's GPT-2 and this code are MIT
 SourceKind = Literal["export", "checkpoint"]
 
 CONFIG_NAME = "config.json"
@@ -608,9 +609,13 @@ def build_model_card(
     info: RunInfo,
     fmt: Format = "scratch",
     source: ModelSource | None = None,
+    license: str = DEFAULT_LICENSE,
 ) -> ModelCard:
     """The repository's `README.md`: YAML metadata (license, library, pipeline tag, tags, datasets, language) and
-    the architecture, data, hyperparameters, results, loss curve, usage and limitations."""
+    the architecture, data, hyperparameters, results, loss curve, usage and limitations.
+
+    `license` is the Hub's license id for the weights (`mit`, as OpenAI's GPT-2 and this code; `apache-2.0`, `other`,
+    ...): the trainer's choice, which also has to fit the training data's terms."""
     data, training = _section(info.run_config, "data"), _section(info.run_config, "training")
     hub_id = hub_dataset_id(data.get("dataset"))
     tags = ["gpt2", "gpt2-scratch", "text-generation", "pytorch", "causal-lm"]
@@ -618,7 +623,7 @@ def build_model_card(
         tags.append("custom_code")
     card_data = ModelCardData(
         language="en",
-        license="mit",
+        license=license,
         library_name="transformers",
         pipeline_tag="text-generation",
         tags=tags,
@@ -680,6 +685,7 @@ def stage_folder(
     out_dir: str | Path,
     repo_id: str,
     fmt: Format = "scratch",
+    license: str = DEFAULT_LICENSE,
 ) -> list[StagedFile]:
     """Write the Hub repository's files into `out_dir` (created; it must be empty if it exists).
 
@@ -712,7 +718,7 @@ def stage_folder(
     load_tokenizer(source, model_max_length=model.config.n_positions).save_pretrained(out_dir)
     if info.loss_curve is not None:
         shutil.copyfile(info.loss_curve, out_dir / "loss.png")
-    build_model_card(model, repo_id, info, fmt=fmt, source=source).save(out_dir / "README.md")
+    build_model_card(model, repo_id, info, fmt=fmt, source=source, license=license).save(out_dir / "README.md")
     return list_files(out_dir)
 
 
@@ -788,6 +794,7 @@ def push_run_to_hub(
     repo_id: str,
     *,
     fmt: Format = "scratch",
+    license: str = DEFAULT_LICENSE,
     private: bool = False,
     revision: str | None = None,
     commit_message: str | None = None,
@@ -810,7 +817,7 @@ def push_run_to_hub(
         token = resolve_token(token)
         _require_online()
     with _staging_dir(local_dir) as staged_dir:
-        files = stage_folder(source, staged_dir, repo_id, fmt=fmt)
+        files = stage_folder(source, staged_dir, repo_id, fmt=fmt, license=license)
         if dry_run:
             return PushResult(files, staged_dir if local_dir is not None else None)
         repo_url, commit_url = upload_folder_to_hub(

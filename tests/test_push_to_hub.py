@@ -369,6 +369,12 @@ def test_dry_run_stages_and_lists_without_network_or_token(tiny_run, tmp_path, m
     assert (tmp_path / "out" / "model.safetensors").is_file() and (tmp_path / "out" / "README.md").is_file()
 
 
+def test_license_flag_goes_into_the_card(tiny_run, tmp_path):
+    argv = [str(tiny_run.run_dir), "--repo-id", REPO_ID, "--dry-run", "--local-dir", str(tmp_path / "out")]
+    assert push_to_hub.main([*argv, "--license", "apache-2.0"]) == 0
+    assert ModelCard.load(tmp_path / "out" / "README.md").data.license == "apache-2.0"
+
+
 # --- errors ----------------------------------------------------------------------------------------------------------
 
 
