@@ -51,6 +51,7 @@ from modeling_gpt2_scratch.training import (
     fsync_tree,
     gradient_accumulation_steps,
     gradient_norm,
+    list_checkpoints,
     parse_arguments,
     prune_checkpoints,
     resolve_data_dir,
@@ -400,7 +401,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         logger.warning("--malloc_tuning: this C library has no mallopt (not glibc); left as it is.")
     accelerator.gradient_accumulation_steps = gradient_accumulation_steps(train_args, accelerator.num_processes)
     resume_from = resolve_resume(train_args.resume, train_args.output_dir) if train_args.resume else None
-    if resume_from is None:
+    if resume_from is None and not train_args.overwrite_output_dir:
         check_no_checkpoints_ahead(train_args.output_dir, 0)
     set_seed(train_args.seed)
 
@@ -460,6 +461,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         if changes:
             logger.info("resume: this run's flags replace the checkpoint's: %s", "; ".join(changes))
     if accelerator.is_main_process:  # after a resume that worked: a failed one leaves the run's files as they were
+        if resume_from is None and train_args.overwrite_output_dir and list_checkpoints(output_dir):
+            logger.info("--overwrite_output_dir: deleting the checkpoints in %s", output_dir / "checkpoints")
+            shutil.rmtree(output_dir / "checkpoints")
         output_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(output_dir / RUN_CONFIG_NAME, run_config)
         logger.info("configuration:\n%s", _format_config(run_config))

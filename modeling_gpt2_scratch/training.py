@@ -98,6 +98,13 @@ class TrainArguments:
         default=False,
         metadata={"help": "Rebuild --data_dir when it holds shards of another source, tokenizer or settings."},
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start a new run in an --output_dir that holds another run's checkpoints: they are deleted "
+            "(once the data and model are ready). Without it, that is an error."
+        },
+    )
     resume: str | None = field(
         default=None,
         metadata={
@@ -531,10 +538,11 @@ def check_no_checkpoints_ahead(output_dir: str | os.PathLike, step: int) -> None
     ahead = [p.name for p in list_checkpoints(output_dir) if int(CHECKPOINT_PATTERN.match(p.name).group(1)) > step]
     if ahead:
         start = "a new run" if step == 0 else f"a run from step {step}"
+        way_out = "--overwrite_output_dir true to delete them" if step == 0 else "move them away"
         raise ValueError(
             f"--output_dir {output_dir} already holds checkpoints past step {step} ({', '.join(ahead)}), which "
-            f"{start} would mix with: continue them with --resume latest, or use another --output_dir (or move "
-            "them away)."
+            f"{start} would mix with: continue them with --resume latest, or use another --output_dir (or "
+            f"{way_out})."
         )
 
 

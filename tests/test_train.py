@@ -796,13 +796,17 @@ def test_a_run_never_mixes_its_checkpoints_with_later_ones_in_its_output_dir(cor
     run(corpus, data_dir, out, "--max_steps", "4", "--save_every", "2", "--eval_every", "0", "--keep_last", "2")
     checkpoints = [p.name for p in list_checkpoints(out)]
     config = (out / "run_config.json").read_text()
-    with pytest.raises(ValueError, match=r"already holds checkpoints past step 0 \(step_0000002, step_0000004\)"):
+    with pytest.raises(ValueError, match=r"past step 0 \(step_0000002, step_0000004\).*--overwrite_output_dir true"):
         run(corpus, data_dir, out, "--max_steps", "2")  # a new run: its saves would be pruned as the oldest
     branch = str(out / "checkpoints" / "step_0000002")
     with pytest.raises(ValueError, match=r"past step 2 \(step_0000004\)"):
         run(corpus, data_dir, out, "--max_steps", "4", "--resume", branch, "--keep_last", "1")
     assert [p.name for p in list_checkpoints(out)] == checkpoints
     assert (out / "run_config.json").read_text() == config
+    run(corpus, data_dir, out, "--max_steps", "3", "--save_every", "2", "--eval_every", "0",
+        "--overwrite_output_dir", "true")  # fmt: skip
+    assert [p.name for p in list_checkpoints(out)] == ["step_0000002", "step_0000003"]
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3]
 
 
 def test_resume_with_another_accumulation_keeps_stepping(corpus, data_dir, tmp_path):
