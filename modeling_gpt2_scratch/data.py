@@ -31,8 +31,12 @@ Decisions:
 * **Delimiter.** `<|endoftext|>` (50256) comes before every document, as in GPT-2's training and build-nanogpt's
   `fineweb.py`: the stream is `eot doc1 eot doc2 ...`. Text is encoded with `encode_ordinary`, so a literal
   `<|endoftext|>` inside a document is plain text, never the delimiter.
-* **Undecodable bytes** in a `.txt` file fail the prepare with the file and the byte offset; nothing is replaced
-  silently (a training corpus with mojibake is worse than a clear stop).
+* **Undecodable bytes** fail the prepare with the file and the byte offset; nothing is replaced silently (a training
+  corpus with mojibake is worse than a clear stop). A UTF-8 byte-order mark at the start of a `.txt` file is dropped.
+* **Files.** A folder or glob lists files in sorted order, leaving out hidden ones, the output folder (when it lies
+  inside the corpus folder) and empty ones (0 bytes, or a Parquet file of no rows). Names are literal: `[`, `*`
+  in a file's name are not patterns. Only `text_column` is read from Parquet; CSV cells are never read as missing
+  ("NA", "null" are text). JSON files are read whole by `datasets`, so their other columns must keep one type.
 * **Validation split.** With `val_split` (Hub datasets), that split. Otherwise the last `val_fraction` of the train
   token stream, cut inside the stream (possibly inside a document), so a corpus of one document (tiny Shakespeare)
   splits too. Local files form one stream: `split` and `val_split` apply to Hub datasets only. `val_fraction=0`
@@ -47,7 +51,8 @@ Decisions:
   prepare leaves no manifest, never one that points at incomplete shards, and the next prepare starts over.
   Concurrent prepares of one folder wait for each other (a `flock` on `.prepare.lock`).
 * **Memory** is one shard's buffer plus the documents in flight (at most `2 * num_proc` tasks of about 4M
-  characters), whatever the corpus size.
+  characters), whatever the corpus size, except for `.txt` files: each is one document, read whole (about 14 bytes
+  of memory per character while it is tokenized). Split a multi-GB text into several files, or use `.jsonl`.
 """
 
 from __future__ import annotations
@@ -73,6 +78,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 import torch
+from huggingface_hub.errors import HfHubHTTPError
 from transformers import HfArgumentParser
 
 from .tokenization import get_encoding
@@ -206,8 +212,29 @@ def _looks_like_path(name: str) -> bool:
     )
 
 
-def _resolve_source(name: str) -> _Source:
-    """Local file, folder or glob (sorted paths), else a Hub id. Raises for paths that match nothing."""
+def _inside(path: Path, folder: Path | None) -> bool:
+    return folder is not None and path.resolve().is_relative_to(folder.resolve())
+
+
+def _has_rows(path: Path) -> bool:
+    """False for a 0-byte file or a Parquet file of no rows (which `datasets` cannot read); they are skipped."""
+    if path.stat().st_size == 0:
+        return False
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_metadata(path).num_rows > 0
+        except (OSError, pa.ArrowException):
+            return True  # unreadable: let the read name it
+    return True
+
+
+def _resolve_source(name: str, exclude: Path | None = None) -> _Source:
+    """Local file, folder or glob (sorted paths), else a Hub id. Raises for paths that match nothing.
+
+    Files under `exclude` (the output folder, when it lies inside the corpus folder) are not part of the corpus.
+    """
     supported = "/".join(EXTENSION_BUILDERS)
     expanded = os.path.expanduser(name)
     path = Path(expanded)
@@ -220,13 +247,16 @@ def _resolve_source(name: str) -> _Source:
             if p.is_file()
             and p.suffix.lower() in EXTENSION_BUILDERS
             and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            and not _inside(p, exclude)
         )
         if not files:
             raise FileNotFoundError(
                 f"No {supported} files under folder {name!r}; point --dataset at a folder, file or glob of such files."
             )
     elif glob.has_magic(expanded):
-        files = sorted(Path(p) for p in glob.glob(expanded, recursive=True) if os.path.isfile(p))
+        files = sorted(
+            Path(p) for p in glob.glob(expanded, recursive=True) if os.path.isfile(p) and not _inside(Path(p), exclude)
+        )
         if not files:
             raise FileNotFoundError(
                 f"No files matched {name!r}; fix the pattern (and quote it so the shell does not expand it)."
@@ -248,6 +278,10 @@ def _resolve_source(name: str) -> _Source:
     if len(builders) > 1:
         kinds = ", ".join(sorted({p.suffix.lower() for p in files}))
         raise ValueError(f"--dataset {name!r} mixes file types ({kinds}); point it at files of one type.")
+    empty = [p for p in files if not _has_rows(p)]
+    if empty and len(empty) < len(files):
+        logger.info("Skipping %d empty file(s) of --dataset %r: %s", len(empty), name, ", ".join(map(str, empty)))
+        files = [p for p in files if p not in empty]
     return _Source(name=name, files=tuple(files), builder=builders.pop())
 
 
@@ -270,10 +304,13 @@ def _open_split(source: _Source, split: str, args: DataArguments) -> IterableDat
 
     try:
         if source.is_local:
-            extra = {"sample_by": "document"} if source.builder == "text" else {}
-            return load_dataset(
-                source.builder, data_files=[str(p) for p in source.files], split="train", streaming=True, **extra
-            )
+            extra = {
+                "text": {"sample_by": "document", "encoding": "utf-8-sig"},  # a byte-order mark is not text
+                "parquet": {"columns": [args.text_column]},  # other columns may differ from file to file
+                "csv": {"keep_default_na": False},  # a document reading "NA" or "null" is text, not missing
+            }.get(source.builder, {})
+            files = [glob.escape(str(p)) for p in source.files]  # `data_files` are patterns: `[`, `*` are literal here
+            return load_dataset(source.builder, data_files=files, split="train", streaming=True, **extra)
         return load_dataset(
             source.hub_id, args.dataset_config, split=split, revision=args.dataset_revision, streaming=True
         )
@@ -286,7 +323,7 @@ def _open_split(source: _Source, split: str, args: DataArguments) -> IterableDat
         raise _hub_unreachable(source, err) from err
     except StopIteration as err:  # the json builder, on files without a single row
         raise ValueError(f"Empty corpus: {source.describe(args)} has no rows; pass files that hold text.") from err
-    except (ValueError, KeyError, pa.ArrowException) as err:  # unknown split or config name, unreadable file, ...
+    except (ValueError, KeyError, TypeError, pa.ArrowException) as err:  # unknown split/config, unreadable file...
         which = f"split {split!r} of " if not source.is_local else ""
         raise _read_error(source, which + source.describe(args), err) from err
 
@@ -323,6 +360,12 @@ def _read_error(source: _Source, where: str, err: BaseException) -> ValueError:
         if source.is_local
         else "check --dataset, --dataset_config, --split and --val_split"
     )
+    if source.builder == "json" and "cast" in str(err).lower():
+        fix = (
+            "`datasets` reads every JSON column, with the names and types of the first rows, so every file and "
+            "row must have the same columns of the same types: drop the others (keep --text_column), or convert "
+            "the files to Parquet (only --text_column is read there)"
+        )
     return ValueError(f"Cannot read {where}: {_one_line(err)}; {fix}.")
 
 
@@ -331,7 +374,7 @@ def _iter_rows(ds: IterableDataset, source: _Source, where: str) -> Iterator[dic
     try:
         yield from ds.iter(batch_size=_ROWS_PER_READ)
     except UnicodeDecodeError as err:
-        found = _first_undecodable(p for p in source.files if p.suffix.lower() == ".txt")
+        found = _first_undecodable(p for p in source.files if p.suffix.lower() != ".parquet")
         if found is None:
             raise ValueError(f"{where} is not valid UTF-8 ({_one_line(err)}); convert it to UTF-8.") from err
         path, offset, byte = found
@@ -339,12 +382,12 @@ def _iter_rows(ds: IterableDataset, source: _Source, where: str) -> Iterator[dic
             f"{str(path)!r} is not valid UTF-8 (byte 0x{byte:02x} at offset {offset}); convert it to UTF-8 "
             "(e.g. `iconv -f latin1 -t utf-8 IN > OUT`) or leave it out of --dataset."
         ) from err
-    except (ConnectionError, TimeoutError) as err:
+    except (ConnectionError, TimeoutError, HfHubHTTPError) as err:
         raise ValueError(
             f"Lost the connection to the Hub while streaming {where} ({_one_line(err)}); run prepare again "
             f"(it starts over), or download the files and pass them locally, e.g. {OFFLINE_EXAMPLE}."
         ) from err
-    except (ValueError, KeyError, pa.ArrowException) as err:  # malformed JSON, CSV or Parquet
+    except (ValueError, KeyError, TypeError, pa.ArrowException) as err:  # malformed JSON, CSV or Parquet
         raise _read_error(source, where, err) from err
 
 
@@ -720,8 +763,8 @@ def prepare_dataset(
     if overwrite is None:
         overwrite = bool(getattr(args, "overwrite", False))
     _check_args(args)
-    source = _resolve_source(args.dataset)
     out = Path(output_dir)
+    source = _resolve_source(args.dataset, exclude=out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--output_dir {str(out)!r} is a file; pass a folder.")
     out.mkdir(parents=True, exist_ok=True)

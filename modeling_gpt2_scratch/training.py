@@ -10,6 +10,7 @@ import argparse
 import ctypes
 import ctypes.util
 import dataclasses
+import glob
 import json
 import logging
 import math
@@ -303,13 +304,28 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, Data
 
 
 def resolve_data_dir(data_args: DataArguments, train_args: TrainArguments) -> Path:
-    """`--data_dir`, or `data/<dataset name>[-<config>]` so prepared shards are shared by runs on the same corpus."""
+    """`--data_dir`, or `data/<dataset name>[-<config>]` so prepared shards are shared by runs on the same corpus.
+
+    A glob is named by its whole pattern (`a/*.jsonl` and `b/*.jsonl` differ). Where that folder would be the local
+    corpus itself, or hold it, or lie inside it (`--dataset data/mine`), it gets a `-tokens` suffix.
+    """
     if train_args.data_dir:
         return Path(train_args.data_dir)
-    name = Path(data_args.dataset.rstrip("/*")).name or "dataset"
+    dataset = data_args.dataset
+    name = dataset if glob.has_magic(dataset) else (Path(dataset.rstrip("/")).name or "dataset")
     if data_args.dataset_config:
         name += f"-{data_args.dataset_config}"
-    return Path("data") / re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+    data_dir = Path("data") / re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_.")
+    local = Path(os.path.expanduser(dataset))
+    for index, part in enumerate(local.parts):  # a glob's fixed folder
+        if glob.has_magic(part):
+            local = Path(*local.parts[:index]) if index else Path(".")
+            break
+    if local.exists():
+        ours, theirs = data_dir.resolve(), local.resolve()
+        if ours == theirs or ours.is_relative_to(theirs) or theirs.is_relative_to(ours):
+            data_dir = data_dir.with_name(data_dir.name + "-tokens")
+    return data_dir
 
 
 def gradient_accumulation_steps(train_args: TrainArguments, num_processes: int) -> int:

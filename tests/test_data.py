@@ -471,3 +471,91 @@ def test_the_cli_prepares_a_folder(tmp_path, corpus, capsys):
     status = main(["prepare", "--dataset", str(corpus), "--output_dir", str(tmp_path / "out"), "--num_proc", "1"])
     assert status == 0 and capsys.readouterr().out.strip() == str(tmp_path / "out" / MANIFEST_NAME)
     assert read_manifest(tmp_path / "out")["settings"]["val_fraction"] == 0.01
+
+
+# --- awkward local corpora -------------------------------------------------------------------------------------------
+
+
+def test_an_output_folder_inside_the_corpus_folder_is_not_read_as_data(tmp_path):
+    corpus = tmp_path / "mine"
+    corpus.mkdir()
+    write_jsonl(corpus / "a.jsonl", [{"text": "alpha"}, {"text": "beta"}])
+    prepare(corpus, corpus / "tokens")
+    prepare(corpus, corpus / "tokens")  # reused: its manifest.json is not a new corpus file
+    assert read_split(corpus / "tokens", "train").tolist() == expected_stream(["alpha", "beta"])
+    assert len(read_manifest(corpus / "tokens")["source"]["files"]) == 1
+
+
+def test_the_trainers_default_data_dir_is_never_the_corpus(tmp_path, monkeypatch):
+    from modeling_gpt2_scratch.training import TrainArguments, resolve_data_dir
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "mine").mkdir(parents=True)
+    write_jsonl(tmp_path / "data" / "corpus.jsonl", [{"text": "x"}])
+    train_args = TrainArguments(output_dir="run")
+
+    def data_dir(dataset: str) -> str:
+        return str(resolve_data_dir(DataArguments(dataset=dataset), train_args))
+
+    assert data_dir("data/mine") == "data/mine-tokens"
+    assert data_dir("data/corpus.jsonl") == "data/corpus.jsonl-tokens"
+    assert data_dir("a/*.jsonl") != data_dir("b/*.jsonl")
+    assert data_dir("karpathy/tiny_shakespeare") == "data/tiny_shakespeare"  # Hub ids keep their short names
+
+
+def test_file_names_are_literal_not_patterns(tmp_path):
+    write_jsonl(tmp_path / "d[12].jsonl", [{"text": "the named file"}])
+    write_jsonl(tmp_path / "d1.jsonl", [{"text": "a file the pattern d[12] matches"}])
+    prepare(tmp_path / "d[12].jsonl", tmp_path / "out")
+    assert read_split(tmp_path / "out", "train").tolist() == expected_stream(["the named file"])
+
+
+def test_parquet_files_may_differ_in_the_columns_not_read(tmp_path):
+    (tmp_path / "src").mkdir()
+    pq.write_table(pa.table({"text": ["one"], "id": [1]}), tmp_path / "src" / "a.parquet")
+    pq.write_table(pa.table({"text": ["two"], "id": ["b"], "url": ["u"]}), tmp_path / "src" / "b.parquet")
+    prepare(tmp_path / "src", tmp_path / "out")
+    assert read_split(tmp_path / "out", "train").tolist() == expected_stream(["one", "two"])
+
+
+def test_json_files_whose_other_columns_differ_error_in_one_line_with_the_fix(tmp_path):
+    (tmp_path / "src").mkdir()
+    write_jsonl(tmp_path / "src" / "a.jsonl", [{"text": "one"}])
+    write_jsonl(tmp_path / "src" / "b.jsonl", [{"text": "two", "url": "u"}])
+    with pytest.raises(ValueError, match=r"same columns of the same types.*Parquet") as excinfo:
+        prepare(tmp_path / "src", tmp_path / "out")
+    _one_line_error(excinfo)
+
+
+def test_csv_cells_that_read_like_missing_values_are_text(tmp_path):
+    (tmp_path / "d.csv").write_text("text\nNA\nnull\nn/a\nreal\n")
+    prepare(tmp_path / "d.csv", tmp_path / "out")
+    assert read_split(tmp_path / "out", "train").tolist() == expected_stream(["NA", "null", "n/a", "real"])
+
+
+@pytest.mark.parametrize("kind", ["parquet", "csv"])
+def test_empty_files_in_a_folder_are_skipped(tmp_path, kind):
+    (tmp_path / "src").mkdir()
+    if kind == "parquet":
+        pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "src" / "a.parquet")
+        pq.write_table(pa.table({"text": ["kept"]}), tmp_path / "src" / "b.parquet")
+    else:
+        (tmp_path / "src" / "a.csv").write_text("")
+        (tmp_path / "src" / "b.csv").write_text("text\nkept\n")
+    prepare(tmp_path / "src", tmp_path / "out")
+    assert read_split(tmp_path / "out", "train").tolist() == expected_stream(["kept"])
+
+
+def test_undecodable_bytes_in_jsonl_error_with_the_file_and_offset(tmp_path):
+    (tmp_path / "src").mkdir()
+    write_jsonl(tmp_path / "src" / "a.jsonl", [{"text": "fine"}])
+    (tmp_path / "src" / "b.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"b\.jsonl' is not valid UTF-8 \(byte 0xe9 at offset 13\)") as excinfo:
+        prepare(tmp_path / "src", tmp_path / "out")
+    _one_line_error(excinfo)
+
+
+def test_a_byte_order_mark_is_not_text(tmp_path):
+    (tmp_path / "bom.txt").write_bytes("\ufeffhello".encode())
+    prepare(tmp_path / "bom.txt", tmp_path / "out")
+    assert read_split(tmp_path / "out", "train").tolist() == expected_stream(["hello"])
