@@ -144,10 +144,14 @@ def build_accelerator(train_args: TrainArguments) -> Accelerator:
 def build_dataloaders(
     accelerator: Accelerator, data_args: DataArguments, train_args: TrainArguments
 ) -> tuple[ShardedTokenLoader, ShardedTokenLoader | None]:
-    """Prepare the token shards once per machine (reused if already there), then this rank's loaders."""
+    """Prepare the token shards once per machine (reused if already there), then this rank's loaders.
+
+    Every process calls `prepare_dataset`: the first to take the folder's lock tokenizes, the others wait on the lock
+    and then reuse its shards. No collective waits meanwhile, so an hours-long first prepare cannot run into the
+    process group's timeout (10 minutes for NCCL), as a barrier would.
+    """
     data_dir = resolve_data_dir(data_args, train_args)
-    with accelerator.local_main_process_first():
-        prepare_dataset(data_args, output_dir=data_dir, overwrite=train_args.overwrite_data)
+    prepare_dataset(data_args, output_dir=data_dir, overwrite=train_args.overwrite_data)
     kwargs = dict(
         batch_size=train_args.micro_batch_size,
         seq_len=train_args.seq_len,
@@ -202,8 +206,11 @@ def evaluate(
 ) -> float:
     """Mean val loss over the first `batches` val batches of every process (the same batches at every evaluation).
 
+    At most one pass over the split: a smaller split than `batches` is not counted twice.
+
     `cudagraphs` (`compile_forward`): each batch starts a new CUDA-graph step.
     """
+    batches = min(batches, val_loader.batches_per_epoch)
     model.eval()
     val_loader.reset()
     total = torch.zeros((), device=accelerator.device)
@@ -409,6 +416,12 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     if resume_from is not None:
         check_checkpoint_fits(resume_from, model.config)
     train_loader, val_loader = build_dataloaders(accelerator, data_args, train_args)
+    if val_loader is not None and train_args.eval_batches > val_loader.batches_per_epoch:
+        logger.warning(
+            "--eval_batches %d: the val split holds %d batches per process; each evaluation reads those once.",
+            train_args.eval_batches,
+            val_loader.batches_per_epoch,
+        )
     use_compile, fused = speed_flags(train_args, device)
     optimizer = build_optimizer(model, train_args, fused=fused)
     scheduler = build_scheduler(optimizer, train_args)

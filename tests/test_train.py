@@ -938,3 +938,33 @@ def test_accelerate_launchs_mixed_precision_is_not_silently_dropped(monkeypatch,
         train_accelerate.build_accelerator(train_args)
     assert "accelerate launch asked for mixed precision bf16" in caplog.text
     assert "pass --mixed_precision bf16 to the script" in caplog.text
+
+
+def test_evaluation_reads_a_small_val_split_once(data_dir):
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model = GPT2ScratchForCausalLM(GPT2ScratchConfig(n_layer=1, n_head=2, n_embd=32, n_positions=64))
+    val_loader = ShardedTokenLoader(data_dir, "val", batch_size=64, seq_len=64)
+    batches = val_loader.batches_per_epoch
+    once = train_accelerate.evaluate(accelerator, model, val_loader, batches)
+    assert train_accelerate.evaluate(accelerator, model, val_loader, batches + 3) == once  # no batch counted twice
+
+
+def test_preparing_the_data_waits_on_the_folder_lock_not_on_a_collective(corpus, tmp_path, monkeypatch):
+    """Ranks waiting in a barrier while rank 0 tokenizes FineWeb would hit NCCL's 10-minute timeout."""
+    from accelerate import Accelerator
+
+    def no_collectives(self):
+        raise AssertionError("a collective while the data is prepared")
+
+    from accelerate.state import PartialState
+
+    for owner in (Accelerator, PartialState):
+        monkeypatch.setattr(owner, "wait_for_everyone", no_collectives)
+    model_args, data_args, train_args = parse_arguments(
+        ["--dataset", str(corpus), "--data_dir", str(tmp_path / "shards"), "--output_dir", str(tmp_path), *TINY]
+    )
+    train_loader, val_loader = train_accelerate.build_dataloaders(Accelerator(cpu=True), data_args, train_args)
+    assert train_loader.num_tokens > 0 and val_loader is not None
