@@ -553,12 +553,15 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     if train_args.save_every and saved_step != state.step:
         save_checkpoint(accelerator, model, train_args, state.step)
     final = export_final(accelerator, model, train_args.output_dir)
-    logged = [r for r in metrics.read() if "train_loss" in r] if accelerator.is_main_process else []
+    # from metrics.jsonl: also right when a resume had no step left to run
+    logged = metrics.read() if accelerator.is_main_process else []
+    train_losses = [r["train_loss"] for r in logged if r.get("train_loss") is not None]
+    val_losses = [r["val_loss"] for r in logged if r.get("val_loss") is not None]
     summary = {
         "steps": state.step,
         "tokens_seen": state.tokens,
-        "final_train_loss": logged[-1]["train_loss"] if logged else None,  # also when a resume had no step left
-        "final_val_loss": val_loss,
+        "final_train_loss": train_losses[-1] if train_losses else None,
+        "final_val_loss": val_loss if val_loss is not None else (val_losses[-1] if val_losses else None),
         "wall_clock_seconds": round(time.time() - start_time, 1),
         "num_processes": accelerator.num_processes,
         "device": device.type,
@@ -576,7 +579,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
             "done: %d steps, %s tokens, val loss %s, %s; model in %s",
             state.step,
             f"{state.tokens:,}",
-            f"{val_loss:.4f}" if val_loss is not None else "n/a",
+            f"{summary['final_val_loss']:.4f}" if summary["final_val_loss"] is not None else "n/a",
             format_seconds(summary["wall_clock_seconds"]),
             final,
         )

@@ -785,6 +785,7 @@ def test_resume_at_max_steps_exports_without_training_or_saving_again(corpus, da
     before = {p.name: p.stat().st_mtime_ns for p in last.iterdir()}
     summary = run(corpus, data_dir, out, "--max_steps", "4", "--save_every", "2", "--resume", "latest")
     assert summary["steps"] == 4 and summary["final_train_loss"] == metrics(out)[-1]["train_loss"]
+    assert summary["final_val_loss"] == metrics(out)[-1]["val_loss"]  # the last evaluation, from the first run
     assert {p.name: p.stat().st_mtime_ns for p in last.iterdir()} == before  # not deleted and written again
     assert (out / "run_summary.json").is_file() and (out / "final" / "model.safetensors").is_file()
     with pytest.raises(ValueError, match="at step 4, past --max_steps 3: raise --max_steps"):
