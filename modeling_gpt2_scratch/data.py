@@ -51,8 +51,9 @@ Decisions:
   prepare leaves no manifest, never one that points at incomplete shards, and the next prepare starts over.
   Concurrent prepares of one folder wait for each other (a `flock` on `.prepare.lock`).
 * **Memory** is one shard's buffer plus the documents in flight (at most `2 * num_proc` tasks of about 4M
-  characters), whatever the corpus size, except for `.txt` files: each is one document, read whole (about 14 bytes
-  of memory per character while it is tokenized). Split a multi-GB text into several files, or use `.jsonl`.
+  characters), whatever the corpus size. A `.txt` file (one document) is read line by line and tokenized in pieces
+  of about 1M characters, cut before a newline where GPT-2's pre-tokenizer splits anyway (`_safe_cut`), so its
+  tokens are those of the whole text; only a text with no such newline is held whole.
 """
 
 from __future__ import annotations
@@ -109,6 +110,8 @@ _LOCK_NAME = ".prepare.lock"
 _ROWS_PER_READ = 1000  # rows pulled from `datasets` at a time
 _DOCS_PER_TASK = 1024  # documents per tokenization task ...
 _CHARS_PER_TASK = 4_000_000  # ... or fewer, when they reach this many characters
+_TXT_PIECE_CHARS = 1_000_000  # a .txt file is tokenized in pieces of about this many characters
+_SAFE_CHARS = frozenset(chr(c) for c in range(0x21, 0x7F))  # printable ASCII, no space: never regex whitespace
 _HASH_CHUNK = 1 << 20
 
 
@@ -293,8 +296,10 @@ def _hub_unreachable(source: _Source, err: BaseException) -> ValueError:
     )
 
 
-def _open_split(source: _Source, split: str, args: DataArguments) -> IterableDataset:
+def _open_split(source: _Source, split: str, args: DataArguments) -> IterableDataset | list[IterableDataset]:
     """`datasets.load_dataset(..., streaming=True)` for one split, with its errors turned into one-line messages.
+
+    `.txt` files give one dataset of lines per file (`_iter_documents` joins them into pieces of the document).
 
     `datasets` is imported here, when a corpus is tokenized, not with the module: training from prepared shards
     (and the benchmarks) never needs it.
@@ -303,13 +308,25 @@ def _open_split(source: _Source, split: str, args: DataArguments) -> IterableDat
     from datasets.exceptions import DatasetNotFoundError
 
     try:
+        if source.builder == "text":  # a dataset of lines per file: each file is one document, read in pieces
+            return [
+                load_dataset(
+                    "text",
+                    data_files=[glob.escape(str(path))],  # `data_files` are patterns: `[`, `*` are literal here
+                    split="train",
+                    streaming=True,
+                    sample_by="line",
+                    keep_linebreaks=True,
+                    encoding="utf-8-sig",  # a byte-order mark is not text
+                )
+                for path in source.files
+            ]
         if source.is_local:
             extra = {
-                "text": {"sample_by": "document", "encoding": "utf-8-sig"},  # a byte-order mark is not text
                 "parquet": {"columns": [args.text_column]},  # other columns may differ from file to file
                 "csv": {"keep_default_na": False},  # a document reading "NA" or "null" is text, not missing
             }.get(source.builder, {})
-            files = [glob.escape(str(p)) for p in source.files]  # `data_files` are patterns: `[`, `*` are literal here
+            files = [glob.escape(str(p)) for p in source.files]
             return load_dataset(source.builder, data_files=files, split="train", streaming=True, **extra)
         return load_dataset(
             source.hub_id, args.dataset_config, split=split, revision=args.dataset_revision, streaming=True
@@ -391,10 +408,69 @@ def _iter_rows(ds: IterableDataset, source: _Source, where: str) -> Iterator[dic
         raise _read_error(source, where, err) from err
 
 
-def _iter_documents(ds: IterableDataset, source: _Source, args: DataArguments, counts: _Counts) -> Iterator[str]:
-    """The non-empty texts of a split, in order."""
+def _safe_cut(text: str) -> int | None:
+    """The last index `i` where GPT-2's pre-tokenizer splits `text[:i]` and `text[i:]` as it splits `text`, or None.
+
+    A newline `text[i]` with a printable non-space ASCII character after it always starts a pre-token of its own
+    (`\\s+(?!\\S)` cannot take it, `\\s+` takes it alone), and the pre-token before it ends at `i` whether the
+    text goes on or stops there: when `text[i - 1]` is such a character (no pattern but the whitespace ones crosses a
+    newline), or an ASCII space, tab or newline (the whitespace before `i` is one `\\s+(?!\\S)` pre-token either way).
+    So the tokens of the two parts, concatenated, are the tokens of `text`.
+    """
+    i = text.rfind("\n", 1, len(text) - 1)
+    while i > 0:
+        if text[i + 1] in _SAFE_CHARS and (text[i - 1] in _SAFE_CHARS or text[i - 1] in " \t\n"):
+            return i
+        i = text.rfind("\n", 1, i)
+    return None
+
+
+def _txt_pieces(lines: Iterable[str], piece_chars: int | None = None) -> Iterator[str]:
+    """A text file's lines joined into pieces of about `piece_chars` (default `_TXT_PIECE_CHARS`) characters, cut
+    only where `_safe_cut` allows, so tokenizing the pieces gives the file's tokens while memory stays bounded (a
+    text with no such place is one piece)."""
+    piece_chars = piece_chars or _TXT_PIECE_CHARS
+    buffer: list[str] = []
+    size, next_try = 0, piece_chars
+    for line in lines:
+        buffer.append(line)
+        size += len(line)
+        if size >= next_try:
+            text = "".join(buffer)
+            cut = _safe_cut(text)
+            if cut is None:
+                buffer, next_try = [text], 2 * size  # try again once it has doubled, not at every line
+                continue
+            yield text[:cut]
+            buffer, size, next_try = [text[cut:]], len(text) - cut, piece_chars
+    text = "".join(buffer)
+    if text:
+        yield text
+
+
+def _iter_documents(
+    ds: IterableDataset | list[IterableDataset], source: _Source, args: DataArguments, counts: _Counts
+) -> Iterator[tuple[str, bool]]:
+    """The non-empty texts of a split, in order, as `(text, starts a document)`: a `.txt` file comes in pieces."""
     where = source.describe(args)
     column = args.text_column
+    if isinstance(ds, list):  # .txt files, one dataset of lines each
+        if column != "text":
+            raise ValueError(
+                f"Column {column!r} not found in {where}; its columns are ['text']. Pass --text_column with one of "
+                "them."
+            )
+        for file_ds in ds:
+            lines = (line for batch in _iter_rows(file_ds, source, where) for line in batch["text"])
+            first = True
+            for piece in _txt_pieces(lines):
+                yield piece, first
+                first = False
+            if first:
+                counts.empty_documents += 1
+            else:
+                counts.documents += 1
+        return
     if ds.column_names is not None:
         if column not in ds.column_names:
             raise ValueError(
@@ -418,30 +494,32 @@ def _iter_documents(ds: IterableDataset, source: _Source, args: DataArguments, c
                     "pass --text_column naming a text column."
                 )
             counts.documents += 1
-            yield text
+            yield text, True
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Tokenization
 
 
-def _encode_documents(documents: list[str]) -> np.ndarray:
-    """`eot doc1 eot doc2 ...` as uint16 (runs in the tokenizer processes)."""
+def _encode_documents(documents: list[tuple[str, bool]]) -> np.ndarray:
+    """`eot doc1 eot doc2 ...` as uint16 (runs in the tokenizer processes); a piece that continues a document gets
+    no `eot` of its own."""
     encoding = get_encoding()
     eot = encoding.eot_token
     ids: list[int] = []
-    for text in documents:
-        ids.append(eot)
+    for text, starts_document in documents:
+        if starts_document:
+            ids.append(eot)
         ids.extend(encoding.encode_ordinary(text))
     return np.array(ids, dtype=TOKEN_DTYPE)
 
 
-def _document_batches(documents: Iterator[str]) -> Iterator[list[str]]:
-    batch: list[str] = []
+def _document_batches(documents: Iterator[tuple[str, bool]]) -> Iterator[list[tuple[str, bool]]]:
+    batch: list[tuple[str, bool]] = []
     chars = 0
-    for text in documents:
-        batch.append(text)
-        chars += len(text)
+    for document in documents:
+        batch.append(document)
+        chars += len(document[0])
         if len(batch) >= _DOCS_PER_TASK or chars >= _CHARS_PER_TASK:
             yield batch
             batch, chars = [], 0

@@ -559,3 +559,31 @@ def test_a_byte_order_mark_is_not_text(tmp_path):
     (tmp_path / "bom.txt").write_bytes("\ufeffhello".encode())
     prepare(tmp_path / "bom.txt", tmp_path / "out")
     assert read_split(tmp_path / "out", "train").tolist() == expected_stream(["hello"])
+
+
+def test_a_txt_file_is_tokenized_in_pieces_that_give_the_whole_files_tokens(tmp_path, shared_dir, monkeypatch):
+    """Memory stays bounded for a multi-GB .txt: pieces cut where GPT-2's pre-tokenizer splits anyway."""
+    monkeypatch.setattr(data, "_TXT_PIECE_CHARS", 20_000)
+    pieces = []
+    real_encode = data._encode_documents
+    monkeypatch.setattr(data, "_encode_documents", lambda docs: pieces.extend(docs) or real_encode(docs))
+    shakespeare = shared_dir / "data" / "tinyshakespeare.txt"
+    prepare(shakespeare, tmp_path / "out")
+    text = shakespeare.read_text(encoding="utf-8")
+    assert read_split(tmp_path / "out", "train").tolist() == [EOT, *get_encoding().encode_ordinary(text)]
+    assert len(pieces) > 40 and [starts for _, starts in pieces] == [True] + [False] * (len(pieces) - 1)
+    assert read_manifest(tmp_path / "out")["stats"]["documents"] == 1
+
+
+def test_safe_cuts_keep_the_tokens_of_awkward_text():
+    import random
+
+    encoding = get_encoding()
+    rng = random.Random(0)
+    alphabet = ["a", "Zb", " ", "  ", "\n", "\n\n", "\t", ".", "'", "'s", "é", "12", "\u00a0", "\x1c", "日本", "😀"]
+    for _ in range(500):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 120)))
+        lines = text.splitlines(keepends=True)
+        pieces = list(data._txt_pieces(lines, piece_chars=rng.randint(1, 20)))
+        assert "".join(pieces) == text
+        assert [t for piece in pieces for t in encoding.encode_ordinary(piece)] == encoding.encode_ordinary(text)
