@@ -461,9 +461,12 @@ def _iter_documents(
                 "them."
             )
         for file_ds in ds:
-            lines = (line for batch in _iter_rows(file_ds, source, where) for line in batch["text"])
+            # Arrow batches of lines, each joined into one string: no Python object per row on the way
+            texts = (
+                "".join(table["text"].to_pylist()) for table in _iter_rows(file_ds.with_format("arrow"), source, where)
+            )
             first = True
-            for piece in _txt_pieces(lines):
+            for piece in _txt_pieces(texts):
                 yield piece, first
                 first = False
             if first:
