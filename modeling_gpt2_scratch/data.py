@@ -36,7 +36,8 @@ Decisions:
 * **Files.** A folder or glob lists files in sorted order, leaving out hidden ones, the output folder (when it lies
   inside the corpus folder) and empty ones (0 bytes, or a Parquet file of no rows). Names are literal: `[`, `*`
   in a file's name are not patterns. Only `text_column` is read from Parquet; CSV cells are never read as missing
-  ("NA", "null" are text). JSON files are read whole by `datasets`, so their other columns must keep one type.
+  ("NA", "null" are text). `datasets` reads every column of JSON files, so their other columns must be the same
+  in every row and file.
 * **Validation split.** With `val_split` (Hub datasets), that split. Otherwise the last `val_fraction` of the train
   token stream, cut inside the stream (possibly inside a document), so a corpus of one document (tiny Shakespeare)
   splits too. Local files form one stream: `split` and `val_split` apply to Hub datasets only. `val_fraction=0`
