@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command; returns the exit status (errors: one line on stderr, status 1)."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for name in ("httpx", "httpx2", "httpcore"):  # one INFO line per HTTP request otherwise
+        logging.getLogger(name).setLevel(logging.WARNING)
     hub_bars_on = not are_progress_bars_disabled()
     transformers_logging.disable_progress_bar()  # per-shard save/load bars for a one-file model: noise...
     if hub_bars_on:

@@ -164,6 +164,12 @@ def build_dataloaders(
     return train_loader, val_loader
 
 
+def dataset_source(data_args: DataArguments, train_args: TrainArguments) -> str:
+    """`"hub"` or `"local"`: where the prepared shards came from (their manifest says), for the model card."""
+    source = read_manifest(resolve_data_dir(data_args, train_args)).get("source") or {}
+    return "hub" if "hub" in source else "local"
+
+
 def build_model(model_args: ModelArguments, train_args: TrainArguments) -> GPT2ScratchForCausalLM:
     """A random GPT-2 of the requested size, or Hugging Face GPT-2 weights (`--init_from`)."""
     if model_args.init_from:
@@ -446,8 +452,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
 
     output_dir = Path(train_args.output_dir)
     run_config = {
-        "model": unwrapped.config.to_diff_dict() | {"n_params": sum(p.numel() for p in unwrapped.parameters())},
-        "data": asdict(data_args),
+        "model": unwrapped.config.to_diff_dict()
+        | {"n_params": sum(p.numel() for p in unwrapped.parameters()), "init_from": model_args.init_from},
+        "data": asdict(data_args) | {"dataset_source": dataset_source(data_args, train_args)},
         "training": asdict(train_args)
         | {
             "gradient_accumulation_steps": accelerator.gradient_accumulation_steps,

@@ -20,12 +20,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import pickle
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any, Literal
 
 import torch
@@ -74,6 +76,7 @@ RECIPE_KEYS = (  # the training settings the card's main table shows, in this or
     "fused_adamw",
     "gradient_checkpointing",
 )
+_WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:[\\/]")  # C:\ or C:/
 DATA_FILE_SUFFIXES = (".txt", ".json", ".jsonl", ".parquet", ".csv", ".tsv", ".arrow", ".gz", ".zst", ".bin")
 
 
@@ -257,7 +260,8 @@ def load_model(source: ModelSource) -> GPT2ScratchForCausalLM:
     """The model of `source`: `from_pretrained` for an export, `load_checkpoint_model` for a checkpoint.
 
     Raises:
-        ValueError: if the folder holds another kind of model (its `model_type` is not `gpt2_scratch`).
+        ValueError: if the folder holds another kind of model (its `model_type` is not `gpt2_scratch`), or weights
+            that cannot be read (a truncated or corrupt file).
     """
     model_type = json.loads((source.model_dir / CONFIG_NAME).read_text()).get("model_type")
     if model_type != GPT2ScratchConfig.model_type:
@@ -265,9 +269,17 @@ def load_model(source: ModelSource) -> GPT2ScratchForCausalLM:
             f"{source.model_dir} holds a {model_type!r} model, not a gpt2-scratch one (model_type "
             f"{GPT2ScratchConfig.model_type!r}): pass a run of train_accelerate.py, its final/ folder or a checkpoint."
         )
-    if source.kind == "checkpoint":
-        return load_checkpoint_model(source.model_dir)
-    return GPT2ScratchForCausalLM.from_pretrained(source.model_dir).eval()
+    from safetensors import SafetensorError
+
+    try:
+        if source.kind == "checkpoint":
+            return load_checkpoint_model(source.model_dir)
+        return GPT2ScratchForCausalLM.from_pretrained(source.model_dir).eval()
+    except (SafetensorError, RuntimeError, EOFError, pickle.UnpicklingError) as err:  # what a broken file raises
+        raise ValueError(
+            f"Cannot load the weights in {source.model_dir} ({' '.join(str(err).split())}): a truncated or "
+            "corrupt file? Push another checkpoint, or export the run again."
+        ) from err
 
 
 def load_tokenizer(source: ModelSource, model_max_length: int) -> PreTrainedTokenizerBase:
@@ -394,7 +406,7 @@ CARD_TEMPLATE = """\
 
 # {{ model_name }}
 
-A GPT-2 language model ({{ num_parameters }} parameters) trained from scratch with **gpt2-scratch**, GPT-2 written
+A GPT-2 language model ({{ num_parameters }} parameters) {{ origin }} with **gpt2-scratch**, GPT-2 written
 from scratch in PyTorch as a Hugging Face `transformers` model.
 {%- if source_note %} {{ source_note }}{% endif %}
 {% if fmt == "gpt2" %}
@@ -506,8 +518,14 @@ def _format_loss(loss: float | None) -> str:
 
 
 def _looks_like_path(value: str) -> bool:
-    local = value.startswith(("/", "~", "./", "../")) or "\\" in value
+    local = value.startswith(("/", "~", "./", "../")) or "\\" in value or _WINDOWS_DRIVE.match(value) is not None
     return local or value.endswith(DATA_FILE_SUFFIXES)
+
+
+def _file_name(value: str) -> str:
+    """The last part of a local path, POSIX or Windows (`C:\\Users\\alice\\runs\\q` -> `q`) on any system."""
+    windows = "\\" in value or _WINDOWS_DRIVE.match(value) is not None
+    return PureWindowsPath(value).name if windows else Path(value).name
 
 
 def _public_value(value: Any) -> str:
@@ -515,7 +533,7 @@ def _public_value(value: Any) -> str:
     Hub)."""
     if isinstance(value, str):
         if _looks_like_path(value):
-            return f"`{Path(value).name}` (local)"
+            return f"`{_file_name(value)}` (local)"
         return " ".join(value.split()).replace("|", "\\|")
     if isinstance(value, float):
         return f"{value:g}"
@@ -526,9 +544,13 @@ def _public_value(value: Any) -> str:
     return str(value)
 
 
-def hub_dataset_id(dataset: Any) -> str | None:
-    """`dataset` if it names a Hub dataset (`OWNER/NAME`), None for local files and anything else."""
-    if not isinstance(dataset, str) or dataset.count("/") != 1 or _looks_like_path(dataset):
+def hub_dataset_id(dataset: Any, source: str | None = None) -> str | None:
+    """`dataset` if it names a Hub dataset (`OWNER/NAME`), None for local files and anything else.
+
+    `source` is what the trainer recorded (`"hub"` or `"local"`, in `run_config.json`'s `dataset_source`); without
+    it, a name of the Hub's form that is not a path here counts as a Hub dataset.
+    """
+    if source == "local" or not isinstance(dataset, str) or dataset.count("/") != 1 or _looks_like_path(dataset):
         return None
     if Path(dataset).exists():
         return None
@@ -564,18 +586,24 @@ def _architecture_rows(model: GPT2ScratchForCausalLM, fmt: Format) -> list[tuple
 
 def _data_description(data: Mapping[str, Any], tokens_seen: int | None) -> tuple[str, list[tuple[str, str]]]:
     dataset = data.get("dataset")
-    hub_id = hub_dataset_id(dataset)
+    hub_id = hub_dataset_id(dataset, data.get("dataset_source"))
+    local = dataset is not None and (data.get("dataset_source") == "local" or _looks_like_path(str(dataset)))
     if hub_id is not None:
         name = f"[{hub_id}](https://huggingface.co/datasets/{hub_id})"
         if data.get("dataset_config"):
             name += f" (`{data['dataset_config']}`)"
     elif dataset:
-        name = f"a local corpus (`{Path(str(dataset)).name}`)" if _looks_like_path(str(dataset)) else f"`{dataset}`"
+        name = f"a local corpus (`{_file_name(str(dataset))}`)" if local else f"`{dataset}`"
     else:
         name = "an unrecorded corpus"
     seen = f", {tokens_seen:,} tokens seen in training" if tokens_seen is not None else ""
     description = f"Trained on {name}, tokenized with GPT-2's BPE (tiktoken){seen}."
-    return description, [(key, _public_value(value)) for key, value in data.items() if value is not None]
+    rows = [
+        (key, f"`{_file_name(str(value))}` (local)" if key == "dataset" and local else _public_value(value))
+        for key, value in data.items()
+        if value is not None
+    ]
+    return description, rows
 
 
 def _results_rows(info: RunInfo) -> list[tuple[str, str]]:
@@ -617,7 +645,8 @@ def build_model_card(
     `license` is the Hub's license id for the weights (`mit`, as OpenAI's GPT-2 and this code; `apache-2.0`, `other`,
     ...): the trainer's choice, which also has to fit the training data's terms."""
     data, training = _section(info.run_config, "data"), _section(info.run_config, "training")
-    hub_id = hub_dataset_id(data.get("dataset"))
+    hub_id = hub_dataset_id(data.get("dataset"), data.get("dataset_source"))
+    base_model = _section(info.run_config, "model").get("init_from")
     tags = ["gpt2", "gpt2-scratch", "text-generation", "pytorch", "causal-lm"]
     if fmt == "scratch":
         tags.append("custom_code")
@@ -628,7 +657,13 @@ def build_model_card(
         pipeline_tag="text-generation",
         tags=tags,
         datasets=[hub_id] if hub_id else None,
+        base_model=base_model if base_model and not _looks_like_path(base_model) else None,
     )
+    if base_model:
+        shown = f"`{_file_name(base_model)}` (local)" if _looks_like_path(base_model) else f"`{base_model}`"
+        origin = f"fine-tuned from {shown}"
+    else:
+        origin = "trained from scratch"
     description, data_rows = _data_description(data, info.tokens_seen)
     source_note = ""
     if source is not None and source.kind == "checkpoint" and source.step is not None:
@@ -640,6 +675,7 @@ def build_model_card(
         repo_id=repo_id,
         fmt=fmt,
         source_note=source_note,
+        origin=origin,
         num_parameters=_format_count(sum(p.numel() for p in model.parameters())),
         architecture=_architecture_rows(model, fmt),
         data_description=description,
@@ -739,9 +775,12 @@ def upload_folder_to_hub(
 ) -> tuple[str, str]:
     """Upload a staged folder: `create_repo(exist_ok=True)`, the branch `revision` if new, `upload_folder`.
 
+    The commit also deletes the branch's files that the folder does not hold (`.gitattributes` aside), so a re-push
+    leaves nothing stale: no remote code after `--format gpt2`, no old `loss.png` or weight shards.
+
     Args:
         token: default: `HF_TOKEN`, else the token saved by `hf auth login`.
-        private: create the repository private (an existing repository keeps its visibility).
+        private: create the repository private (an existing repository keeps its visibility, with a warning).
         revision: the branch to commit to (created from `main` if missing); default `main`.
         endpoint: the Hub's URL; default: `HF_ENDPOINT`, else https://huggingface.co.
 
@@ -756,6 +795,12 @@ def upload_folder_to_hub(
     _require_online()
     api = HfApi(endpoint=endpoint, token=token, library_name="gpt2-scratch")
     repo_url = api.create_repo(repo_id, private=private or None, repo_type="model", exist_ok=True)
+    if private and not api.repo_info(repo_id, repo_type="model").private:
+        logger.warning(
+            "%s already exists and is public: --private applies only to a new repository, so it stays public "
+            "(change its visibility in its settings on the Hub).",
+            repo_id,
+        )
     if revision and revision != hf_constants.DEFAULT_REVISION:
         api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
     logger.info("Uploading %s to %s (branch %s)", folder, repo_url, revision or hf_constants.DEFAULT_REVISION)
@@ -765,6 +810,7 @@ def upload_folder_to_hub(
         repo_type="model",
         revision=revision,
         commit_message=commit_message or "Upload gpt2-scratch model with push_to_hub.py",
+        delete_patterns="*",  # the branch then holds exactly the staged files: nothing stale from an earlier push
     )
     return str(repo_url), commit.commit_url
 

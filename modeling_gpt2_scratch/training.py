@@ -177,7 +177,7 @@ class TrainArguments:
         default=False,
         metadata={
             "help": "Recompute each block's activations in the backward pass: less memory for one more forward of "
-            "the blocks (124M on a CPU: 15-19% slower steps)."
+            "the blocks (124M on a CPU: 15-19%% slower steps)."
         },
     )
     loss_chunk_elements: int = field(

@@ -12,6 +12,7 @@ It serves exactly what `huggingface_hub` (2.x, with `HF_HUB_DISABLE_XET=1`) send
     POST /lfs-objects/{oid}/verify                          LFS verify
     POST /api/models/{repo}/commit/{revision}               the ndjson commit: header, file, lfsFile, deleted*
     GET  /api/models/{repo}[/revision/{revision}]           repo_info
+    GET  /api/models/{repo}/tree/{revision}                 list_repo_files (what `delete_patterns` matches)
 
 Every request is recorded (method, URL, headers, body) so a test can check what arrived and where the token went.
 The API endpoints answer 401 without `Authorization: Bearer <token>`. The server is bounded: it stops itself after
@@ -40,6 +41,7 @@ ROUTES = [
     ("POST", re.compile(rf"/api/models/{REPO}/branch/(?P<branch>[^/]+)"), "create_branch"),
     ("POST", re.compile(rf"/api/models/{REPO}/preupload/(?P<revision>[^/]+)"), "preupload"),
     ("POST", re.compile(rf"/api/models/{REPO}/commit/(?P<revision>[^/]+)"), "commit"),
+    ("GET", re.compile(rf"/api/models/{REPO}/tree/(?P<revision>[^/]+)"), "list_tree"),
     ("GET", re.compile(rf"/api/models/{REPO}(?:/revision/(?P<revision>[^/]+))?"), "repo_info"),
     ("POST", re.compile(rf"/{REPO}\.git/info/lfs/objects/batch"), "lfs_batch"),
     ("PUT", re.compile(r"/lfs-objects/(?P<oid>[0-9a-f]{64})"), "lfs_upload"),
@@ -217,6 +219,16 @@ class HubStub:
         self.repos[repo].commits.append(summary)
         oid = hashlib.sha1(body).hexdigest()
         return 200, {"commitUrl": f"{self.url}/{repo}/commit/{oid}", "commitOid": oid, "pullRequestUrl": None}
+
+    def list_tree(self, body: dict, repo: str, revision: str) -> tuple[int, list | dict]:
+        files = self.repos[repo].branches.get(revision)
+        if files is None:
+            return 404, {"error": f"Invalid rev id: {revision}"}
+        entries = [
+            {"type": "file", "path": path, "size": len(content), "oid": hashlib.sha1(content).hexdigest()}
+            for path, content in sorted(files.items())
+        ]
+        return 200, entries
 
     def repo_info(self, body: dict, repo: str, revision: str | None = None) -> tuple[int, dict]:
         files = self.repos[repo].branches.get(revision or "main")

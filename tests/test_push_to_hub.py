@@ -320,6 +320,7 @@ def test_cli_uploads_to_a_branch_of_a_private_repo(tiny_run, tmp_path):
         result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert TOKEN not in result.stdout + result.stderr
+    assert "HTTP Request" not in result.stderr  # the HTTP client's per-request log lines stay off
     repo = hub.repos[REPO_ID]
     assert repo.private and repo.commits == ["tiny run"] and repo.branches["main"] == {}
     staged = {p.name: p.read_bytes() for p in (tmp_path / "staged").iterdir()}
@@ -425,3 +426,51 @@ def test_non_empty_local_dir_is_an_error(tiny_run, tmp_path, capsys):
     argv = [str(tiny_run.run_dir), "--repo-id", REPO_ID, "--dry-run", "--local-dir", str(tmp_path / "out")]
     line = _run_main_expect_error(argv, capsys)
     assert "is not an empty folder" in line and [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+
+
+# --- re-pushes, provenance, noisy or broken input --------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")  # huggingface_hub's LFS PUT
+def test_a_re_push_leaves_nothing_stale_and_an_existing_public_repo_is_said_to_stay_public(
+    tiny_run, tmp_path, monkeypatch, caplog
+):
+    monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    scratch, gpt2 = tmp_path / "scratch", tmp_path / "gpt2"
+    stage_folder(tiny_run.run_dir, scratch, REPO_ID)
+    stage_folder(tiny_run.run_dir, gpt2, REPO_ID, fmt="gpt2")
+    with HubStub(TOKEN) as hub:
+        upload_folder_to_hub(scratch, REPO_ID, token=TOKEN, endpoint=hub.url)
+        assert "modeling_gpt2_scratch.py" in hub.files(REPO_ID)
+        with caplog.at_level("WARNING", logger="modeling_gpt2_scratch.hub"):
+            upload_folder_to_hub(gpt2, REPO_ID, token=TOKEN, endpoint=hub.url, private=True)
+    assert hub.files(REPO_ID) == {p.name: p.read_bytes() for p in gpt2.iterdir()}  # no remote code left behind
+    assert "already exists and is public" in caplog.text and not hub.repos[REPO_ID].private
+
+
+def test_a_fine_tuned_run_on_a_local_corpus_says_so_and_shows_file_names_only(tiny_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run.run_dir, run_dir)
+    config = json.loads((run_dir / "run_config.json").read_text())
+    config["model"]["init_from"] = "openai-community/gpt2"
+    config["data"] = {"dataset": "data/my_corpus", "dataset_source": "local"}  # relative: not a path here
+    config["training"] |= {"output_dir": "C:\\Users\\alice\\runs\\q", "data_dir": "D:/work/alice/shards"}
+    (run_dir / "run_config.json").write_text(json.dumps(config))
+    stage_folder(run_dir, tmp_path / "repo", REPO_ID)
+    card = ModelCard.load(tmp_path / "repo" / "README.md")
+    assert card.data.base_model == "openai-community/gpt2" and "fine-tuned from `openai-community/gpt2`" in card.text
+    assert "trained from scratch" not in card.text
+    assert card.data.datasets is None and "huggingface.co/datasets/data" not in card.text
+    assert "a local corpus (`my_corpus`)" in card.text
+    assert "Users" not in card.text and "D:/work" not in card.text  # Windows paths become their last name
+    assert "`q` (local)" in card.text and "`shards` (local)" in card.text
+
+
+def test_corrupt_weights_are_a_one_line_error(tiny_run, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run.run_dir, run_dir)
+    weights = run_dir / "final" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a copy cut short
+    line = _run_main_expect_error([str(run_dir), "--repo-id", REPO_ID, "--dry-run"], capsys)
+    assert "Cannot load the weights" in line and "corrupt" in line

@@ -213,6 +213,7 @@ def test_help_documents_every_flag_with_its_default():
     for flag in ("--config", "--dataset", "--output_dir", "--resume", "--max_steps", "--mixed_precision", "--compile"):
         assert flag in result.stdout
     assert "default: 19073" in result.stdout.replace("(default: 19073)", "default: 19073")
+    assert "15-19% slower" in result.stdout and "option_strings" not in result.stdout  # a bare % is a format code
 
 
 # --- bad input -------------------------------------------------------------------------------------------------------
@@ -930,6 +931,8 @@ def test_init_from_takes_the_dropout_flag(tmp_path, corpus, data_dir):
         "--save_every", "0", "--eval_every", "0")  # fmt: skip
     config = json.loads((out / "final" / "config.json").read_text())
     assert config["resid_pdrop"] == config["embd_pdrop"] == config["attn_pdrop"] == 0.0
+    run_config = json.loads((out / "run_config.json").read_text())  # what the model card reads
+    assert run_config["model"]["init_from"] == str(tmp_path / "hf") and run_config["data"]["dataset_source"] == "local"
 
 
 def test_accelerate_launchs_mixed_precision_is_not_silently_dropped(monkeypatch, caplog):
