@@ -487,7 +487,12 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         output_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(output_dir / RUN_CONFIG_NAME, run_config)
         logger.info("configuration:\n%s", _format_config(run_config))
-    metrics = MetricsWriter(output_dir, resume_step=state.step if resume_from else None)
+    # the main process alone owns metrics.jsonl (it trims or removes the old file here: one writer, no race)
+    metrics = (
+        MetricsWriter(output_dir, resume_step=state.step if resume_from else None)
+        if accelerator.is_main_process
+        else None
+    )
     if train_args.report_to != "none":
         accelerator.init_trackers(output_dir.name, config=_flat(run_config))
 
@@ -637,7 +642,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model_args, data_args, train_args = parse_arguments(argv)
         train(model_args, data_args, train_args)
-    except (ValueError, FileNotFoundError, TrainingError) as err:
+    except (ValueError, OSError, TrainingError) as err:  # OSError: e.g. an --output_dir that is a file
         print(f"error: {err}", file=sys.stderr)
         return 2 if not isinstance(err, TrainingError) else 1
     return 0

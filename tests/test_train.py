@@ -972,3 +972,22 @@ def test_preparing_the_data_waits_on_the_folder_lock_not_on_a_collective(corpus,
     )
     train_loader, val_loader = train_accelerate.build_dataloaders(Accelerator(cpu=True), data_args, train_args)
     assert train_loader.num_tokens > 0 and val_loader is not None
+
+
+def test_only_the_main_process_touches_metrics_jsonl(corpus, data_dir, tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')  # another process's file to trim or remove: not ours
+    monkeypatch.setattr(Accelerator, "is_main_process", property(lambda self: False))
+    run(corpus, data_dir, out, "--max_steps", "2", "--save_every", "0", "--eval_every", "0")
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+def test_an_output_dir_that_is_a_file_is_a_one_line_error(corpus, data_dir, tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    argv = ["--dataset", str(corpus), "--data_dir", str(data_dir), "--output_dir", str(tmp_path / "file"), *TINY]
+    assert train_accelerate.main([*argv, "--max_steps", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "Traceback" not in "\n".join(err)
