@@ -18,6 +18,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -64,8 +65,15 @@ from modeling_gpt2_scratch.training import (
 logger = logging.getLogger("train_accelerate")
 
 
+MID_STEP_STOP_AFTER_S = 10.0  # steps longer than this (and the first) look for a stop signal between micro-steps
+
+
 class TrainingError(RuntimeError):
     """A fault during training (e.g. a non-finite loss) that stops the run without saving."""
+
+
+class StepInterrupted(Exception):
+    """A stop signal arrived within a step; the partial step was undone (gradients, data position, RNG)."""
 
 
 def speed_flags(train_args: TrainArguments, device: torch.device) -> tuple[bool, bool]:
@@ -347,6 +355,7 @@ def train_step(
     train_args: TrainArguments,
     step: int,
     cudagraphs: bool = False,
+    stop_requested: Callable[[], bool] | None = None,
 ) -> dict[str, float]:
     """One optimizer step: `gradient_accumulation_steps` micro-batches, clip, AdamW, schedule.
 
@@ -355,10 +364,21 @@ def train_step(
     1 process x 2k micro-steps as for 2 processes x k. A non-finite loss or gradient norm raises before the optimizer
     moves (under fp16 the gradient scaler skips such a step instead, and the schedule waits with it).
     `cudagraphs` (`compile_forward`): the gradients stay in their buffers, zeroed instead of freed.
+
+    `stop_requested` (a collective check, asked on every rank alike) is asked between micro-steps. When it answers
+    yes, the partial step is undone (gradients zeroed; the loader, the torch RNG and accelerate's micro-step count
+    back where the step began) and `StepInterrupted` is raised: the checkpoint saved next is the last complete
+    step's, and resuming from it is exact. (`torchrun` kills the processes 30 s after passing on a SIGTERM, so a
+    long step must not be waited for.) The returned `step_seconds` is the mean over the processes, the same on all.
     """
     grad_accum = accelerator.gradient_accumulation_steps
     loss_sum = torch.zeros((), device=accelerator.device)
-    for _ in range(grad_accum):
+    started = time.perf_counter()
+    if stop_requested is not None:
+        cuda = accelerator.device.type == "cuda"
+        at_start = (train_loader.state_dict(), torch.get_rng_state(), torch.cuda.get_rng_state_all() if cuda else None)
+        micro_steps_before = accelerator.step
+    for micro_step in range(grad_accum):
         x, y = train_loader.next_batch()
         x, y = x.to(accelerator.device, non_blocking=True), y.to(accelerator.device, non_blocking=True)
         with accelerator.accumulate(model):
@@ -367,7 +387,17 @@ def train_step(
             loss = forward(input_ids=x, shift_labels=y, use_cache=False).loss
             loss_sum += loss.detach().float()
             accelerator.backward(loss)
-    train_loss = accelerator.reduce(loss_sum / grad_accum, reduction="mean").item()
+        if stop_requested is not None and micro_step < grad_accum - 1 and stop_requested():
+            optimizer.zero_grad(set_to_none=not cudagraphs)
+            train_loader.load_state_dict(at_start[0])
+            torch.set_rng_state(at_start[1])
+            if at_start[2] is not None:
+                torch.cuda.set_rng_state_all(at_start[2])
+            accelerator.step = micro_steps_before
+            raise StepInterrupted
+    seconds = torch.tensor(time.perf_counter() - started, dtype=torch.float32, device=accelerator.device)
+    stats = accelerator.reduce(torch.stack([loss_sum / grad_accum, seconds]), reduction="mean").tolist()
+    train_loss, step_seconds = stats
     if not math.isfinite(train_loss):
         raise TrainingError(
             f"non-finite loss ({train_loss}) at step {step}; nothing was saved, the last good checkpoint stays: "
@@ -384,7 +414,7 @@ def train_step(
     if not optimizer.step_was_skipped:  # fp16: an overflowing step moves neither the weights nor the schedule
         scheduler.step()
     optimizer.zero_grad(set_to_none=not cudagraphs)
-    return {"train_loss": train_loss, "lr": lr, "grad_norm": grad_norm}
+    return {"train_loss": train_loss, "lr": lr, "grad_norm": grad_norm, "step_seconds": step_seconds}
 
 
 # accelerate trackers that take no text (they drop it with a warning, or reject it)
@@ -505,12 +535,26 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     )
     model.train()
     loop_start = time.time()
+    first_step, step_seconds = state.step + 1, 0.0
     with StopSignal() as stop:
+
+        def stop_requested() -> bool:  # collective: every process asks, and all get the same answer
+            if stop.received:
+                accelerator.set_trigger()
+            return accelerator.check_trigger()
+
         while state.step < train_args.max_steps:
             step_start = time.time()
-            record = train_step(
-                accelerator, forward, model, optimizer, scheduler, train_loader, train_args, state.step + 1, cudagraphs
-            )
+            check_mid_step = state.step + 1 == first_step or step_seconds > MID_STEP_STOP_AFTER_S  # same on all ranks
+            try:
+                record = train_step(
+                    accelerator, forward, model, optimizer, scheduler, train_loader, train_args, state.step + 1,
+                    cudagraphs, stop_requested if check_mid_step else None,
+                )  # fmt: skip
+            except StepInterrupted:
+                stop.received = stop.received or "a stop signal to another process"
+                break
+            step_seconds = record.pop("step_seconds")
             state.step += 1
             state.tokens += tokens_per_step
             if device.type == "cuda":
@@ -558,7 +602,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     progress.close()
 
     if state.step < train_args.max_steps:  # stopped by a signal
-        save_checkpoint(accelerator, model, train_args, state.step)
+        if saved_step != state.step:
+            save_checkpoint(accelerator, model, train_args, state.step)
         logger.info("%s received: saved step %d; continue with --resume latest", stop.received, state.step)
         accelerator.end_training()
         return {"stopped_by": stop.received, "steps": state.step}

@@ -991,3 +991,38 @@ def test_an_output_dir_that_is_a_file_is_a_one_line_error(corpus, data_dir, tmp_
     assert train_accelerate.main([*argv, "--max_steps", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and "Traceback" not in "\n".join(err)
+
+
+def test_a_stop_within_a_long_step_undoes_it_saves_the_last_one_and_resumes_exactly(
+    corpus, data_dir, tmp_path, monkeypatch
+):
+    """torchrun SIGKILLs 30 s after passing on a SIGTERM: a long step is abandoned, not finished."""
+    monkeypatch.setattr(train_accelerate, "MID_STEP_STOP_AFTER_S", 0.0)  # every step counts as long
+    flags = ["--eval_every", "0", "--dropout", "0.1", "--total_batch_tokens", "512"]  # 4 micro-steps, RNG in use
+    straight = tmp_path / "straight"
+    run(corpus, data_dir, straight, "--max_steps", "4", "--save_every", "0", *flags)
+
+    real_next_batch = ShardedTokenLoader.next_batch
+    calls = []
+
+    def next_batch_then_signal(self):
+        calls.append(1)
+        if len(calls) == 4 * 2 + 2 and self.split == "train":  # step 3, micro-step 2 of 4
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_next_batch(self)
+
+    stopped = tmp_path / "stopped"
+    monkeypatch.setattr(ShardedTokenLoader, "next_batch", next_batch_then_signal)
+    summary = run(corpus, data_dir, stopped, "--max_steps", "4", "--save_every", "0", *flags)
+    monkeypatch.setattr(ShardedTokenLoader, "next_batch", real_next_batch)
+    assert summary == {"stopped_by": "SIGTERM", "steps": 2}
+    assert [p.name for p in list_checkpoints(stopped)] == ["step_0000002"]
+    assert len(calls) == 4 * 2 + 2  # it stopped right after micro-step 2 of step 3, not at the end of the step
+
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    run(corpus, data_dir, stopped, "--max_steps", "4", "--save_every", "0", "--resume", "latest", *flags)
+    w1, w2 = _weights(straight / "final"), _weights(stopped / "final")
+    assert all(torch.equal(w1[key], w2[key]) for key in w1)
+    assert [r["train_loss"] for r in metrics(stopped)] == [r["train_loss"] for r in metrics(straight)]
