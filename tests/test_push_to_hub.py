@@ -455,7 +455,7 @@ def test_a_fine_tuned_run_on_a_local_corpus_says_so_and_shows_file_names_only(ti
     config = json.loads((run_dir / "run_config.json").read_text())
     config["model"]["init_from"] = "openai-community/gpt2"
     config["data"] = {"dataset": "data/my_corpus", "dataset_source": "local"}  # relative: not a path here
-    config["training"] |= {"output_dir": "C:\\Users\\alice\\runs\\q", "data_dir": "D:/work/alice/shards"}
+    config["training"] |= {"output_dir": "C:\\Users\\alice\\runs\\q", "data_dir": "D:/data/alice/shards"}
     (run_dir / "run_config.json").write_text(json.dumps(config))
     stage_folder(run_dir, tmp_path / "repo", REPO_ID)
     card = ModelCard.load(tmp_path / "repo" / "README.md")
@@ -463,7 +463,7 @@ def test_a_fine_tuned_run_on_a_local_corpus_says_so_and_shows_file_names_only(ti
     assert "trained from scratch" not in card.text
     assert card.data.datasets is None and "huggingface.co/datasets/data" not in card.text
     assert "a local corpus (`my_corpus`)" in card.text
-    assert "Users" not in card.text and "D:/work" not in card.text  # Windows paths become their last name
+    assert "Users" not in card.text and "D:/data" not in card.text  # Windows paths become their last name
     assert "`q` (local)" in card.text and "`shards` (local)" in card.text
 
 
