@@ -449,6 +449,13 @@ def _txt_pieces(lines: Iterable[str], piece_chars: int | None = None) -> Iterato
         yield text
 
 
+def _missing_column(column: str, where: str, columns: Iterable[str]) -> ValueError:
+    return ValueError(
+        f"Column {column!r} not found in {where}; its columns are {sorted(columns)}. Pass --text_column with one of "
+        "them."
+    )
+
+
 def _iter_documents(
     ds: IterableDataset | list[IterableDataset], source: _Source, args: DataArguments, counts: _Counts
 ) -> Iterator[tuple[str, bool]]:
@@ -457,10 +464,7 @@ def _iter_documents(
     column = args.text_column
     if isinstance(ds, list):  # .txt files, one dataset of lines each
         if column != "text":
-            raise ValueError(
-                f"Column {column!r} not found in {where}; its columns are ['text']. Pass --text_column with one of "
-                "them."
-            )
+            raise _missing_column(column, where, ["text"])
         for file_ds in ds:
             # Arrow batches of lines, each joined into one string: no Python object per row on the way
             texts = (
@@ -477,17 +481,11 @@ def _iter_documents(
         return
     if ds.column_names is not None:
         if column not in ds.column_names:
-            raise ValueError(
-                f"Column {column!r} not found in {where}; its columns are {sorted(ds.column_names)}. "
-                "Pass --text_column with one of them."
-            )
+            raise _missing_column(column, where, ds.column_names)
         ds = ds.select_columns([column])
     for batch in _iter_rows(ds, source, where):
         if column not in batch:
-            raise ValueError(
-                f"Column {column!r} not found in {where}; its columns are {sorted(batch)}. "
-                "Pass --text_column with one of them."
-            )
+            raise _missing_column(column, where, batch)
         for text in batch[column]:
             if text is None or text == "":
                 counts.empty_documents += 1
@@ -734,7 +732,8 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Flush a folder's entries (new names, renames) to disk; a no-op where folders cannot be opened."""
     with contextlib.suppress(OSError):  # not every platform can open a folder
         fd = os.open(directory, os.O_RDONLY)
         try:
@@ -753,9 +752,9 @@ def _commit(staging: Path, out: Path, manifest: dict) -> None:
             stale.unlink()
     for name in sorted(new_files):
         os.replace(staging / name, out / name)
-    _fsync_dir(out)
+    fsync_dir(out)
     _write_json_atomic(manifest_path, manifest)
-    _fsync_dir(out)
+    fsync_dir(out)
     shutil.rmtree(staging, ignore_errors=True)
 
 

@@ -26,7 +26,7 @@ import yaml
 from transformers import HfArgumentParser
 from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup_lr_rate
 
-from .data import DataArguments
+from .data import DataArguments, fsync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -588,15 +588,13 @@ def check_checkpoint_fits(checkpoint: str | os.PathLike, config: Any) -> None:
 def fsync_tree(path: str | os.PathLike) -> None:
     """Flush every file under `path` and the folders themselves to disk (before a rename makes them a checkpoint)."""
     root = Path(path)
-    directories = hasattr(os, "O_DIRECTORY")  # POSIX; elsewhere only the files
-    for item in [*root.rglob("*"), root]:
-        if item.is_dir() and not directories:
-            continue
-        fd = os.open(item, os.O_RDONLY | (os.O_DIRECTORY if item.is_dir() else 0))
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    for item in root.rglob("*"):
+        if item.is_dir():
+            fsync_dir(item)
+        else:
+            with open(item, "rb") as f:
+                os.fsync(f.fileno())
+    fsync_dir(root)
 
 
 def prune_checkpoints(output_dir: str | os.PathLike, keep_last: int) -> None:

@@ -285,7 +285,7 @@ def test_an_interrupted_overwrite_keeps_the_old_manifest_valid(tmp_path, corpus,
 def test_an_overwrite_interrupted_while_moving_shards_leaves_no_manifest(tmp_path, corpus, monkeypatch):
     prepare(corpus, tmp_path / "out", shard_size=20)
     other = write_jsonl(tmp_path / "other.jsonl", [{"text": "new document"}])
-    monkeypatch.setattr(data, "_fsync_dir", lambda directory: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(data, "fsync_dir", lambda directory: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):  # after the new shards replaced the old ones, before the new manifest
         prepare_dataset(DataArguments(dataset=str(other), num_proc=1, val_fraction=0.0), tmp_path / "out", True)
     with pytest.raises(FileNotFoundError, match="prepare the folder first"):
