@@ -4,9 +4,9 @@
 # Needs the project's requirements (transformers >= 5.24) and, for the trainer run, tiny Shakespeare shards prepared
 # beforehand: DATA_DIR=<folder prepared with --val_fraction 0.1> TEXT=<the .txt it came from> (the trainer reuses
 # them; `datasets` is needed only to tokenize). Each part's output goes to $OUT; BENCHMARKS.md's GPU sections came
-# from these commands on H200s (2026-11-26). There, 3 compiled variants at 16x1024 with their memory children took
-# 146 s, 2 without them 50-70 s, a trainer run of 8 steps 65-80 s (micro-batch 32: step 1 compiles for 49 s);
-# 3 variants at 64x1024 did not finish in 200 s, nor did `-autotune` variants (inductor's matmul autotuning took 119 s
+# from these commands on H200s (2026-11-26). There, the CUDA parity tests took 60 s, 3 compiled variants at 16x1024
+# with their memory children 146 s, 2 without them 50-70 s, a trainer run of 8 steps 65-80 s (micro-batch 32: step 1
+# compiles for 29-49 s); 3 variants at 64x1024 did not finish in 200 s, nor did `-autotune` variants (inductor's matmul autotuning took 119 s
 # for 9 shapes, and cuBLAS won 8 of them: not worth a lease).
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
@@ -19,6 +19,9 @@ mark environment
   date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   python3 -c "import torch, transformers, accelerate; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)"
 } 2>&1 | tee "$OUT/env.txt"
+
+mark "CUDA parity tests (about a minute)"
+timeout "$(left 120)" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -30 | tee "$OUT/pytest_cuda.txt"
 
 mark "training throughput, 124m:16x1024 (the issue's GPU target)"
 timeout "$(left 230)" python3 benchmarks/train_throughput.py --runs 124m:16x1024 2>&1 | tee "$OUT/tt16.md"
@@ -54,3 +57,4 @@ mark "gradient checkpointing at 64x1024: memory saved and time paid (measured on
 timeout "$(left 150)" python3 benchmarks/train_throughput.py --runs 124m:64x1024 --warmup 2 --steps 3 \
   --variants ours-defaults ours-defaults-ckpt 2>&1 | tee "$OUT/ckpt64.md"
 mark done
+tar -czf "$OUT.tar.gz" -C "$OUT" . && echo "all of it in one file: $OUT.tar.gz"

@@ -1,0 +1,138 @@
+"""Parity on a CUDA GPU: the paths that only run there (cuDNN/flash sdpa, the fused loss in one chunk, inductor's
+Triton kernels under bf16 autocast, `generate()`'s own compilation with a static cache). Skipped without CUDA, so CI
+(CPU only) skips them; on a GPU machine: `python -m pytest tests/test_cuda.py -q`."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+GPT2_VOCAB = 50257
+SHAPE = dict(n_embd=256, n_layer=4, n_head=4, n_positions=512)  # 64-wide heads, as GPT-2's
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """Full float32 matmuls and convolutions while a test runs (TF32 would round to 10 mantissa bits)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def make_pair(seed: int = 0, **overrides) -> tuple[GPT2LMHeadModel, GPT2ScratchForCausalLM]:
+    """A random HF GPT-2 and the scratch model with its weights, both on the GPU in eval mode."""
+    torch.manual_seed(seed)
+    hf = GPT2LMHeadModel(GPT2Config(**(SHAPE | overrides))).eval()
+    return hf.to(CUDA), GPT2ScratchForCausalLM.from_hf_gpt2(hf).to(CUDA).eval()
+
+
+def random_ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    ids = torch.randint(0, GPT2_VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+    return ids.to(CUDA)
+
+
+def grads(model) -> dict[str, torch.Tensor]:
+    return {name: param.grad.detach().clone() for name, param in model.named_parameters() if param.grad is not None}
+
+
+def compare_with_hf_grads(ours: dict, hf: dict, rtol: float, atol: float) -> None:
+    for name, grad in ours.items():
+        ref = hf[name]
+        if name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+            ref = ref.t()  # HF's Conv1D holds (in, out)
+        if name == "transformer.wte.weight":
+            assert grad[GPT2_VOCAB:].abs().max().item() == 0  # the padded rows get no gradient
+            grad = grad[:GPT2_VOCAB]
+        torch.testing.assert_close(grad, ref, rtol=rtol, atol=atol, msg=name)
+
+
+def test_float32_logits_loss_and_gradients_match_hf_on_cuda():
+    hf, model = make_pair(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    ids = random_ids(2, 256)
+    with torch.no_grad():
+        ref, out = hf(ids, labels=ids), model(ids, labels=ids)
+    assert (out.logits - ref.logits).abs().max().item() <= 1e-4
+    assert abs(out.loss.item() - ref.loss.item()) <= 1e-5
+
+    hf.train(), model.train()  # training mode: the fused loss in one chunk (CUDA's default) against HF's logits
+    hf(ids, labels=ids).loss.backward()
+    loss = model(ids, labels=ids).loss
+    assert model(ids, labels=ids).logits is None  # the fused path ran, not the plain head
+    loss.backward()
+    compare_with_hf_grads(grads(model), grads(hf), rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 100])  # None: CUDA's one chunk; 100: six chunks of 2 x 300 rows
+def test_fused_loss_on_cuda_matches_the_plain_head(chunk_rows):
+    torch.manual_seed(0)
+    model = GPT2ScratchForCausalLM(GPT2ScratchConfig(**SHAPE, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    model = model.to(CUDA).train()
+    if chunk_rows:
+        model.loss_chunk_elements = chunk_rows * model.config.vocab_size
+    ids, labels = random_ids(2, 300), random_ids(2, 300, seed=2)
+    labels[0, :50] = -100
+    results = {}
+    for fused in (False, True):
+        model.zero_grad(set_to_none=True)
+        out = model(ids, labels=labels, skip_logits=fused)
+        out.loss.backward()
+        results[fused] = out.loss.item(), grads(model)
+    assert abs(results[True][0] - results[False][0]) <= 1e-5
+    for name, grad in results[False][1].items():
+        torch.testing.assert_close(results[True][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_compiled_bf16_training_step_matches_float32_eager_on_cuda():
+    """The trainer's CUDA settings (bf16 autocast, torch.compile, sdpa's causal path, the fused loss) give the loss
+    and gradients of HF's float32 eager step, to bf16 rounding."""
+    hf, model = make_pair(seed=1, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    hf.train(), model.train()
+    ids = random_ids(4, 512, seed=3)
+    reference = hf(ids, labels=ids).loss
+    reference.backward()
+    compiled = torch.compile(model)
+    for _ in range(2):  # the second call runs the compiled graph without recompiling
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = compiled(ids, labels=ids).loss
+        loss.backward()
+    assert loss.dtype == torch.float32
+    assert abs(loss.item() - reference.item()) <= 2e-2
+    ours, ref = grads(model), grads(hf)
+    for name, grad in ours.items():  # bf16 matmuls: compare the gradients' directions and sizes
+        theirs = ref[name].t() if name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) else ref[name]
+        if name == "transformer.wte.weight":
+            grad = grad[:GPT2_VOCAB]
+        cosine = F.cosine_similarity(grad.flatten().double(), theirs.flatten().double(), dim=0).item()
+        assert cosine >= 0.99, (name, cosine)
+        assert grad.norm().item() == pytest.approx(theirs.norm().item(), rel=0.05), name
+
+
+def test_greedy_generation_matches_hf_on_cuda():
+    hf, model = make_pair(seed=2)
+    prompt = random_ids(1, 16)
+    ref = hf.generate(prompt, max_new_tokens=48, do_sample=False, pad_token_id=50256)
+    assert torch.equal(model.generate(prompt, max_new_tokens=48, do_sample=False), ref)
+
+    ids = random_ids(3, 20, seed=4)  # a left-padded batch
+    mask = torch.ones_like(ids)
+    mask[0, :6], mask[2, :13] = 0, 0
+    ids = ids.masked_fill(mask == 0, 50256)
+    ref = hf.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=50256)
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False), ref)
+
+
+def test_static_cache_generation_compiled_by_generate_matches_eager_on_cuda():
+    """On CUDA, `generate()` compiles the decoding forward itself when the cache is static."""
+    _, model = make_pair(seed=3)
+    prompt = random_ids(2, 16, seed=5)
+    eager = model.generate(prompt, max_new_tokens=32, do_sample=False)
+    for _ in range(2):  # the second call reuses the compiled forward
+        static = model.generate(prompt, max_new_tokens=32, do_sample=False, cache_implementation="static")
+        assert torch.equal(static, eager)
