@@ -6,8 +6,8 @@
 # them; `datasets` is needed only to tokenize). Each part's output goes to $OUT; BENCHMARKS.md's GPU sections came
 # from these commands on H200s (2026-11-26). There, the CUDA parity tests took 60 s, 3 compiled variants at 16x1024
 # with their memory children 146 s, 2 without them 50-70 s, a trainer run of 8 steps 65-80 s (micro-batch 32: step 1
-# compiles for 29-49 s); 3 variants at 64x1024 did not finish in 200 s, nor did `-autotune` variants (inductor's matmul autotuning took 119 s
-# for 9 shapes, and cuBLAS won 8 of them: not worth a lease).
+# compiles for 29-49 s); 3 variants at 64x1024 did not finish in 200 s, nor did `-autotune` variants (inductor's
+# matmul autotuning took 119 s for 9 shapes, and cuBLAS won 8 of them: not worth a lease).
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 T0=$(date +%s); DEADLINE=$((T0 + ${BUDGET:-540}))
@@ -21,7 +21,8 @@ mark environment
 } 2>&1 | tee "$OUT/env.txt"
 
 mark "CUDA parity tests (about a minute)"
-timeout "$(left 120)" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -30 | tee "$OUT/pytest_cuda.txt"
+timeout "$(left 120)" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -30 \
+  | tee "$OUT/pytest_cuda.txt"
 
 mark "training throughput, 124m:16x1024 (the issue's GPU target)"
 timeout "$(left 230)" python3 benchmarks/train_throughput.py --runs 124m:16x1024 2>&1 | tee "$OUT/tt16.md"
