@@ -534,7 +534,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         total=train_args.max_steps, initial=state.step, desc="train", disable=not accelerator.is_main_process
     )
     model.train()
-    loop_start = time.time()
+    loop_start, elapsed_before = time.time(), state.elapsed
     first_step, step_seconds = state.step + 1, 0.0
     with StopSignal() as stop:
 
@@ -560,11 +560,12 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
             if device.type == "cuda":
                 torch.cuda.synchronize()
             step_time = time.time() - step_start
+            state.elapsed = elapsed_before + time.time() - loop_start
             record |= {
                 "step": state.step,
                 "tokens": state.tokens,
                 "tokens_per_sec": tokens_per_step / step_time,
-                "elapsed": time.time() - loop_start,  # training seconds in this process (setup excluded)
+                "elapsed": state.elapsed,  # training seconds of the run so far, resumes included (setup excluded)
             }
             if peak:
                 record["mfu"] = flops_per_step / step_time / (peak * accelerator.num_processes)
@@ -619,7 +620,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         "tokens_seen": state.tokens,
         "final_train_loss": train_losses[-1] if train_losses else None,
         "final_val_loss": val_loss if val_loss is not None else (val_losses[-1] if val_losses else None),
-        "wall_clock_seconds": round(time.time() - start_time, 1),
+        "training_seconds": round(state.elapsed, 1),  # the training loop's, over every resume
+        "wall_clock_seconds": round(time.time() - start_time, 1),  # this process's, setup included
         "num_processes": accelerator.num_processes,
         "device": device.type,
         "device_name": describe_device(device),

@@ -306,7 +306,8 @@ class RunInfo:
     final_train_loss: float | None = None
     final_val_loss: float | None = None
     val_loss_step: int | None = None
-    wall_clock_seconds: float | None = None
+    training_seconds: float | None = None  # the training loop's seconds, over every resume
+    wall_clock_seconds: float | None = None  # the last process's, setup included (runs from before 2026-11-26)
     num_processes: int | None = None
     device: str | None = None
     device_name: str | None = None
@@ -377,7 +378,11 @@ def read_run_info(run_dir: Path | None, step: int | None = None) -> RunInfo:
         info.final_train_loss = _number(summary.get("final_train_loss"))
         info.final_val_loss = _number(summary.get("final_val_loss"))
         info.val_loss_step = info.steps if info.final_val_loss is not None else None
+        info.training_seconds = _number(summary.get("training_seconds"))
         info.wall_clock_seconds = _number(summary.get("wall_clock_seconds"))
+    if info.training_seconds is None and step is not None:  # a checkpoint: the time logged at its step
+        at_step = [_number(row.get("elapsed")) for row in rows if row["step"] == step]
+        info.training_seconds = at_step[-1] if at_step else None
     if info.steps is None:
         info.steps = step if step is not None else (rows[-1]["step"] if rows else None)
     if info.tokens_seen is None:
@@ -606,6 +611,12 @@ def _data_description(data: Mapping[str, Any], tokens_seen: int | None) -> tuple
     return description, rows
 
 
+def _training_time(info: RunInfo) -> float | None:
+    """The training loop's seconds over every resume; for runs that did not record them (before 2026-11-26), the
+    whole process's wall clock, which counts setup too but only the last resume."""
+    return info.training_seconds if info.training_seconds is not None else info.wall_clock_seconds
+
+
 def _results_rows(info: RunInfo) -> list[tuple[str, str]]:
     val = _format_loss(info.final_val_loss)
     if info.final_val_loss is not None and math.isfinite(info.final_val_loss):
@@ -622,7 +633,7 @@ def _results_rows(info: RunInfo) -> list[tuple[str, str]]:
         ("final validation loss", val),
         ("hardware", hardware),
         ("mixed precision", info.mixed_precision or "unknown"),
-        ("training time", _format_duration(info.wall_clock_seconds)),
+        ("training time", _format_duration(_training_time(info))),
     ]
     versions = [f"torch {info.torch_version}"] if info.torch_version else []
     versions += [f"transformers {info.transformers_version}"] if info.transformers_version else []

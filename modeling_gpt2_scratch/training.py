@@ -613,12 +613,14 @@ class TrainState:
 
     step: int = 0  # optimizer steps done
     tokens: int = 0  # training tokens seen, all processes
+    elapsed: float = 0.0  # training seconds up to `step`, over every resume (setup and compilation before it excluded)
 
-    def state_dict(self) -> dict[str, int]:
-        return {"step": self.step, "tokens": self.tokens}
+    def state_dict(self) -> dict[str, int | float]:
+        return {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, int | float]) -> None:
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        self.elapsed = float(state.get("elapsed", 0.0))  # checkpoints from before 2026-11-26 lack it
 
 
 # --- metrics ---------------------------------------------------------------------------------------------------------

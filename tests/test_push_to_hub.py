@@ -26,7 +26,7 @@ from transformers import GPT2LMHeadModel
 
 import push_to_hub
 from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
-from modeling_gpt2_scratch.hub import read_run_info, resolve_source, stage_folder, upload_folder_to_hub
+from modeling_gpt2_scratch.hub import _results_rows, read_run_info, resolve_source, stage_folder, upload_folder_to_hub
 from modeling_gpt2_scratch.tokenization import get_hf_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -105,6 +105,7 @@ def make_tiny_run(run_dir: Path) -> TinyRun:
     }
     metrics = [
         {"step": s, "tokens": s * BATCH_TOKENS, "train_loss": 11.0 - 0.5 * s, "lr": 6e-4, "grad_norm": 1.0}
+        | {"elapsed": 925.75 * s}  # training seconds, resumes included
         | ({"val_loss": 11.2 - 0.5 * s} if s % CHECKPOINT_STEP == 0 else {})
         for s in range(1, STEPS + 1)
     ]
@@ -251,6 +252,7 @@ def test_checkpoint_input_stages_the_checkpoint_model(tiny_run, tmp_path):
     assert f"checkpoint at step {CHECKPOINT_STEP}" in text
     assert f"| tokens seen | {CHECKPOINT_STEP * BATCH_TOKENS:,} |" in text
     assert "| final validation loss | 9.2000" in text and "7.2345" not in text
+    assert "| training time | 1h 01m 43s |" in text  # elapsed at step 4: 3703 s
 
 
 def test_run_without_final_uses_its_latest_checkpoint(tiny_run, tmp_path):
@@ -259,6 +261,20 @@ def test_run_without_final_uses_its_latest_checkpoint(tiny_run, tmp_path):
     shutil.copytree(tiny_run.checkpoint_dir, run / "checkpoints" / "step_0000010")
     source = resolve_source(run)
     assert source.kind == "checkpoint" and source.step == 10 and source.model_dir.name == "step_0000010"
+
+
+def test_training_time_is_the_training_loops_over_every_resume(tiny_run, tmp_path):
+    """`run_summary.json`'s `training_seconds` (the loop's, over every resume) before `wall_clock_seconds`, which
+    runs from before 2026-11-26 alone recorded: the last process's, setup included."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run.run_dir, run, ignore=shutil.ignore_patterns("final", "checkpoints"))
+    assert read_run_info(run).training_seconds is None  # an older run: the card shows its wall clock (above)
+    summary = json.loads((run / "run_summary.json").read_text()) | {"training_seconds": 7406.0}
+    (run / "run_summary.json").write_text(json.dumps(summary))
+    info = read_run_info(run)
+    assert (info.training_seconds, info.wall_clock_seconds) == (7406.0, 3723.0)
+    rows = dict(_results_rows(info))
+    assert rows["training time"] == "2h 03m 26s"
 
 
 def test_read_run_info_tolerates_missing_and_broken_files(tmp_path):

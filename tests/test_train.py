@@ -373,6 +373,12 @@ def test_resume_is_exact(corpus, data_dir, tmp_path):
     for a, b in zip(after, again, strict=True):
         assert a["train_loss"] == b["train_loss"] and a["lr"] == b["lr"] and a["grad_norm"] == b["grad_norm"]
         assert a.get("val_loss") == b.get("val_loss")
+    # the training time goes on from the checkpoint's (it restarted from 0 in each resumed process before)
+    at_checkpoint = next(r["elapsed"] for r in metrics(straight) if r["step"] == 6)
+    elapsed = [r["elapsed"] for r in again]
+    assert at_checkpoint < elapsed[0] and elapsed == sorted(elapsed)
+    summary = json.loads((resumed / "run_summary.json").read_text())
+    assert summary["training_seconds"] == round(elapsed[-1], 1)
     w1 = load_file(straight / "final" / "model.safetensors")
     w2 = load_file(resumed / "final" / "model.safetensors")
     assert w1.keys() == w2.keys()
