@@ -39,7 +39,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .configuration_gpt2_scratch import GPT2ScratchConfig
 from .modeling_gpt2_scratch import GPT2ScratchForCausalLM
-from .training import CHECKPOINT_PATTERN, METRICS_NAME, RUN_CONFIG_NAME, RUN_SUMMARY_NAME
+from .training import CHECKPOINT_PATTERN, METRICS_NAME, RUN_CONFIG_NAME, RUN_SUMMARY_NAME, plot_losses
 
 logger = logging.getLogger(__name__)
 
@@ -315,6 +315,7 @@ class RunInfo:
     torch_version: str | None = None
     transformers_version: str | None = None
     loss_curve: Path | None = None
+    loss_curve_rows: list[dict[str, Any]] = field(default_factory=list)  # a checkpoint's: redraw up to its step
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -363,7 +364,10 @@ def read_run_info(run_dir: Path | None, step: int | None = None) -> RunInfo:
     summary = _read_json(run_dir / RUN_SUMMARY_NAME)
     rows = _read_metrics(run_dir / METRICS_NAME)
     if step is not None:
+        went_on = any(row["step"] > step for row in rows)
         rows = [row for row in rows if row["step"] <= step]
+        if went_on:  # the run's loss.png goes past the checkpoint: its curve is drawn again, up to its step
+            info.loss_curve_rows = [row for row in rows if isinstance(row.get("tokens"), int)]
     for name in ("num_processes", "device", "device_name", "mixed_precision", "torch_version", "transformers_version"):
         setattr(info, name, summary.get(name))
     if info.mixed_precision is None:
@@ -738,7 +742,8 @@ def stage_folder(
 
     `fmt="scratch"`: `GPT2ScratchForCausalLM.save_pretrained` (weights, `config.json` with `auto_map`, the code
     files, `generation_config.json`). `fmt="gpt2"`: `model.to_hf_gpt2().save_pretrained` (a plain `GPT2LMHeadModel`,
-    no code). Both add the tokenizer, the run's `loss.png` when it has one, and `README.md` (`build_model_card`).
+    no code). Both add the tokenizer, the run's `loss.png` when it has one (for a checkpoint of a run that went on,
+    drawn again from `metrics.jsonl` up to the checkpoint's step), and `README.md` (`build_model_card`).
 
     Returns:
         The staged files and their sizes.
@@ -763,7 +768,9 @@ def stage_folder(
     else:
         model.save_pretrained(out_dir)
     load_tokenizer(source, model_max_length=model.config.n_positions).save_pretrained(out_dir)
-    if info.loss_curve is not None:
+    if info.loss_curve is not None and info.loss_curve_rows:
+        plot_losses(info.loss_curve_rows, out_dir / "loss.png")
+    elif info.loss_curve is not None:
         shutil.copyfile(info.loss_curve, out_dir / "loss.png")
     build_model_card(model, repo_id, info, fmt=fmt, source=source, license=license).save(out_dir / "README.md")
     return list_files(out_dir)

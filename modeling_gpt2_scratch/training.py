@@ -660,29 +660,34 @@ class MetricsWriter:
             f.write(json.dumps(record) + "\n")
 
     def plot(self) -> None:
-        """train and val loss against tokens seen."""
-        import matplotlib
+        """train and val loss against tokens seen, in `loss.png`."""
+        plot_losses(self.read(), self.plot_path)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        records = self.read()
-        train = [(r["tokens"], r["train_loss"]) for r in records if r.get("train_loss") is not None]
-        val = [(r["tokens"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
-        fig, ax = plt.subplots(figsize=(7, 4))
-        if train:
-            ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1)
-        if val:
-            ax.plot(*zip(*val, strict=True), "o-", label="val loss")
-        ax.set_xlabel("tokens")
-        ax.set_ylabel("cross-entropy loss")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        tmp = self.plot_path.with_suffix(".tmp.png")
-        fig.savefig(tmp, dpi=120)
-        plt.close(fig)
-        os.replace(tmp, self.plot_path)
+def plot_losses(records: list[dict[str, Any]], path: str | os.PathLike) -> None:
+    """Draw `metrics.jsonl` records' train and val loss against tokens seen into the PNG `path` (replaced whole)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    train = [(r["tokens"], r["train_loss"]) for r in records if r.get("train_loss") is not None]
+    val = [(r["tokens"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1)
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="val loss")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("cross-entropy loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:

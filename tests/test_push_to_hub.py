@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from transformers import GPT2LMHeadModel
 
 import push_to_hub
-from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
+from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM, hub
 from modeling_gpt2_scratch.hub import _results_rows, read_run_info, resolve_source, stage_folder, upload_folder_to_hub
 from modeling_gpt2_scratch.tokenization import get_hf_tokenizer
 
@@ -253,6 +253,23 @@ def test_checkpoint_input_stages_the_checkpoint_model(tiny_run, tmp_path):
     assert f"| tokens seen | {CHECKPOINT_STEP * BATCH_TOKENS:,} |" in text
     assert "| final validation loss | 9.2000" in text and "7.2345" not in text
     assert "| training time | 1h 01m 43s |" in text  # elapsed at step 4: 3703 s
+
+
+def test_a_checkpoints_loss_curve_stops_at_its_step(tiny_run, tmp_path, monkeypatch):
+    """The run's loss.png shows all 8 steps; a checkpoint's repository gets the curve drawn up to its step 4."""
+    drawn = []
+    plot = hub.plot_losses
+    monkeypatch.setattr(
+        hub, "plot_losses", lambda rows, path: drawn.append([r["step"] for r in rows]) or plot(rows, path)
+    )
+    stage_folder(resolve_source(tiny_run.checkpoint_dir), tmp_path / "checkpoint", REPO_ID)
+    assert drawn == [list(range(1, CHECKPOINT_STEP + 1))]
+    staged_png = (tmp_path / "checkpoint" / "loss.png").read_bytes()
+    assert staged_png.startswith(b"\x89PNG") and staged_png != (tiny_run.run_dir / "loss.png").read_bytes()
+    assert "(loss.png)" in (tmp_path / "checkpoint" / "README.md").read_text()
+    stage_folder(tiny_run.run_dir, tmp_path / "final", REPO_ID)  # the final model: the run's own curve, copied
+    assert drawn == [list(range(1, CHECKPOINT_STEP + 1))]
+    assert (tmp_path / "final" / "loss.png").read_bytes() == (tiny_run.run_dir / "loss.png").read_bytes()
 
 
 def test_run_without_final_uses_its_latest_checkpoint(tiny_run, tmp_path):
