@@ -5,6 +5,8 @@ This file travels to the Hub with the model: it imports nothing but `transformer
 
 from transformers import PretrainedConfig
 
+TANH_GELU_NAMES = ("gelu_new", "gelu_pytorch_tanh")  # transformers' two names for GPT-2's tanh-approximated GELU
+
 
 class GPT2ScratchConfig(PretrainedConfig):
     """Configuration of a GPT-2 language model written from scratch.
@@ -37,7 +39,7 @@ class GPT2ScratchConfig(PretrainedConfig):
     n_layer: int = 12
     n_head: int = 12
     n_inner: int | None = None  # MLP width; None means 4 * n_embd
-    activation_function: str = "gelu_new"  # GPT-2's tanh approximation of GELU
+    activation_function: str = "gelu_new"  # GPT-2's tanh approximation of GELU (the only one implemented)
     resid_pdrop: float = 0.0  # GPT-2 used 0.1; pretraining on a large corpus does not need dropout
     embd_pdrop: float = 0.0
     attn_pdrop: float = 0.0
@@ -71,6 +73,11 @@ class GPT2ScratchConfig(PretrainedConfig):
                 f"GPT2ScratchConfig.vocab_size ({self.vocab_size}) is smaller than the tokenizer's vocabulary "
                 f"(tokenizer_vocab_size={self.tokenizer_vocab_size}): use vocab_size >= {self.tokenizer_vocab_size} "
                 "(50304 pads GPT-2's 50257 for speed)."
+            )
+        if self.activation_function not in TANH_GELU_NAMES:
+            raise ValueError(
+                f"GPT2ScratchConfig.activation_function={self.activation_function!r} is not implemented: the MLP "
+                f"computes GPT-2's tanh-approximated GELU, named {' or '.join(map(repr, TANH_GELU_NAMES))}."
             )
         for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
             value = getattr(self, name)

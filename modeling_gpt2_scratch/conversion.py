@@ -10,6 +10,7 @@ The module names are the same on both sides, so a conversion is a key-for-key co
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -71,6 +72,7 @@ def config_from_hf(hf_config: GPT2Config, pad_vocab: bool = True) -> GPT2Scratch
         attn_pdrop=hf_config.attn_pdrop,
         bos_token_id=hf_config.bos_token_id,
         eos_token_id=hf_config.eos_token_id,
+        pad_token_id=hf_config.pad_token_id,
         tie_word_embeddings=hf_config.tie_word_embeddings,
     )
 
@@ -186,6 +188,10 @@ def from_hf_gpt2(
     state_dict = hf_to_scratch_state_dict(hf_model.state_dict(), expected)
     model.load_state_dict(state_dict)  # strict: every key present, checked above with a clearer message
     model.tie_weights()
+    if hf_model.generation_config is not None:  # its decoding settings (a pad token, max_length...) come along
+        model.generation_config = copy.deepcopy(hf_model.generation_config)
+        if model.generation_config.pad_token_id is None:  # GPT-2 has no pad token: eos, as the model's default
+            model.generation_config.pad_token_id = config.eos_token_id
     model.train(hf_model.training)
     return model
 
@@ -195,6 +201,7 @@ def to_hf_gpt2(model: GPT2ScratchForCausalLM) -> GPT2LMHeadModel:
     hf_model = GPT2LMHeadModel(hf_config_from_scratch(model.config)).to(model.dtype)
     hf_model.load_state_dict(scratch_to_hf_state_dict(model.state_dict(), model.config))
     hf_model.tie_weights()
-    hf_model.generation_config.pad_token_id = model.generation_config.pad_token_id
+    if model.generation_config is not None:
+        hf_model.generation_config = copy.deepcopy(model.generation_config)
     hf_model.train(model.training)
     return hf_model

@@ -73,10 +73,12 @@ class Linear(nn.Linear):
 
 
 def called_plainly(module: nn.Module, *classes: type[nn.Module]) -> bool:
-    """Whether `module` is exactly one of `classes`, without forward hooks (its own or global ones).
+    """Whether `module` is exactly one of `classes`, without forward hooks (its own or global ones) and with its
+    class's own `forward`.
 
-    Only then may the model read its weight directly instead of calling it: a PEFT/LoRA layer in its place, or hooks
-    (DeepSpeed ZeRO-3 gathers partitioned weights in one), change what the call computes.
+    Only then may the model read its weight directly instead of calling it: a PEFT/LoRA layer in its place, hooks
+    (DeepSpeed ZeRO-3 gathers partitioned weights in one), or a replaced `forward` (accelerate's `add_hook_to_module`,
+    which `device_map` offloading uses to load the weight first) change what the call computes.
     """
     hooks = (
         module._forward_hooks,
@@ -84,7 +86,9 @@ def called_plainly(module: nn.Module, *classes: type[nn.Module]) -> bool:
         nn.modules.module._global_forward_hooks,
         nn.modules.module._global_forward_pre_hooks,
     )
-    return type(module) in classes and not any(hooks)
+    forward = vars(module).get("forward")  # set on the instance: its class's own, bound (a removed hook), or another
+    replaced = forward is not None and getattr(forward, "__func__", None) is not type(module).forward
+    return type(module) in classes and not any(hooks) and not replaced and getattr(module, "_hf_hook", None) is None
 
 
 def mkl_packing_available() -> bool:
@@ -657,12 +661,35 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
 
         After `resize_token_embeddings(len(tokenizer))` every id the tokenizer gives has a logit and can be trained
         and generated (`config.tokenizer_vocab_size = new_num_tokens`); rows past it (`pad_to_multiple_of=128`
-        keeps the aligned width) are padding, masked as before.
+        keeps the aligned width) are padding, masked as before. Every new token's row is initialised as
+        `transformers` initialises added rows, also where it was a padding row before (those held zeros or an
+        untrained initialisation): with `mean_resizing`, around the mean of the old real tokens' rows (their
+        covariance scaled by 1e-9, as `PreTrainedModel` does); without it, from `N(0, initializer_range)`.
         """
+        old_real = self.config.tokenizer_vocab_size
         embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
         if new_num_tokens is not None:
+            if new_num_tokens > old_real:
+                weights = {id(w): w for w in (self.transformer.wte.weight, self.lm_head.weight)}  # once if tied
+                for weight in weights.values():
+                    self._init_new_token_rows(weight, old_real, new_num_tokens, mean_resizing)
             self.config.tokenizer_vocab_size = new_num_tokens
         return embeddings
+
+    @torch.no_grad()
+    def _init_new_token_rows(self, weight: torch.Tensor, start: int, stop: int, mean_resizing: bool) -> None:
+        """Rows `start:stop` of an embedding or head weight, drawn as `transformers` draws added tokens' rows."""
+        if not mean_resizing:
+            weight[start:stop].normal_(mean=0.0, std=self.config.initializer_range)
+            return
+        old = weight[:start].float()
+        mean = old.mean(dim=0)
+        covariance = 1e-9 * (old - mean).T @ (old - mean) / start
+        if torch.distributions.constraints.positive_definite.check(covariance).all():
+            rows = torch.distributions.MultivariateNormal(mean, covariance_matrix=covariance).sample((stop - start,))
+        else:
+            rows = mean.expand(stop - start, -1)
+        weight[start:stop] = rows.to(weight.dtype)
 
     def generate(self, *args, **kwargs):
         """`GenerationMixin.generate`, with a `GrowingCache` and, on a CPU, MKL-packed weights (`packed_decoding`).
@@ -741,7 +768,6 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
         inputs_embeds: torch.Tensor | None = None,
         *,
         labels: torch.LongTensor | None = None,
-        shift_labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
@@ -753,8 +779,10 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
         """
         Args:
             labels: `(B, T)` targets, usually `input_ids`; shifted inside (position t predicts t+1), `-100` ignored.
-            shift_labels: `(B, T)` targets already aligned with the positions (`shift_labels[:, t]` is the token
-                after `input_ids[:, t]`), as the training loader yields them; used instead of `labels`.
+            shift_labels (keyword, read from `kwargs`): `(B, T)` targets already aligned with the positions
+                (`shift_labels[:, t]` is the token after `input_ids[:, t]`), as the training loader yields them;
+                used instead of `labels`. Not a named parameter, as in `transformers`' models: `Trainer` takes
+                every forward parameter with "label" in its name for a label it must find in each batch.
             logits_to_keep: compute logits only for the last `n` positions (0 = all), or for the given indices.
             skip_logits: compute the loss chunk by chunk without materialising the logits (`LinearCrossEntropy`)
                 and return `logits=None`. Default: in training mode when labels are given (what `Trainer` and
@@ -763,6 +791,7 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
             Other arguments: see `GPT2ScratchModel.forward`.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        shift_labels = kwargs.pop("shift_labels", None)
         has_labels = labels is not None or shift_labels is not None
         if skip_logits is None:
             skip_logits = self.training and has_labels

@@ -60,6 +60,7 @@ def test_config_generic_names_are_aliases():
         (dict(vocab_size=1000), "vocab_size"),
         (dict(n_inner=0), "n_inner"),
         (dict(attn_pdrop=1.5), "attn_pdrop"),
+        (dict(activation_function="relu"), "activation_function"),  # the MLP computes tanh-GELU only
     ],
 )
 def test_bad_config_raises_naming_the_field(kwargs, field):
@@ -779,6 +780,20 @@ def test_pytorch_tanh_gelu_checkpoints_convert():
         assert (model(ids).logits - hf(ids).logits).abs().max().item() <= 1e-4
 
 
+def test_conversion_keeps_the_pad_token_and_generation_settings():
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(**SMALL, pad_token_id=50255)).eval()
+    hf.generation_config.max_new_tokens = 7
+    model = GPT2ScratchForCausalLM.from_hf_gpt2(hf)
+    assert model.config.pad_token_id == model.generation_config.pad_token_id == 50255
+    assert model.generation_config.max_new_tokens == 7
+    back = model.to_hf_gpt2()
+    assert back.config.pad_token_id == back.generation_config.pad_token_id == 50255
+    assert back.generation_config.max_new_tokens == 7
+    plain = GPT2ScratchForCausalLM.from_hf_gpt2(GPT2LMHeadModel(GPT2Config(**SMALL)))  # GPT-2: no pad token
+    assert plain.config.pad_token_id is None and plain.generation_config.pad_token_id == 50256  # eos
+
+
 def test_unsupported_gpt2_variant_raises():
     hf = GPT2LMHeadModel(GPT2Config(**SMALL, activation_function="relu"))
     with pytest.raises(ValueError, match="activation_function"):
@@ -1047,7 +1062,89 @@ def test_a_wrapped_lm_head_is_called_by_the_training_loss():
     assert abs(hooked.loss.item() - reference) <= 1e-5 and abs(hooked.loss.item() - plain) > 1e-3
 
 
+def test_a_lm_head_under_accelerate_hooks_is_called_by_the_training_loss():
+    """accelerate's hooks (`device_map` offloading loads the weight in one) replace `forward` instead of registering
+    torch hooks: the fused loss must call the head then too, not read its (possibly offloaded, meta) weight."""
+    from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+
+    class Halve(ModelHook):
+        def post_forward(self, module, output):
+            return output * 0.5
+
+    torch.manual_seed(0)
+    model = GPT2ScratchForCausalLM(GPT2ScratchConfig(**SMALL)).train()
+    ids = random_ids(2, 12)
+    plain = model(ids, labels=ids).loss.item()
+    add_hook_to_module(model.lm_head, Halve())
+    hooked = model(ids, labels=ids)
+    assert hooked.logits is not None
+    with torch.no_grad():
+        reference = model.eval()(ids, labels=ids).loss.item()
+    assert abs(hooked.loss.item() - reference) <= 1e-5 and abs(hooked.loss.item() - plain) > 1e-3
+    remove_hook_from_module(model.lm_head)
+    assert modeling.called_plainly(model.lm_head, modeling.Linear)
+
+
+def test_trainer_evaluation_gets_the_loss_logits_and_metrics(tmp_path):
+    """`Trainer` takes every forward parameter named like a label for one each batch must hold; `shift_labels` is
+    read from `**kwargs` so that evaluation finds `labels` alone (else: no eval_loss, no compute_metrics)."""
+    from transformers import Trainer, TrainingArguments
+    from transformers.utils import find_labels
+
+    assert find_labels(GPT2ScratchForCausalLM) == ["labels"]
+    torch.manual_seed(0)
+    model = GPT2ScratchForCausalLM(GPT2ScratchConfig(**SMALL))
+    ids = random_ids(4, 16)
+    seen = []
+
+    def compute_metrics(prediction):
+        seen.append((prediction.predictions.shape, prediction.label_ids.shape))
+        return {"rows": len(prediction.label_ids)}
+
+    args = TrainingArguments(tmp_path, per_device_eval_batch_size=2, report_to="none", use_cpu=True)
+    dataset = [{"input_ids": row, "labels": row} for row in ids]
+    result = Trainer(model=model, args=args, eval_dataset=dataset, compute_metrics=compute_metrics).evaluate()
+    with torch.no_grad():
+        expected = sum(model.eval()(ids[i : i + 2], labels=ids[i : i + 2]).loss.item() for i in (0, 2)) / 2
+    assert result["eval_loss"] == pytest.approx(expected, abs=1e-5)
+    assert seen == [((4, 16, GPT2_VOCAB), (4, 16))] and result["eval_rows"] == 4
+    fused = model.train()(ids, shift_labels=ids.roll(-1, dims=1), skip_logits=True).loss  # the keyword still works
+    plain = model(ids, shift_labels=ids.roll(-1, dims=1), skip_logits=False).loss
+    assert abs(fused.item() - plain.item()) <= 1e-5
+
+
 # --- resizing the vocabulary -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mean_resizing", [True, False])
+def test_resized_tokens_that_were_padding_rows_are_initialised_like_transformers_does(mean_resizing):
+    """A converted GPT-2's padding rows hold zeros (a scratch-trained one's, an untrained initialisation): tokens
+    that take those ids get rows drawn as `transformers` draws added rows (near the old rows' mean, or N(0, 0.02))."""
+    hf, model = make_pair()
+    assert model.transformer.wte.weight[GPT2_VOCAB:].abs().max() == 0
+    torch.manual_seed(1)
+    hf.resize_token_embeddings(GPT2_VOCAB + 2, mean_resizing=mean_resizing)
+    model.resize_token_embeddings(GPT2_VOCAB + 2, mean_resizing=mean_resizing)
+    ours, theirs = model.transformer.wte.weight[GPT2_VOCAB:], hf.transformer.wte.weight[GPT2_VOCAB:]
+    assert ours.abs().min() > 0
+    if mean_resizing:
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)  # the mean, plus 1e-9-scaled noise
+        ids = torch.cat([random_ids(1, 6), torch.tensor([[GPT2_VOCAB, GPT2_VOCAB + 1]])], dim=1)
+        with torch.no_grad():
+            assert (model(ids).logits - hf(ids).logits).abs().max().item() <= 1e-3
+    else:
+        assert ours.std().item() == pytest.approx(model.config.initializer_range, rel=0.3)
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()  # still tied
+
+
+def test_untied_resize_initialises_the_heads_new_rows_too():
+    torch.manual_seed(0)
+    model = GPT2ScratchForCausalLM(GPT2ScratchConfig(**SMALL, tie_word_embeddings=False))
+    with torch.no_grad():
+        model.lm_head.weight[GPT2_VOCAB:] = 0
+    model.resize_token_embeddings(GPT2_VOCAB + 3)
+    head, real = model.lm_head.weight, model.lm_head.weight[:GPT2_VOCAB]
+    torch.testing.assert_close(head[GPT2_VOCAB:], real.mean(0).expand(3, -1), rtol=0, atol=1e-4)
 
 
 def test_resize_token_embeddings_makes_new_tokens_real_and_reloads(tmp_path):
