@@ -23,6 +23,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.generation.logits_process import LogitsProcessorList, WatermarkLogitsProcessor
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -100,10 +101,13 @@ def mkl_packing_available() -> bool:
 def packed_decoding(model: nn.Module, enabled: bool = True) -> Iterator[None]:
     """Within the block, `model`'s `Linear`s run decoding steps of >= 4 rows with MKL-packed weights on a CPU.
 
-    Each `Linear` packs its weight at its first such step (for that row count; again if the rows or the weight
-    change) and drops the pack when the block ends, so decoding holds one more copy of the weights meanwhile
-    (0.5 GB for 124M in float32). The products equal `F.linear`'s to float32 rounding. A no-op where MKL is missing
-    or `enabled` is False. `GPT2ScratchForCausalLM.generate` runs inside it.
+    Each `Linear` packs its weight at its first such step (for that row count; again if the rows change, or the
+    weight: another tensor, or an in-place change autograd counts, such as an optimizer step or `copy_`) and drops
+    the pack when the block ends, so decoding holds one more copy of the weights meanwhile (0.5 GB for 124M in
+    float32). The products equal `F.linear`'s to float32 rounding. Changes autograd does not count (through
+    `weight.data`, or to an inference tensor) are not seen within the block: make them outside it, or between
+    `generate()` calls. A no-op where MKL is missing or `enabled` is False. `GPT2ScratchForCausalLM.generate` runs
+    inside it.
     """
     linears = [module for module in model.modules() if isinstance(module, Linear)]
     if not (enabled and mkl_packing_available()) or any(m.decoding_pack is not None for m in linears):
@@ -169,7 +173,9 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx)  # (B, nh, S, hs), S = past + T
+            # (B, nh, S, hs), S = past + T; the attention kwargs go along, as in HF's GPT-2 (the paged cache of
+            # continuous batching, `generate_batch`, reads its batch layout from them)
+            k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -703,10 +709,12 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
           `F.linear`.
         """
         generation_config = kwargs.get("generation_config") or (args[1] if len(args) > 1 else None)
-        generation_config = generation_config or self.generation_config
 
-        def setting(name: str):
-            return kwargs[name] if name in kwargs else getattr(generation_config, name, None)
+        def setting(name: str):  # as `generate()` resolves it: keyword, the caller's config, then the model's
+            if name in kwargs:
+                return kwargs[name]
+            value = getattr(generation_config, name, None)
+            return value if value is not None else getattr(self.generation_config, name, None)
 
         if (
             GrowingCache.is_default_on(self.device)
@@ -718,6 +726,47 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
             kwargs["cache"] = GrowingCache(self.config)
         with packed_decoding(self, enabled=self.pack_decoding_weights):
             return super().generate(*args, **kwargs)
+
+    def _get_logits_processor(self, generation_config, *args, **kwargs) -> LogitsProcessorList:
+        """`GenerationMixin`'s, with a watermark drawn over the tokens the logits hold (`tokenizer_vocab_size`): it
+        would take `config.vocab_size`, the padded width, and pick green ids past the logits' last column."""
+        processors = super()._get_logits_processor(generation_config, *args, **kwargs)
+        real_vocab = self.config.tokenizer_vocab_size
+        for i, processor in enumerate(processors):
+            if isinstance(processor, WatermarkLogitsProcessor) and processor.vocab_size != real_vocab:
+                processors[i] = generation_config.watermarking_config.construct_processor(
+                    real_vocab, processor.rng.device
+                )
+        return processors
+
+    def compute_transition_scores(
+        self,
+        sequences: torch.Tensor,
+        scores: tuple[torch.Tensor, ...],
+        beam_indices: torch.Tensor | None = None,
+        normalize_logits: bool = False,
+    ) -> torch.Tensor:
+        """`GenerationMixin.compute_transition_scores`: the score of each generated token (see its docstring).
+
+        The same algorithm, over the scores' width (the `tokenizer_vocab_size` real tokens the logits hold) where
+        `GenerationMixin` takes `config.vocab_size` (the padded width, which gave wrong rows past the first).
+        """
+        width = scores[0].shape[-1]
+        if beam_indices is None:  # greedy or sampling: one "beam" per sequence, always chosen
+            beam_indices = torch.arange(scores[0].shape[0], device=sequences.device).view(-1, 1)
+            beam_indices = beam_indices.expand(-1, len(scores))
+        stacked = torch.stack(scores).reshape(len(scores), -1).transpose(0, 1)  # (rows * width, steps)
+        if normalize_logits:
+            stacked = F.log_softmax(stacked.reshape(-1, width, stacked.shape[-1]), dim=1)
+            stacked = stacked.reshape(-1, stacked.shape[-1])
+        finished = beam_indices < 0  # beams that stopped early are padded with -1
+        longest = (~finished).long().sum(-1).max()
+        beam_indices, finished = beam_indices.clone()[:, :longest], finished[:, :longest]
+        beam_indices[finished] = 0
+        indices = sequences[:, sequences.shape[-1] - longest :] + beam_indices * width
+        transition_scores = stacked.gather(0, indices)
+        transition_scores[finished] = 0
+        return transition_scores
 
     def _tied_embedding_gradient(self, input_ids, inputs_embeds, token_type_ids, fused_loss: bool) -> dict | None:
         """A `TiedEmbedding` channel for this forward where it is exact and pays off, else None.

@@ -482,6 +482,66 @@ def test_static_cache_generate_matches_dynamic(pair):
     assert torch.equal(dynamic, static)
 
 
+@pytest.mark.parametrize("beams", [1, 3])
+def test_transition_scores_match_hf(pair, beams):
+    """`compute_transition_scores` over the logits' width (50257), not `config.vocab_size` (50304, padded)."""
+    hf, model = pair
+    prompt = random_ids(3, 8)
+    kwargs = dict(max_new_tokens=5, do_sample=False, return_dict_in_generate=True, output_scores=True)
+    kwargs |= dict(pad_token_id=50256, num_beams=beams, num_return_sequences=min(beams, 2))
+    ref, out = hf.generate(prompt, **kwargs), model.generate(prompt, **kwargs)
+    assert torch.equal(out.sequences, ref.sequences)
+    for normalize in (False, True):
+        expected = hf.compute_transition_scores(ref.sequences, ref.scores, ref.get("beam_indices"), normalize)
+        got = model.compute_transition_scores(out.sequences, out.scores, out.get("beam_indices"), normalize)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    if beams == 1:  # greedy: each row's score is that of its chosen token, in every row
+        chosen = torch.stack([out.scores[t].gather(1, out.sequences[:, 8 + t, None])[:, 0] for t in range(5)], 1)
+        assert torch.equal(model.compute_transition_scores(out.sequences, out.scores), chosen)
+
+
+def test_watermarked_generation_matches_hf(pair):
+    """The watermark's green ids are drawn over the 50257 ids the logits hold, as for HF's GPT-2."""
+    from transformers import WatermarkingConfig
+
+    hf, model = pair
+    prompt = random_ids(2, 8)
+    kwargs = dict(max_new_tokens=12, do_sample=False, watermarking_config=WatermarkingConfig(bias=5.0))
+    assert torch.equal(model.generate(prompt, **kwargs), hf.generate(prompt, pad_token_id=50256, **kwargs))
+
+
+def test_continuous_batching_and_the_paged_cache_generate_what_generate_does(pair):
+    """The attention passes its kwargs to `cache.update`, as HF's GPT-2 does: the paged cache needs them."""
+    from transformers import GenerationConfig
+
+    _, model = pair
+    prompt = random_ids(3, 8)
+    expected = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    paged = model.generate(prompt, max_new_tokens=6, do_sample=False, cache_implementation="paged")
+    assert torch.equal(paged.reshape(expected.shape), expected)  # (1, 3, 14): what HF's GPT-2 returns too
+    config = GenerationConfig(max_new_tokens=6, do_sample=False, eos_token_id=-1, pad_token_id=50256)
+    batch = model.generate_batch(inputs=prompt.tolist(), generation_config=config, progress_bar=False)
+    assert [batch[key].generated_tokens for key in sorted(batch)] == expected[:, 8:].tolist()
+
+
+def test_generate_takes_the_models_generation_config_where_the_callers_leaves_a_field_unset(pair):
+    from transformers import GenerationConfig
+
+    hf, model = pair
+    prompt = random_ids(1, 8)
+    expected = model.generate(prompt, max_new_tokens=5, do_sample=False)
+    saved = model.generation_config
+    try:
+        model.generation_config = GenerationConfig.from_dict(saved.to_dict() | {"cache_implementation": "static"})
+        given = GenerationConfig(max_new_tokens=5, do_sample=False)
+        assert torch.equal(model.generate(prompt, generation_config=given), expected)  # a static cache
+        model.generation_config = GenerationConfig.from_dict(saved.to_dict() | {"use_cache": False})
+        out = model.generate(prompt, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+        assert out.past_key_values is None and torch.equal(out.sequences, expected)  # as HF: no cache made
+    finally:
+        model.generation_config = saved
+
+
 # --- decoding with MKL-packed weights --------------------------------------------------------------------------------
 
 needs_mkl = pytest.mark.skipif(not modeling.mkl_packing_available(), reason="this torch has no MKL packed GEMM")
