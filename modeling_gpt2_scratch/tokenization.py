@@ -1,9 +1,9 @@
 """GPT-2's tokenizer: tiktoken for speed, and the matching Hugging Face tokenizer for checkpoints and the Hub.
 
 `get_encoding()` is what the data pipeline uses to turn text into ids (tiktoken is several times faster than the
-Hugging Face tokenizer: `benchmarks/tokenizer_throughput.py`). `get_hf_tokenizer()` builds a `transformers.PreTrainedTokenizerFast` from the very same BPE ranks, so
-the tokenizer written next to a checkpoint gives the ids the model was trained on, and `AutoTokenizer`, `generate()`
-and pipelines work with it offline and without remote code.
+Hugging Face tokenizer: `benchmarks/tokenizer_throughput.py`). `get_hf_tokenizer()` builds `transformers`' own
+`GPT2Tokenizer` from the very same BPE ranks, so the tokenizer written next to a checkpoint gives the ids the model
+was trained on, and `AutoTokenizer`, `generate()` and pipelines work with it offline and without remote code.
 
 This module imports nothing from the model, so the model-independent data pipeline can use it.
 """
@@ -12,28 +12,38 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import logging
 import os
 import tempfile
 from typing import Literal
 
 import tiktoken
-import tokenizers
-from transformers import PreTrainedTokenizerFast
-from transformers.convert_slow_tokenizer import TikTokenConverter
+from transformers import GPT2Tokenizer
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 logger = logging.getLogger(__name__)
 
 EOT_TOKEN = "<|endoftext|>"  # GPT-2's only special token (id 50256): document separator, bos, eos and pad
 MODEL_MAX_LENGTH = 1024  # GPT-2's context length
 
-# Where tiktoken downloads GPT-2's ranks from. `r50k_base` is one file; tiktoken's `gpt2` builds the same ranks from
-# the two files of OpenAI's original release.
-_R50K_BASE_URLS = ("https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken",)
-_GPT2_URLS = (
-    "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
-    "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
+# Where tiktoken downloads GPT-2's ranks from, with the SHA-256 it checks each file against (`tiktoken_ext.
+# openai_public`). `r50k_base` is one file; tiktoken's `gpt2` builds the same ranks from the two files of OpenAI's
+# original release.
+_R50K_BASE_FILES = (
+    (
+        "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken",
+        "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930",
+    ),
+)
+_GPT2_FILES = (
+    (
+        "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+        "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    ),
+    (
+        "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
+        "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    ),
 )
 _NETWORK_TIMEOUT_S = 10.0  # how long the reachability check waits before declaring the download site unreachable
 
@@ -56,8 +66,19 @@ def _cache_path(url: str) -> str:
     return os.path.join(_tiktoken_cache_dir(), hashlib.sha1(url.encode()).hexdigest())
 
 
-def _is_cached(urls: tuple[str, ...]) -> bool:
-    return _tiktoken_cache_dir() != "" and all(os.path.isfile(_cache_path(url)) for url in urls)
+def _cache_state(files: tuple[tuple[str, str], ...]) -> Literal["cached", "missing", "damaged"]:
+    """Whether tiktoken's cache holds these files intact: tiktoken would download a damaged one again, without a
+    timeout, even offline."""
+    if _tiktoken_cache_dir() == "":
+        return "missing"
+    for url, sha256 in files:
+        try:
+            with open(_cache_path(url), "rb") as f:
+                if hashlib.sha256(f.read()).hexdigest() != sha256:
+                    return "damaged"
+        except OSError:
+            return "missing"
+    return "cached"
 
 
 def _offline_mode() -> bool:
@@ -68,12 +89,16 @@ def _offline_mode() -> bool:
     )
 
 
-def _missing_ranks_error(reason: str) -> EncodingFilesNotFoundError:
-    url = _R50K_BASE_URLS[0]
+def _missing_ranks_error(reason: str, damaged: bool = False) -> EncodingFilesNotFoundError:
+    url = _R50K_BASE_FILES[0][0]
+    where = (
+        f"is damaged in tiktoken's cache ({_cache_path(url)!r}: not the published file; delete it)"
+        if damaged
+        else f"is not in tiktoken's cache ({_cache_path(url)!r})"
+    )
     return EncodingFilesNotFoundError(
-        f"Cannot load GPT-2's BPE ranks for tiktoken: {url} is not in tiktoken's cache "
-        f"({_cache_path(url)!r}) and {reason}. Set TIKTOKEN_CACHE_DIR to a folder that holds it "
-        "(in this project: ../shared/tiktoken_cache), or connect to the internet"
+        f"Cannot load GPT-2's BPE ranks for tiktoken: {url} {where} and {reason}. Set TIKTOKEN_CACHE_DIR to a "
+        "folder that holds it (in this project: ../shared/tiktoken_cache), or connect to the internet"
         + (" and unset HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE." if _offline_mode() else ".")
     )
 
@@ -88,9 +113,10 @@ def get_encoding() -> tiktoken.Encoding:
     A cache that holds only the `gpt2` files (from an earlier `tiktoken.get_encoding("gpt2")`) is used as it is. The
     returned encoding's `name` is therefore `"r50k_base"` (or `"gpt2"`); the ids are the same either way.
 
-    Loading never waits on the network when the files are cached. Otherwise, with `HF_HUB_OFFLINE` or
-    `TRANSFORMERS_OFFLINE` set it fails at once, and online it first checks that the download site answers within
-    10 seconds (tiktoken's own download has no timeout), then lets tiktoken download the file into its cache.
+    Loading never waits on the network when the files are cached intact (their SHA-256 is checked, as tiktoken
+    does). Otherwise, with `HF_HUB_OFFLINE` or `TRANSFORMERS_OFFLINE` set it fails at once, and online it first
+    checks that the download site answers within 10 seconds (tiktoken's own download has no timeout), then lets
+    tiktoken download the file into its cache (replacing a damaged one).
 
     Returns:
         The encoding, cached: every call returns the same object.
@@ -99,64 +125,75 @@ def get_encoding() -> tiktoken.Encoding:
         EncodingFilesNotFoundError: (a `FileNotFoundError`) when the ranks are neither cached nor downloadable; the
             message says to set `TIKTOKEN_CACHE_DIR` or connect to the internet.
     """
-    for name, urls in (("r50k_base", _R50K_BASE_URLS), ("gpt2", _GPT2_URLS)):
-        if _is_cached(urls):
+    states = {name: _cache_state(files) for name, files in (("r50k_base", _R50K_BASE_FILES), ("gpt2", _GPT2_FILES))}
+    for name, state in states.items():
+        if state == "cached":
             return tiktoken.get_encoding(name)
+    damaged = states["r50k_base"] == "damaged"
     if _offline_mode():
-        raise _missing_ranks_error("offline mode is on (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE)")
+        raise _missing_ranks_error("offline mode is on (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE)", damaged)
 
     import requests  # tiktoken's own HTTP client
 
-    url = _R50K_BASE_URLS[0]
+    url = _R50K_BASE_FILES[0][0]
     logger.info("Downloading GPT-2's BPE ranks from %s into %s", url, _tiktoken_cache_dir())
     try:
         requests.head(url, timeout=_NETWORK_TIMEOUT_S, allow_redirects=True).raise_for_status()
         return tiktoken.get_encoding("r50k_base")
     except (requests.RequestException, OSError, ValueError) as err:
-        raise _missing_ranks_error(f"downloading it failed ({type(err).__name__}: {err})") from err
+        raise _missing_ranks_error(f"downloading it failed ({type(err).__name__}: {err})", damaged) from err
 
 
-class _EncodingConverter(TikTokenConverter):
-    """transformers' `TikTokenConverter`, fed an in-memory `tiktoken.Encoding` instead of a `.tiktoken` file.
-
-    The converter maps bytes to GPT-2's printable unicode alphabet (`bytes_to_unicode`) for the vocab, and recovers
-    the merges from the ranks: every split of a token into two tokens becomes a merge, at the token's rank. Applying
-    merges lowest-rank-first then reproduces tiktoken's rule (merge the adjacent pair whose concatenation has the
-    lowest rank), and `ignore_merges` reproduces tiktoken's shortcut for a pre-token that is itself in the vocab.
-    Only a tie could differ (two different splits of one token at overlapping positions of a pre-token, which
-    tiktoken breaks leftmost-first and `tokenizers` by merge order); none shows up in tiny Shakespeare, the tests'
-    edge cases, or a quarter million strings built from every token that has two or more splits.
-    """
-
-    def __init__(self, encoding: tiktoken.Encoding) -> None:
-        super().__init__(pattern=encoding._pat_str, extra_special_tokens=encoding._special_tokens)
-        self._ranks = encoding._mergeable_ranks
-
-    def load_tiktoken_bpe(self, tiktoken_url: str | None) -> dict[bytes, int]:
-        return self._ranks
+def _split_in_two(ranks: dict[bytes, int], token: bytes) -> tuple[bytes, bytes]:
+    """The merge that made `token`: its bytes merged by BPE (lowest-ranked adjacent pair first) with only the ranks
+    below its own, which always leaves exactly two parts, GPT-2's merge rule for it."""
+    rank, parts = ranks[token], [bytes([b]) for b in token]
+    while len(parts) > 2:
+        pair_ranks = [ranks.get(a + b, rank) for a, b in zip(parts[:-1], parts[1:], strict=False)]
+        best = min(range(len(pair_ranks)), key=pair_ranks.__getitem__)
+        if pair_ranks[best] >= rank:
+            break
+        parts[best : best + 2] = [parts[best] + parts[best + 1]]
+    if len(parts) != 2:
+        raise ValueError(f"the ranks do not make {token!r} from two lower-ranked tokens: not a byte-level BPE")
+    return parts[0], parts[1]
 
 
 @functools.lru_cache(maxsize=1)
-def _backend_tokenizer() -> tokenizers.Tokenizer:
-    """The `tokenizers` byte-level BPE built from `get_encoding()`'s ranks (built once; callers get copies).
+def gpt2_vocab_and_merges() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
+    """GPT-2's `vocab.json` and `merges.txt`, rebuilt from `get_encoding()`'s ranks (built once, 1-2 s).
 
-    `<|endoftext|>` goes into the BPE vocabulary too (with no merges), as in GPT-2's own `tokenizer.json`, so
-    `tokenizer.vocab_size` is 50257 like `GPT2TokenizerFast`'s; the text is only ever matched as the special token.
+    Tokens are written in GPT-2's printable alphabet for bytes (`bytes_to_unicode`); `<|endoftext|>` is in the vocab
+    (50256) with no merge, as in GPT-2's own files. The 50,000 merges are in rank order, each token's two parts found
+    by `_split_in_two`: BPE with these merges is tiktoken's rule (merge the adjacent pair whose concatenation has the
+    lowest rank), so the ids are tiktoken's.
     """
     encoding = get_encoding()
-    state = json.loads(_EncodingConverter(encoding).converted().to_str())
-    state["model"]["vocab"].update(encoding._special_tokens)
-    return tokenizers.Tokenizer.from_str(json.dumps(state))
+    ranks = encoding._mergeable_ranks
+    alphabet = bytes_to_unicode()
+
+    def text(token: bytes) -> str:
+        return "".join(alphabet[b] for b in token)
+
+    vocab = {text(token): rank for token, rank in ranks.items()} | encoding._special_tokens
+    merges = tuple(
+        (text(first), text(second))
+        for first, second in (_split_in_two(ranks, token) for token in sorted(ranks, key=ranks.get) if len(token) > 1)
+    )
+    return vocab, merges
 
 
 def get_hf_tokenizer(
     padding_side: Literal["right", "left"] = "right", model_max_length: int = MODEL_MAX_LENGTH
-) -> PreTrainedTokenizerFast:
-    """A Hugging Face fast tokenizer that gives the same ids as `get_encoding()`.
+) -> GPT2Tokenizer:
+    """`transformers`' own GPT-2 tokenizer (`GPT2Tokenizer`, the fast one in v5), giving the same ids as
+    `get_encoding()`.
 
-    It is a byte-level BPE (`tokenizers` library) built from tiktoken's ranks, with tiktoken's GPT-2 split pattern
-    as pre-tokenizer and a byte-level decoder, so `tokenizer(text).input_ids == get_encoding().encode_ordinary(text)`
-    for text without `<|endoftext|>` in it, and `decode` inverts `encode` exactly (no clean-up of spaces).
+    It is built from GPT-2's vocabulary and merges, recovered from tiktoken's ranks (`gpt2_vocab_and_merges`), so
+    `tokenizer(text).input_ids == get_encoding().encode_ordinary(text)` for text without `<|endoftext|>` in it, and
+    `decode` inverts `encode` exactly (no clean-up of spaces). Being GPT-2's class, it saves `tokenizer_class:
+    GPT2Tokenizer`, which `AutoTokenizer` of transformers 4.x opens too (as `GPT2TokenizerFast`), and it honours
+    `add_prefix_space=True` (`AutoTokenizer.from_pretrained(dir, add_prefix_space=True)`, for `is_split_into_words`).
 
     `<|endoftext|>` (50256) is the bos, eos, unk and pad token. Padding with eos is the GPT-2 convention: GPT-2 has
     no pad token of its own, and padded positions are masked by the attention mask, so the id they carry does not
@@ -187,8 +224,10 @@ def get_hf_tokenizer(
     """
     if padding_side not in ("right", "left"):
         raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
-    return PreTrainedTokenizerFast(
-        tokenizer_object=_backend_tokenizer(),
+    vocab, merges = gpt2_vocab_and_merges()
+    return GPT2Tokenizer(
+        vocab=dict(vocab),
+        merges=list(merges),
         bos_token=EOT_TOKEN,
         eos_token=EOT_TOKEN,
         unk_token=EOT_TOKEN,

@@ -1,14 +1,23 @@
 """The tiktoken encoding and the exported Hugging Face tokenizer give the same ids, and load offline."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import requests
 import tiktoken.load
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerFast, pipeline
+from transformers import AutoTokenizer, GPT2Tokenizer, PreTrainedTokenizerFast, pipeline
 
-from modeling_gpt2_scratch.tokenization import EncodingFilesNotFoundError, get_encoding, get_hf_tokenizer
+from modeling_gpt2_scratch.tokenization import (
+    EncodingFilesNotFoundError,
+    get_encoding,
+    get_hf_tokenizer,
+    gpt2_vocab_and_merges,
+)
+
+SHARED_CACHE = Path(__file__).resolve().parents[2] / "shared" / "tiktoken_cache"
 
 EOT_ID = 50256
 
@@ -117,6 +126,23 @@ def test_left_padding_puts_pads_before_the_text():
     assert batch["attention_mask"][:, -1].tolist() == [1, 1]
 
 
+def test_it_is_gpt2s_own_tokenizer_class_with_gpt2s_merges(tmp_path):
+    """`GPT2Tokenizer` (saved as such, so transformers 4.x's `AutoTokenizer` opens it too) from GPT-2's vocabulary
+    and 50,000 merges, in merges.txt's order; `add_prefix_space=True` works as for `GPT2TokenizerFast`."""
+    vocab, merges = gpt2_vocab_and_merges()
+    assert len(vocab) == 50257 and len(merges) == 50000
+    assert merges[:4] == (("Ġ", "t"), ("Ġ", "a"), ("h", "e"), ("i", "n"))  # GPT-2's merges.txt begins so
+    tokenizer = get_hf_tokenizer()
+    assert type(tokenizer) is GPT2Tokenizer
+    tokenizer.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["tokenizer_class"] == "GPT2Tokenizer"
+    spaced = AutoTokenizer.from_pretrained(tmp_path, add_prefix_space=True)
+    words = get_encoding().encode_ordinary(" Hello world")
+    assert spaced("Hello world").input_ids == words
+    assert spaced(["Hello", "world"], is_split_into_words=True).input_ids == words
+    assert AutoTokenizer.from_pretrained(tmp_path)("Hello world").input_ids == get_encoding().encode("Hello world")
+
+
 def test_padding_side_is_validated():
     with pytest.raises(ValueError, match="padding_side"):
         get_hf_tokenizer(padding_side="middle")
@@ -142,6 +168,17 @@ def test_get_encoding_fails_fast_offline_with_empty_cache(tmp_path, monkeypatch,
         get_encoding()
     assert isinstance(excinfo.value, FileNotFoundError)
     assert "connect to the internet" in str(excinfo.value)
+
+
+def test_a_damaged_cached_file_fails_fast_offline_instead_of_downloading(tmp_path, monkeypatch, no_network):
+    """tiktoken downloads a cached file whose hash is wrong again (without a timeout, even offline)."""
+    good = Path(os.environ.get("TIKTOKEN_CACHE_DIR", SHARED_CACHE))
+    for name in os.listdir(good):
+        (tmp_path / name).write_bytes((good / name).read_bytes()[:1000])  # cut short
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(EncodingFilesNotFoundError, match="damaged in tiktoken's cache .*delete it"):
+        get_encoding()
 
 
 def test_get_encoding_unreachable_download_raises_clear_error(tmp_path, monkeypatch, no_network):
