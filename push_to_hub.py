@@ -38,10 +38,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="a run folder (train_accelerate.py --output_dir; uses its final/), a final/ folder, or a checkpoint "
         "folder (RUN/checkpoints/step_N)",
     )
-    parser.add_argument("--repo-id", required=True, help="the Hub repository, USER/NAME or ORG/NAME (required)")
+    parser.add_argument(
+        "--repo-id", "--repo_id", required=True, help="the Hub repository, USER/NAME or ORG/NAME (required)"
+    )
     parser.add_argument("--private", action="store_true", help="create the repository private")
     parser.add_argument("--revision", default=None, help="branch to push to, created if missing (default: main)")
-    parser.add_argument("--commit-message", default=None, help="commit message")
+    parser.add_argument("--commit-message", "--commit_message", default=None, help="commit message")
     parser.add_argument(
         "--format",
         choices=FORMATS,
@@ -56,9 +58,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "to choose, within the training data's terms",
     )
     parser.add_argument(
-        "--local-dir", default=None, help="stage into this new or empty folder and keep it (default: a temp folder)"
+        "--local-dir",
+        "--local_dir",
+        default=None,
+        help="stage into this new or empty folder and keep it (default: a temp folder)",
     )
-    parser.add_argument("--dry-run", action="store_true", help="stage and list the files, upload nothing")
+    parser.add_argument("--dry-run", "--dry_run", action="store_true", help="stage and list the files, upload nothing")
     return parser.parse_args(argv)
 
 

@@ -11,6 +11,7 @@ checkpoints, metrics.jsonl / loss.png / trackers, and a Hub-ready `final/` folde
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -322,6 +323,60 @@ class StopSignal(contextlib.AbstractContextManager):
             signal.signal(sig, handler)
 
 
+RESUME_SCHEDULE_FLAGS = (
+    "max_steps",
+    "warmup_steps",
+    "min_lr_ratio",
+    "total_batch_tokens",
+    "micro_batch_size",
+    "grad_clip",
+)
+
+
+def schedule_flag_changes(previous_config: Path, training: dict) -> list[str]:
+    """The schedule and batch flags (`RESUME_SCHEDULE_FLAGS`) this resumed run changes (`--flag old -> new`), against
+    the `run_config.json` of the run it continues; they take effect through the flags themselves."""
+    try:
+        previous = json.loads(previous_config.read_text()).get("training", {})
+    except (OSError, ValueError, AttributeError):
+        return []  # no earlier configuration to compare with (a checkpoint copied elsewhere)
+    return [
+        f"--{name} {previous[name]} -> {training[name]}"
+        for name in RESUME_SCHEDULE_FLAGS
+        if name in previous and previous[name] != training[name]
+    ]
+
+
+def sigterm_when_the_launcher_dies() -> bool:
+    """Under `accelerate launch` with one process, have Linux send this process SIGTERM when the launcher dies.
+
+    accelerate's one-process launcher waits on the trainer and passes no signal on, so a SIGTERM to the launcher
+    alone (a scheduler signalling the process it started) ended the launcher and left the trainer running, orphaned,
+    until something killed it without a checkpoint. With `PR_SET_PDEATHSIG` the launcher's death is a SIGTERM here,
+    which `StopSignal` turns into a checkpoint. torchrun (several processes) passes signals on itself. Returns
+    whether it was set.
+    """
+    launched = "ACCELERATE_DYNAMO_BACKEND" in os.environ and "TORCHELASTIC_RUN_ID" not in os.environ
+    if not (launched and sys.platform == "linux"):
+        return False
+    import ctypes
+
+    launcher = os.getppid()
+    pr_set_pdeathsig = 1
+    if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0) != 0:
+        return False
+    if os.getppid() != launcher:  # it died before the request: the signal it would have sent
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
+
+
+def _how_to_go_on(train_args: TrainArguments) -> str:
+    """The end of a fault's message: resume where a checkpoint is, else start again."""
+    if list_checkpoints(train_args.output_dir):
+        return "then --resume latest (the last good checkpoint stays)."
+    return "then start the run again (it has no checkpoint yet)."
+
+
 def clip_gradients(accelerator: Accelerator, model: torch.nn.Module, max_norm: float) -> torch.Tensor:
     """Clip the global gradient norm to `max_norm` (`> 0`, else only measure it); return the norm before clipping.
 
@@ -400,14 +455,14 @@ def train_step(
     train_loss, step_seconds = stats
     if not math.isfinite(train_loss):
         raise TrainingError(
-            f"non-finite loss ({train_loss}) at step {step}; nothing was saved, the last good checkpoint stays: "
-            "lower --max_lr, check the data, then --resume latest."
+            f"non-finite loss ({train_loss}) at step {step}; nothing was saved: lower --max_lr, check the data, "
+            f"{_how_to_go_on(train_args)}"
         )
     grad_norm = clip_gradients(accelerator, model, train_args.grad_clip).item()
     if not math.isfinite(grad_norm) and accelerator.mixed_precision != "fp16":  # fp16's scaler skips such steps
         raise TrainingError(
-            f"non-finite gradient norm ({grad_norm}) at step {step}, with a finite loss; nothing was saved, the last "
-            "good checkpoint stays: lower --max_lr or use --mixed_precision bf16/no, then --resume latest."
+            f"non-finite gradient norm ({grad_norm}) at step {step}, with a finite loss; nothing was saved: lower "
+            f"--max_lr or use --mixed_precision bf16/no, {_how_to_go_on(train_args)}"
         )
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
@@ -507,6 +562,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
             )
         check_no_checkpoints_ahead(train_args.output_dir, state.step)
         changes = apply_optimizer_flags(optimizer, scheduler, train_args)
+        changes += schedule_flag_changes(output_dir / RUN_CONFIG_NAME, run_config["training"])
         logger.info("resumed from %s at step %d", resume_from, state.step)
         if changes:
             logger.info("resume: this run's flags replace the checkpoint's: %s", "; ".join(changes))
@@ -686,6 +742,7 @@ def _log_line(record: dict, max_steps: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.logging.set_verbosity_error()
+    sigterm_when_the_launcher_dies()
     try:
         model_args, data_args, train_args = parse_arguments(argv)
         train(model_args, data_args, train_args)

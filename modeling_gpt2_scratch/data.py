@@ -1106,14 +1106,15 @@ class ShardedTokenLoader:
 # ---------------------------------------------------------------------------------------------------------------------
 # CLI
 
-_USAGE = "usage: python -m modeling_gpt2_scratch.data prepare --dataset SOURCE --output_dir DIR [options] (see --help)"
+_USAGE = "usage: python -m modeling_gpt2_scratch.data prepare --dataset SOURCE --output_dir DIR [options]"
+PREPARE_DESCRIPTION = "Tokenize a Hub dataset or local files into uint16 token shards and a manifest.json."
 
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m modeling_gpt2_scratch.data prepare ...`; returns the exit status (2 on bad input, one line)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] in (["-h"], ["--help"]):
-        print(_USAGE)
+        print(f"{_USAGE}\n\nCommands:\n  prepare  {PREPARE_DESCRIPTION}\n\n`prepare --help` lists its options.")
         return 0
     if argv[:1] != ["prepare"]:
         print(f"error: expected the command 'prepare'; {_USAGE}", file=sys.stderr)
@@ -1121,7 +1122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = HfArgumentParser(
         PrepareArguments,
         prog="python -m modeling_gpt2_scratch.data prepare",
-        description="Tokenize a Hub dataset or local files into uint16 token shards and a manifest.json.",
+        description=PREPARE_DESCRIPTION,
     )
     (args,) = parser.parse_args_into_dataclasses(argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

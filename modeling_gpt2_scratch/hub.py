@@ -293,6 +293,18 @@ def load_tokenizer(source: ModelSource, model_max_length: int) -> PreTrainedToke
     return get_hf_tokenizer(model_max_length=model_max_length)
 
 
+LOADER_OPTIONS = ("is_local", "local_files_only")  # what `from_pretrained` records and `save_pretrained` writes
+
+
+def _drop_loader_options(tokenizer_config: Path) -> None:
+    """Remove how this machine loaded the tokenizer (a local folder) from its staged `tokenizer_config.json`."""
+    if tokenizer_config.is_file():
+        config = json.loads(tokenizer_config.read_text())
+        if any(key in config for key in LOADER_OPTIONS):
+            config = {key: value for key, value in config.items() if key not in LOADER_OPTIONS}
+            tokenizer_config.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
 # --- what the run recorded -------------------------------------------------------------------------------------------
 
 
@@ -304,6 +316,7 @@ class RunInfo:
     steps: int | None = None
     tokens_seen: int | None = None
     final_train_loss: float | None = None
+    train_loss_step: int | None = None
     final_val_loss: float | None = None
     val_loss_step: int | None = None
     training_seconds: float | None = None  # the training loop's seconds, over every resume
@@ -398,7 +411,8 @@ def read_run_info(run_dir: Path | None, step: int | None = None) -> RunInfo:
             info.tokens_seen = batch_tokens * info.steps
     if info.final_train_loss is None:
         train = [row for row in rows if _number(row.get("train_loss")) is not None]
-        info.final_train_loss = float(train[-1]["train_loss"]) if train else None
+        if train:
+            info.final_train_loss, info.train_loss_step = float(train[-1]["train_loss"]), train[-1]["step"]
     if info.final_val_loss is None:
         val = [row for row in rows if _number(row.get("val_loss")) is not None]
         if val:
@@ -627,13 +641,16 @@ def _results_rows(info: RunInfo) -> list[tuple[str, str]]:
         val += f" (perplexity {math.exp(min(info.final_val_loss, 50.0)):.2f})"
         if info.val_loss_step is not None and info.val_loss_step != info.steps:
             val += f", at step {info.val_loss_step:,}"
+    train = _format_loss(info.final_train_loss)
+    if info.final_train_loss is not None and info.train_loss_step not in (None, info.steps):
+        train += f" (at step {info.train_loss_step:,})"  # a checkpoint between two logged steps
     hardware = "unknown"
     if info.device_name or info.device:
         hardware = f"{info.num_processes or 1} x {info.device_name or info.device}"
     rows = [
         ("optimizer steps", f"{info.steps:,}" if info.steps is not None else "unknown"),
         ("tokens seen", f"{info.tokens_seen:,}" if info.tokens_seen is not None else "unknown"),
-        ("final train loss", _format_loss(info.final_train_loss)),
+        ("final train loss", train),
         ("final validation loss", val),
         ("hardware", hardware),
         ("mixed precision", info.mixed_precision or "unknown"),
@@ -768,6 +785,7 @@ def stage_folder(
     else:
         model.save_pretrained(out_dir)
     load_tokenizer(source, model_max_length=model.config.n_positions).save_pretrained(out_dir)
+    _drop_loader_options(out_dir / "tokenizer_config.json")
     if info.loss_curve is not None and info.loss_curve_rows:
         plot_losses(info.loss_curve_rows, out_dir / "loss.png")
     elif info.loss_curve is not None:

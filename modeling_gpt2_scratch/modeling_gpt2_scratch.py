@@ -543,7 +543,8 @@ class GPT2ScratchModel(GPT2ScratchPreTrainedModel):
             attention_mask: `(B, S)` with 1 for tokens to attend to and 0 for padding (left or right), S = past + T.
             token_type_ids: `(B, T)` segment ids, embedded with the token embedding and added (as GPT-2 does).
             position_ids: `(B, T)` positions; default: `past + arange(T)`, or from `cache_position` if given.
-            use_cache: create a `DynamicCache` when none is given and return it.
+            use_cache: create a cache when none is given (a `GrowingCache` on a CPU, else a `DynamicCache`) and
+                return it.
         """
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         output_hidden_states = (

@@ -155,7 +155,10 @@ class TrainArguments:
             "choices": COMPILE_MODES,
         },
     )
-    tf32: bool = field(default=True, metadata={"help": "TF32 matmuls (set_float32_matmul_precision('high'))."})
+    tf32: bool = field(
+        default=True,
+        metadata={"help": "TF32 float32 matmuls on CUDA (set_float32_matmul_precision('high')); --no_tf32: off."},
+    )
     fused_adamw: str = field(
         default="auto", metadata={"help": "Fused AdamW kernel: true, false, or auto (CUDA and CPU)."}
     )
@@ -235,6 +238,7 @@ class TrainArguments:
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be in [0, 1), got {getattr(self, name)}.")
+        check_trackers(self.report_to)
         if str(self.mixed_precision).lower() not in ("auto", "bf16", "fp16", "no"):
             raise ValueError(f"--mixed_precision must be auto, bf16, fp16 or no, got {self.mixed_precision!r}.")
         for name in ("compile", "fused_adamw", "malloc_tuning"):
@@ -382,6 +386,30 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train_args: TrainArguments
         num_training_steps=train_args.max_steps,
         min_lr_rate=train_args.min_lr_ratio,
     )
+
+
+def check_trackers(report_to: str) -> None:
+    """`--report_to`'s trackers must be ones accelerate knows and whose package is installed: accelerate itself only
+    warns and logs nowhere (`none` and `all`, whatever is installed, are always accepted)."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+    from accelerate.utils import LoggerType
+
+    names = [name.strip() for name in str(report_to).split(",") if name.strip()]
+    if names in ([], ["none"], ["all"]):
+        return
+    available = {str(getattr(tracker, "value", tracker)) for tracker in get_available_trackers()}
+    available |= set(LOGGER_TYPE_TO_CLASS) - {tracker.value for tracker in LoggerType}  # registered by the user
+    for name in names:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise ValueError(
+                f"--report_to {name}: not one of accelerate's trackers ({', '.join(sorted(LOGGER_TYPE_TO_CLASS))}); "
+                "pass none, all, or a comma list of them."
+            )
+        if name not in available:
+            raise ValueError(
+                f"--report_to {name}: its package is not installed: pip install {name.replace('_', '-')}, or pass "
+                "--report_to none."
+            )
 
 
 def apply_optimizer_flags(

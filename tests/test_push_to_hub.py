@@ -173,6 +173,11 @@ def test_staged_folder_holds_the_hub_files(staged):
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_gpt2_scratch.GPT2ScratchForCausalLM"
 
 
+def test_staged_tokenizer_config_holds_no_loader_options(staged):
+    config = json.loads((staged / "tokenizer_config.json").read_text())
+    assert not {"is_local", "local_files_only"} & set(config) and config["tokenizer_class"] == "GPT2Tokenizer"
+
+
 def test_staged_text_files_hold_no_local_paths(staged, tiny_run):
     for path in staged.iterdir():
         if path.suffix in (".json", ".md", ".py"):
@@ -292,6 +297,21 @@ def test_training_time_is_the_training_loops_over_every_resume(tiny_run, tmp_pat
     assert (info.training_seconds, info.wall_clock_seconds) == (7406.0, 3723.0)
     rows = dict(_results_rows(info))
     assert rows["training time"] == "2h 03m 26s"
+
+
+def test_a_checkpoint_between_logged_steps_names_the_step_of_its_train_loss(tmp_path):
+    rows = [{"step": step, "tokens": 10 * step, "train_loss": 9.0 - step} for step in (1, 2, 3, 5)]  # 4: not logged
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    results = dict(_results_rows(read_run_info(tmp_path, step=4)))
+    assert results["final train loss"] == "6.0000 (at step 3)" and results["optimizer steps"] == "4"
+    assert dict(_results_rows(read_run_info(tmp_path)))["final train loss"] == "4.0000"  # the run's: step 5
+
+
+def test_flags_take_underscores_too_as_the_trainers_do():
+    args = push_to_hub.parse_args(
+        ["run", "--repo_id", "a/b", "--dry_run", "--local_dir", "d", "--commit_message", "m"]
+    )
+    assert (args.repo_id, args.dry_run, args.local_dir, args.commit_message) == ("a/b", True, "d", "m")
 
 
 def test_read_run_info_tolerates_missing_and_broken_files(tmp_path):

@@ -282,10 +282,12 @@ def test_non_finite_loss_stops_without_saving(corpus, data_dir, tmp_path, monkey
         return out
 
     monkeypatch.setattr(GPT2ScratchForCausalLM, "forward", poisoned)
-    with pytest.raises(train_accelerate.TrainingError, match="non-finite loss .* at step 5"):
+    with pytest.raises(train_accelerate.TrainingError, match="non-finite loss .* at step 5.*--resume latest"):
         run(corpus, data_dir, out, "--max_steps", "8", "--save_every", "1", "--resume", "latest")
     assert list_checkpoints(out)[-1] == good
     assert {p.name: p.stat().st_mtime_ns for p in good.iterdir()} == before
+    with pytest.raises(train_accelerate.TrainingError, match="at step 1.*start the run again .*no checkpoint"):
+        run(corpus, data_dir, tmp_path / "new", "--max_steps", "2")  # nothing to resume from
 
 
 def test_hub_unreachable_error_says_to_pass_a_local_file(tmp_path):
@@ -777,6 +779,49 @@ def test_sigterm_to_one_of_two_processes_stops_both_with_one_checkpoint(corpus, 
     assert not (out / "final").exists()
 
 
+@pytest.mark.slow
+def test_sigterm_to_the_one_process_launcher_alone_still_saves_a_checkpoint(corpus, data_dir, tmp_path):
+    """accelerate's one-process launcher passes no signal on and dies of it: the trainer gets a SIGTERM of its own
+    (PR_SET_PDEATHSIG) and saves, instead of training on orphaned until something kills it."""
+    out, log = tmp_path / "run", tmp_path / "log.txt"
+    args = ["--dataset", str(corpus), "--data_dir", str(data_dir), "--output_dir", str(out), *TINY]
+    args += ["--max_steps", "1000", "--save_every", "0", "--eval_every", "0"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    with log.open("w") as sink:
+        proc = subprocess.Popen(
+            [*launch, str(REPO / "train_accelerate.py"), *args], cwd=REPO, stdout=sink, stderr=sink,
+            start_new_session=True,  # its own process group, to clean up after a failure
+        )  # fmt: skip
+    try:
+        _wait_for(out, "metrics.jsonl", proc)
+        trainer = [
+            pid for pid in _children(proc.pid) if b"train_accelerate.py" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        ]
+        assert len(trainer) == 1, trainer
+        proc.send_signal(signal.SIGTERM)  # the launcher only
+        proc.wait(timeout=60)
+        deadline = time.time() + 120
+        while Path(f"/proc/{trainer[0]}").exists() and b"zombie" not in _status(trainer[0]) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not Path(f"/proc/{trainer[0]}").exists() or b"zombie" in _status(trainer[0]), "still training"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert "SIGTERM received: saved step" in log.read_text()
+    checkpoints = list_checkpoints(out)
+    assert len(checkpoints) == 1 and (checkpoints[0] / "model.safetensors").is_file()
+
+
+def _status(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/status").read_bytes().lower()
+    except OSError:
+        return b"zombie"  # gone
+
+
 # --- resume and checkpoint edge cases --------------------------------------------------------------------------------
 
 
@@ -829,6 +874,18 @@ def test_resume_with_another_accumulation_keeps_stepping(corpus, data_dir, tmp_p
     assert metrics(out)[-1]["grad_norm"] < 10 * metrics(out)[1]["grad_norm"]  # not gradients piling up
 
 
+def test_report_to_needs_a_known_and_installed_tracker(monkeypatch):
+    import accelerate.tracking
+
+    monkeypatch.setattr(accelerate.tracking, "get_available_trackers", lambda: ["wandb"])
+    for value, message in (("tensorboard", "pip install tensorboard"), ("wandb,comet_ml", "pip install comet-ml"),
+                           ("tensorbored", "not one of accelerate's trackers")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            parse_arguments(["--dataset", "x", *TINY, "--report_to", value])
+    for value in ("none", "all", "wandb", " wandb "):
+        assert parse_arguments(["--dataset", "x", *TINY, "--report_to", value])[2].report_to == value
+
+
 def test_resume_applies_changed_optimizer_flags_and_says_so(corpus, data_dir, tmp_path, caplog):
     out = tmp_path / "run"
     run(corpus, data_dir, out, "--max_steps", "4", "--save_every", "4", "--eval_every", "0")
@@ -836,6 +893,7 @@ def test_resume_applies_changed_optimizer_flags_and_says_so(corpus, data_dir, tm
         run(corpus, data_dir, out, "--max_steps", "6", "--resume", "latest", "--max_lr", "1e-3",
             "--weight_decay", "0.05")  # fmt: skip
     assert "--max_lr 0.003 -> 0.001" in caplog.text and "--weight_decay 0.1 -> 0.05" in caplog.text
+    assert "--max_steps 4 -> 6" in caplog.text  # schedule flags are named too
     args = parse_arguments(["--dataset", "x", *TINY, "--max_steps", "6", "--max_lr", "1e-3"])[2]
     scheduler = build_scheduler(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3), args)
     expected = []
