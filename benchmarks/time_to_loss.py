@@ -56,6 +56,8 @@ class ShardDataset(torch.utils.data.Dataset):
     """The training loader's batches in order, one sequence per item, as `Trainer` wants them.
 
     `shift_labels` are the next tokens (as our trainer uses them); `GPT2LMHeadModel`'s loss takes them as they are.
+    `Trainer` keeps them only with `remove_unused_columns=False` (`trainer_arguments`): by default it drops the
+    batch keys `forward` does not name, and `GPT2LMHeadModel` would shift the already shifted `labels` again.
     """
 
     def __init__(self, data_dir: Path, batch_size: int, seq_len: int, num_batches: int):
@@ -105,7 +107,7 @@ def run_ours(args, workdir: Path) -> dict:
     cmd = [
         sys.executable, str(REPO / "train_accelerate.py"), "--config", str(PRESET), "--dataset", args.dataset,
         "--data_dir", str(args.data_dir), "--output_dir", str(out), "--sample_every", "0",
-        "--eval_every", "0", "--save_every", "0",
+        "--eval_every", "0", "--save_every", "0", *args.seed,
     ]  # fmt: skip
     subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -123,8 +125,39 @@ def run_ours(args, workdir: Path) -> dict:
     }
 
 
+def trainer_arguments(train_args, accum: int, bf16: bool, output_dir: Path) -> TrainingArguments:
+    """`Trainer`'s settings for our recipe: the same batch, AdamW, clipping, seed and precision; the trainer's
+    schedule (`cosine_warmup_with_min_lr`: `get_cosine_with_min_lr_schedule_with_warmup_lr_rate`, as
+    `build_scheduler`); the shards' batches in order; and the batch's `shift_labels` passed on to the model."""
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=train_args.micro_batch_size,
+        gradient_accumulation_steps=accum,
+        max_steps=train_args.max_steps,
+        learning_rate=train_args.max_lr,
+        lr_scheduler_type="cosine_warmup_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": train_args.min_lr_ratio},
+        warmup_steps=train_args.warmup_steps,
+        weight_decay=train_args.weight_decay,
+        adam_beta1=train_args.beta1,
+        adam_beta2=train_args.beta2,
+        adam_epsilon=train_args.eps,
+        max_grad_norm=train_args.grad_clip,
+        seed=train_args.seed,
+        bf16=bf16,
+        use_cpu=True,
+        dataloader_drop_last=True,
+        train_sampling_strategy="sequential",  # the shards' order, as our loader reads them
+        remove_unused_columns=False,  # keep `shift_labels`: GPT2LMHeadModel.forward takes it through **kwargs
+        logging_steps=50,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+    )
+
+
 def run_trainer(args, workdir: Path) -> dict:
-    model_args, _, train_args = parse_arguments(["--config", str(PRESET), "--dataset", args.dataset])
+    model_args, _, train_args = parse_arguments(["--config", str(PRESET), "--dataset", args.dataset, *args.seed])
     accum = gradient_accumulation_steps(train_args, 1)
     torch.manual_seed(train_args.seed)
     scratch = GPT2ScratchConfig(  # the quickstart's architecture, then its HF GPT-2 twin (unpadded vocabulary)
@@ -139,29 +172,7 @@ def run_trainer(args, workdir: Path) -> dict:
     budget = TimeBudget(args.budget_minutes * 60)
     trainer = Trainer(
         model=model,
-        args=TrainingArguments(
-            output_dir=str(workdir / "trainer"),
-            per_device_train_batch_size=train_args.micro_batch_size,
-            gradient_accumulation_steps=accum,
-            max_steps=train_args.max_steps,
-            learning_rate=train_args.max_lr,
-            lr_scheduler_type="cosine_with_min_lr",
-            lr_scheduler_kwargs={"min_lr_rate": train_args.min_lr_ratio},
-            warmup_steps=train_args.warmup_steps,
-            weight_decay=train_args.weight_decay,
-            adam_beta1=train_args.beta1,
-            adam_beta2=train_args.beta2,
-            adam_epsilon=train_args.eps,
-            max_grad_norm=train_args.grad_clip,
-            seed=train_args.seed,
-            bf16=args.bf16,
-            use_cpu=True,
-            dataloader_drop_last=True,
-            logging_steps=50,
-            save_strategy="no",
-            report_to="none",
-            disable_tqdm=True,
-        ),
+        args=trainer_arguments(train_args, accum, args.bf16, workdir / "trainer"),
         train_dataset=dataset,
         callbacks=[budget],
     )
@@ -182,8 +193,10 @@ def main() -> None:
     parser.add_argument("--dataset", default="../shared/data/tinyshakespeare.txt", help="Text for the quickstart.")
     parser.add_argument("--budget_minutes", type=positive_float, default=5.0, help="Wall-clock budget of each run.")
     parser.add_argument("--eval_batches", type=positive_int, default=16, help="Val batches for the final comparison.")
+    parser.add_argument("--seed", type=int, default=None, help="Both runs' seed (default: the preset's).")
     args = parser.parse_args()
-    _, data_args, train_args = parse_arguments(["--config", str(PRESET), "--dataset", args.dataset])
+    args.seed = [] if args.seed is None else ["--seed", str(args.seed)]  # passed to both runs
+    _, data_args, train_args = parse_arguments(["--config", str(PRESET), "--dataset", args.dataset, *args.seed])
     args.data_dir = resolve_data_dir(data_args, train_args)
     args.micro_batch_size, args.seq_len = train_args.micro_batch_size, train_args.seq_len
     args.bf16 = train_args.mixed_precision == "bf16" or (train_args.mixed_precision == "auto" and cpu_supports_bf16())
@@ -192,7 +205,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ours = run_ours(args, Path(tmp))
         theirs = run_trainer(args, Path(tmp))
-    print(f"quickstart preset, {args.budget_minutes:g}-minute budget, torch {torch.__version__}, "
+    print(f"quickstart preset, seed {train_args.seed}, {args.budget_minutes:g}-minute budget, "
+          f"torch {torch.__version__}, "
           f"{os.cpu_count()} cores, bf16={args.bf16}; val loss on {args.eval_batches} x "
           f"{args.micro_batch_size} x {args.seq_len} val tokens\n")  # fmt: skip
     print("| run | optimizer steps | tokens | train seconds | tokens/s | val loss | val perplexity |")
