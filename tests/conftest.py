@@ -65,3 +65,24 @@ def run_without_repo(tmp_path) -> Callable[[str], subprocess.CompletedProcess]:
         )
 
     return run
+
+
+@pytest.fixture
+def scheduled_lrs() -> Callable[..., list[float]]:
+    """The learning rate of each of the first `steps` optimizer steps under the trainer's `build_scheduler`."""
+
+    def lrs(train_args, steps: int) -> list[float]:
+        import torch
+
+        from modeling_gpt2_scratch.training import build_scheduler
+
+        parameter = torch.nn.Parameter(torch.zeros(1))
+        scheduler = build_scheduler(torch.optim.AdamW([parameter], lr=train_args.max_lr), train_args)
+        rates = []
+        for _ in range(steps):
+            rates.append(scheduler.get_last_lr()[0])
+            scheduler.optimizer.step()
+            scheduler.step()
+        return rates
+
+    return lrs

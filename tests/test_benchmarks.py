@@ -239,13 +239,13 @@ def test_generate_throughput_rows_give_hf_ids(capsys):
     assert [row[-1] for row in rows] == ["yes |"] * len(expected)  # each row's ids equal HF's
 
 
-def test_time_to_loss_trainer_gets_the_next_tokens_and_our_schedule(tmp_path):
+def test_time_to_loss_trainer_gets_the_next_tokens_and_our_schedule(tmp_path, scheduled_lrs):
     """The `Trainer` side must train on `shift_labels` (by default it dropped them, and `GPT2LMHeadModel` shifted the
     already shifted labels again: it learnt the token after next) with our learning rates, step by step."""
     import time_to_loss
     from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback
 
-    from modeling_gpt2_scratch.training import build_scheduler, parse_arguments
+    from modeling_gpt2_scratch.training import parse_arguments
 
     train_args = parse_arguments(["--dataset", "x", "--max_steps", "6", "--warmup_steps", "2", "--max_lr", "1e-3"])[2]
     train_args.micro_batch_size = 2
@@ -263,13 +263,7 @@ def test_time_to_loss_trainer_gets_the_next_tokens_and_our_schedule(tmp_path):
     arguments = time_to_loss.trainer_arguments(train_args, 1, False, tmp_path)
     Trainer(model=model, args=arguments, train_dataset=dataset, callbacks=[Rates()]).train()
     assert seen and all("shift_labels" in keys for keys in seen)
-    ours = build_scheduler(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3), train_args)
-    expected = []
-    for _ in range(6):
-        expected.append(ours.get_last_lr()[0])
-        ours.optimizer.step()
-        ours.step()
-    assert lrs == pytest.approx(expected, rel=1e-9)
+    assert lrs == pytest.approx(scheduled_lrs(train_args, 6), rel=1e-9)
 
 
 def test_bad_numbers_are_one_line_usage_errors(capsys):

@@ -886,7 +886,7 @@ def test_report_to_needs_a_known_and_installed_tracker(monkeypatch):
         assert parse_arguments(["--dataset", "x", *TINY, "--report_to", value])[2].report_to == value
 
 
-def test_resume_applies_changed_optimizer_flags_and_says_so(corpus, data_dir, tmp_path, caplog):
+def test_resume_applies_changed_optimizer_flags_and_says_so(corpus, data_dir, tmp_path, caplog, scheduled_lrs):
     out = tmp_path / "run"
     run(corpus, data_dir, out, "--max_steps", "4", "--save_every", "4", "--eval_every", "0")
     with caplog.at_level("INFO", logger="train_accelerate"):
@@ -895,12 +895,7 @@ def test_resume_applies_changed_optimizer_flags_and_says_so(corpus, data_dir, tm
     assert "--max_lr 0.003 -> 0.001" in caplog.text and "--weight_decay 0.1 -> 0.05" in caplog.text
     assert "--max_steps 4 -> 6" in caplog.text  # schedule flags are named too
     args = parse_arguments(["--dataset", "x", *TINY, "--max_steps", "6", "--max_lr", "1e-3"])[2]
-    scheduler = build_scheduler(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3), args)
-    expected = []
-    for _ in range(6):
-        expected.append(scheduler.get_last_lr()[0])
-        scheduler.optimizer.step()
-        scheduler.step()
+    expected = scheduled_lrs(args, 6)
     assert [r["lr"] for r in metrics(out) if r["step"] > 4] == pytest.approx(expected[4:], rel=1e-12)
 
 
