@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from .configuration_gpt2_scratch import GPT2ScratchConfig
+from .configuration_gpt2_scratch import TANH_GELU_NAMES, GPT2ScratchConfig
 
 if TYPE_CHECKING:
     from .modeling_gpt2_scratch import GPT2ScratchForCausalLM
@@ -44,12 +44,12 @@ def config_from_hf(hf_config: GPT2Config, pad_vocab: bool = True) -> GPT2Scratch
         ValueError: if the HF config uses a GPT-2 variant this model does not implement.
     """
     unsupported = {
-        "activation_function": (hf_config.activation_function, "gelu_new"),  # `gelu_pytorch_tanh`: the same
+        "activation_function": (hf_config.activation_function, "gelu_new"),
         "scale_attn_weights": (hf_config.scale_attn_weights, True),
         "scale_attn_by_inverse_layer_idx": (hf_config.scale_attn_by_inverse_layer_idx, False),
         "add_cross_attention": (hf_config.add_cross_attention, False),
     }
-    if unsupported["activation_function"][0] == "gelu_pytorch_tanh":  # GPT-2's tanh GELU, computed by torch
+    if hf_config.activation_function in TANH_GELU_NAMES:  # GPT-2's tanh GELU, under either of its names
         del unsupported["activation_function"]
     bad = [f"{name}={got!r} (need {want!r})" for name, (got, want) in unsupported.items() if got != want]
     if bad:
