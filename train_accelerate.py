@@ -306,7 +306,8 @@ class StopSignal(contextlib.AbstractContextManager):
     The loop shares it across processes (`accelerator.set_trigger`/`check_trigger`), so a signal to one rank stops
     every rank after the same step.
 
-    Preemptible machines send SIGTERM before they go; the previous handlers come back on exit.
+    Preemptible machines send SIGTERM before they go. The loop keeps these handlers until the stop's checkpoint is
+    saved, so a second signal (or a third) cannot kill it halfway; the previous handlers come back on exit.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -353,7 +354,8 @@ def sigterm_when_the_launcher_dies() -> bool:
     accelerate's one-process launcher waits on the trainer and passes no signal on, so a SIGTERM to the launcher
     alone (a scheduler signalling the process it started) ended the launcher and left the trainer running, orphaned,
     until something killed it without a checkpoint. With `PR_SET_PDEATHSIG` the launcher's death is a SIGTERM here,
-    which `StopSignal` turns into a checkpoint. torchrun (several processes) passes signals on itself. Returns
+    which `StopSignal` turns into a checkpoint (Linux sends it again each time the launcher thread it was passed to
+    ends, so it may come twice or more). torchrun (several processes) passes signals on itself. Returns
     whether it was set.
     """
     launched = "ACCELERATE_DYNAMO_BACKEND" in os.environ and "TORCHELASTIC_RUN_ID" not in os.environ
@@ -656,14 +658,16 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
             if train_args.save_every and state.step % train_args.save_every == 0 and not last:
                 save_checkpoint(accelerator, model, train_args, state.step)
                 saved_step = state.step
-    progress.close()
+        progress.close()
 
-    if state.step < train_args.max_steps:  # stopped by a signal
-        if saved_step != state.step:
-            save_checkpoint(accelerator, model, train_args, state.step)
-        logger.info("%s received: saved step %d; continue with --resume latest", stop.received, state.step)
-        accelerator.end_training()
-        return {"stopped_by": stop.received, "steps": state.step}
+        if state.step < train_args.max_steps:  # stopped by a signal
+            # still under StopSignal: a repeated signal cannot cut this save short (a launcher dying with several
+            # threads sends one per thread through PR_SET_PDEATHSIG; schedulers resend their notice)
+            if saved_step != state.step:
+                save_checkpoint(accelerator, model, train_args, state.step)
+            logger.info("%s received: saved step %d; continue with --resume latest", stop.received, state.step)
+            accelerator.end_training()
+            return {"stopped_by": stop.received, "steps": state.step}
     if train_args.save_every and saved_step != state.step:
         save_checkpoint(accelerator, model, train_args, state.step)
     final = export_final(accelerator, model, train_args.output_dir)

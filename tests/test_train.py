@@ -950,6 +950,35 @@ def test_a_stop_signal_in_the_last_step_finishes_the_run(corpus, data_dir, tmp_p
     assert (out / "final" / "model.safetensors").is_file() and (out / "run_summary.json").is_file()
 
 
+def test_a_second_signal_during_the_stop_save_is_harmless(corpus, data_dir, tmp_path, monkeypatch):
+    """A launcher dying with several threads sends its PR_SET_PDEATHSIG once per thread: the signals after the first
+    can land in the save that the first one started, and must not kill it halfway (CI saw exactly that)."""
+    real_step, real_save = train_accelerate.train_step, train_accelerate.save_checkpoint
+    handlers = []
+
+    def step_then_signal(*args, **kwargs):
+        record = real_step(*args, **kwargs)
+        if args[7] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return record
+
+    def signalled_save(*args, **kwargs):
+        handlers.append(signal.getsignal(signal.SIGTERM))
+        if handlers[-1] in (signal.SIG_DFL, signal.SIG_IGN, None):
+            return None  # would die here (and take pytest along): the assertion below fails instead
+        os.kill(os.getpid(), signal.SIGTERM)  # handled at the next bytecode: inside the real save
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(train_accelerate, "train_step", step_then_signal)
+    monkeypatch.setattr(train_accelerate, "save_checkpoint", signalled_save)
+    out = tmp_path / "run"
+    summary = run(corpus, data_dir, out, "--max_steps", "5", "--eval_every", "0", "--save_every", "0")
+    assert len(handlers) == 1 and callable(handlers[0]), handlers
+    assert summary == {"stopped_by": "SIGTERM", "steps": 2}
+    assert [p.name for p in list_checkpoints(out)] == ["step_0000002"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is given back after the save
+
+
 def test_a_non_finite_gradient_norm_stops_without_saving(corpus, data_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
     run(corpus, data_dir, out, "--max_steps", "2", "--eval_every", "0")
