@@ -38,15 +38,18 @@ RUN_CONFIG_NAME = "run_config.json"
 RUN_SUMMARY_NAME = "run_summary.json"
 METRICS_NAME = "metrics.jsonl"
 
-# Dense bf16 tensor-core peaks (datasheets), for MFU. Matched against torch.cuda.get_device_name().
+# Dense bf16 tensor-core peaks (datasheets), for MFU. Matched in this order against torch.cuda.get_device_name(),
+# as whole words ("L4" is not "NVIDIA L40"): the more specific names come first.
 GPU_PEAK_BF16_FLOPS = {
     "H200": 989e12,
     "H100 SXM": 989e12,
     "H100 80GB HBM3": 989e12,
     "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
     "H100": 989e12,
     "A100": 312e12,
     "L40S": 362e12,
+    "L40": 181e12,
     "L4": 121e12,
     "A10G": 70e12,
     "RTX 4090": 165e12,
@@ -477,9 +480,13 @@ def device_peak_flops(device: torch.device) -> float | None:
     """The datasheet dense bf16 peak of a known GPU, else None (CPUs: unknown)."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
+    return gpu_peak_bf16_flops(torch.cuda.get_device_name(device))
+
+
+def gpu_peak_bf16_flops(name: str) -> float | None:
+    """`GPU_PEAK_BF16_FLOPS`' figure for a device name (`torch.cuda.get_device_name`), else None."""
     for key, peak in GPU_PEAK_BF16_FLOPS.items():
-        if key in name:
+        if re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", name):
             return peak
     return None
 

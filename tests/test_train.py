@@ -22,6 +22,7 @@ from modeling_gpt2_scratch.training import (
     TrainArguments,
     build_scheduler,
     decay_parameter_groups,
+    gpu_peak_bf16_flops,
     gradient_accumulation_steps,
     gradient_norm,
     list_checkpoints,
@@ -932,6 +933,26 @@ def test_the_last_step_is_logged_without_a_val_split(corpus, tmp_path):
             *TINY, "--val_fraction", "0", "--max_steps", "5", "--log_every", "2"]  # fmt: skip
     train_accelerate.train(*parse_arguments(argv))
     assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2, 4, 5]
+
+
+@pytest.mark.parametrize(
+    "name, peak",
+    [
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H100 NVL", 835e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("NVIDIA L40S", 362e12),
+        ("NVIDIA L40", 181e12),  # not the L4's
+        ("NVIDIA L4", 121e12),
+        ("NVIDIA GeForce RTX 4090", 165e12),
+        ("NVIDIA GeForce RTX 40900", None),
+        ("Tesla T4", None),
+    ],
+)
+def test_the_datasheet_peak_matches_whole_names(name, peak):
+    assert gpu_peak_bf16_flops(name) == peak
 
 
 def test_a_stop_signal_in_the_last_step_finishes_the_run(corpus, data_dir, tmp_path, monkeypatch):
