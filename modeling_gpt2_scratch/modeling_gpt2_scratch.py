@@ -563,18 +563,24 @@ class GPT2ScratchModel(GPT2ScratchPreTrainedModel):
             growing = GrowingCache.is_default_on(inputs_embeds.device)
             cache = GrowingCache(self.config) if growing else DynamicCache(config=self.config)
         default_positions = position_ids is None  # 0..T-1 (after any past): no packed sequences in them
+        last_position = None  # known on the host, without reading a device tensor
         if position_ids is None:
             cache_position = kwargs.pop("cache_position", None)  # older callers pass absolute positions this way
             if cache_position is None:
                 past_seen_tokens = cache.get_seq_length() if cache is not None else 0
+                if isinstance(past_seen_tokens, int):
+                    last_position = past_seen_tokens + inputs_embeds.shape[1] - 1
                 cache_position = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = cache_position.unsqueeze(0)  # (1, T)
         else:
             kwargs.pop("cache_position", None)
-        # a data-dependent check: a graph break (and a device sync) under torch.compile, so only in eager mode
-        if not torch.compiler.is_compiling() and position_ids.max() >= self.config.n_positions:
+        # Given positions are data: checking them is a device sync (and a graph break under torch.compile, so eager
+        # mode only); the default ones are checked from their length, on the host.
+        if last_position is None and not torch.compiler.is_compiling():
+            last_position = int(position_ids.max())
+        if last_position is not None and last_position >= self.config.n_positions:
             raise ValueError(
-                f"position {int(position_ids.max())} is outside the model's context (n_positions="
+                f"position {last_position} is outside the model's context (n_positions="
                 f"{self.config.n_positions}): pass at most {self.config.n_positions} tokens."
             )
 

@@ -286,8 +286,18 @@ def test_logits_to_keep(pair):
 
 def test_input_longer_than_context_raises(pair):
     _, model = pair
-    with pytest.raises(ValueError, match="n_positions"):
-        model(random_ids(1, SMALL["n_positions"] + 1))
+    n = SMALL["n_positions"]
+    with pytest.raises(ValueError, match=f"position {n} is outside the model's context \\(n_positions={n}\\)"):
+        model(random_ids(1, n + 1))
+    with torch.no_grad():
+        cache = model(random_ids(1, n - 2), use_cache=True).past_key_values
+        model(random_ids(1, 2), cache=cache)  # positions n-2, n-1: the last ones
+        with pytest.raises(ValueError, match=f"position {n} is outside"):
+            model(random_ids(1, 1), cache=cache)  # the cache is full
+        with pytest.raises(ValueError, match=f"position {n + 3} is outside"):
+            model(random_ids(1, 4), position_ids=torch.tensor([[0, 1, n + 3, 2]]))  # given ones are read
+        with pytest.raises(ValueError, match=f"position {n} is outside"):
+            model(random_ids(1, 1), cache_position=torch.tensor([n]))
 
 
 def test_forward_takes_gpt2s_positional_order(pair):
