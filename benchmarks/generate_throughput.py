@@ -19,8 +19,9 @@ On a CPU the scratch model's `generate()` keeps its keys and values in a `Growin
 where `DynamicCache` is the default, `scratch, GrowingCache` passes a `GrowingCache`), and on a CPU with MKL
 `scratch, F.linear` sets `pack_decoding_weights = False`.
 
-For every batch size and mode the models run interleaved (one call each per round, after one warm-up call each),
-and the median is reported; each model's generated ids are checked against HF's. Prints a markdown table.
+For every batch size and mode the models run interleaved (one call each per round, after one warm-up call each; each
+model goes first in turn), and the median is reported; every call's generated ids are checked against HF's. Prints
+a markdown table.
 """
 
 from __future__ import annotations
@@ -139,16 +140,23 @@ def main(argv: list[str] | None = None) -> None:
                     warmups[name], outputs[name] = timed_generate(model, pack, extra, prompt, kwargs, device)
                 except Exception as err:  # noqa: BLE001 - report why a mode does not work instead of stopping
                     errors[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
-            for _ in range(args.repeats):
-                for name, (model, pack, extra) in runs.items():
-                    if name not in errors:
-                        times[name].append(timed_generate(model, pack, extra, prompt, kwargs, device)[0])
+            names = [name for name in runs if name not in errors]
+            differs = {name: False for name in names}  # any call's ids unlike HF's warm-up call's
+            for round_ in range(args.repeats):
+                for name in names[round_ % len(names) :] + names[: round_ % len(names)]:  # each goes first in turn
+                    seconds, out = timed_generate(*runs[name], prompt, kwargs, device)
+                    times[name].append(seconds)
+                    differs[name] |= HF in outputs and not torch.equal(outputs[HF], out)
             medians = {name: statistics.median(t) for name, t in times.items() if t}
             for name in runs:
                 if name in errors:
                     rows.append((mode, batch, name, None, None, None, None, errors[name]))
                     continue
-                same = "-" if HF not in outputs else ("yes" if torch.equal(outputs[HF], outputs[name]) else "no")
+                same = (
+                    "-"
+                    if HF not in outputs
+                    else ("no" if differs[name] or not torch.equal(outputs[HF], outputs[name]) else "yes")
+                )
                 tok_s = batch * args.new_tokens / medians[name]
                 ratio = medians[HF] / medians[name] if HF in medians else float("nan")
                 rows.append((mode, batch, name, medians[name], tok_s, ratio, warmups[name], same))

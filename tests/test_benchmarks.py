@@ -239,6 +239,31 @@ def test_generate_throughput_rows_give_hf_ids(capsys):
     assert [row[-1] for row in rows] == ["yes |"] * len(expected)  # each row's ids equal HF's
 
 
+def test_generate_throughput_checks_every_call_and_rotates_the_order(capsys, monkeypatch):
+    import generate_throughput
+
+    real, calls = generate_throughput.timed_generate, []
+
+    def timed(model, pack, extra, *args):
+        seconds, out = real(model, pack, extra, *args)
+        key = (type(model).__name__, extra is not None)
+        calls.append(key)
+        if key == ("GPT2ScratchForCausalLM", True) and calls.count(key) == 3:  # its second timed call goes wrong
+            out = out.clone()
+            out[0, -1] += 1
+        return seconds, out
+
+    monkeypatch.setattr(generate_throughput, "timed_generate", timed)
+    argv = ["--batch_sizes", "1", "--prompt_len", "4", "--new_tokens", "2", "--modes", "eager", "--repeats", "3"]
+    generate_throughput.main(argv)
+    rows = {r.split(" | ")[2]: r for r in capsys.readouterr().out.splitlines() if r.startswith("| eager | 1 |")}
+    assert rows.pop("scratch, DynamicCache").endswith("| no |")
+    assert all(row.endswith("| yes |") for row in rows.values())
+    n = len(rows) + 1
+    firsts = [calls[n + round_ * n] for round_ in range(3)]  # the first call of each timed round
+    assert firsts == [calls[0], calls[1], calls[2]]  # HF, then the second model, then the third go first
+
+
 def test_time_to_loss_trainer_gets_the_next_tokens_and_our_schedule(tmp_path, scheduled_lrs):
     """The `Trainer` side must train on `shift_labels` (by default it dropped them, and `GPT2LMHeadModel` shifted the
     already shifted labels again: it learnt the token after next) with our learning rates, step by step."""
