@@ -136,3 +136,21 @@ def test_static_cache_generation_compiled_by_generate_matches_eager_on_cuda():
     for _ in range(2):  # the second call reuses the compiled forward
         static = model.generate(prompt, max_new_tokens=32, do_sample=False, cache_implementation="static")
         assert torch.equal(static, eager)
+
+
+def test_an_eager_forward_with_default_positions_does_not_wait_for_the_gpu():
+    """The context-length check reads default positions from their length: no device sync per eager forward (given
+    position ids are data, and are read from the device)."""
+    _, model = make_pair()
+    ids = random_ids(2, 64)
+    with torch.no_grad():
+        model(ids)  # lazy initialisation out of the way
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            logits = model(ids).logits
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        with pytest.raises(ValueError, match="position 600 is outside"):
+            model(ids[:, :2], position_ids=torch.tensor([[0, 600]], device=CUDA))
+    assert logits.shape == (2, 64, GPT2_VOCAB)
