@@ -615,7 +615,7 @@ class GPT2ScratchModel(GPT2ScratchPreTrainedModel):
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             hidden_states, attn_weights = block(hidden_states, causal_mask, cache=cache, **kwargs)
-            if output_attentions:
+            if output_attentions and attn_weights is not None:  # sdpa/flash give none: `()`, as transformers' models
                 all_attentions += (attn_weights,)
         hidden_states = self.ln_f(hidden_states)
         if output_hidden_states:

@@ -239,6 +239,8 @@ def test_output_hidden_states_and_attentions_match_hf(pair):
         model.set_attn_implementation("sdpa")
     assert len(attentions) == SMALL["n_layer"] and attentions[0].shape == (1, SMALL["n_head"], 10, 10)
     assert torch.allclose(attentions[0].sum(-1), torch.ones(1, SMALL["n_head"], 10))
+    with torch.no_grad():  # sdpa computes no weights: an empty tuple, as HF's (not a None per layer)
+        assert model(ids, output_attentions=True).attentions == hf(ids, output_attentions=True).attentions == ()
 
 
 def test_return_dict_false_gives_tuple(pair):
