@@ -53,8 +53,9 @@ Decisions:
   Concurrent prepares of one folder wait for each other (a `flock` on `.prepare.lock`).
 * **Memory** is one shard's buffer plus the documents in flight (at most `2 * num_proc` tasks of about 4M
   characters), whatever the corpus size. A `.txt` file (one document) is read line by line and tokenized in pieces
-  of about 1M characters, cut before a newline where GPT-2's pre-tokenizer splits anyway (`_safe_cut`), so its
-  tokens are those of the whole text; only a text with no such newline is held whole.
+  of about 1M characters, cut before a space, tab or newline where GPT-2's pre-tokenizer splits anyway
+  (`_safe_cut`), so its tokens are those of the whole text; only a text with no whitespace before a word (in any
+  script) is held whole.
 """
 
 from __future__ import annotations
@@ -112,7 +113,11 @@ _ROWS_PER_READ = 1000  # rows pulled from `datasets` at a time
 _DOCS_PER_TASK = 1024  # documents per tokenization task ...
 _CHARS_PER_TASK = 4_000_000  # ... or fewer, when they reach this many characters
 _TXT_PIECE_CHARS = 1_000_000  # a .txt file is tokenized in pieces of about this many characters
-_SAFE_CHARS = frozenset(chr(c) for c in range(0x21, 0x7F))  # printable ASCII, no space: never regex whitespace
+# What GPT-2's pre-tokenizer regex calls whitespace (`\s`: Unicode's White_Space property, in tiktoken's Rust regex),
+# exactly: Python's str.isspace() also takes U+001C-U+001F, which the regex does not
+_REGEX_WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+_SAFE_CUT = re.compile(f"[{_REGEX_WHITESPACE}](?=[^{_REGEX_WHITESPACE}])")  # the last whitespace before a non-space
+_CUT_WINDOW = 1 << 16  # characters `_safe_cut` searches at a time, from the end
 _HASH_CHUNK = 1 << 20
 
 
@@ -412,17 +417,22 @@ def _iter_rows(ds: IterableDataset, source: _Source, where: str) -> Iterator[dic
 def _safe_cut(text: str) -> int | None:
     """The last index `i` where GPT-2's pre-tokenizer splits `text[:i]` and `text[i:]` as it splits `text`, or None.
 
-    A newline `text[i]` with a printable non-space ASCII character after it always starts a pre-token of its own
-    (`\\s+(?!\\S)` cannot take it, `\\s+` takes it alone), and the pre-token before it ends at `i` whether the
-    text goes on or stops there: when `text[i - 1]` is such a character (no pattern but the whitespace ones crosses a
-    newline), or an ASCII space, tab or newline (the whitespace before `i` is one `\\s+(?!\\S)` pre-token either way).
-    So the tokens of the two parts, concatenated, are the tokens of `text`.
+    `i` is the last character of a run of (regex) whitespace, with a non-space character after it. In `text`, the
+    run's pre-tokens end there whatever came before: `\\s+(?!\\S)` takes the run but its last character (it cannot
+    take the last, a non-space follows), and that character starts the next pre-token (` ?\\p{L}+`, ` ?\\p{N}+`
+    or ` ?[^\\s\\p{L}\\p{N}]+` when it is a space, else `\\s+` alone); no other pattern crosses whitespace, so the
+    pre-token before the run ends where the run starts. `text[:i]` ends with the run less its last character, one
+    `\\s+(?!\\S)` pre-token at the end of a text, and `text[i:]` starts as `text` does at `i`. So the tokens of
+    the two parts, concatenated, are the tokens of `text`. Any text with a space, tab or newline before a word has
+    such places, in any script.
     """
-    i = text.rfind("\n", 1, len(text) - 1)
-    while i > 0:
-        if text[i + 1] in _SAFE_CHARS and (text[i - 1] in _SAFE_CHARS or text[i - 1] in " \t\n"):
-            return i
-        i = text.rfind("\n", 1, i)
+    end = len(text) - 1
+    while end > 1:
+        start = max(1, end - _CUT_WINDOW)
+        cuts = [match.start() for match in _SAFE_CUT.finditer(text, start, end + 1)]
+        if cuts:
+            return cuts[-1]
+        end = start
     return None
 
 

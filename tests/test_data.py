@@ -580,10 +580,35 @@ def test_safe_cuts_keep_the_tokens_of_awkward_text():
 
     encoding = get_encoding()
     rng = random.Random(0)
-    alphabet = ["a", "Zb", " ", "  ", "\n", "\n\n", "\t", ".", "'", "'s", "é", "12", "\u00a0", "\x1c", "日本", "😀"]
+    # every kind of regex whitespace, and U+001C-U+001F, U+200B, U+180E, U+FEFF: whitespace to str.isspace() or
+    # once to Unicode, but not to the regex (cutting at those changes the tokens)
+    alphabet = ["a", "Zb", " ", "  ", "\n", "\n\n", "\t", "\r\n", "\x0b", "\x0c", ".", "'", "'s", "'ll", "é", "12"]
+    alphabet += ["\u00a0", "\x85", "\u1680", "\u2003", "\u2028", "\u2029", "\u202f", "\u3000", "\x1c", "\x1f"]
+    alphabet += ["\u200b", "\u180e", "\ufeff", "日本", "Жу", "٣", "😀", "\u0301", "!!"]
     for _ in range(500):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 120)))
         lines = text.splitlines(keepends=True)
         pieces = list(data._txt_pieces(lines, piece_chars=rng.randint(1, 20)))
         assert "".join(pieces) == text
         assert [t for piece in pieces for t in encoding.encode_ordinary(piece)] == encoding.encode_ordinary(text)
+    for _ in range(1000):  # every place the cut may be made, not only the last
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(2, 40)))
+        for cut in (match.start() for match in data._SAFE_CUT.finditer(text, 1, len(text) - 1)):
+            assert encoding.encode_ordinary(text[:cut]) + encoding.encode_ordinary(text[cut:]) == (
+                encoding.encode_ordinary(text)
+            ), (text, cut)
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["Мой дядя самых честных правил, когда не в шутку занемог,\n", "床前明月光，疑是地上霜。 举头望明月。\n",
+     "    indented = code(line)  # and a comment\n", "日本語の文章です、空白なしで続く。\n"],
+)  # fmt: skip
+def test_text_in_any_script_is_cut_into_pieces(line):
+    """A piece is cut at whitespace before a non-space, in any script: memory stays bounded for a large file (only
+    ASCII lines could be cut before)."""
+    lines = [line] * 2000
+    pieces = list(data._txt_pieces(lines, piece_chars=5_000))
+    assert "".join(pieces) == "".join(lines)
+    assert len(pieces) >= len(line) * 2000 // 5_000 - 1
+    assert max(len(piece) for piece in pieces) <= 5_000 + 2 * len(line)
