@@ -30,7 +30,7 @@ from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
-from modeling_gpt2_scratch.data import DataArguments, ShardedTokenLoader, prepare_dataset, read_manifest
+from modeling_gpt2_scratch.data import DataArguments, PrepareError, ShardedTokenLoader, prepare_dataset, read_manifest
 from modeling_gpt2_scratch.tokenization import get_encoding, get_hf_tokenizer
 from modeling_gpt2_scratch.training import (
     RUN_CONFIG_NAME,
@@ -750,9 +750,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model_args, data_args, train_args = parse_arguments(argv)
         train(model_args, data_args, train_args)
-    except (ValueError, OSError, TrainingError) as err:  # OSError: e.g. an --output_dir that is a file
+    except (ValueError, OSError, TrainingError, PrepareError) as err:  # OSError: e.g. an --output_dir that is a file
         print(f"error: {err}", file=sys.stderr)
-        return 2 if not isinstance(err, TrainingError) else 1
+        return 1 if isinstance(err, (TrainingError, PrepareError)) else 2
     return 0
 
 

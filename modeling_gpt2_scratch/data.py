@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import codecs
 import collections
+import concurrent.futures
 import contextlib
 import glob
 import hashlib
@@ -205,6 +206,10 @@ class _Source:
             return f"local file {self.files[0]}"
         first, last = self.files[0].name, self.files[-1].name
         return f"{len(self.files)} local {self.builder} files from {self.name} ({first} ... {last})"
+
+
+class PrepareError(RuntimeError):
+    """Preparing stopped for a reason outside the input (a tokenizer process died); nothing half-done is kept."""
 
 
 def _one_line(text: object) -> str:
@@ -543,20 +548,30 @@ def _encode_stream(batches: Iterator[list[str]], num_proc: int) -> Iterator[np.n
     """Token arrays of the document batches, in order, from `num_proc` processes with a bounded number in flight.
 
     (`Pool.imap` would read the whole input ahead of the workers; submitting through a bounded queue keeps memory
-    flat on a streamed corpus.)
+    flat on a streamed corpus.) A process that dies (the kernel's out-of-memory killer) is a `PrepareError`.
     """
     if num_proc <= 1:
         for batch in batches:
             yield _encode_documents(batch)
         return
-    with multiprocessing.get_context().Pool(num_proc) as pool:
+    context = multiprocessing.get_context()
+    with concurrent.futures.ProcessPoolExecutor(num_proc, mp_context=context) as pool:
         pending: collections.deque = collections.deque()
-        for batch in batches:
-            pending.append(pool.apply_async(_encode_documents, (batch,)))
-            if len(pending) >= 2 * num_proc:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+        try:
+            for batch in batches:
+                pending.append(pool.submit(_encode_documents, batch))
+                if len(pending) >= 2 * num_proc:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        except concurrent.futures.process.BrokenProcessPool as err:  # `multiprocessing.Pool` would wait forever
+            raise PrepareError(
+                f"A tokenizer process died (killed by the system: out of memory?) with --num_proc {num_proc}; "
+                "prepare again (it starts over) with a lower --num_proc."
+            ) from err
+        finally:
+            for future in pending:
+                future.cancel()
 
 
 class _ShardWriter:
@@ -1138,9 +1153,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         manifest_path = prepare_dataset(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # OSError: e.g. an --output_dir under a file, no permission, a full disk
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except PrepareError as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return 1
     print(manifest_path)
     return 0
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import datasets
@@ -465,6 +466,10 @@ def test_the_cli_prints_one_line_and_exits_2(tmp_path, capsys):
     status = main(["prepare", "--dataset", str(tmp_path / "missing.txt"), "--output_dir", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert status == 2 and err.startswith("error: ") and err.count("\n") == 1 and "missing.txt" in err
+    (tmp_path / "a.txt").write_text("hello")  # an output folder under a file: an OSError, one line too
+    status = main(["prepare", "--dataset", str(tmp_path / "a.txt"), "--output_dir", str(tmp_path / "a.txt" / "out")])
+    err = capsys.readouterr().err
+    assert status == 2 and err.startswith("error: ") and err.count("\n") == 1 and "a.txt/out" in err
 
 
 def test_the_cli_prepares_a_folder(tmp_path, corpus, capsys):
@@ -612,3 +617,34 @@ def test_text_in_any_script_is_cut_into_pieces(line):
     assert "".join(pieces) == "".join(lines)
     assert len(pieces) >= len(line) * 2000 // 5_000 - 1
     assert max(len(piece) for piece in pieces) <= 5_000 + 2 * len(line)
+
+
+def _encode_or_die(documents):
+    """`_encode_documents`, except that the tokenizer process holding document 1500 is killed (as by the kernel's
+    out-of-memory killer)."""
+    if any(text == "doc 1500" for text, _ in documents):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return data._real_encode_documents(documents)
+
+
+def test_a_tokenizer_process_that_dies_is_an_error_not_a_hang(tmp_path, monkeypatch):
+    """`multiprocessing.Pool` never returns a killed worker's task, so prepare used to wait forever."""
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(5000)))
+    monkeypatch.setattr(data, "_real_encode_documents", data._encode_documents, raising=False)
+    monkeypatch.setattr(data, "_encode_documents", _encode_or_die)
+    monkeypatch.setattr(data, "_DOCS_PER_TASK", 500)
+
+    def hung(signum, frame):
+        raise AssertionError("prepare still waits for the killed tokenizer process")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(120)
+    try:
+        with pytest.raises(data.PrepareError, match=r"A tokenizer process died .* --num_proc 2; prepare again"):
+            prepare(corpus, tmp_path / "out", num_proc=2)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    assert not list((tmp_path / "out").glob(".tmp-prepare*"))  # the staging folder is cleaned up
