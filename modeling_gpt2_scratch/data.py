@@ -46,7 +46,10 @@ Decisions:
   order, cached against path, size and mtime so an unchanged corpus is not hashed again; Hub datasets: id, config
   and revision, so no network is needed to reuse a folder), the tokenizer and the settings. Preparing the same
   thing into the same folder reuses it; anything else in that folder is an error unless `overwrite=True`. A Hub
-  dataset without a pinned `dataset_revision` is assumed unchanged.
+  dataset without a pinned `dataset_revision` is assumed unchanged. A touched but unchanged file is hashed once,
+  and the manifest remembers its new mtime. A local corpus that is gone from the path it was prepared from
+  (archived; the folder copied elsewhere) leaves its intact shards usable, with a warning; a folder that cannot be
+  written to is only read.
 * **Atomic writes.** Shards are written into a temporary folder inside the output folder; the old manifest is
   removed before any shard is replaced, and the new one is written (temp file + `os.replace`) last. An interrupted
   prepare leaves no manifest, never one that points at incomplete shards, and the next prepare starts over.
@@ -64,6 +67,7 @@ import codecs
 import collections
 import concurrent.futures
 import contextlib
+import fnmatch
 import glob
 import hashlib
 import json
@@ -738,6 +742,33 @@ def _difference(old: dict, new: dict) -> str | None:
     return None
 
 
+def _prepared_from_missing_corpus(out: Path, args: DataArguments) -> dict | None:
+    """The manifest of `out` when its shards were prepared from local files at the path `args.dataset` names (a file,
+    a folder, or a glob that now matches nothing), with these settings and tokenizer, and are intact; else None.
+    Shards copied to another machine, or kept after the text was archived, stay usable by the same command."""
+    try:
+        manifest = read_manifest(out)
+    except (FileNotFoundError, ValueError, OSError):
+        return None
+    files = [Path(f["path"]) for f in (manifest.get("source") or {}).get("files") or [] if "path" in f]
+    expanded = os.path.expanduser(args.dataset)
+    wanted, pattern = Path(expanded).resolve(), os.path.abspath(expanded)
+    if not files or not all(
+        f == wanted or wanted in f.parents or (glob.has_magic(expanded) and fnmatch.fnmatch(str(f), pattern))
+        for f in files
+    ):
+        return None
+    local = _Source(name=args.dataset, files=tuple(files))
+    if (
+        manifest.get("format_version") != FORMAT_VERSION
+        or manifest.get("tokenizer") != _tokenizer_info()
+        or manifest.get("settings") != _settings(local, args)
+        or not _shards_intact(out, manifest)
+    ):
+        return None
+    return manifest
+
+
 def _shards_intact(directory: Path, manifest: dict) -> bool:
     for entries in manifest.get("splits", {}).values():
         for entry in entries:
@@ -785,10 +816,21 @@ def _commit(staging: Path, out: Path, manifest: dict) -> None:
 
 @contextlib.contextmanager
 def _folder_lock(out: Path) -> Iterator[None]:
+    """An exclusive `flock` on `out/.prepare.lock`. In a folder this process cannot write to, the lock file is
+    opened to read (flock needs no write access), or, where there is none, nothing is locked: such a folder is only
+    read."""
     if fcntl is None:
         yield
         return
-    with open(out / _LOCK_NAME, "w") as lock:
+    try:
+        lock = open(out / _LOCK_NAME, "a")  # closed by the `with` below
+    except OSError:  # a read-only folder (a copy on read-only storage, another user's)
+        try:
+            lock = open(out / _LOCK_NAME)
+        except OSError:
+            yield
+            return
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
@@ -870,7 +912,20 @@ def prepare_dataset(
         overwrite = bool(getattr(args, "overwrite", False))
     _check_args(args)
     out = Path(output_dir)
-    source = _resolve_source(args.dataset, exclude=out)
+    try:
+        source = _resolve_source(args.dataset, exclude=out)
+    except FileNotFoundError:
+        manifest = _prepared_from_missing_corpus(out, args)
+        if manifest is None:
+            raise
+        logger.warning(
+            "--dataset %r is not there (any more); reusing the shards in %s that were prepared from it (%s), as they "
+            "are: the corpus itself cannot be checked.",
+            args.dataset,
+            out,
+            manifest["source"].get("description"),
+        )
+        return out / MANIFEST_NAME
     if out.exists() and not out.is_dir():
         raise ValueError(f"--output_dir {str(out)!r} is a file; pass a folder.")
     out.mkdir(parents=True, exist_ok=True)
@@ -878,7 +933,8 @@ def prepare_dataset(
 
     with _folder_lock(out):
         for stale in out.glob(f"{_TMP_PREFIX}*"):  # what an interrupted prepare left behind
-            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a read-only folder keeps them
+                shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
         previous = None
         if manifest_path.exists():
             try:
@@ -896,6 +952,11 @@ def prepare_dataset(
             reason = _difference(previous, wanted)
             if reason is None and _shards_intact(out, previous):
                 logger.info("Reusing the shards in %s (%s)", out, wanted["source"]["description"])
+                if previous["source"] != wanted["source"]:  # same contents, newly hashed: remember path, size, mtime
+                    try:
+                        _write_json_atomic(manifest_path, previous | {"source": wanted["source"]})
+                    except OSError as err:  # a folder it may read but not write: hashed again next time
+                        logger.debug("Could not update %s: %s", manifest_path, err)
                 return manifest_path
             if reason is None:
                 logger.warning("Shards listed in %s are missing or truncated; preparing them again", manifest_path)

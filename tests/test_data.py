@@ -216,12 +216,18 @@ def test_preparing_again_reuses_the_shards(tmp_path, corpus):
     assert _mtimes(tmp_path / "out") == before and len(before) > 2
 
 
-def test_a_touched_but_unchanged_source_is_reused(tmp_path, corpus):
+def test_a_touched_but_unchanged_source_is_reused_and_hashed_once(tmp_path, corpus, monkeypatch):
     prepare(corpus, tmp_path / "out", shard_size=100)
-    before = _mtimes(tmp_path / "out")
+    before = {k: v for k, v in _mtimes(tmp_path / "out").items() if k != MANIFEST_NAME}
+    hashed = []
+    real_hash = data._sha256_file
+    monkeypatch.setattr(data, "_sha256_file", lambda path: hashed.append(path) or real_hash(path))
     os.utime(corpus, ns=(1, 1))  # new mtime, same bytes: hashed again, found equal
     prepare(corpus, tmp_path / "out", shard_size=100)
-    assert _mtimes(tmp_path / "out") == before
+    prepare(corpus, tmp_path / "out", shard_size=100)  # the new mtime was remembered: not hashed a second time
+    assert hashed == [corpus]
+    assert {k: v for k, v in _mtimes(tmp_path / "out").items() if k != MANIFEST_NAME} == before
+    assert read_manifest(tmp_path / "out")["source"]["files"][0]["mtime_ns"] == 1
 
 
 def test_a_different_source_in_the_same_folder_errors(tmp_path, corpus):
@@ -648,3 +654,46 @@ def test_a_tokenizer_process_that_dies_is_an_error_not_a_hang(tmp_path, monkeypa
         signal.signal(signal.SIGALRM, previous)
     assert not (tmp_path / "out" / "manifest.json").exists()
     assert not list((tmp_path / "out").glob(".tmp-prepare*"))  # the staging folder is cleaned up
+
+
+def test_a_prepared_folder_that_cannot_be_written_is_reused(tmp_path, corpus, monkeypatch):
+    """Shards on read-only storage: no lock file can be opened to write, no stale file removed, no manifest updated;
+    a matching folder is reused all the same (it used to fail on opening `.prepare.lock`)."""
+    import builtins
+
+    prepare(corpus, tmp_path / "out", shard_size=100)
+    before = _mtimes(tmp_path / "out")
+    (tmp_path / "out" / ".prepare.lock").unlink()
+    os.utime(corpus, ns=(1, 1))  # so that the manifest would be updated, if it could be
+
+    def read_only_open(file, mode="r", *args, **kwargs):
+        if Path(file).parent == tmp_path / "out" and any(c in mode for c in "wax+"):
+            raise PermissionError(13, "Permission denied", str(file))
+        return builtins.open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(data, "open", read_only_open, raising=False)
+    monkeypatch.setattr(data.os, "replace", lambda *a: (_ for _ in ()).throw(PermissionError(13, "read-only")))
+    assert prepare(corpus, tmp_path / "out", shard_size=100) == tmp_path / "out" / MANIFEST_NAME
+    assert _mtimes(tmp_path / "out") == before
+
+
+def test_shards_are_reused_when_their_corpus_is_gone(tmp_path, corpus, caplog):
+    """Shards kept after the text was archived (or copied with their folder): the same command trains on them, with
+    a warning; other settings, or another path, still need the corpus."""
+    text = tmp_path / "texts" / "shakespeare.txt"
+    text.parent.mkdir()
+    text.write_text(corpus.read_text())
+    out = tmp_path / "out"
+    prepare(text, out, shard_size=1000)
+    tokens = read_split(out, "train")
+    text.unlink()
+    for dataset in (text, text.parent, tmp_path / "texts" / "*.txt"):
+        with caplog.at_level("WARNING", logger=data.logger.name):
+            assert prepare(dataset, out, shard_size=1000) == out / MANIFEST_NAME
+        assert "is not there (any more); reusing the shards" in caplog.text
+        caplog.clear()
+    assert np.array_equal(read_split(out, "train"), tokens)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        prepare(text, out, shard_size=500)  # other settings: those shards are not the ones asked for
+    with pytest.raises(FileNotFoundError, match="not found"):
+        prepare(tmp_path / "elsewhere.txt", out, shard_size=1000)
