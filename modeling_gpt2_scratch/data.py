@@ -55,7 +55,8 @@ Decisions:
   prepare leaves no manifest, never one that points at incomplete shards, and the next prepare starts over.
   Concurrent prepares of one folder wait for each other (a `flock` on `.prepare.lock`).
 * **Memory** is one shard's buffer plus the documents in flight (at most `2 * num_proc` tasks of about 4M
-  characters), whatever the corpus size. A `.txt` file (one document) is read line by line and tokenized in pieces
+  characters), whatever the corpus size (but a `.json` file holding one array, which `datasets` reads whole: use
+  `.jsonl` for a large corpus). A `.txt` file (one document) is read line by line and tokenized in pieces
   of about 1M characters, cut before a space, tab or newline where GPT-2's pre-tokenizer splits anyway
   (`_safe_cut`), so its tokens are those of the whole text; only a text with no whitespace before a word (in any
   script) is held whole.
@@ -303,6 +304,24 @@ def _resolve_source(name: str, exclude: Path | None = None) -> _Source:
     return _Source(name=name, files=tuple(files), builder=builders.pop())
 
 
+def _check_text_column(source: _Source, args: DataArguments) -> None:
+    """Every CSV and Parquet file has the text column (their headers and schemas are read, not their rows): else the
+    one-line error lists the columns that file has."""
+    for path in source.files:
+        if source.builder == "csv":
+            import pandas as pd
+
+            columns = list(pd.read_csv(path, nrows=0, encoding="utf-8-sig").columns)
+        elif source.builder == "parquet":
+            import pyarrow.parquet as pq
+
+            columns = pq.read_schema(path).names
+        else:
+            return
+        if args.text_column not in columns:
+            raise _missing_column(args.text_column, f"local file {path}", columns)
+
+
 def _hub_unreachable(source: _Source, err: BaseException) -> ValueError:
     return ValueError(
         f"Could not reach the Hugging Face Hub for dataset {source.hub_id!r} (and no local path of that name exists): "
@@ -319,7 +338,7 @@ def _open_split(source: _Source, split: str, args: DataArguments) -> IterableDat
     `datasets` is imported here, when a corpus is tokenized, not with the module: training from prepared shards
     (and the benchmarks) never needs it.
     """
-    from datasets import load_dataset
+    from datasets import Features, Value, load_dataset
     from datasets.exceptions import DatasetNotFoundError
 
     try:
@@ -337,9 +356,14 @@ def _open_split(source: _Source, split: str, args: DataArguments) -> IterableDat
                 for path in source.files
             ]
         if source.is_local:
+            _check_text_column(source, args)
             extra = {
                 "parquet": {"columns": [args.text_column]},  # other columns may differ from file to file
-                "csv": {"keep_default_na": False},  # a document reading "NA" or "null" is text, not missing
+                "csv": {  # the text column alone, as text: a column of "1984", "2001" is text, not numbers
+                    "usecols": [args.text_column],
+                    "features": Features({args.text_column: Value("string")}),
+                    "keep_default_na": False,  # a document reading "NA" or "null" is text, not missing
+                },
             }.get(source.builder, {})
             files = [glob.escape(str(p)) for p in source.files]
             return load_dataset(source.builder, data_files=files, split="train", streaming=True, **extra)

@@ -538,6 +538,26 @@ def test_json_files_whose_other_columns_differ_error_in_one_line_with_the_fix(tm
     _one_line_error(excinfo)
 
 
+def test_csv_text_that_reads_like_numbers_is_text(tmp_path):
+    """pandas infers a column of 1984, 2001 as integers (per chunk of rows); the text column is read as text."""
+    (tmp_path / "d.csv").write_text("id,text,score\n1,1984,0.5\n2,2001,0.25\n3,007,1\n")
+    prepare(tmp_path / "d.csv", tmp_path / "out")
+    assert read_split(tmp_path / "out", "train").tolist() == expected_stream(["1984", "2001", "007"])
+
+
+@pytest.mark.parametrize("kind", ["csv", "parquet"])
+def test_a_missing_text_column_lists_the_files_columns(tmp_path, kind):
+    if kind == "csv":
+        (tmp_path / "d.csv").write_text("content,id\nhello,1\n")
+    else:
+        pq.write_table(pa.table({"content": ["hello"], "id": [1]}), tmp_path / "d.parquet")
+    with pytest.raises(
+        ValueError, match=r"Column 'text' not found in local file .*d\.\w+; its columns are \['content', 'id'\]"
+    ) as excinfo:
+        prepare(tmp_path / f"d.{kind}", tmp_path / "out")
+    _one_line_error(excinfo)
+
+
 def test_csv_cells_that_read_like_missing_values_are_text(tmp_path):
     (tmp_path / "d.csv").write_text("text\nNA\nnull\nn/a\nreal\n")
     prepare(tmp_path / "d.csv", tmp_path / "out")
