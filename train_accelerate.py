@@ -348,6 +348,38 @@ def schedule_flag_changes(previous_config: Path, training: dict) -> list[str]:
     ]
 
 
+RESUME_DATA_FLAGS = (
+    "dataset",
+    "dataset_config",
+    "dataset_revision",
+    "split",
+    "val_split",
+    "text_column",
+    "val_fraction",
+)
+
+
+def data_flag_changes(previous_config: Path, data_args: DataArguments) -> list[str]:
+    """The data flags (`RESUME_DATA_FLAGS`) a resume changes (`--flag old -> new`) against the `run_config.json` of
+    the run it continues. Each gives another token stream, which the checkpoint's data position does not fit; a local
+    `--dataset` counts as changed only when both paths exist here and are different files."""
+    try:
+        previous = json.loads(previous_config.read_text()).get("data", {})
+    except (OSError, ValueError, AttributeError):
+        return []  # no earlier configuration to compare with (a checkpoint copied elsewhere)
+    now = asdict(data_args)
+    changes = []
+    for name in RESUME_DATA_FLAGS:
+        if name not in previous or previous[name] == now[name]:
+            continue
+        if name == "dataset":
+            old, new = (Path(os.path.expanduser(str(d))) for d in (previous[name], now[name]))
+            if not (old.exists() and new.exists()) or old.resolve() == new.resolve():
+                continue  # a relative path from another folder, an archived corpus, or the same file
+        changes.append(f"--{name} {previous[name]} -> {now[name]}")
+    return changes
+
+
 def sigterm_when_the_launcher_dies() -> bool:
     """Under `accelerate launch` with one process, have Linux send this process SIGTERM when the launcher dies.
 
@@ -508,6 +540,12 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     model = build_model(model_args, train_args)  # before the data: a bad model flag fails at once
     if resume_from is not None:
         check_checkpoint_fits(resume_from, model.config)
+        changed = data_flag_changes(Path(train_args.output_dir) / RUN_CONFIG_NAME, data_args)
+        if changed:  # before any data is prepared: --overwrite_data would otherwise rebuild the shards for nothing
+            raise ValueError(
+                f"--resume {resume_from}: the run trained on other data ({'; '.join(changed)}); resume with the run's "
+                "data flags (its run_config.json), or start a new run in another --output_dir."
+            )
     train_loader, val_loader = build_dataloaders(accelerator, data_args, train_args)
     if val_loader is not None and train_args.eval_batches > val_loader.batches_per_epoch:
         logger.warning(

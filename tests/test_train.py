@@ -1000,6 +1000,25 @@ def test_a_second_signal_during_the_stop_save_is_harmless(corpus, data_dir, tmp_
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is given back after the save
 
 
+def test_a_resume_with_other_data_flags_fails_before_touching_the_data(corpus, data_dir, tmp_path):
+    """The checkpoint's data position fits only its token stream: a changed data flag is refused before anything is
+    prepared (following the advice to pass --overwrite_data used to rebuild the shards, and only then fail)."""
+    out = tmp_path / "run"
+    run(corpus, data_dir, out, "--max_steps", "1", "--eval_every", "0")
+    manifest = (data_dir / "manifest.json").stat().st_mtime_ns
+    with pytest.raises(ValueError, match=r"trained on other data \(--val_fraction 0\.1 -> 0\.2\); resume with"):
+        run(corpus, data_dir, out, "--max_steps", "2", "--resume", "latest", "--val_fraction", "0.2",
+            "--overwrite_data", "true")  # fmt: skip
+    other = tmp_path / "other.txt"
+    other.write_text(corpus.read_text()[:50_000])
+    with pytest.raises(
+        ValueError, match=r"trained on other data \(--dataset .*tinyshakespeare\.txt -> .*other\.txt\)"
+    ):
+        run(other, data_dir, out, "--max_steps", "2", "--resume", "latest")
+    assert (data_dir / "manifest.json").stat().st_mtime_ns == manifest
+    assert run(corpus, data_dir, out, "--max_steps", "2", "--resume", "latest", "--eval_every", "0")["steps"] == 2
+
+
 def test_a_non_finite_gradient_norm_stops_without_saving(corpus, data_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
     run(corpus, data_dir, out, "--max_steps", "2", "--eval_every", "0")
