@@ -235,6 +235,17 @@ def _inside(path: Path, folder: Path | None) -> bool:
     return folder is not None and path.resolve().is_relative_to(folder.resolve())
 
 
+def _first_magic(pattern: str) -> int:
+    """The index of the first glob character (`*`, `?`, `[`) in `pattern`."""
+    return min((i for i in (pattern.find(c) for c in "*?[") if i >= 0), default=len(pattern))
+
+
+def _not_prepared(files: list[Path]) -> list[Path]:
+    """`files` without the manifests of prepared folders (a `manifest.json` beside `train_*.bin` shards): another
+    prepared folder inside the corpus is not corpus."""
+    return [f for f in files if not (f.name == MANIFEST_NAME and any(f.parent.glob("train_*.bin")))]
+
+
 def _has_rows(path: Path) -> bool:
     """False for a 0-byte file or a Parquet file of no rows (which `datasets` cannot read); they are skipped."""
     if path.stat().st_size == 0:
@@ -257,24 +268,33 @@ def _resolve_source(name: str, exclude: Path | None = None) -> _Source:
     supported = "/".join(EXTENSION_BUILDERS)
     expanded = os.path.expanduser(name)
     path = Path(expanded)
+    root = path if not glob.has_magic(expanded) else Path(expanded[: _first_magic(expanded)]).parent
+    if exclude is not None and _inside(root, exclude):
+        exclude = None  # the corpus lies inside the output folder: only an output folder inside the corpus is skipped
     if path.is_file():
         files = [path]
     elif path.is_dir():
-        files = sorted(
-            p
-            for p in path.rglob("*")
-            if p.is_file()
-            and p.suffix.lower() in EXTENSION_BUILDERS
-            and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            and not _inside(p, exclude)
+        files = _not_prepared(
+            sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and p.suffix.lower() in EXTENSION_BUILDERS
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                and not _inside(p, exclude)
+            )
         )
         if not files:
             raise FileNotFoundError(
                 f"No {supported} files under folder {name!r}; point --dataset at a folder, file or glob of such files."
             )
     elif glob.has_magic(expanded):
-        files = sorted(
-            Path(p) for p in glob.glob(expanded, recursive=True) if os.path.isfile(p) and not _inside(Path(p), exclude)
+        files = _not_prepared(
+            sorted(
+                Path(p)
+                for p in glob.glob(expanded, recursive=True)
+                if os.path.isfile(p) and not _inside(Path(p), exclude)
+            )
         )
         if not files:
             raise FileNotFoundError(

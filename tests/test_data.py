@@ -497,6 +497,30 @@ def test_an_output_folder_inside_the_corpus_folder_is_not_read_as_data(tmp_path)
     assert len(read_manifest(corpus / "tokens")["source"]["files"]) == 1
 
 
+@pytest.mark.parametrize("kind", ["json", "txt"])
+def test_another_prepared_folder_inside_the_corpus_is_not_read_as_data(tmp_path, kind):
+    corpus = tmp_path / "mine"
+    corpus.mkdir()
+    if kind == "json":
+        (corpus / "a.json").write_text(json.dumps([{"text": "alpha"}, {"text": "beta"}]))
+    else:
+        (corpus / "a.txt").write_text("alpha beta")
+    prepare(corpus, corpus / "tokens-v1")
+    prepare(corpus, tmp_path / "tokens-v2")  # its manifest is neither a document nor a second file type
+    assert read_split(tmp_path / "tokens-v2", "train").tolist() == read_split(corpus / "tokens-v1", "train").tolist()
+    assert [Path(f["path"]).name for f in read_manifest(tmp_path / "tokens-v2")["source"]["files"]] == [f"a.{kind}"]
+
+
+@pytest.mark.parametrize("dataset", ["data/raw", "data/raw/*.jsonl", "data/raw/a.jsonl"])
+def test_a_corpus_inside_the_output_folder_is_read(tmp_path, monkeypatch, dataset):
+    """Only an output folder inside the corpus is skipped; a corpus inside the output folder is the corpus."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "raw").mkdir(parents=True)
+    write_jsonl(tmp_path / "data" / "raw" / "a.jsonl", [{"text": "alpha"}])
+    prepare(dataset, "data")
+    assert read_split(tmp_path / "data", "train").tolist() == expected_stream(["alpha"])
+
+
 def test_the_trainers_default_data_dir_is_never_the_corpus(tmp_path, monkeypatch):
     from modeling_gpt2_scratch.training import TrainArguments, resolve_data_dir
 
