@@ -111,6 +111,7 @@ TOKEN_DTYPE = np.dtype("<u2")  # little-endian uint16: GPT-2's 50257 ids fit, ha
 TOKENIZER_INFO = {"name": "gpt2", "n_vocab": 50257, "eot_token": 50256}  # tiktoken's r50k_base == gpt2
 EXTENSION_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 OFFLINE_EXAMPLE = "--dataset ../shared/data/tinyshakespeare.txt"
+UNSET_WORDS = ("", "none", "null")  # what unsets an optional data flag on the command line
 
 _SHARD_NAME = re.compile(r"(train|val)_\d{6}\.bin")
 _TMP_PREFIX = ".tmp-prepare"
@@ -151,7 +152,7 @@ class DataArguments:
     val_split: str | None = field(
         default=None,
         metadata={
-            "help": "The Hub split to validate on (e.g. validation). Unset, or for local files, the last "
+            "help": "The Hub split to validate on (e.g. validation). Unset (none), or for local files, the last "
             "--val_fraction of the training token stream is held out instead."
         },
     )
@@ -172,6 +173,12 @@ class DataArguments:
     num_proc: int | None = field(
         default=None, metadata={"help": "Tokenizer processes; default: the CPU cores available."}
     )
+
+    def __post_init__(self) -> None:
+        # the command line cannot give None: `--val_split none` unsets a preset's split (as "" and null do)
+        for name in ("dataset_config", "dataset_revision", "val_split"):
+            if isinstance(getattr(self, name), str) and getattr(self, name).strip().lower() in UNSET_WORDS:
+                setattr(self, name, None)
 
 
 @dataclass(kw_only=True)

@@ -197,6 +197,11 @@ def test_presets_parse_and_command_line_wins():
     )
     assert train_args.max_steps == 7 and data_args.dataset == "x.txt"
     assert model_args.n_layer == load_preset(REPO / "configs/quickstart.yaml")["n_layer"]
+    assert data_args.val_split == "validation"  # the preset's, for its Hub dataset
+    for unset in ("none", "None", "null", ""):  # a preset's optional data flag can be unset from the command line
+        args = ["--config", str(REPO / "configs/quickstart.yaml"), "--val_split", unset, "--dataset_config", unset]
+        _, data_args, _ = parse_arguments(args)
+        assert data_args.val_split is None and data_args.dataset_config is None
 
 
 def test_unknown_preset_key_is_a_one_line_error(tmp_path):
