@@ -140,6 +140,14 @@ def build_accelerator(train_args: TrainArguments) -> Accelerator:
             precision,
             launcher,
         )
+    dynamo = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower()  # `accelerate launch --dynamo_backend`
+    if dynamo != "no":
+        logger.warning(
+            "accelerate launch asked for dynamo backend %s, but this script's --compile decides (%s): pass --compile "
+            "true (and --compile_mode) to the script instead.",
+            dynamo,
+            train_args.compile,
+        )
     report_to = [t.strip() for t in train_args.report_to.split(",") if t.strip() and t.strip() != "none"]
     return Accelerator(
         cpu=not cuda,  # also what makes torchrun-launched CPU processes join a gloo group (MULTI_CPU)
@@ -147,6 +155,7 @@ def build_accelerator(train_args: TrainArguments) -> Accelerator:
         step_scheduler_with_optimizer=False,  # the schedule counts optimizer steps, whatever the process count
         log_with=(report_to[0] if report_to == ["all"] else report_to) or None,
         project_dir=train_args.output_dir,
+        dynamo_backend="no",  # `prepare` compiles nothing: `compile_forward` does, per --compile, and it is recorded
     )
 
 

@@ -1077,6 +1077,21 @@ def test_accelerate_launchs_mixed_precision_is_not_silently_dropped(monkeypatch,
     assert "pass --mixed_precision bf16 to the script" in caplog.text
 
 
+def test_accelerate_launchs_dynamo_backend_does_not_compile_behind_the_scripts_back(monkeypatch, caplog):
+    """`accelerate launch --dynamo_backend inductor` made `prepare` compile the model under --compile false, and the
+    run recorded `compile: false`: --compile decides, and the launcher's setting is named in a warning."""
+    from accelerate.utils import DynamoBackend
+
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "INDUCTOR")
+    train_args = parse_arguments(["--dataset", "x", *TINY])[2]  # TINY: --compile false
+    with caplog.at_level("WARNING", logger="train_accelerate"):
+        accelerator = train_accelerate.build_accelerator(train_args)
+    assert "accelerate launch asked for dynamo backend inductor" in caplog.text and "--compile true" in caplog.text
+    assert accelerator.state.dynamo_plugin.backend == DynamoBackend.NO
+    model = accelerator.prepare(torch.nn.Linear(2, 2))
+    assert not isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
+
+
 def test_evaluation_reads_a_small_val_split_once(data_dir):
     from accelerate import Accelerator
 
