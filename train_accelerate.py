@@ -603,7 +603,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         accelerator.step = 0  # accelerate's micro-step count: restart at a step boundary (the accumulation may differ)
-        saved_step = state.step
+        if Path(resume_from).resolve() == checkpoint_dir(output_dir, state.step).resolve():
+            saved_step = state.step  # a branch into another --output_dir has no checkpoint of its own yet
         if state.step > train_args.max_steps:
             raise ValueError(
                 f"--resume {resume_from}: the checkpoint is at step {state.step}, past --max_steps "

@@ -1024,6 +1024,22 @@ def test_a_resume_with_other_data_flags_fails_before_touching_the_data(corpus, d
     assert run(corpus, data_dir, out, "--max_steps", "2", "--resume", "latest", "--eval_every", "0")["steps"] == 2
 
 
+def test_a_branch_stopped_in_its_first_step_saves_into_its_own_folder(corpus, data_dir, tmp_path, monkeypatch):
+    """`--resume PATH` into a new --output_dir, stopped within its first step: the checkpoint it resumed lies in the
+    other folder, so it saves one here (it used to log "saved step 2" and save nothing)."""
+    base, branch = tmp_path / "base", tmp_path / "branch"
+    run(corpus, data_dir, base, "--max_steps", "2", "--save_every", "2", "--eval_every", "0")
+
+    def interrupted(*args, **kwargs):
+        raise train_accelerate.StepInterrupted()
+
+    monkeypatch.setattr(train_accelerate, "train_step", interrupted)
+    resume = str(list_checkpoints(base)[-1])
+    summary = run(corpus, data_dir, branch, "--max_steps", "6", "--eval_every", "0", "--resume", resume)
+    assert summary["steps"] == 2 and "stopped_by" in summary
+    assert [p.name for p in list_checkpoints(branch)] == ["step_0000002"]
+
+
 def test_a_non_finite_gradient_norm_stops_without_saving(corpus, data_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
     run(corpus, data_dir, out, "--max_steps", "2", "--eval_every", "0")
