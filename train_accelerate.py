@@ -298,7 +298,7 @@ def save_checkpoint(accelerator: Accelerator, model: GPT2ScratchForCausalLM, tra
 
 
 def export_final(accelerator: Accelerator, model: GPT2ScratchForCausalLM, output_dir: str) -> Path:
-    """`output_dir/final/`: save_pretrained (config with auto_map, code, safetensors, generation config) + tokenizer."""
+    """`output_dir/final/`: `save_pretrained` (config with auto_map, code, safetensors, generation config), tokenizer."""
     final = Path(output_dir) / "final"
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -315,8 +315,9 @@ class StopSignal(contextlib.AbstractContextManager):
     The loop shares it across processes (`accelerator.set_trigger`/`check_trigger`), so a signal to one rank stops
     every rank after the same step.
 
-    Preemptible machines send SIGTERM before they go. The loop keeps these handlers until the stop's checkpoint is
-    saved, so a second signal (or a third) cannot kill it halfway; the previous handlers come back on exit.
+    Preemptible machines send SIGTERM before they go. The trainer keeps these handlers until it returns, so a second
+    signal (or a third) cannot kill the stop's checkpoint or the final export halfway; the previous handlers come
+    back on exit.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -716,42 +717,43 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
             logger.info("%s received: saved step %d; continue with --resume latest", stop.received, state.step)
             accelerator.end_training()
             return {"stopped_by": stop.received, "steps": state.step}
-    if train_args.save_every and saved_step != state.step:
-        save_checkpoint(accelerator, model, train_args, state.step)
-    final = export_final(accelerator, model, train_args.output_dir)
-    # from metrics.jsonl: also right when a resume had no step left to run
-    logged = metrics.read() if accelerator.is_main_process else []
-    train_losses = [r["train_loss"] for r in logged if r.get("train_loss") is not None]
-    val_losses = [r["val_loss"] for r in logged if r.get("val_loss") is not None]
-    summary = {
-        "steps": state.step,
-        "tokens_seen": state.tokens,
-        "final_train_loss": train_losses[-1] if train_losses else None,
-        "final_val_loss": val_loss if val_loss is not None else (val_losses[-1] if val_losses else None),
-        "training_seconds": round(state.elapsed, 1),  # the training loop's, over every resume
-        "wall_clock_seconds": round(time.time() - start_time, 1),  # this process's, setup included
-        "num_processes": accelerator.num_processes,
-        "device": device.type,
-        "device_name": describe_device(device),
-        "mixed_precision": accelerator.mixed_precision,
-        "compile": use_compile,
-        "torch_version": torch.__version__,
-        "transformers_version": transformers.__version__,
-    }
-    if accelerator.is_main_process:
-        write_json_atomic(output_dir / RUN_SUMMARY_NAME, summary)
-        if metrics.read():
-            metrics.plot()
-        logger.info(
-            "done: %d steps, %s tokens, val loss %s, %s; model in %s",
-            state.step,
-            f"{state.tokens:,}",
-            f"{summary['final_val_loss']:.4f}" if summary["final_val_loss"] is not None else "n/a",
-            format_seconds(summary["wall_clock_seconds"]),
-            final,
-        )
-    accelerator.end_training()
-    return summary
+        # the run ends here (a signal in the last step included); a signal now changes nothing: it only finishes
+        if train_args.save_every and saved_step != state.step:
+            save_checkpoint(accelerator, model, train_args, state.step)
+        final = export_final(accelerator, model, train_args.output_dir)
+        # from metrics.jsonl: also right when a resume had no step left to run
+        logged = metrics.read() if accelerator.is_main_process else []
+        train_losses = [r["train_loss"] for r in logged if r.get("train_loss") is not None]
+        val_losses = [r["val_loss"] for r in logged if r.get("val_loss") is not None]
+        summary = {
+            "steps": state.step,
+            "tokens_seen": state.tokens,
+            "final_train_loss": train_losses[-1] if train_losses else None,
+            "final_val_loss": val_loss if val_loss is not None else (val_losses[-1] if val_losses else None),
+            "training_seconds": round(state.elapsed, 1),  # the training loop's, over every resume
+            "wall_clock_seconds": round(time.time() - start_time, 1),  # this process's, setup included
+            "num_processes": accelerator.num_processes,
+            "device": device.type,
+            "device_name": describe_device(device),
+            "mixed_precision": accelerator.mixed_precision,
+            "compile": use_compile,
+            "torch_version": torch.__version__,
+            "transformers_version": transformers.__version__,
+        }
+        if accelerator.is_main_process:
+            write_json_atomic(output_dir / RUN_SUMMARY_NAME, summary)
+            if metrics.read():
+                metrics.plot()
+            logger.info(
+                "done: %d steps, %s tokens, val loss %s, %s; model in %s",
+                state.step,
+                f"{state.tokens:,}",
+                f"{summary['final_val_loss']:.4f}" if summary["final_val_loss"] is not None else "n/a",
+                format_seconds(summary["wall_clock_seconds"]),
+                final,
+            )
+        accelerator.end_training()
+        return summary
 
 
 def _postfix(record: dict) -> str:

@@ -969,10 +969,21 @@ def test_a_stop_signal_in_the_last_step_finishes_the_run(corpus, data_dir, tmp_p
             os.kill(os.getpid(), signal.SIGTERM)
         return record
 
+    real_export, handlers = train_accelerate.export_final, []
+
+    def signalled_export(*args, **kwargs):  # a second SIGTERM, during the export the first one let happen
+        handlers.append(signal.getsignal(signal.SIGTERM))
+        if handlers[-1] in (signal.SIG_DFL, signal.SIG_IGN, None):
+            return args[2]  # the default handler would kill the export (and pytest): fail below instead
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_export(*args, **kwargs)
+
     monkeypatch.setattr(train_accelerate, "train_step", step_then_signal)
+    monkeypatch.setattr(train_accelerate, "export_final", signalled_export)
     out = tmp_path / "run"
     summary = run(corpus, data_dir, out, "--max_steps", "3", "--eval_every", "0")
     assert "stopped_by" not in summary and summary["steps"] == 3
+    assert len(handlers) == 1 and callable(handlers[0])
     assert (out / "final" / "model.safetensors").is_file() and (out / "run_summary.json").is_file()
 
 
