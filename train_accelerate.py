@@ -298,7 +298,8 @@ def save_checkpoint(accelerator: Accelerator, model: GPT2ScratchForCausalLM, tra
 
 
 def export_final(accelerator: Accelerator, model: GPT2ScratchForCausalLM, output_dir: str) -> Path:
-    """`output_dir/final/`: `save_pretrained` (config with auto_map, code, safetensors, generation config), tokenizer."""
+    """`output_dir/final/`: `save_pretrained` (config with auto_map, code, safetensors, generation config) and the
+    tokenizer."""
     final = Path(output_dir) / "final"
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
