@@ -227,25 +227,32 @@ def evaluate(
     val_loader: ShardedTokenLoader,
     batches: int,
     cudagraphs: bool = False,
-) -> float:
+    stop_requested: Callable[[], bool] | None = None,
+) -> float | None:
     """Mean val loss over the first `batches` val batches of every process (the same batches at every evaluation).
 
     At most one pass over the split: a smaller split than `batches` is not counted twice.
 
-    `cudagraphs` (`compile_forward`): each batch starts a new CUDA-graph step.
+    `cudagraphs` (`compile_forward`): each batch starts a new CUDA-graph step. `stop_requested` (collective) is asked
+    after each batch but the last: when it says stop, the evaluation is dropped (None), so that a long one cannot
+    outlast a launcher's grace period (torchrun kills its processes 30 s after passing a SIGTERM on).
     """
     batches = min(batches, val_loader.batches_per_epoch)
     model.eval()
     val_loader.reset()
     total = torch.zeros((), device=accelerator.device)
-    with torch.no_grad():
-        for _ in range(batches):
-            x, y = val_loader.next_batch()
-            x, y = x.to(accelerator.device), y.to(accelerator.device)
-            if cudagraphs:
-                torch.compiler.cudagraph_mark_step_begin()  # the last batch's loss is consumed
-            total += model(input_ids=x, shift_labels=y, use_cache=False, skip_logits=True).loss.float()
-    model.train()
+    try:
+        with torch.no_grad():
+            for i in range(batches):
+                x, y = val_loader.next_batch()
+                x, y = x.to(accelerator.device), y.to(accelerator.device)
+                if cudagraphs:
+                    torch.compiler.cudagraph_mark_step_begin()  # the last batch's loss is consumed
+                total += model(input_ids=x, shift_labels=y, use_cache=False, skip_logits=True).loss.float()
+                if stop_requested is not None and i + 1 < batches and stop_requested():
+                    return None
+    finally:
+        model.train()
     return accelerator.reduce(total / batches, reduction="mean").item()
 
 
@@ -647,6 +654,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     with StopSignal() as stop:
 
         def stop_requested() -> bool:  # collective: every process asks, and all get the same answer
+            if accelerator.num_processes == 1:
+                return stop.received is not None  # no collective needed (and no device sync)
             if stop.received:
                 accelerator.set_trigger()
             return accelerator.check_trigger()
@@ -683,9 +692,16 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
             last = state.step == train_args.max_steps
             evaluate_now = last or (train_args.eval_every and state.step % train_args.eval_every == 0)
             if val_loader is not None and evaluate_now:
-                val_loss = record["val_loss"] = evaluate(
-                    accelerator, forward, val_loader, train_args.eval_batches, cudagraphs
+                loss = evaluate(  # dropped on a stop signal, which the check below then acts on
+                    accelerator,
+                    forward,
+                    val_loader,
+                    train_args.eval_batches,
+                    cudagraphs,
+                    None if last else stop_requested,
                 )
+                if loss is not None:
+                    val_loss = record["val_loss"] = loss
             if state.step % train_args.log_every == 0 or state.step == 1 or last or "val_loss" in record:
                 if accelerator.is_main_process:
                     metrics.write(record)

@@ -1051,6 +1051,36 @@ def test_a_branch_stopped_in_its_first_step_saves_into_its_own_folder(corpus, da
     assert [p.name for p in list_checkpoints(branch)] == ["step_0000002"]
 
 
+def test_a_stop_signal_during_an_evaluation_drops_it_and_saves(corpus, data_dir, tmp_path, monkeypatch):
+    """A long evaluation must not outlast torchrun's 30 s between its SIGTERM and its SIGKILL: the evaluation stops
+    after the current batch, and the step it followed is saved (without a val loss)."""
+    real_evaluate, results, batches = train_accelerate.evaluate, [], []
+
+    def signalled_evaluate(accelerator, model, val_loader, *args):
+        real_next = val_loader.next_batch
+
+        def next_batch():
+            batches.append(1)
+            if len(batches) == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real_next()
+
+        val_loader.next_batch = next_batch
+        try:
+            results.append(real_evaluate(accelerator, model, val_loader, *args))
+        finally:
+            del val_loader.next_batch
+        return results[-1]
+
+    monkeypatch.setattr(train_accelerate, "evaluate", signalled_evaluate)
+    out = tmp_path / "run"
+    summary = run(corpus, data_dir, out, "--max_steps", "6", "--eval_every", "2", "--eval_batches", "4")
+    assert results == [None] and len(batches) == 2  # dropped after its second batch
+    assert summary == {"stopped_by": "SIGTERM", "steps": 2}
+    assert [p.name for p in list_checkpoints(out)] == ["step_0000002"]
+    assert [("val_loss" in r, r["step"]) for r in metrics(out)] == [(False, 1), (False, 2)]
+
+
 def test_a_non_finite_gradient_norm_stops_without_saving(corpus, data_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
     run(corpus, data_dir, out, "--max_steps", "2", "--eval_every", "0")
