@@ -44,10 +44,12 @@ from modeling_gpt2_scratch.training import (
     build_scheduler,
     check_checkpoint_fits,
     check_no_checkpoints_ahead,
+    check_no_finished_run,
     checkpoint_dir,
     cpu_supports_bf16,
     describe_device,
     device_peak_flops,
+    finished_run_files,
     flops_per_token,
     format_seconds,
     fsync_tree,
@@ -553,6 +555,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     resume_from = resolve_resume(train_args.resume, train_args.output_dir) if train_args.resume else None
     if resume_from is None and not train_args.overwrite_output_dir:
         check_no_checkpoints_ahead(train_args.output_dir, 0)
+        check_no_finished_run(train_args.output_dir)
     set_seed(train_args.seed)
 
     model = build_model(model_args, train_args)  # before the data: a bad model flag fails at once
@@ -629,6 +632,11 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         if resume_from is None and train_args.overwrite_output_dir and list_checkpoints(output_dir):
             logger.info("--overwrite_output_dir: deleting the checkpoints in %s", output_dir / "checkpoints")
             shutil.rmtree(output_dir / "checkpoints")
+        # the end-of-run files of a run replaced (--overwrite_output_dir), or of one that goes on past its export
+        stale = finished_run_files(output_dir) if resume_from is None or state.step < train_args.max_steps else []
+        for path in stale:
+            logger.info("deleting %s: it describes the run %s", path, "replaced" if resume_from is None else "so far")
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
         output_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(output_dir / RUN_CONFIG_NAME, run_config)
         logger.info("configuration:\n%s", _format_config(run_config))

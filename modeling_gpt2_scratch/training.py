@@ -597,6 +597,30 @@ def check_no_checkpoints_ahead(output_dir: str | os.PathLike, step: int) -> None
         )
 
 
+FINISHED_RUN_FILES = ("final", RUN_SUMMARY_NAME)  # what a run leaves when it ends: its export and its summary
+
+
+def finished_run_files(output_dir: str | os.PathLike) -> list[Path]:
+    """The end-of-run files in `output_dir` (`final/`, `run_summary.json`), which describe the run that wrote them."""
+    return [Path(output_dir) / name for name in FINISHED_RUN_FILES if (Path(output_dir) / name).exists()]
+
+
+def check_no_finished_run(output_dir: str | os.PathLike) -> None:
+    """Refuse a new run where another one finished: its `final/` and `run_summary.json` would stay beside the new
+    run's files, and `push_to_hub.py RUN` would publish the old model with the new run's settings.
+
+    Raises:
+        ValueError: naming them and the ways out.
+    """
+    found = finished_run_files(output_dir)
+    if found:
+        names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in found)
+        raise ValueError(
+            f"--output_dir {output_dir} holds a finished run ({names}): continue it with --resume latest (and a "
+            "higher --max_steps), replace it with --overwrite_output_dir true, or use another --output_dir."
+        )
+
+
 def check_checkpoint_fits(checkpoint: str | os.PathLike, config: Any) -> None:
     """Compare the architecture a checkpoint was saved from (its `config.json`) with this run's model.
 

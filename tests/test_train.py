@@ -1081,6 +1081,29 @@ def test_a_stop_signal_during_an_evaluation_drops_it_and_saves(corpus, data_dir,
     assert [("val_loss" in r, r["step"]) for r in metrics(out)] == [(False, 1), (False, 2)]
 
 
+def test_a_finished_runs_export_never_stays_beside_another_runs_files(corpus, data_dir, tmp_path, monkeypatch):
+    """`push_to_hub.py RUN` reads `final/` and `run_summary.json`: a new run in a finished run's folder is refused
+    (it silently replaced it when there were no checkpoints), --overwrite_output_dir deletes them, and so does a
+    resume that trains past them."""
+    out = tmp_path / "run"
+    run(corpus, data_dir, out, "--max_steps", "1", "--save_every", "0", "--eval_every", "0")
+    with pytest.raises(ValueError, match=r"holds a finished run \(final/, run_summary\.json\): continue it with"):
+        run(corpus, data_dir, out, "--max_steps", "1", "--save_every", "0", "--eval_every", "0", "--n_layer", "1")
+    assert json.loads((out / "final" / "config.json").read_text())["n_layer"] == 2
+    run(corpus, data_dir, out, "--max_steps", "2", "--save_every", "2", "--eval_every", "0", "--n_layer", "1",
+        "--overwrite_output_dir", "true")  # fmt: skip
+    assert json.loads((out / "final" / "config.json").read_text())["n_layer"] == 1
+    assert json.loads((out / "run_summary.json").read_text())["steps"] == 2
+
+    def interrupted(*args, **kwargs):
+        raise train_accelerate.StepInterrupted()
+
+    monkeypatch.setattr(train_accelerate, "train_step", interrupted)  # a resume to step 4, stopped at once
+    run(corpus, data_dir, out, "--max_steps", "4", "--eval_every", "0", "--n_layer", "1", "--resume", "latest")
+    assert not (out / "final").exists() and not (out / "run_summary.json").exists()
+    assert [p.name for p in list_checkpoints(out)] == ["step_0000002"]  # the model final/ held
+
+
 def test_a_non_finite_gradient_norm_stops_without_saving(corpus, data_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
     run(corpus, data_dir, out, "--max_steps", "2", "--eval_every", "0")
