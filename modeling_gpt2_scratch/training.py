@@ -105,8 +105,9 @@ class TrainArguments:
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
-            "help": "Start a new run in an --output_dir that holds another run's checkpoints: they are deleted "
-            "(once the data and model are ready). Without it, that is an error."
+            "help": "Start a new run in an --output_dir that holds another run's checkpoints or finished run "
+            "(final/, run_summary.json): they are deleted (once the data and model are ready). Without it, that is "
+            "an error."
         },
     )
     resume: str | None = field(
