@@ -320,6 +320,12 @@ def _resolve_source(name: str, exclude: Path | None = None) -> _Source:
         raise ValueError(
             f"Unsupported file type(s) {', '.join(unsupported)} in --dataset {name!r}; use {supported} files."
         )
+    chained = [str(p) for p in files if "::" in str(p)]
+    if chained:  # `datasets` (fsspec) splits data file paths at "::" (URL chaining): such a file cannot be opened
+        raise ValueError(
+            f"Path {chained[0]!r} of --dataset {name!r} contains '::', which `datasets` reads as a URL chain: rename "
+            "the file or folder."
+        )
     builders = {EXTENSION_BUILDERS[p.suffix.lower()] for p in files}
     if len(builders) > 1:
         kinds = ", ".join(sorted({p.suffix.lower() for p in files}))

@@ -562,6 +562,13 @@ def test_json_files_whose_other_columns_differ_error_in_one_line_with_the_fix(tm
     _one_line_error(excinfo)
 
 
+def test_a_file_name_with_a_url_chain_separator_is_a_one_line_error(tmp_path):
+    (tmp_path / "notes::2024.txt").write_text("hello")
+    with pytest.raises(ValueError, match=r"notes::2024\.txt.* contains '::'.*rename the file") as excinfo:
+        prepare(tmp_path / "notes::2024.txt", tmp_path / "out")
+    _one_line_error(excinfo)
+
+
 def test_csv_text_that_reads_like_numbers_is_text(tmp_path):
     """pandas infers a column of 1984, 2001 as integers (per chunk of rows); the text column is read as text."""
     (tmp_path / "d.csv").write_text("id,text,score\n1,1984,0.5\n2,2001,0.25\n3,007,1\n")
