@@ -11,6 +11,7 @@ the same validation batches:
   budget is spent.
 
     python benchmarks/time_to_loss.py --dataset ../shared/data/tinyshakespeare.txt [--budget_minutes 5]
+    python benchmarks/time_to_loss.py --same_time   # Trainer gets the seconds ours took: the loss at equal time
 
 Prints a markdown table. Run it on a quiet machine: both runs are timed.
 """
@@ -194,6 +195,12 @@ def main() -> None:
     parser.add_argument("--budget_minutes", type=positive_float, default=5.0, help="Wall-clock budget of each run.")
     parser.add_argument("--eval_batches", type=positive_int, default=16, help="Val batches for the final comparison.")
     parser.add_argument("--seed", type=int, default=None, help="Both runs' seed (default: the preset's).")
+    parser.add_argument(
+        "--same_time",
+        action="store_true",
+        help="Give Trainer the training seconds ours took instead of --budget_minutes: which loss each reaches in "
+        "the same time (Trainer stops after the first optimizer step past it).",
+    )
     args = parser.parse_args()
     args.seed = [] if args.seed is None else ["--seed", str(args.seed)]  # passed to both runs
     _, data_args, train_args = parse_arguments(["--config", str(PRESET), "--dataset", args.dataset, *args.seed])
@@ -204,8 +211,15 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     with tempfile.TemporaryDirectory() as tmp:
         ours = run_ours(args, Path(tmp))
+        if args.same_time:
+            args.budget_minutes = ours["seconds"] / 60
         theirs = run_trainer(args, Path(tmp))
-    print(f"quickstart preset, seed {train_args.seed}, {args.budget_minutes:g}-minute budget, "
+    budget = (
+        f"{args.budget_minutes * 60:.0f}-second budget (ours's time)"
+        if args.same_time
+        else (f"{args.budget_minutes:g}-minute budget")
+    )
+    print(f"quickstart preset, seed {train_args.seed}, {budget}, "
           f"torch {torch.__version__}, "
           f"{os.cpu_count()} cores, bf16={args.bf16}; val loss on {args.eval_batches} x "
           f"{args.micro_batch_size} x {args.seq_len} val tokens\n")  # fmt: skip
