@@ -354,18 +354,24 @@ RESUME_SCHEDULE_FLAGS = (
 )
 
 
-def schedule_flag_changes(previous_config: Path, training: dict) -> list[str]:
-    """The schedule and batch flags (`RESUME_SCHEDULE_FLAGS`) this resumed run changes (`--flag old -> new`), against
-    the `run_config.json` of the run it continues; they take effect through the flags themselves."""
+def flag_changes(previous_config: Path, section: str, now: dict, names: tuple[str, ...], same=None) -> list[str]:
+    """The flags `names` of `section` ("training", "data") that this resumed run changes (`--flag old -> new`),
+    against the `run_config.json` of the run it continues; `same(name, old, new)` may call two values equal."""
     try:
-        previous = json.loads(previous_config.read_text()).get("training", {})
+        previous = json.loads(previous_config.read_text()).get(section, {})
     except (OSError, ValueError, AttributeError):
         return []  # no earlier configuration to compare with (a checkpoint copied elsewhere)
     return [
-        f"--{name} {previous[name]} -> {training[name]}"
-        for name in RESUME_SCHEDULE_FLAGS
-        if name in previous and previous[name] != training[name]
+        f"--{name} {previous[name]} -> {now[name]}"
+        for name in names
+        if name in previous and previous[name] != now[name] and not (same and same(name, previous[name], now[name]))
     ]
+
+
+def schedule_flag_changes(previous_config: Path, training: dict) -> list[str]:
+    """The schedule and batch flags (`RESUME_SCHEDULE_FLAGS`) a resume changes; they take effect through the flags
+    themselves."""
+    return flag_changes(previous_config, "training", training, RESUME_SCHEDULE_FLAGS)
 
 
 RESUME_DATA_FLAGS = (
@@ -380,24 +386,17 @@ RESUME_DATA_FLAGS = (
 
 
 def data_flag_changes(previous_config: Path, data_args: DataArguments) -> list[str]:
-    """The data flags (`RESUME_DATA_FLAGS`) a resume changes (`--flag old -> new`) against the `run_config.json` of
-    the run it continues. Each gives another token stream, which the checkpoint's data position does not fit; a local
-    `--dataset` counts as changed only when both paths exist here and are different files."""
-    try:
-        previous = json.loads(previous_config.read_text()).get("data", {})
-    except (OSError, ValueError, AttributeError):
-        return []  # no earlier configuration to compare with (a checkpoint copied elsewhere)
-    now = asdict(data_args)
-    changes = []
-    for name in RESUME_DATA_FLAGS:
-        if name not in previous or previous[name] == now[name]:
-            continue
-        if name == "dataset":
-            old, new = (Path(os.path.expanduser(str(d))) for d in (previous[name], now[name]))
-            if not (old.exists() and new.exists()) or old.resolve() == new.resolve():
-                continue  # a relative path from another folder, an archived corpus, or the same file
-        changes.append(f"--{name} {previous[name]} -> {now[name]}")
-    return changes
+    """The data flags (`RESUME_DATA_FLAGS`) a resume changes. Each gives another token stream, which the checkpoint's
+    data position does not fit; a local `--dataset` counts as changed only when both paths exist here and are
+    different files (not a relative path from another folder, or an archived corpus)."""
+
+    def same_dataset(name: str, old: str, new: str) -> bool:
+        if name != "dataset":
+            return False
+        old_path, new_path = (Path(os.path.expanduser(str(d))) for d in (old, new))
+        return not (old_path.exists() and new_path.exists()) or old_path.resolve() == new_path.resolve()
+
+    return flag_changes(previous_config, "data", asdict(data_args), RESUME_DATA_FLAGS, same_dataset)
 
 
 def sigterm_when_the_launcher_dies() -> bool:

@@ -815,15 +815,13 @@ def _prepared_from_missing_corpus(out: Path, args: DataArguments) -> dict | None
         for f in files
     ):
         return None
-    local = _Source(name=args.dataset, files=tuple(files))
-    if (
-        manifest.get("format_version") != FORMAT_VERSION
-        or manifest.get("tokenizer") != _tokenizer_info()
-        or manifest.get("settings") != _settings(local, args)
-        or not _shards_intact(out, manifest)
-    ):
-        return None
-    return manifest
+    wanted = {  # what preparing would ask for, with the source as recorded (its files cannot be read)
+        "format_version": FORMAT_VERSION,
+        "tokenizer": _tokenizer_info(),
+        "source": manifest["source"],
+        "settings": _settings(_Source(name=args.dataset, files=tuple(files)), args),
+    }
+    return manifest if _difference(manifest, wanted) is None and _shards_intact(out, manifest) else None
 
 
 def _shards_intact(directory: Path, manifest: dict) -> bool:
