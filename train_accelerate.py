@@ -354,9 +354,12 @@ RESUME_SCHEDULE_FLAGS = (
 )
 
 
-def flag_changes(previous_config: Path, section: str, now: dict, names: tuple[str, ...], same=None) -> list[str]:
+def flag_changes(
+    previous_config: Path, section: str, now: dict, names: tuple[str, ...], same: dict[str, Callable] | None = None
+) -> list[str]:
     """The flags `names` of `section` ("training", "data") that this resumed run changes (`--flag old -> new`),
-    against the `run_config.json` of the run it continues; `same(name, old, new)` may call two values equal."""
+    against the `run_config.json` of the run it continues; `same[name](old, new)` may call two values of a flag
+    equal."""
     try:
         previous = json.loads(previous_config.read_text()).get(section, {})
     except (OSError, ValueError, AttributeError):
@@ -364,7 +367,9 @@ def flag_changes(previous_config: Path, section: str, now: dict, names: tuple[st
     return [
         f"--{name} {previous[name]} -> {now[name]}"
         for name in names
-        if name in previous and previous[name] != now[name] and not (same and same(name, previous[name], now[name]))
+        if name in previous
+        and previous[name] != now[name]
+        and not (name in (same or {}) and same[name](previous[name], now[name]))
     ]
 
 
@@ -390,13 +395,11 @@ def data_flag_changes(previous_config: Path, data_args: DataArguments) -> list[s
     data position does not fit; a local `--dataset` counts as changed only when both paths exist here and are
     different files (not a relative path from another folder, or an archived corpus)."""
 
-    def same_dataset(name: str, old: str, new: str) -> bool:
-        if name != "dataset":
-            return False
+    def same_dataset(old: str, new: str) -> bool:
         old_path, new_path = (Path(os.path.expanduser(str(d))) for d in (old, new))
         return not (old_path.exists() and new_path.exists()) or old_path.resolve() == new_path.resolve()
 
-    return flag_changes(previous_config, "data", asdict(data_args), RESUME_DATA_FLAGS, same_dataset)
+    return flag_changes(previous_config, "data", asdict(data_args), RESUME_DATA_FLAGS, {"dataset": same_dataset})
 
 
 def sigterm_when_the_launcher_dies() -> bool:

@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> None:
                 except Exception as err:  # noqa: BLE001 - report why a mode does not work instead of stopping
                     errors[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
             names = [name for name in runs if name not in errors]
-            differs = {name: False for name in names}  # any call's ids unlike HF's warm-up call's
+            # any call's ids unlike HF's warm-up call's, the warm-up calls' own included
+            differs = {name: HF in outputs and not torch.equal(outputs[HF], outputs[name]) for name in names}
             for round_ in range(args.repeats):
                 for name in names[round_ % len(names) :] + names[: round_ % len(names)]:  # each goes first in turn
                     seconds, out = timed_generate(*runs[name], prompt, kwargs, device)
@@ -152,11 +153,7 @@ def main(argv: list[str] | None = None) -> None:
                 if name in errors:
                     rows.append((mode, batch, name, None, None, None, None, errors[name]))
                     continue
-                same = (
-                    "-"
-                    if HF not in outputs
-                    else ("no" if differs[name] or not torch.equal(outputs[HF], outputs[name]) else "yes")
-                )
+                same = "-" if HF not in outputs else ("no" if differs[name] else "yes")
                 tok_s = batch * args.new_tokens / medians[name]
                 ratio = medians[HF] / medians[name] if HF in medians else float("nan")
                 rows.append((mode, batch, name, medians[name], tok_s, ratio, warmups[name], same))

@@ -214,11 +214,9 @@ def main() -> None:
         if args.same_time:
             args.budget_minutes = ours["seconds"] / 60
         theirs = run_trainer(args, Path(tmp))
-    budget = (
-        f"{args.budget_minutes * 60:.0f}-second budget (ours's time)"
-        if args.same_time
-        else (f"{args.budget_minutes:g}-minute budget")
-    )
+    budget = f"{args.budget_minutes:g}-minute budget"
+    if args.same_time:
+        budget = f"{args.budget_minutes * 60:.0f}-second budget (ours's time)"
     print(f"quickstart preset, seed {train_args.seed}, {budget}, "
           f"torch {torch.__version__}, "
           f"{os.cpu_count()} cores, bf16={args.bf16}; val loss on {args.eval_batches} x "

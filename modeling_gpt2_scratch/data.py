@@ -340,17 +340,16 @@ def _resolve_source(name: str, exclude: Path | None = None) -> _Source:
 def _check_text_column(source: _Source, args: DataArguments) -> None:
     """Every CSV and Parquet file has the text column (their headers and schemas are read, not their rows): else the
     one-line error lists the columns that file has."""
+    if source.builder not in ("csv", "parquet"):
+        return
+    import pandas as pd
+    import pyarrow.parquet as pq
+
     for path in source.files:
         if source.builder == "csv":
-            import pandas as pd
-
             columns = list(pd.read_csv(path, nrows=0, encoding="utf-8-sig").columns)
-        elif source.builder == "parquet":
-            import pyarrow.parquet as pq
-
-            columns = pq.read_schema(path).names
         else:
-            return
+            columns = pq.read_schema(path).names
         if args.text_column not in columns:
             raise _missing_column(args.text_column, f"local file {path}", columns)
 
@@ -809,9 +808,9 @@ def _prepared_from_missing_corpus(out: Path, args: DataArguments) -> dict | None
         return None
     files = [Path(f["path"]) for f in (manifest.get("source") or {}).get("files") or [] if "path" in f]
     expanded = os.path.expanduser(args.dataset)
-    wanted, pattern = Path(expanded).resolve(), os.path.abspath(expanded)
+    named, pattern = Path(expanded).resolve(), os.path.abspath(expanded)
     if not files or not all(
-        f == wanted or wanted in f.parents or (glob.has_magic(expanded) and fnmatch.fnmatch(str(f), pattern))
+        f == named or named in f.parents or (glob.has_magic(expanded) and fnmatch.fnmatch(str(f), pattern))
         for f in files
     ):
         return None
@@ -1269,12 +1268,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         manifest_path = prepare_dataset(args)
-    except (ValueError, OSError) as err:  # OSError: e.g. an --output_dir under a file, no permission, a full disk
+    except (ValueError, OSError, PrepareError) as err:  # OSError: e.g. an --output_dir under a file, a full disk
         print(f"error: {_one_line(err)}", file=sys.stderr)
-        return 2
-    except PrepareError as err:
-        print(f"error: {_one_line(err)}", file=sys.stderr)
-        return 1
+        return 1 if isinstance(err, PrepareError) else 2
     print(manifest_path)
     return 0
 
