@@ -27,7 +27,7 @@ from transformers.generation.logits_process import LogitsProcessorList, Watermar
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_gpt2_scratch import GPT2ScratchConfig
@@ -392,8 +392,10 @@ class GrowingLayer(DynamicLayer):
     values are views of the first `S` positions of larger buffers ("rooms", with a quarter of their length, at least
     64 positions, to spare), and a step writes its positions into them. The other `DynamicLayer` methods work as
     they are: a crop leaves shorter views of the rooms (the next update writes over what was cropped); a reorder,
-    batch selection or offload leaves new tensors, which the next update copies into new rooms. Under autograd an
-    update concatenates, as `DynamicLayer` does.
+    batch selection or offload leaves new tensors, which the next update copies into new rooms. An update
+    concatenates, as `DynamicLayer` does, where writing in place would be wrong (`_concatenates`): under autograd,
+    under `torch.compile`, and for new states of another dtype. Rooms made under `torch.inference_mode()` are
+    replaced by new ones outside it (inference tensors cannot be written there).
     """
 
     _rooms: tuple[torch.Tensor, torch.Tensor] | None = None  # the buffers behind `keys` and `values`
@@ -406,16 +408,26 @@ class GrowingLayer(DynamicLayer):
     def _in_rooms(self) -> bool:
         return self._rooms is not None and self.keys is self._views[0] and self.values is self._views[1]
 
+    def _concatenates(self, key_states: torch.Tensor, value_states: torch.Tensor) -> bool:
+        """Whether this update must concatenate, as `DynamicLayer` does, instead of writing into the rooms."""
+        if torch.compiler.is_compiling():  # a compiled graph would keep the rooms' writes and views of this call
+            return True
+        past = (self.keys, self.values) if self.is_initialized else ()
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (key_states, value_states, *past)):
+            # autograd keeps earlier steps' views for the backward: writing into their buffers would corrupt them
+            return True
+        return bool(past) and (self.keys.dtype, self.values.dtype) != (key_states.dtype, value_states.dtype)
+
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
-            # autograd keeps earlier steps' views for the backward: writing into their buffers would corrupt them
+        if self._concatenates(key_states, value_states):
             return super().update(key_states, value_states, *args, **kwargs)  # concatenate, as DynamicLayer does
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         start, n = self.get_seq_length(), key_states.shape[-2]
-        if not (self._in_rooms() and start + n <= self._rooms[0].shape[-2]):  # first step, full, or replaced
+        writable = self._in_rooms() and not (self._rooms[0].is_inference() and not torch.is_inference_mode_enabled())
+        if not (writable and start + n <= self._rooms[0].shape[-2]):  # first step, full, replaced, or read-only
             spare = max(64, (start + n) // 4)
             rooms = []
             for past, new in ((self.keys, key_states), (self.values, value_states)):
@@ -839,7 +851,9 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
                 (`shift_labels[:, t]` is the token after `input_ids[:, t]`), as the training loader yields them;
                 used instead of `labels`. Not a named parameter, as in `transformers`' models: `Trainer` takes
                 every forward parameter with "label" in its name for a label it must find in each batch.
-            logits_to_keep: compute logits only for the last `n` positions (0 = all), or for the given indices.
+            logits_to_keep: compute logits only for the last `n` positions (0 = all), or for the given positions
+                (1-D: of every row; 2-D integer: per row; 2-D boolean mask: the logits of its `True` positions, flat),
+                as `transformers`' `slice_logits_to_keep`.
             skip_logits: compute the loss chunk by chunk without materialising the logits (`LinearCrossEntropy`)
                 and return `logits=None`. Default: in training mode when labels are given (what `Trainer` and
                 `train_accelerate.py` need); pass `False` to get the logits too. Where `lm_head` has to be called
@@ -894,8 +908,8 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
             )
             logits = None
         else:
-            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-            logits = self.lm_head(hidden_states[:, keep, :])  # (B, T, vocab_size): the padded width is faster
+            # (B, T, vocab_size), or (n, vocab_size) for a boolean mask: the padded width is faster
+            logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
             logits[..., real_vocab:] = float("-inf")  # padded ids: zero probability in the loss, zero gradient
             loss = None
             if has_labels:

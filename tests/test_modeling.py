@@ -286,6 +286,21 @@ def test_logits_to_keep(pair):
     assert torch.allclose(last[:, 0], full[:, -1], atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["1-D", "2-D positions", "2-D mask"])
+def test_logits_to_keep_tensors_as_hf(pair, kind):
+    hf, model = pair
+    ids = random_ids(2, 10)
+    keep = {
+        "1-D": torch.tensor([0, 7]),
+        "2-D positions": torch.tensor([[0, 3], [9, 2]]),  # per row
+        "2-D mask": torch.rand(2, 10, generator=torch.Generator().manual_seed(0)) > 0.5,  # flat (n, V) logits
+    }[kind]
+    with torch.no_grad():
+        got, want = model(ids, logits_to_keep=keep).logits, hf(ids, logits_to_keep=keep).logits
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_input_longer_than_context_raises(pair):
     _, model = pair
     n = SMALL["n_positions"]
@@ -414,6 +429,69 @@ def test_growing_cache_under_autograd_gives_dynamic_cache_gradients():
         (prefill.sum() + step.sum()).backward()
         grads.append(model.transformer.h[0].attn.c_attn.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
+def test_growing_cache_behind_a_soft_prompt_gives_dynamic_cache_gradients():
+    from transformers import DynamicCache
+
+    _, model = make_pair(seed=4)
+    model.requires_grad_(False)  # a frozen model: only the past keys of the prompt require grad, not the new ones
+    ids = random_ids(1, 4)
+    grads = []
+    for cache in (modeling.GrowingCache(model.config), DynamicCache(config=model.config)):
+        soft = torch.randn(1, 4, model.config.n_embd, generator=torch.Generator().manual_seed(0)).requires_grad_()
+        loss = model(inputs_embeds=soft, cache=cache).logits.logsumexp(-1).sum()
+        for t in range(3):  # decoding steps must not write over the prompt's keys that the backward reads
+            loss = loss + model(ids[:, t : t + 1], cache=cache).logits.logsumexp(-1).sum()
+        loss.backward()
+        grads.append(soft.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("prefill_context", ["inference_mode", "autocast"])
+def test_growing_cache_continues_a_prefill_made_under_another_mode(pair, prefill_context):
+    """A prompt cache made under `torch.inference_mode()` (inference tensors) or bf16 autocast (bf16 keys), then
+    decoded from in plain float32 without inference mode: as `DynamicCache` does it."""
+    from transformers import DynamicCache
+
+    _, model = pair
+    ids = random_ids(2, 8)
+    logits = []
+    for cache in (modeling.GrowingCache(model.config), DynamicCache(config=model.config)):
+        if prefill_context == "inference_mode":
+            context = torch.inference_mode()
+        else:
+            context = torch.autocast("cpu", dtype=torch.bfloat16)
+        with context, torch.no_grad():
+            model(ids[:, :6], cache=cache)
+        with torch.no_grad():
+            logits.append([model(ids[:, t : t + 1], cache=cache).logits for t in (6, 7)])
+    for got, want in zip(*logits, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_compiled_model_decodes_again_with_a_fresh_default_cache():
+    """`torch.compile` must not capture the `GrowingCache`'s in-place writes: the second decoding round, with a new
+    cache, failed in inductor's graph (a 1-D placeholder where the first round's room was)."""
+    _, model = make_pair(seed=0)
+    model.eval()
+    ids = random_ids(2, 8)
+    compiled = torch.compile(model)
+
+    def decode(forward) -> torch.Tensor:
+        out = forward(ids, use_cache=True)
+        cache, steps = out.cache, [out.logits]
+        for t in range(3):
+            out = forward(ids[:, t : t + 1], cache=cache)
+            cache, steps = out.cache, steps + [out.logits]
+        assert isinstance(cache, modeling.GrowingCache) and cache.get_seq_length() == 11
+        return torch.cat(steps, dim=1)
+
+    with torch.no_grad():
+        want = decode(model)
+        for _ in range(2):
+            torch.testing.assert_close(decode(compiled), want, rtol=1e-5, atol=1e-5)
 
 
 def test_generate_uses_a_growing_cache_unless_told_otherwise(pair):
