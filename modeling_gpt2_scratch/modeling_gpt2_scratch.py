@@ -257,8 +257,9 @@ def _conversion():
 class LinearCrossEntropy(torch.autograd.Function):
     """Cross-entropy of `hidden @ weight.T` without holding the `(N, V)` logits: chunk by chunk of rows.
 
-    Each chunk's logits (at most `chunk_size x V`) are made, reduced to the loss and turned into the gradients of
-    `hidden` and `weight` at once, then dropped; the backward only scales the stored gradients. Same FLOPs as
+    Each chunk's logits (`chunks`: `(start, rows)` pairs, from `chunks()`) are made, reduced to the loss and turned
+    into the gradients of `hidden` and `weight` at once, then dropped; the backward only scales the stored gradients.
+    Same FLOPs as
     the plain head + `F.cross_entropy`, but nothing `(N, V)` kept for the backward and at most one chunk's
     logits at a time (the model's `loss_chunk_rows`: 2**26 logits, or 2**30 on a CUDA GPU). Columns `>= real_vocab`
     (the padded ids) are `-inf`; targets equal to `ignore_index` count for nothing. Returns the summed loss divided by
@@ -281,7 +282,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         real_vocab: int,
         normalizer,
         ignore_index: int,
-        chunk_size: int,
+        chunks: tuple[tuple[int, int], ...],
         tied_gradient: dict | None = None,
         gradients: bool = True,
     ):
@@ -290,17 +291,15 @@ class LinearCrossEntropy(torch.autograd.Function):
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
         with torch.autocast(device_type, enabled=False):
             h_all, w = hidden.to(dtype), weight.to(dtype)
-            n_rows = h_all.shape[0]
-            chunk_size = math.ceil(n_rows / math.ceil(n_rows / chunk_size))  # equal chunks: no small last one
             valid = (targets != ignore_index).unsqueeze(1)  # (N, 1)
             targets = targets.unsqueeze(1).masked_fill(~valid, 0)  # (N, 1), ignored rows point at id 0
             grad_hidden = torch.empty_like(h_all) if want_hidden else None
             grad_weight = None
             loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
             previous_done = torch.zeros((), dtype=dtype, device=hidden.device)
-            for start in range(0, n_rows, chunk_size):
-                rows = slice(start, start + chunk_size)
-                h, t, keep = h_all[rows] + previous_done, targets[rows], valid[rows]
+            for start, length in chunks:
+                h, t, keep = (x.narrow(0, start, length) for x in (h_all, targets, valid))
+                h = h + previous_done
                 logits_lp = h @ w.t()  # (n, V) in the matmul dtype
                 logits = logits_lp.float()  # (n, V); the same tensor when that is float32
                 logits[:, real_vocab:] = float("-inf")
@@ -323,8 +322,8 @@ class LinearCrossEntropy(torch.autograd.Function):
                     del log_probs, logits_lp
                     grad.scatter_(1, t, (target_log_probs.exp() - 1).to(dtype))
                     if want_hidden:
-                        torch.mul(grad @ w, keep, out=grad_hidden[rows])  # ignored rows: zero gradient
-                        last = grad_hidden[rows][0, 0]
+                        torch.mul(grad @ w, keep, out=grad_hidden.narrow(0, start, length))  # ignored rows: zero
+                        last = grad_hidden[start, 0]
                     if want_weight:
                         h = h * keep
                         if grad_weight is None:
@@ -342,6 +341,14 @@ class LinearCrossEntropy(torch.autograd.Function):
         ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
         ctx.tied_gradient = tied_gradient
         return loss / normalizer
+
+    @staticmethod
+    def chunks(n_rows: int, max_rows: int) -> tuple[tuple[int, int], ...]:
+        """`(start, length)` of each chunk of `n_rows` rows: as few as fit `max_rows`, of equal lengths (no small last
+        one). The forward takes them as an argument: under `torch.compile` with dynamic shapes, sizes computed inside
+        an `autograd.Function` fail to compile on torch 2.11 (dynamo's "Expected subgraph_vt to be a tensor")."""
+        size = math.ceil(n_rows / math.ceil(n_rows / max_rows))
+        return tuple((start, min(size, n_rows - start)) for start in range(0, n_rows, size))
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -902,7 +909,7 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
                 real_vocab,
                 torch.as_tensor(normalizer, dtype=torch.float32, device=hidden_states.device),
                 IGNORE_INDEX,
-                self.loss_chunk_rows(hidden_states.device),
+                LinearCrossEntropy.chunks(shift_labels.shape[0], self.loss_chunk_rows(hidden_states.device)),
                 tied_gradient,
                 torch.is_grad_enabled(),  # else the loss alone: no gradients computed for a backward that never runs
             )

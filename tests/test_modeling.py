@@ -1076,7 +1076,31 @@ def test_fused_loss_chunk_rows_by_device_or_the_models_setting(monkeypatch):
     )
     ids = random_ids(2, 8)
     model(ids, labels=ids)
-    assert chunk_sizes == [16]
+    assert chunk_sizes == [((0, 16),)]
+    assert modeling.LinearCrossEntropy.chunks(40, 16) == ((0, 14), (14, 14), (28, 12))  # 3 chunks, none small
+
+
+@pytest.mark.slow
+def test_fused_loss_compiles_when_the_batch_shape_changes():
+    """A compiled training forward under bf16 autocast, called at a second batch size (dynamo then recompiles with
+    dynamic shapes, as `Trainer` with `torch_compile` and padded batches does): the loss and gradients of eager mode.
+    On torch 2.11 dynamo failed to compile the fused loss ("Expected subgraph_vt to be a tensor") when it computed
+    its chunks from the symbolic row count inside the `autograd.Function`."""
+    model = GPT2ScratchForCausalLM(GPT2ScratchConfig(**SMALL)).train()
+    model.loss_chunk_elements = 5 * model.config.vocab_size  # several chunks, their count depending on the shape
+    compiled = torch.compile(model, backend="aot_eager")
+    for batch in (2, 3):
+        ids = random_ids(batch, 8, seed=batch)
+        results = []
+        for forward in (compiled, model):
+            model.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = forward(ids, labels=ids).loss
+            loss.backward()
+            results.append((loss.detach(), model.transformer.h[0].attn.c_attn.weight.grad.clone()))
+        (loss, grad), (want_loss, want_grad) = results
+        torch.testing.assert_close(loss, want_loss, rtol=1e-3, atol=0)
+        assert ((grad - want_grad).norm() / want_grad.norm()).item() < 1e-2  # bf16 rounding, in another order
 
 
 def test_fused_loss_without_autograd_computes_the_loss_alone():
@@ -1112,7 +1136,9 @@ def test_fused_loss_on_a_cpu_holds_one_logits_sized_tensor_per_chunk():
     hidden, weight = torch.randn(n, c, requires_grad=True), torch.randn(v, c, requires_grad=True)
     targets = torch.randint(0, v - 10, (n,))
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        loss = modeling.LinearCrossEntropy.apply(hidden, weight, targets, v - 10, torch.tensor(float(n)), -100, n)
+        loss = modeling.LinearCrossEntropy.apply(
+            hidden, weight, targets, v - 10, torch.tensor(float(n)), -100, ((0, n),)
+        )
     logits_sized = [e.name for e in prof.events() if e.self_cpu_memory_usage >= n * v * 4]
     assert logits_sized == ["aten::mm"]
     logits = (hidden @ weight.t()).masked_fill(torch.arange(v) >= v - 10, float("-inf"))
