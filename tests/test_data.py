@@ -159,6 +159,34 @@ def test_a_txt_file_is_one_document(tmp_path):
     assert read_split(tmp_path / "out", "train").tolist().count(EOT) == 1
 
 
+def test_small_txt_files_are_read_whole_in_one_call_and_give_the_tokens_of_each_file(tmp_path, monkeypatch):
+    """Runs of small .txt files are read whole, one `load_dataset` call per run, larger files line by line: the
+    same documents, in order, with the same text (CRLF and CR read as newlines, a byte-order mark dropped)."""
+    monkeypatch.setattr(data, "_TXT_WHOLE_BYTES", 40)
+    folder = tmp_path / "src"
+    folder.mkdir()
+    files = {
+        "a.txt": b"alpha\r\nbeta\r\n",
+        "b.txt": "\ufeffbom at the start".encode(),
+        "c.txt": b"",  # empty: left out of the documents, as before
+        "d.txt": b"a larger file, read line by line:\n" * 3,  # over 40 bytes
+        "e.txt": b"old mac\rline\r",
+        "f.txt": "Жук, 日本 ".encode(),
+    }
+    for name, content in files.items():
+        (folder / name).write_bytes(content)
+    calls = []
+    real_load = datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append(k["sample_by"]) or real_load(*a, **k))
+    prepare(folder, tmp_path / "out")
+    texts = ["alpha\nbeta\n", "bom at the start", "a larger file, read line by line:\n" * 3, "old mac\nline\n"]
+    texts.append("Жук, 日本 ")
+    assert read_split(tmp_path / "out", "train").tolist() == expected_stream(texts)
+    assert calls == ["document", "line", "document"]  # a.txt-c.txt, d.txt, e.txt-f.txt
+    stats = read_manifest(tmp_path / "out")["stats"]
+    assert stats["documents"] == 5
+
+
 def test_txt_line_endings_are_read_as_newlines(tmp_path):
     (tmp_path / "dos.txt").write_bytes(b"one\r\ntwo\r\n")
     prepare(tmp_path / "dos.txt", tmp_path / "out")
