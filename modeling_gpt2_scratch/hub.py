@@ -224,6 +224,35 @@ def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
 
 
+def _check_weights_match(folder: Path, missing: list[str], unexpected: list[str], mismatched: list[str]) -> None:
+    """Raise a `ValueError` naming the first few keys of each kind when any weight is missing, extra or mis-shaped."""
+    if missing or unexpected or mismatched:
+        problems = {"missing": missing, "unexpected": unexpected, "shape mismatches": mismatched}
+        details = "; ".join(f"{name}: {', '.join(keys[:5])}" for name, keys in problems.items() if keys)
+        raise ValueError(f"The weights in {folder} do not match its config.json ({details}).")
+
+
+def load_export_model(folder: str | Path) -> GPT2ScratchForCausalLM:
+    """`from_pretrained` of a `save_pretrained` export, checked: unlike `from_pretrained` alone, which gives missing
+    weights random values, a weight that is missing, unexpected or mis-shaped is an error (the tied `lm_head.weight`,
+    saved once with the embedding, aside).
+
+    Raises:
+        ValueError: listing missing, unexpected or mis-shaped weights.
+    """
+    folder = Path(folder)
+    model, loading = GPT2ScratchForCausalLM.from_pretrained(
+        folder,
+        output_loading_info=True,
+        ignore_mismatched_sizes=True,  # mismatches listed below, not a RuntimeError
+    )
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    missing = sorted(set(loading["missing_keys"]) - tied)
+    mismatched = [f"{key} {tuple(saved)} vs {tuple(expected)}" for key, saved, expected in loading["mismatched_keys"]]
+    _check_weights_match(folder, missing, sorted(loading["unexpected_keys"]), sorted(mismatched))
+    return model.eval()
+
+
 def load_checkpoint_model(folder: str | Path) -> GPT2ScratchForCausalLM:
     """Build the model saved in a training checkpoint: `config.json` + `model.safetensors` (`save_state`).
 
@@ -247,21 +276,18 @@ def load_checkpoint_model(folder: str | Path) -> GPT2ScratchForCausalLM:
         for key, tensor in state_dict.items()
         if key in expected and tensor.shape != expected[key].shape
     ]
-    if missing or unexpected or mismatched:
-        problems = {"missing": missing, "unexpected": unexpected, "shape mismatches": mismatched}
-        details = "; ".join(f"{name}: {', '.join(keys[:5])}" for name, keys in problems.items() if keys)
-        raise ValueError(f"The weights in {folder} do not match its config.json ({details}).")
+    _check_weights_match(folder, missing, unexpected, mismatched)
     model.load_state_dict(state_dict, strict=False)
     model.tie_weights()
     return model.eval()
 
 
 def load_model(source: ModelSource) -> GPT2ScratchForCausalLM:
-    """The model of `source`: `from_pretrained` for an export, `load_checkpoint_model` for a checkpoint.
+    """The model of `source`: `load_export_model` for an export, `load_checkpoint_model` for a checkpoint.
 
     Raises:
-        ValueError: if the folder holds another kind of model (its `model_type` is not `gpt2_scratch`), or weights
-            that cannot be read (a truncated or corrupt file).
+        ValueError: if the folder holds another kind of model (its `model_type` is not `gpt2_scratch`), weights
+            that do not match its `config.json`, or weights that cannot be read (a truncated or corrupt file).
     """
     model_type = json.loads((source.model_dir / CONFIG_NAME).read_text()).get("model_type")
     if model_type != GPT2ScratchConfig.model_type:
@@ -274,7 +300,7 @@ def load_model(source: ModelSource) -> GPT2ScratchForCausalLM:
     try:
         if source.kind == "checkpoint":
             return load_checkpoint_model(source.model_dir)
-        return GPT2ScratchForCausalLM.from_pretrained(source.model_dir).eval()
+        return load_export_model(source.model_dir)
     except (SafetensorError, RuntimeError, EOFError, pickle.UnpicklingError) as err:  # what a broken file raises
         raise ValueError(
             f"Cannot load the weights in {source.model_dir} ({' '.join(str(err).split())}): a truncated or "

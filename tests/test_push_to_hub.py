@@ -527,3 +527,19 @@ def test_corrupt_weights_are_a_one_line_error(tiny_run, tmp_path, capsys):
     weights.write_bytes(weights.read_bytes()[:100])  # a copy cut short
     line = _run_main_expect_error([str(run_dir), "--repo-id", REPO_ID, "--dry-run"], capsys)
     assert "Cannot load the weights" in line and "corrupt" in line
+
+
+@pytest.mark.parametrize(
+    "change, problem",
+    [({"n_layer": 3}, "missing: transformer.h.2."), ({"n_layer": 1}, "unexpected: transformer.h.1."),
+     ({"n_positions": 128}, "shape mismatches: transformer.wpe.weight (64, 32) vs (128, 32)")],
+)  # fmt: skip
+def test_an_export_whose_weights_do_not_match_its_config_is_a_one_line_error(
+    tiny_run, tmp_path, capsys, change, problem
+):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run.run_dir, run_dir)
+    config_path = run_dir / "final" / "config.json"
+    config_path.write_text(json.dumps(json.loads(config_path.read_text()) | change))
+    line = _run_main_expect_error([str(run_dir), "--repo-id", REPO_ID, "--dry-run"], capsys)
+    assert "do not match its config.json" in line and problem in line
