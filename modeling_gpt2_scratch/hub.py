@@ -610,7 +610,7 @@ def hub_dataset_id(dataset: Any, source: str | None = None) -> str | None:
     return dataset
 
 
-def _architecture_rows(model: GPT2ScratchForCausalLM, fmt: Format) -> list[tuple[str, str]]:
+def _architecture_rows(model: GPT2ScratchForCausalLM, fmt: Format, num_parameters: int) -> list[tuple[str, str]]:
     config = model.config
     if fmt == "gpt2":
         model_format = "`GPT2LMHeadModel` (`model_type: gpt2`)"
@@ -622,7 +622,7 @@ def _architecture_rows(model: GPT2ScratchForCausalLM, fmt: Format) -> list[tuple
     return [
         ("architecture", "GPT-2 (decoder-only transformer, pre-LayerNorm, learned positions, tied embeddings)"),
         ("format", model_format),
-        ("parameters", f"{sum(p.numel() for p in model.parameters()):,}"),
+        ("parameters", f"{num_parameters:,}"),
         ("layers", str(config.n_layer)),
         ("attention heads", str(config.n_head)),
         ("embedding size", str(config.n_embd)),
@@ -696,12 +696,16 @@ def build_model_card(
     fmt: Format = "scratch",
     source: ModelSource | None = None,
     license: str = DEFAULT_LICENSE,
+    num_parameters: int | None = None,
 ) -> ModelCard:
     """The repository's `README.md`: YAML metadata (license, library, pipeline tag, tags, datasets, language) and
     the architecture, data, hyperparameters, results, loss curve, usage and limitations.
 
     `license` is the Hub's license id for the weights (`mit`, as OpenAI's GPT-2 and this code; `apache-2.0`, `other`,
-    ...): the trainer's choice, which also has to fit the training data's terms."""
+    ...): the trainer's choice, which also has to fit the training data's terms. `num_parameters`: those of the model
+    the repository holds (`to_hf_gpt2()`'s for `fmt="gpt2"`, without the padding rows); default: `model`'s."""
+    if num_parameters is None:
+        num_parameters = sum(p.numel() for p in model.parameters())
     data, training = _section(info.run_config, "data"), _section(info.run_config, "training")
     hub_id = hub_dataset_id(data.get("dataset"), data.get("dataset_source"))
     base_model = _section(info.run_config, "model").get("init_from")
@@ -734,8 +738,8 @@ def build_model_card(
         fmt=fmt,
         source_note=source_note,
         origin=origin,
-        num_parameters=_format_count(sum(p.numel() for p in model.parameters())),
-        architecture=_architecture_rows(model, fmt),
+        num_parameters=_format_count(num_parameters),
+        architecture=_architecture_rows(model, fmt, num_parameters),
         data_description=description,
         data_rows=data_rows,
         hyperparameters=[(key, _public_value(training[key])) for key in RECIPE_KEYS if training.get(key) is not None],
@@ -806,17 +810,19 @@ def stage_folder(
     model = load_model(source)
     info = read_run_info(source.run_dir, step=source.step if source.kind == "checkpoint" else None)
     logger.info("Staging %s (%s format) from %s into %s", repo_id, fmt, source.model_dir, out_dir)
-    if fmt == "gpt2":
-        model.to_hf_gpt2().eval().save_pretrained(out_dir)
-    else:
-        model.save_pretrained(out_dir)
+    saved = model.to_hf_gpt2().eval() if fmt == "gpt2" else model
+    saved.save_pretrained(out_dir)
     load_tokenizer(source, model_max_length=model.config.n_positions).save_pretrained(out_dir)
     _drop_loader_options(out_dir / "tokenizer_config.json")
     if info.loss_curve is not None and info.loss_curve_rows:
         plot_losses(info.loss_curve_rows, out_dir / "loss.png")
     elif info.loss_curve is not None:
         shutil.copyfile(info.loss_curve, out_dir / "loss.png")
-    build_model_card(model, repo_id, info, fmt=fmt, source=source, license=license).save(out_dir / "README.md")
+    num_parameters = sum(p.numel() for p in saved.parameters())  # gpt2: GPT-2's 50,257 rows, not the padded ones
+    card = build_model_card(
+        model, repo_id, info, fmt=fmt, source=source, license=license, num_parameters=num_parameters
+    )
+    card.save(out_dir / "README.md")
     return list_files(out_dir)
 
 

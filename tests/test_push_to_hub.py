@@ -334,6 +334,7 @@ def test_gpt2_format_is_a_plain_gpt2lmheadmodel_with_the_same_logits(tiny_run, t
     card = ModelCard.load(tmp_path / "repo" / "README.md")
     assert "trust_remote_code" not in card.text and "custom_code" not in card.data.tags
     assert f'pipeline("text-generation", model="{REPO_ID}")' in card.text
+    assert f"| parameters | {hf.num_parameters():,} |" in card.text  # GPT-2's 50,257 rows, not the padded 50,304
 
 
 # --- upload ----------------------------------------------------------------------------------------------------------
