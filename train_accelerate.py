@@ -190,6 +190,14 @@ def dataset_source(data_args: DataArguments, train_args: TrainArguments) -> str:
     return "hub" if "hub" in source else "local"
 
 
+def init_from_source(model_args: ModelArguments) -> str | None:
+    """`"local"` or `"hub"`: where `--init_from` was read, for the model card (a folder here, as `from_pretrained`
+    decides, else a Hub id); None without `--init_from`."""
+    if not model_args.init_from:
+        return None
+    return "local" if Path(model_args.init_from).is_dir() else "hub"
+
+
 def build_model(model_args: ModelArguments, train_args: TrainArguments) -> GPT2ScratchForCausalLM:
     """A random GPT-2 of the requested size, or Hugging Face GPT-2 weights (`--init_from`)."""
     if model_args.init_from:
@@ -601,7 +609,11 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     output_dir = Path(train_args.output_dir)
     run_config = {
         "model": unwrapped.config.to_diff_dict()
-        | {"n_params": sum(p.numel() for p in unwrapped.parameters()), "init_from": model_args.init_from},
+        | {
+            "n_params": sum(p.numel() for p in unwrapped.parameters()),
+            "init_from": model_args.init_from,
+            "init_from_source": init_from_source(model_args),
+        },
         "data": asdict(data_args) | {"dataset_source": dataset_source(data_args, train_args)},
         "training": asdict(train_args)
         | {

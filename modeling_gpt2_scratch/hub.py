@@ -610,6 +610,24 @@ def hub_dataset_id(dataset: Any, source: str | None = None) -> str | None:
     return dataset
 
 
+def _init_from_is_local(model: Mapping[str, Any], run_dir: Path | None = None) -> bool:
+    """Whether the run's `--init_from` (`model`: `run_config.json`'s `model` section) was a local folder, which is
+    not the card's `base_model` (a Hub id). The trainer records it (`init_from_source`: `"local"` or `"hub"`); for
+    runs from before it did: a path's form, a folder that exists relative to the current folder or to the run folder
+    or one above it, or a name that cannot be a Hub id."""
+    if model.get("init_from_source") in ("local", "hub"):
+        return model["init_from_source"] == "local"
+    init_from = str(model.get("init_from"))
+    bases = [Path.cwd()] + ([run_dir, *run_dir.parents] if run_dir is not None else [])
+    if _looks_like_path(init_from) or any((base / init_from).is_dir() for base in bases):
+        return True
+    try:
+        hf_validate_repo_id(init_from)
+    except HFValidationError:
+        return True
+    return False
+
+
 def _architecture_rows(model: GPT2ScratchForCausalLM, fmt: Format, num_parameters: int) -> list[tuple[str, str]]:
     config = model.config
     if fmt == "gpt2":
@@ -708,7 +726,9 @@ def build_model_card(
         num_parameters = sum(p.numel() for p in model.parameters())
     data, training = _section(info.run_config, "data"), _section(info.run_config, "training")
     hub_id = hub_dataset_id(data.get("dataset"), data.get("dataset_source"))
-    base_model = _section(info.run_config, "model").get("init_from")
+    model_section = _section(info.run_config, "model")
+    base_model = model_section.get("init_from")
+    local_base = bool(base_model) and _init_from_is_local(model_section, source.run_dir if source else None)
     tags = ["gpt2", "gpt2-scratch", "text-generation", "pytorch", "causal-lm"]
     if fmt == "scratch":
         tags.append("custom_code")
@@ -719,10 +739,10 @@ def build_model_card(
         pipeline_tag="text-generation",
         tags=tags,
         datasets=[hub_id] if hub_id else None,
-        base_model=base_model if base_model and not _looks_like_path(base_model) else None,
+        base_model=base_model if base_model and not local_base else None,
     )
     if base_model:
-        shown = f"`{_file_name(base_model)}` (local)" if _looks_like_path(base_model) else f"`{base_model}`"
+        shown = f"`{_file_name(base_model)}` (local)" if local_base else f"`{base_model}`"
         origin = f"fine-tuned from {shown}"
     else:
         origin = "trained from scratch"

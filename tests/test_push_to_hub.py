@@ -544,3 +544,20 @@ def test_an_export_whose_weights_do_not_match_its_config_is_a_one_line_error(
     config_path.write_text(json.dumps(json.loads(config_path.read_text()) | change))
     line = _run_main_expect_error([str(run_dir), "--repo-id", REPO_ID, "--dry-run"], capsys)
     assert "do not match its config.json" in line and problem in line
+
+
+@pytest.mark.parametrize("recorded", [True, False], ids=["recorded", "run-from-before-the-record"])
+def test_a_run_fine_tuned_from_a_relative_local_folder_has_no_base_model(tiny_run, tmp_path, recorded):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run.run_dir, run_dir)
+    config = json.loads((run_dir / "run_config.json").read_text())
+    config["model"]["init_from"] = "models/gpt2-local"  # relative to where training ran: the run's parent here
+    if recorded:
+        config["model"]["init_from_source"] = "local"  # what train_accelerate.py writes: no folder needed to tell
+    else:
+        (tmp_path / "models" / "gpt2-local").mkdir(parents=True)
+    (run_dir / "run_config.json").write_text(json.dumps(config))
+    stage_folder(run_dir, tmp_path / "repo", REPO_ID)
+    card = ModelCard.load(tmp_path / "repo" / "README.md")
+    assert card.data.base_model is None and "fine-tuned from `gpt2-local` (local)" in card.text
+    assert "models/gpt2-local" not in card.content

@@ -1146,6 +1146,7 @@ def test_init_from_takes_the_dropout_flag(tmp_path, corpus, data_dir):
     assert config["resid_pdrop"] == config["embd_pdrop"] == config["attn_pdrop"] == 0.0
     run_config = json.loads((out / "run_config.json").read_text())  # what the model card reads
     assert run_config["model"]["init_from"] == str(tmp_path / "hf") and run_config["data"]["dataset_source"] == "local"
+    assert run_config["model"]["init_from_source"] == "local"  # a folder here: not the card's base_model (a Hub id)
 
 
 def test_accelerate_launchs_mixed_precision_is_not_silently_dropped(monkeypatch, caplog):
