@@ -39,7 +39,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .configuration_gpt2_scratch import GPT2ScratchConfig
 from .modeling_gpt2_scratch import GPT2ScratchForCausalLM
-from .training import CHECKPOINT_PATTERN, METRICS_NAME, RUN_CONFIG_NAME, RUN_SUMMARY_NAME, plot_losses
+from .training import CHECKPOINT_PATTERN, METRICS_NAME, RUN_CONFIG_NAME, RUN_SUMMARY_NAME, TrainState, plot_losses
 
 logger = logging.getLogger(__name__)
 
@@ -392,10 +392,28 @@ def _section(run_config: Mapping[str, Any], name: str) -> dict[str, Any]:
     return dict(section) if isinstance(section, Mapping) else {}
 
 
-def read_run_info(run_dir: Path | None, step: int | None = None) -> RunInfo:
+def read_trainer_state(checkpoint_dir: Path) -> dict[str, Any]:
+    """The training loop's `TrainState` (`step`, `tokens`, `elapsed`) saved in a checkpoint: `save_state` writes each
+    object given to `register_for_checkpointing` as `custom_checkpoint_N.pkl`. Read with `weights_only=True` (plain
+    values only); `{}` when no such file holds one."""
+    keys = set(TrainState().state_dict())
+    for path in sorted(checkpoint_dir.glob("custom_checkpoint_*.pkl")):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
+            continue  # another object's state (the scheduler's, the loader's) that needs more than plain values
+        if isinstance(state, dict) and {"step", "tokens"} <= set(state) <= keys:
+            if all(isinstance(state[key], int) for key in ("step", "tokens")):
+                return state
+    return {}
+
+
+def read_run_info(run_dir: Path | None, step: int | None = None, checkpoint_dir: Path | None = None) -> RunInfo:
     """Collect the card's facts from a run folder: `run_config.json`, `run_summary.json`, `metrics.jsonl`.
 
-    With `step` (a checkpoint), the numbers describe that step (from `metrics.jsonl`), not the end of the run.
+    With `step` (a checkpoint), the numbers describe that step, not the end of the run: the tokens and training time
+    of the checkpoint's own trainer state (`checkpoint_dir`, `read_trainer_state`), exact also between two logged
+    steps, else those `metrics.jsonl` logged at the step.
     """
     if run_dir is None:
         return RunInfo()
@@ -423,6 +441,12 @@ def read_run_info(run_dir: Path | None, step: int | None = None) -> RunInfo:
         info.val_loss_step = info.steps if info.final_val_loss is not None else None
         info.training_seconds = _number(summary.get("training_seconds"))
         info.wall_clock_seconds = _number(summary.get("wall_clock_seconds"))
+    state = read_trainer_state(checkpoint_dir) if checkpoint_dir is not None else {}
+    if state and state["step"] == step:  # a checkpoint's own numbers, also when its step was not logged
+        if info.tokens_seen is None:
+            info.tokens_seen = state["tokens"]
+        if info.training_seconds is None:
+            info.training_seconds = _number(state.get("elapsed"))
     if info.training_seconds is None and step is not None:  # a checkpoint: the time logged at its step
         at_step = [_number(row.get("elapsed")) for row in rows if row["step"] == step]
         info.training_seconds = at_step[-1] if at_step else None
@@ -828,7 +852,8 @@ def stage_folder(
     out_dir.mkdir(parents=True, exist_ok=True)
 
     model = load_model(source)
-    info = read_run_info(source.run_dir, step=source.step if source.kind == "checkpoint" else None)
+    checkpoint = source.model_dir if source.kind == "checkpoint" else None
+    info = read_run_info(source.run_dir, step=source.step if checkpoint else None, checkpoint_dir=checkpoint)
     logger.info("Staging %s (%s format) from %s into %s", repo_id, fmt, source.model_dir, out_dir)
     saved = model.to_hf_gpt2().eval() if fmt == "gpt2" else model
     saved.save_pretrained(out_dir)

@@ -6,6 +6,7 @@ to `tests/hub_stub.py`, a stand-in for the Hub on 127.0.0.1.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
@@ -28,6 +29,7 @@ import push_to_hub
 from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM, hub
 from modeling_gpt2_scratch.hub import _results_rows, read_run_info, resolve_source, stage_folder, upload_folder_to_hub
 from modeling_gpt2_scratch.tokenization import get_hf_tokenizer
+from modeling_gpt2_scratch.training import TrainState
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(n_embd=32, n_layer=2, n_head=4, n_positions=64)
@@ -561,3 +563,23 @@ def test_a_run_fine_tuned_from_a_relative_local_folder_has_no_base_model(tiny_ru
     card = ModelCard.load(tmp_path / "repo" / "README.md")
     assert card.data.base_model is None and "fine-tuned from `gpt2-local` (local)" in card.text
     assert "models/gpt2-local" not in card.content
+
+
+def test_a_checkpoint_between_logged_steps_takes_its_numbers_from_its_trainer_state(tiny_run, tmp_path):
+    """A stop-signal checkpoint at step 13 of a run logging every 10 steps: metrics.jsonl has no row at 13, but the
+    checkpoint's TrainState (`custom_checkpoint_2.pkl`, after the scheduler's and the loader's) has its numbers."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run.run_dir, run_dir, ignore=shutil.ignore_patterns("checkpoints"))
+    rows = [{"step": s, "tokens": s * BATCH_TOKENS, "train_loss": 5.0, "elapsed": 10.0 * s} for s in (1, 10, 20)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (run_dir / "run_summary.json").write_text(json.dumps(tiny_run.summary | {"steps": 20}))
+    checkpoint = run_dir / "checkpoints" / "step_0000013"
+    shutil.copytree(tiny_run.checkpoint_dir, checkpoint)
+    torch.save({"last_epoch": 13, "saved_on": datetime.date(2026, 1, 1)}, checkpoint / "custom_checkpoint_0.pkl")
+    torch.save({"split": "train", "epoch": 0, "batch_in_epoch": 13}, checkpoint / "custom_checkpoint_1.pkl")
+    state = TrainState(step=13, tokens=13 * 3000, elapsed=123.4)  # resumed with another batch size: not 13 x 4096
+    torch.save(state.state_dict(), checkpoint / "custom_checkpoint_2.pkl")
+    stage_folder(checkpoint, tmp_path / "repo", REPO_ID)
+    text = (tmp_path / "repo" / "README.md").read_text()
+    assert "| optimizer steps | 13 |" in text and "| tokens seen | 39,000 |" in text
+    assert "| training time | 2m 03s |" in text
