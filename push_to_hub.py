@@ -41,7 +41,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--repo-id", "--repo_id", required=True, help="the Hub repository, USER/NAME or ORG/NAME (required)"
     )
-    parser.add_argument("--private", action="store_true", help="create the repository private")
+    parser.add_argument(
+        "--private",
+        action="store_true",
+        help="create the repository private; an existing public one is an error (nothing is uploaded)",
+    )
     parser.add_argument("--revision", default=None, help="branch to push to, created if missing (default: main)")
     parser.add_argument("--commit-message", "--commit_message", default=None, help="commit message")
     parser.add_argument(

@@ -893,7 +893,7 @@ def upload_folder_to_hub(
 
     Args:
         token: default: `HF_TOKEN`, else the token saved by `hf auth login`.
-        private: create the repository private (an existing repository keeps its visibility, with a warning).
+        private: create the repository private; an existing public one is an error, before any upload.
         revision: the branch to commit to (created from `main` if missing); default `main`.
         endpoint: the Hub's URL; default: `HF_ENDPOINT`, else https://huggingface.co.
 
@@ -901,7 +901,7 @@ def upload_folder_to_hub(
         The repository's URL and the commit's URL.
 
     Raises:
-        ValueError: for an invalid repo id, no token, or offline mode.
+        ValueError: for an invalid repo id, no token, offline mode, or `private` with an existing public repository.
     """
     validate_repo_id(repo_id)
     token = resolve_token(token)
@@ -909,10 +909,10 @@ def upload_folder_to_hub(
     api = HfApi(endpoint=endpoint, token=token, library_name="gpt2-scratch")
     repo_url = api.create_repo(repo_id, private=private or None, repo_type="model", exist_ok=True)
     if private and not api.repo_info(repo_id, repo_type="model").private:
-        logger.warning(
-            "%s already exists and is public: --private applies only to a new repository, so it stays public "
-            "(change its visibility in its settings on the Hub).",
-            repo_id,
+        raise ValueError(
+            f"{repo_id} already exists and is public, and --private was given: nothing was uploaded. Make it private "
+            f"first (in its settings on the Hub, or with huggingface_hub.HfApi().update_repo_settings({repo_id!r}, "
+            "private=True)), or drop --private to push to the public repository."
         )
     if revision and revision != hf_constants.DEFAULT_REVISION:
         api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)

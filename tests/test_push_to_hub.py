@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import torch
-from hub_stub import NO_AUTH_NEEDED, HubStub, route  # tests/ is on sys.path (pytest's rootdir-relative import)
+from hub_stub import NO_AUTH_NEEDED, HubStub, StubRepo, route  # tests/ is on sys.path (pytest's rootdir import)
 from huggingface_hub import ModelCard
 from huggingface_hub import constants as hf_constants
 from safetensors.torch import save_file
@@ -488,9 +488,7 @@ def test_non_empty_local_dir_is_an_error(tiny_run, tmp_path, capsys):
 
 
 @pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")  # huggingface_hub's LFS PUT
-def test_a_re_push_leaves_nothing_stale_and_an_existing_public_repo_is_said_to_stay_public(
-    tiny_run, tmp_path, monkeypatch, caplog
-):
+def test_a_re_push_leaves_nothing_stale(tiny_run, tmp_path, monkeypatch):
     monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_XET", True)
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
     scratch, gpt2 = tmp_path / "scratch", tmp_path / "gpt2"
@@ -499,10 +497,23 @@ def test_a_re_push_leaves_nothing_stale_and_an_existing_public_repo_is_said_to_s
     with HubStub(TOKEN) as hub:
         upload_folder_to_hub(scratch, REPO_ID, token=TOKEN, endpoint=hub.url)
         assert "modeling_gpt2_scratch.py" in hub.files(REPO_ID)
-        with caplog.at_level("WARNING", logger="modeling_gpt2_scratch.hub"):
-            upload_folder_to_hub(gpt2, REPO_ID, token=TOKEN, endpoint=hub.url, private=True)
+        upload_folder_to_hub(gpt2, REPO_ID, token=TOKEN, endpoint=hub.url)
     assert hub.files(REPO_ID) == {p.name: p.read_bytes() for p in gpt2.iterdir()}  # no remote code left behind
-    assert "already exists and is public" in caplog.text and not hub.repos[REPO_ID].private
+
+
+def test_private_with_an_existing_public_repo_is_an_error_before_any_upload(tiny_run, monkeypatch, capsys):
+    monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with HubStub(TOKEN) as hub:
+        hub.repos[REPO_ID] = StubRepo(private=False, branches={"main": {"README.md": b"public"}})
+        monkeypatch.setattr(hf_constants, "ENDPOINT", hub.url)
+        line = _run_main_expect_error([str(tiny_run.run_dir), "--repo-id", REPO_ID, "--private"], capsys)
+    assert f"{REPO_ID} already exists and is public" in line and "nothing was uploaded" in line
+    assert "update_repo_settings" in line and "drop --private" in line
+    repo = hub.repos[REPO_ID]
+    assert not repo.private and repo.commits == [] and repo.branches == {"main": {"README.md": b"public"}}
+    assert not [r for r in hub.requests if "/preupload/" in r.target or "/commit/" in r.target]
 
 
 def test_a_fine_tuned_run_on_a_local_corpus_says_so_and_shows_file_names_only(tiny_run, tmp_path):
