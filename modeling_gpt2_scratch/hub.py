@@ -34,6 +34,7 @@ import torch
 from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import filter_repo_objects
 from huggingface_hub.utils import validate_repo_id as hf_validate_repo_id
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -51,6 +52,18 @@ SourceKind = Literal["export", "checkpoint"]
 CONFIG_NAME = "config.json"
 WEIGHTS_NAMES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+CODE_FILES = tuple(f"{cls.__module__.rsplit('.', 1)[-1]}.py" for cls in (GPT2ScratchConfig, GPT2ScratchForCausalLM))
+STAGED_PATTERNS = (  # the kinds of file stage_folder writes, in either format: the only ones a push deletes
+    "model.safetensors",
+    "model-*-of-*.safetensors",  # save_pretrained's shards of a larger model, and their index
+    "model.safetensors.index.json",
+    CONFIG_NAME,
+    "generation_config.json",
+    *TOKENIZER_FILES,
+    *CODE_FILES,  # the remote code (scratch format), which save_pretrained copies next to the config
+    "README.md",
+    "loss.png",
+)
 NO_TOKEN_MESSAGE = (
     "No Hugging Face token found: run `hf auth login` or set HF_TOKEN to a token with write access "
     "(https://huggingface.co/settings/tokens)."
@@ -888,8 +901,9 @@ def upload_folder_to_hub(
 ) -> tuple[str, str]:
     """Upload a staged folder: `create_repo(exist_ok=True)`, the branch `revision` if new, `upload_folder`.
 
-    The commit also deletes the branch's files that the folder does not hold (`.gitattributes` aside), so a re-push
-    leaves nothing stale: no remote code after `--format gpt2`, no old `loss.png` or weight shards.
+    The commit also deletes the branch's files of the kinds staging writes (`STAGED_PATTERNS`) that the folder does
+    not hold, and logs them, so a re-push leaves nothing stale (no remote code after `--format gpt2`, no old
+    `loss.png` or weight shards); every other file on the branch is kept.
 
     Args:
         token: default: `HF_TOKEN`, else the token saved by `hf auth login`.
@@ -916,14 +930,20 @@ def upload_folder_to_hub(
         )
     if revision and revision != hf_constants.DEFAULT_REVISION:
         api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
-    logger.info("Uploading %s to %s (branch %s)", folder, repo_url, revision or hf_constants.DEFAULT_REVISION)
+    branch = revision or hf_constants.DEFAULT_REVISION
+    staged = {f.path for f in list_files(Path(folder))}
+    remote = api.list_repo_files(repo_id, revision=branch, repo_type="model")
+    stale = [path for path in filter_repo_objects(remote, allow_patterns=list(STAGED_PATTERNS)) if path not in staged]
+    if stale:  # what upload_folder's delete_patterns below deletes (.gitattributes matches none)
+        logger.info("Deleting from %s (branch %s), no longer staged: %s", repo_id, branch, ", ".join(stale))
+    logger.info("Uploading %s to %s (branch %s)", folder, repo_url, branch)
     commit = api.upload_folder(
         repo_id=repo_id,
         folder_path=folder,
         repo_type="model",
         revision=revision,
         commit_message=commit_message or "Upload gpt2-scratch model with push_to_hub.py",
-        delete_patterns="*",  # the branch then holds exactly the staged files: nothing stale from an earlier push
+        delete_patterns=list(STAGED_PATTERNS),  # files of other kinds on the branch are kept
     )
     return str(repo_url), commit.commit_url
 

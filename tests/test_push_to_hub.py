@@ -7,6 +7,7 @@ to `tests/hub_stub.py`, a stand-in for the Hub on 127.0.0.1.
 from __future__ import annotations
 
 import datetime
+import fnmatch
 import json
 import os
 import shutil
@@ -594,3 +595,30 @@ def test_a_checkpoint_between_logged_steps_takes_its_numbers_from_its_trainer_st
     text = (tmp_path / "repo" / "README.md").read_text()
     assert "| optimizer steps | 13 |" in text and "| tokens seen | 39,000 |" in text
     assert "| training time | 2m 03s |" in text
+
+
+def test_staged_patterns_cover_every_file_staging_writes(staged, tiny_run, tmp_path):
+    """`STAGED_PATTERNS` (what a push may delete) is derived from what staging writes: both formats, and the shards
+    and index that `save_pretrained` writes for a larger model."""
+    stage_folder(tiny_run.run_dir, tmp_path / "gpt2", REPO_ID, fmt="gpt2")
+    GPT2ScratchForCausalLM.from_pretrained(staged).save_pretrained(tmp_path / "sharded", max_shard_size="1MB")
+    names = {p.name for folder in (staged, tmp_path / "gpt2", tmp_path / "sharded") for p in folder.iterdir()}
+    assert any(name.startswith("model-00001-of-") for name in names) and "model.safetensors.index.json" in names
+    assert [name for name in names if not any(fnmatch.fnmatchcase(name, p) for p in hub.STAGED_PATTERNS)] == []
+
+
+@pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")  # huggingface_hub's LFS PUT
+def test_a_push_deletes_only_stale_files_of_the_kinds_it_writes_and_logs_them(staged, monkeypatch, caplog):
+    monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    stale = {"model-00001-of-00002.safetensors": b"old", "model-00002-of-00002.safetensors": b"old"}
+    stale |= {"model.safetensors.index.json": b"{}", "config.json": b"{}"}  # config.json: replaced, not deleted
+    kept = {".gitattributes": b"*.safetensors filter=lfs\n", "notes.md": b"mine", "eval/results.json": b"{}"}
+    with HubStub(TOKEN) as hub:
+        hub.repos[REPO_ID] = StubRepo(private=False, branches={"main": stale | kept})
+        with caplog.at_level("INFO", logger="modeling_gpt2_scratch.hub"):
+            upload_folder_to_hub(staged, REPO_ID, token=TOKEN, endpoint=hub.url)
+    assert hub.files(REPO_ID) == {p.name: p.read_bytes() for p in staged.iterdir()} | kept
+    deleted = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Deleting")]
+    assert len(deleted) == 1 and "model-00002-of-00002.safetensors, model.safetensors.index.json" in deleted[0]
+    assert "config.json" not in deleted[0] and "notes.md" not in deleted[0]
