@@ -46,7 +46,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="create the repository private; an existing public one is an error (nothing is uploaded)",
     )
-    parser.add_argument("--revision", default=None, help="branch to push to, created if missing (default: main)")
+    parser.add_argument(
+        "--revision",
+        default=None,
+        help="branch to push to, created if missing, and named in the card's usage snippets (default: main)",
+    )
     parser.add_argument("--commit-message", "--commit_message", default=None, help="commit message")
     parser.add_argument(
         "--format",

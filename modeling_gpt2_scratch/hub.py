@@ -548,8 +548,8 @@ The run's configuration was not saved with it: hyperparameters unknown.
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-tokenizer = AutoTokenizer.from_pretrained("{{ repo_id }}"{{ remote_code_kwarg }})  # it reads config.json first
-model = AutoModelForCausalLM.from_pretrained("{{ repo_id }}"{{ remote_code_kwarg }})
+tokenizer = AutoTokenizer.from_pretrained("{{ repo_id }}"{{ load_kwargs }})  # it reads config.json first
+model = AutoModelForCausalLM.from_pretrained("{{ repo_id }}"{{ load_kwargs }})
 
 inputs = tokenizer("Once upon a time", return_tensors="pt")
 out = model.generate(**inputs, max_new_tokens=50, do_sample=True, top_k=50)
@@ -561,12 +561,12 @@ With a pipeline:
 ```python
 from transformers import pipeline
 
-generator = pipeline("text-generation", model="{{ repo_id }}"{{ remote_code_kwarg }})
+generator = pipeline("text-generation", model="{{ repo_id }}"{{ load_kwargs }})
 print(generator("Once upon a time", max_new_tokens=50, do_sample=True, top_k=50)[0]["generated_text"])
 ```
 {% if fmt != "gpt2" %}
-With the gpt2-scratch package installed, `GPT2ScratchForCausalLM.from_pretrained("{{ repo_id }}")` loads it
-without remote code, and `model.to_hf_gpt2()` converts it to a `transformers` `GPT2LMHeadModel`.
+With the gpt2-scratch package installed, `GPT2ScratchForCausalLM.from_pretrained("{{ repo_id }}"{{ revision_kwarg }})`
+loads it without remote code, and `model.to_hf_gpt2()` converts it to a `transformers` `GPT2LMHeadModel`.
 {% endif %}
 ## Limitations
 
@@ -752,13 +752,15 @@ def build_model_card(
     source: ModelSource | None = None,
     license: str = DEFAULT_LICENSE,
     num_parameters: int | None = None,
+    revision: str | None = None,
 ) -> ModelCard:
     """The repository's `README.md`: YAML metadata (license, library, pipeline tag, tags, datasets, language) and
     the architecture, data, hyperparameters, results, loss curve, usage and limitations.
 
     `license` is the Hub's license id for the weights (`mit`, as OpenAI's GPT-2 and this code; `apache-2.0`, `other`,
     ...): the trainer's choice, which also has to fit the training data's terms. `num_parameters`: those of the model
-    the repository holds (`to_hf_gpt2()`'s for `fmt="gpt2"`, without the padding rows); default: `model`'s."""
+    the repository holds (`to_hf_gpt2()`'s for `fmt="gpt2"`, without the padding rows); default: `model`'s.
+    `revision`: the branch the repository is pushed to; the usage snippets name it when it is not `main`."""
     if num_parameters is None:
         num_parameters = sum(p.numel() for p in model.parameters())
     data, training = _section(info.run_config, "data"), _section(info.run_config, "training")
@@ -784,6 +786,8 @@ def build_model_card(
     else:
         origin = "trained from scratch"
     description, data_rows = _data_description(data, info.tokens_seen)
+    on_branch = revision not in (None, hf_constants.DEFAULT_REVISION)
+    revision_kwarg = f", revision={json.dumps(revision)}" if on_branch else ""  # in the usage snippets
     source_note = ""
     if source is not None and source.kind == "checkpoint" and source.step is not None:
         source_note = f"This is the training checkpoint at step {source.step:,}."
@@ -807,7 +811,8 @@ def build_model_card(
         ],
         results=_results_rows(info),
         loss_curve="loss.png" if info.loss_curve is not None else None,
-        remote_code_kwarg="" if fmt == "gpt2" else ", trust_remote_code=True",
+        load_kwargs=revision_kwarg + ("" if fmt == "gpt2" else ", trust_remote_code=True"),
+        revision_kwarg=revision_kwarg,
         tokens_seen_short=_format_count(info.tokens_seen),
         context_length=model.config.n_positions,
     )
@@ -841,13 +846,15 @@ def stage_folder(
     repo_id: str,
     fmt: Format = "scratch",
     license: str = DEFAULT_LICENSE,
+    revision: str | None = None,
 ) -> list[StagedFile]:
     """Write the Hub repository's files into `out_dir` (created; it must be empty if it exists).
 
     `fmt="scratch"`: `GPT2ScratchForCausalLM.save_pretrained` (weights, `config.json` with `auto_map`, the code
     files, `generation_config.json`). `fmt="gpt2"`: `model.to_hf_gpt2().save_pretrained` (a plain `GPT2LMHeadModel`,
     no code). Both add the tokenizer, the run's `loss.png` when it has one (for a checkpoint of a run that went on,
-    drawn again from `metrics.jsonl` up to the checkpoint's step), and `README.md` (`build_model_card`).
+    drawn again from `metrics.jsonl` up to the checkpoint's step), and `README.md` (`build_model_card`; `revision`:
+    the branch it goes to, named in its usage snippets).
 
     Returns:
         The staged files and their sizes.
@@ -878,7 +885,7 @@ def stage_folder(
         shutil.copyfile(info.loss_curve, out_dir / "loss.png")
     num_parameters = sum(p.numel() for p in saved.parameters())  # gpt2: GPT-2's 50,257 rows, not the padded ones
     card = build_model_card(
-        model, repo_id, info, fmt=fmt, source=source, license=license, num_parameters=num_parameters
+        model, repo_id, info, fmt=fmt, source=source, license=license, num_parameters=num_parameters, revision=revision
     )
     card.save(out_dir / "README.md")
     return list_files(out_dir)
@@ -996,7 +1003,7 @@ def push_run_to_hub(
         token = resolve_token(token)
         _require_online()
     with _staging_dir(local_dir) as staged_dir:
-        files = stage_folder(source, staged_dir, repo_id, fmt=fmt, license=license)
+        files = stage_folder(source, staged_dir, repo_id, fmt=fmt, license=license, revision=revision)
         if dry_run:
             return PushResult(files, staged_dir if local_dir is not None else None)
         repo_url, commit_url = upload_folder_to_hub(

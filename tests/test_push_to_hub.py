@@ -622,3 +622,15 @@ def test_a_push_deletes_only_stale_files_of_the_kinds_it_writes_and_logs_them(st
     deleted = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Deleting")]
     assert len(deleted) == 1 and "model-00002-of-00002.safetensors, model.safetensors.index.json" in deleted[0]
     assert "config.json" not in deleted[0] and "notes.md" not in deleted[0]
+
+
+def test_the_cards_usage_snippets_name_a_branch_other_than_main(tiny_run, tmp_path):
+    argv = [str(tiny_run.run_dir), "--repo-id", REPO_ID, "--dry-run", "--local-dir", str(tmp_path / "out")]
+    assert push_to_hub.main([*argv, "--revision", "step-500"]) == 0
+    text = ModelCard.load(tmp_path / "out" / "README.md").text
+    assert f'AutoTokenizer.from_pretrained("{REPO_ID}", revision="step-500", trust_remote_code=True)' in text
+    assert f'AutoModelForCausalLM.from_pretrained("{REPO_ID}", revision="step-500", trust_remote_code=True)' in text
+    assert f'pipeline("text-generation", model="{REPO_ID}", revision="step-500", trust_remote_code=True)' in text
+    assert f'GPT2ScratchForCausalLM.from_pretrained("{REPO_ID}", revision="step-500")' in text
+    stage_folder(tiny_run.run_dir, tmp_path / "main", REPO_ID, revision="main")
+    assert "revision=" not in (tmp_path / "main" / "README.md").read_text()
