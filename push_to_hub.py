@@ -62,8 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--license",
         default=DEFAULT_LICENSE,
-        help="the model card's license id for the weights (default: mit; e.g. apache-2.0, cc-by-4.0, other): yours "
-        "to choose, within the training data's terms",
+        help="the model card's license id for the weights, without spaces (default: mit; e.g. apache-2.0, cc-by-4.0, "
+        "other): yours to choose, within the training data's terms",
     )
     parser.add_argument(
         "--local-dir",

@@ -200,6 +200,19 @@ def validate_repo_id(repo_id: str) -> None:
         raise ValueError(f"Invalid --repo-id {repo_id!r}: use USER/NAME (or ORG/NAME), e.g. alice/gpt2-scratch.")
 
 
+def validate_license(license: str) -> None:
+    """Check that `license` can be the card's license id (`mit`, `apache-2.0`, `cc-by-4.0`, `other`, ...): not empty,
+    no whitespace.
+
+    Raises:
+        ValueError: naming the value and the expected form.
+    """
+    if not license or any(char.isspace() for char in license):
+        raise ValueError(
+            f"Invalid --license {license!r}: use a license id without spaces, e.g. mit, apache-2.0, other."
+        )
+
+
 def resolve_token(token: str | None = None) -> str:
     """The token to upload with: `token`, else `HF_TOKEN`, else the one saved by `hf auth login`.
 
@@ -860,11 +873,13 @@ def stage_folder(
         The staged files and their sizes.
 
     Raises:
-        ValueError: for an unknown `fmt`, a non-empty `out_dir`, or a source that is not a gpt2-scratch model.
+        ValueError: for an unknown `fmt`, an invalid `license`, a non-empty `out_dir`, or a source that is not a
+            gpt2-scratch model.
         FileNotFoundError: for a missing source.
     """
     if fmt not in FORMATS:
         raise ValueError(f"Unknown format {fmt!r}: use one of {', '.join(FORMATS)}.")
+    validate_license(license)
     source = source if isinstance(source, ModelSource) else resolve_source(source)
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):

@@ -634,3 +634,10 @@ def test_the_cards_usage_snippets_name_a_branch_other_than_main(tiny_run, tmp_pa
     assert f'GPT2ScratchForCausalLM.from_pretrained("{REPO_ID}", revision="step-500")' in text
     stage_folder(tiny_run.run_dir, tmp_path / "main", REPO_ID, revision="main")
     assert "revision=" not in (tmp_path / "main" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("license_id", ["", "mit license", " mit"])
+def test_an_empty_license_or_one_with_whitespace_is_an_error(tiny_run, tmp_path, capsys, license_id):
+    argv = [str(tiny_run.run_dir), "--repo-id", REPO_ID, "--dry-run", "--local-dir", str(tmp_path / "out")]
+    line = _run_main_expect_error([*argv, f"--license={license_id}"], capsys)
+    assert f"Invalid --license {license_id!r}" in line and "apache-2.0" in line and not (tmp_path / "out").exists()
