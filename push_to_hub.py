@@ -15,15 +15,16 @@ import argparse
 import logging
 import sys
 
+from huggingface_hub import constants as hf_constants
 from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
 from transformers.utils import logging as transformers_logging
 
 from modeling_gpt2_scratch.hub import DEFAULT_LICENSE, FORMATS, PushResult, StagedFile, push_run_to_hub
 
 try:  # huggingface_hub's HTTP client: httpx2 (huggingface_hub >= 2), httpx (1.x)
-    from httpx2 import HTTPError
+    from httpx2 import HTTPError, TransportError
 except ImportError:
-    from httpx import HTTPError
+    from httpx import HTTPError, TransportError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -126,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (ValueError, OSError, HTTPError) as err:  # OSError: missing files and the Hub's HTTP errors
         message = " ".join(str(err).split()) or type(err).__name__
+        if isinstance(err, TransportError):  # no answer: say where it was sent
+            endpoint = hf_constants.ENDPOINT
+            message = f"Cannot reach the Hub at {endpoint} ({message}): check the network, and HF_ENDPOINT if set."
         print(f"error: {message}", file=sys.stderr)
         return 1
     print(report(result, args))

@@ -11,6 +11,7 @@ import fnmatch
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -641,3 +642,14 @@ def test_an_empty_license_or_one_with_whitespace_is_an_error(tiny_run, tmp_path,
     argv = [str(tiny_run.run_dir), "--repo-id", REPO_ID, "--dry-run", "--local-dir", str(tmp_path / "out")]
     line = _run_main_expect_error([*argv, f"--license={license_id}"], capsys)
     assert f"Invalid --license {license_id!r}" in line and "apache-2.0" in line and not (tmp_path / "out").exists()
+
+
+def test_no_connection_is_an_error_that_names_the_endpoint(tiny_run, monkeypatch, capsys):
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    monkeypatch.setattr(hf_constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    line = _run_main_expect_error([str(tiny_run.run_dir), "--repo-id", REPO_ID], capsys)
+    assert f"Cannot reach the Hub at {endpoint}" in line and "HF_ENDPOINT" in line and TOKEN not in line
