@@ -50,7 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--revision",
         default=None,
-        help="branch to push to, created if missing, and named in the card's usage snippets (default: main)",
+        help="branch to push to, created if missing, and named in the card's usage snippets (default: main); or "
+        "refs/pr/N, an open pull request's ref",
     )
     parser.add_argument("--commit-message", "--commit_message", default=None, help="commit message")
     parser.add_argument(

@@ -9,7 +9,8 @@
    the run has one, and a `README.md` model card built from the run's `run_config.json`, `run_summary.json` and
    `metrics.jsonl`. `fmt="gpt2"` writes a plain `transformers` `GPT2LMHeadModel` instead (no remote code).
 3. `upload_folder_to_hub(folder, repo_id, ...)`: `create_repo(exist_ok=True)`, `create_branch` for a revision other
-   than `main`, and `upload_folder`, with the token of `HF_TOKEN` or `hf auth login`.
+   than `main` (not for a pull request's `refs/pr/N`), and `upload_folder`, with the token of `HF_TOKEN` or
+   `hf auth login`.
 
 `push_run_to_hub` chains the three. The token is only ever handed to `huggingface_hub`, which sends it in the
 `Authorization` header; it is never logged, printed or written into the staged files.
@@ -930,7 +931,8 @@ def upload_folder_to_hub(
     Args:
         token: default: `HF_TOKEN`, else the token saved by `hf auth login`.
         private: create the repository private; an existing public one is an error, before any upload.
-        revision: the branch to commit to (created from `main` if missing); default `main`.
+        revision: the branch to commit to (created from `main` if missing), or `refs/pr/N`, an open pull request's
+            ref (which must exist); default `main`.
         endpoint: the Hub's URL; default: `HF_ENDPOINT`, else https://huggingface.co.
 
     Returns:
@@ -950,8 +952,8 @@ def upload_folder_to_hub(
             f"first (in its settings on the Hub, or with huggingface_hub.HfApi().update_repo_settings({repo_id!r}, "
             "private=True)), or drop --private to push to the public repository."
         )
-    if revision and revision != hf_constants.DEFAULT_REVISION:
-        api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
+    if revision and revision != hf_constants.DEFAULT_REVISION and not revision.startswith("refs/pr/"):
+        api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)  # the Hub refuses refs/pr/N
     branch = revision or hf_constants.DEFAULT_REVISION
     staged = {f.path for f in list_files(Path(folder))}
     remote = api.list_repo_files(repo_id, revision=branch, repo_type="model")

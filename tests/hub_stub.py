@@ -4,7 +4,7 @@ It serves exactly what `huggingface_hub` (2.x, with `HF_HUB_DISABLE_XET=1`) send
 `create_branch` and `upload_folder` (whose legacy path is `create_commit`):
 
     POST /api/repos/create                                  create_repo (409 when it exists: exist_ok=True)
-    POST /api/models/{repo}/branch/{branch}                 create_branch (409 when it exists)
+    POST /api/models/{repo}/branch/{branch}                 create_branch (409 when it exists, 400 for refs/...)
     POST /api/validate-yaml                                 the README.md metadata check
     POST /api/models/{repo}/preupload/{revision}            "regular" or "lfs" for each file
     POST /{repo}.git/info/lfs/objects/batch                 LFS batch API (basic transfer): where to PUT
@@ -163,6 +163,8 @@ class HubStub:
         return 200, {"errors": [], "warnings": []}
 
     def create_branch(self, body: dict, repo: str, branch: str) -> tuple[int, dict]:
+        if branch.startswith("refs/"):  # the Hub's BadRequestError: refs/pr/N is made by opening a pull request
+            return 400, {"error": f"Invalid reference for a branch: {branch}"}
         branches = self.repos[repo].branches
         if branch in branches:
             return 409, {"error": f"Reference {branch} already exists"}
