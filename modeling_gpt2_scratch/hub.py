@@ -882,7 +882,7 @@ def stage_folder(
         raise ValueError(f"Unknown format {fmt!r}: use one of {', '.join(FORMATS)}.")
     validate_license(license)
     source = source if isinstance(source, ModelSource) else resolve_source(source)
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).expanduser()
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ValueError(f"{out_dir} is not an empty folder: pass a new or empty folder to stage into.")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -1016,6 +1016,7 @@ def push_run_to_hub(
     """
     validate_repo_id(repo_id)
     source = resolve_source(path)
+    local_dir = Path(local_dir).expanduser() if local_dir is not None else None  # as the source's path
     if not dry_run:
         token = resolve_token(token)
         _require_online()
@@ -1032,4 +1033,4 @@ def push_run_to_hub(
             commit_message=commit_message,
             endpoint=endpoint,
         )
-    return PushResult(files, Path(local_dir) if local_dir is not None else None, repo_url, commit_url)
+    return PushResult(files, local_dir, repo_url, commit_url)

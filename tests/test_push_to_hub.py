@@ -664,3 +664,11 @@ def test_a_push_to_a_pull_requests_ref_creates_no_branch(staged, monkeypatch):
         upload_folder_to_hub(staged, REPO_ID, token=TOKEN, endpoint=hub.url, revision="refs/pr/1")
     assert hub.files(REPO_ID, "refs/pr/1") == {p.name: p.read_bytes() for p in staged.iterdir()}
     assert hub.files(REPO_ID) == {} and not [r for r in hub.requests if "/branch/" in r.target]
+
+
+def test_local_dir_expands_the_home_folder(tiny_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert push_to_hub.main([str(tiny_run.run_dir), "--repo-id", REPO_ID, "--dry-run", "--local-dir", "~/staged"]) == 0
+    assert (tmp_path / "home" / "staged" / "README.md").is_file() and not (tmp_path / "~").exists()
+    assert f"in {tmp_path / 'home' / 'staged'}" in capsys.readouterr().out
