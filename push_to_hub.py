@@ -71,7 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--local-dir",
         "--local_dir",
         default=None,
-        help="stage into this new or empty folder and keep it (default: a temp folder)",
+        help="stage into this folder and keep it: a new or empty one, or one it staged before (a retry), whose files "
+        "are replaced (default: a temp folder)",
     )
     parser.add_argument("--dry-run", "--dry_run", action="store_true", help="stage and list the files, upload nothing")
     return parser.parse_args(argv)

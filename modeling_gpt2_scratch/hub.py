@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import math
@@ -32,9 +33,11 @@ from pathlib import Path, PureWindowsPath
 from typing import Any, Literal
 
 import torch
+import yaml
 from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import HFValidationError
+from huggingface_hub.repocard import metadata_load
 from huggingface_hub.utils import filter_repo_objects
 from huggingface_hub.utils import validate_repo_id as hf_validate_repo_id
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -854,6 +857,20 @@ def list_files(folder: Path) -> list[StagedFile]:
     ]
 
 
+def staged_before(folder: Path) -> bool:
+    """Whether `folder` holds what `stage_folder` wrote there before (and nothing else): files of the kinds it
+    stages only (`STAGED_PATTERNS`), among them a gpt2-scratch model card (`README.md` tagged `gpt2-scratch`)."""
+    entries = list(folder.iterdir())
+    if not all(path.is_file() and any(fnmatch.fnmatchcase(path.name, p) for p in STAGED_PATTERNS) for path in entries):
+        return False
+    readme = folder / "README.md"
+    try:
+        metadata = metadata_load(readme) if readme.is_file() else None
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return False
+    return isinstance(metadata, dict) and "gpt2-scratch" in (metadata.get("tags") or [])
+
+
 def stage_folder(
     source: ModelSource | str | Path,
     out_dir: str | Path,
@@ -862,7 +879,8 @@ def stage_folder(
     license: str = DEFAULT_LICENSE,
     revision: str | None = None,
 ) -> list[StagedFile]:
-    """Write the Hub repository's files into `out_dir` (created; it must be empty if it exists).
+    """Write the Hub repository's files into `out_dir` (created; if it exists, it must be empty or hold an earlier
+    staging, `staged_before`, which is replaced).
 
     `fmt="scratch"`: `GPT2ScratchForCausalLM.save_pretrained` (weights, `config.json` with `auto_map`, the code
     files, `generation_config.json`). `fmt="gpt2"`: `model.to_hf_gpt2().save_pretrained` (a plain `GPT2LMHeadModel`,
@@ -874,8 +892,8 @@ def stage_folder(
         The staged files and their sizes.
 
     Raises:
-        ValueError: for an unknown `fmt`, an invalid `license`, a non-empty `out_dir`, or a source that is not a
-            gpt2-scratch model.
+        ValueError: for an unknown `fmt`, an invalid `license`, an `out_dir` that holds anything but an earlier
+            staging, or a source that is not a gpt2-scratch model.
         FileNotFoundError: for a missing source.
     """
     if fmt not in FORMATS:
@@ -883,8 +901,15 @@ def stage_folder(
     validate_license(license)
     source = source if isinstance(source, ModelSource) else resolve_source(source)
     out_dir = Path(out_dir).expanduser()
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise ValueError(f"{out_dir} is not an empty folder: pass a new or empty folder to stage into.")
+    if out_dir.is_dir() and staged_before(out_dir):  # e.g. a retry after a failed upload, or after a --dry-run
+        logger.info("%s holds an earlier staging: staging again into it", out_dir)
+        for path in out_dir.iterdir():
+            path.unlink()
+    elif out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ValueError(
+            f"{out_dir} is not an empty folder, nor one staged by push_to_hub.py: pass a new or empty folder to stage "
+            "into, or delete this one."
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
 
     model = load_model(source)

@@ -483,7 +483,21 @@ def test_non_empty_local_dir_is_an_error(tiny_run, tmp_path, capsys):
     (tmp_path / "out" / "keep.txt").write_text("not ours")
     argv = [str(tiny_run.run_dir), "--repo-id", REPO_ID, "--dry-run", "--local-dir", str(tmp_path / "out")]
     line = _run_main_expect_error(argv, capsys)
-    assert "is not an empty folder" in line and [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+    assert "is not an empty folder" in line and "delete this one" in line
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+
+
+def test_a_local_dir_staged_before_is_staged_again(tiny_run, staged, tmp_path, capsys):
+    """A retry after a failed upload (or a push after a --dry-run) reuses its --local-dir; a folder that holds
+    anything else besides an earlier staging is left alone."""
+    shutil.copytree(staged, tmp_path / "out")  # scratch format: code files and all
+    argv = [str(tiny_run.run_dir), "--repo-id", REPO_ID, "--dry-run", "--local-dir", str(tmp_path / "out")]
+    assert push_to_hub.main([*argv, "--format", "gpt2"]) == 0
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "gpt2"
+    assert not list((tmp_path / "out").glob("*.py"))  # nothing of the earlier staging is left
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    assert "delete this one" in _run_main_expect_error(argv, capsys)
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine" and (tmp_path / "out" / "README.md").is_file()
 
 
 # --- re-pushes, provenance, noisy or broken input --------------------------------------------------------------------
