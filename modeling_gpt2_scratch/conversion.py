@@ -166,6 +166,13 @@ def load_hf_gpt2(source: str | Path | GPT2LMHeadModel, **from_pretrained_kwargs)
     return GPT2LMHeadModel.from_pretrained(str(source), **from_pretrained_kwargs)
 
 
+def _same_attention(source, target) -> None:
+    """`target` computes attention as `source` does (`eager`, `sdpa`, ...): `output_attentions` works the same."""
+    implementation = source.config._attn_implementation
+    if implementation and implementation != target.config._attn_implementation:
+        target.set_attn_implementation(implementation)
+
+
 def from_hf_gpt2(
     source: str | Path | GPT2LMHeadModel,
     config: GPT2ScratchConfig | None = None,
@@ -188,6 +195,7 @@ def from_hf_gpt2(
     state_dict = hf_to_scratch_state_dict(hf_model.state_dict(), expected)
     model.load_state_dict(state_dict)  # strict: every key present, checked above with a clearer message
     model.tie_weights()
+    _same_attention(hf_model, model)
     if hf_model.generation_config is not None:  # its decoding settings (a pad token, max_length...) come along
         model.generation_config = copy.deepcopy(hf_model.generation_config)
         if model.generation_config.pad_token_id is None:  # GPT-2 has no pad token: eos, as the model's default
@@ -201,6 +209,7 @@ def to_hf_gpt2(model: GPT2ScratchForCausalLM) -> GPT2LMHeadModel:
     hf_model = GPT2LMHeadModel(hf_config_from_scratch(model.config)).to(model.dtype)
     hf_model.load_state_dict(scratch_to_hf_state_dict(model.state_dict(), model.config))
     hf_model.tie_weights()
+    _same_attention(model, hf_model)
     if model.generation_config is not None:
         hf_model.generation_config = copy.deepcopy(model.generation_config)
     hf_model.train(model.training)

@@ -876,6 +876,24 @@ def test_to_hf_round_trip_gives_identical_weights_and_logits(pair):
         assert (back(ids).logits - model(ids).logits).abs().max().item() <= 1e-5
 
 
+def test_conversion_keeps_the_attention_implementation(pair):
+    hf, _ = pair
+    before = hf.config._attn_implementation
+    hf.set_attn_implementation("eager")
+    try:
+        model = GPT2ScratchForCausalLM.from_hf_gpt2(hf).eval()
+        assert model.config._attn_implementation == "eager"
+        ids = random_ids(1, 6)
+        with torch.no_grad():
+            got, want = model(ids, output_attentions=True).attentions, hf(ids, output_attentions=True).attentions
+        assert len(got) == len(want) == SMALL["n_layer"]  # weights, as HF's eager model gives: not ()
+        for layer, reference in zip(got, want, strict=True):
+            torch.testing.assert_close(layer, reference, rtol=1e-5, atol=1e-6)
+        assert model.to_hf_gpt2().config._attn_implementation == "eager"
+    finally:
+        hf.set_attn_implementation(before)
+
+
 def test_from_hf_local_directory(tmp_path, pair):
     hf, model = pair
     hf.save_pretrained(tmp_path / "gpt2")
