@@ -47,6 +47,18 @@ sys.meta_path.insert(0, BlockRepo())
 """
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state() -> Iterator[None]:
+    """Each test gets its own accelerate state, as a new process would: an `Accelerator` built by one test (the
+    trainer's, or a benchmark's) must not fix the mixed precision of the next. On a CPU with bf16 the trainer's
+    default is bf16, so a state left in "no" made a later benchmark test fail there only."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture
 def run_without_repo(tmp_path) -> Callable[[str], subprocess.CompletedProcess]:
     """Run a Python script in a fresh process, offline (`HF_HUB_OFFLINE=1`), outside the repository (cwd: a temp

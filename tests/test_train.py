@@ -57,16 +57,6 @@ def data_dir(tmp_path_factory, corpus) -> Path:
     return out
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """Each in-process run gets its own accelerate state (as a new process would)."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def run(corpus, data_dir, output_dir, *extra: str) -> dict:
     argv = ["--dataset", str(corpus), "--data_dir", str(data_dir), "--output_dir", str(output_dir), *TINY, *extra]
     model_args, data_args, train_args = parse_arguments(argv)
