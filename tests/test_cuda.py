@@ -154,3 +154,20 @@ def test_an_eager_forward_with_default_positions_does_not_wait_for_the_gpu():
         with pytest.raises(ValueError, match="position 600 is outside"):
             model(ids[:, :2], position_ids=torch.tensor([[0, 600]], device=CUDA))
     assert logits.shape == (2, 64, GPT2_VOCAB)
+
+
+def test_compiled_training_forward_at_a_second_batch_shape_on_cuda():
+    """inductor on the GPU, bf16 autocast, a second batch size (dynamo recompiles with dynamic shapes): the fused
+    loss compiles and gives eager mode's loss. On torch 2.11 it failed to compile before the chunk plan was computed
+    outside `LinearCrossEntropy` (BENCHMARKS.md, the 2026-11-27 lease)."""
+    _, model = make_pair(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model.train()
+    model.loss_chunk_elements = 100 * model.config.vocab_size  # several chunks, their count depending on the shape
+    compiled = torch.compile(model)
+    for batch in (2, 4):
+        ids = random_ids(batch, 128, seed=batch)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = compiled(ids, labels=ids).loss
+            want = model(ids, labels=ids).loss
+        loss.backward()
+        torch.testing.assert_close(loss.detach(), want.detach(), rtol=2e-3, atol=0)
