@@ -198,10 +198,18 @@ def init_from_source(model_args: ModelArguments) -> str | None:
     return "local" if Path(model_args.init_from).is_dir() else "hub"
 
 
+def load_init_from(source: str) -> GPT2ScratchForCausalLM:
+    """`--init_from`'s model: a gpt2-scratch model (this trainer's `final/`, or a repository `push_to_hub.py` made in
+    the scratch format) as it is, else Hugging Face GPT-2 weights converted (`from_hf_gpt2`)."""
+    if isinstance(transformers.AutoConfig.from_pretrained(source), GPT2ScratchConfig):  # the package registers it
+        return GPT2ScratchForCausalLM.from_pretrained(source)
+    return GPT2ScratchForCausalLM.from_hf_gpt2(source)
+
+
 def build_model(model_args: ModelArguments, train_args: TrainArguments) -> GPT2ScratchForCausalLM:
-    """A random GPT-2 of the requested size, or Hugging Face GPT-2 weights (`--init_from`)."""
+    """A random GPT-2 of the requested size, or pretrained weights (`--init_from`: `load_init_from`)."""
     if model_args.init_from:
-        model = GPT2ScratchForCausalLM.from_hf_gpt2(model_args.init_from)
+        model = load_init_from(model_args.init_from)
         model.set_attn_implementation(model_args.attn_implementation)
         for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):  # a training choice, not the checkpoint's
             setattr(model.config, name, model_args.dropout)

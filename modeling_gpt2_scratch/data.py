@@ -1137,7 +1137,7 @@ class ShardedTokenLoader:
 
     `state_dict()` is the same on every rank (epoch and batch index), so saving it from the main process only (as
     `accelerator.save_state` does for `register_for_checkpointing` objects) restores every rank. A restored loader
-    needs the same split, batch size, sequence length and world size.
+    needs the same split, sequence length and world size; another batch size continues from the same token.
 
     Args:
         data_dir: a folder written by `prepare_dataset`, or its `manifest.json`.
@@ -1252,18 +1252,39 @@ class ShardedTokenLoader:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continues from `state`: the next batch is the one the saving loader would have given next."""
-        for key in ("split", "num_tokens", "batch_size", "seq_len", "world_size"):
+        """Continues from `state`: the next batch is the one the saving loader would have given next.
+
+        A state saved with another batch size (a resume that changes `--micro_batch_size`) continues from the same
+        token of the stream, which must start a batch of this size (an optimizer step's end does: its tokens are a
+        whole number of micro-batches of either size); where that is past this size's last batch of the epoch, the
+        next epoch starts.
+        """
+        for key in ("split", "num_tokens", "seq_len", "world_size"):
             if state.get(key) != getattr(self, key):
                 raise ValueError(
                     f"Cannot resume the {self.split!r} loader: the saved state has {key}={state.get(key)!r}, this "
-                    f"loader {key}={getattr(self, key)!r}; resume with the same data, batch size, sequence length "
-                    "and number of processes."
+                    f"loader {key}={getattr(self, key)!r}; resume with the same data, sequence length and number of "
+                    "processes."
                 )
-        if not 0 <= state["batch_in_epoch"] < self.batches_per_epoch or state["epoch"] < 0:
+        saved_batch_size = state.get("batch_size")
+        if not isinstance(saved_batch_size, int) or saved_batch_size < 1:
             raise ValueError(f"Cannot resume the {self.split!r} loader from a corrupt state {state}.")
-        self.epoch = int(state["epoch"])
-        self._batch = int(state["batch_in_epoch"])
+        saved_batches = (self.num_tokens - 1) // (saved_batch_size * self.seq_len) // self.world_size
+        if not 0 <= state["batch_in_epoch"] < saved_batches or state["epoch"] < 0:
+            raise ValueError(f"Cannot resume the {self.split!r} loader from a corrupt state {state}.")
+        epoch, batch = int(state["epoch"]), int(state["batch_in_epoch"])
+        if saved_batch_size != self.batch_size:
+            sequences = batch * saved_batch_size  # per rank and round: the same place in the stream
+            if sequences % self.batch_size:
+                raise ValueError(
+                    f"Cannot resume the {self.split!r} loader with batch_size={self.batch_size}: the saved state "
+                    f"(batch {batch} of {saved_batch_size} sequences) is not at the start of a batch of that size; "
+                    f"resume with batch_size={saved_batch_size}, or one that divides {sequences}."
+                )
+            batch = sequences // self.batch_size
+            if batch >= self.batches_per_epoch:
+                epoch, batch = epoch + 1, 0
+        self.epoch, self._batch = epoch, batch
 
 
 # ---------------------------------------------------------------------------------------------------------------------

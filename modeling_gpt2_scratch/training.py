@@ -77,8 +77,9 @@ class ModelArguments:
     init_from: str | None = field(
         default=None,
         metadata={
-            "help": "Start from Hugging Face GPT-2 weights (a Hub id like gpt2, or a local GPT2LMHeadModel folder) "
-            "instead of random ones; the size arguments are then taken from that checkpoint, --dropout from this run."
+            "help": "Start from pretrained weights instead of random ones: Hugging Face GPT-2 (a Hub id like gpt2, or "
+            "a local GPT2LMHeadModel folder) or a gpt2-scratch model (a run's final/ folder, or a repository "
+            "push_to_hub.py made); the size arguments are then taken from that checkpoint, --dropout from this run."
         },
     )
 

@@ -409,10 +409,19 @@ def test_the_state_is_the_same_on_every_rank(stream_dir):
     assert loaders[0].state_dict() == loaders[1].state_dict()
 
 
-def test_restoring_a_state_of_another_batch_size_errors(stream_dir):
-    state = ShardedTokenLoader(stream_dir, "train", 2, 8).state_dict()
-    with pytest.raises(ValueError, match="batch_size=2"):
-        ShardedTokenLoader(stream_dir, "train", 4, 8).load_state_dict(state)
+def test_restoring_a_state_of_another_batch_size_continues_from_the_same_token(stream_dir):
+    """A resume with another --micro_batch_size: the next batch starts where the saving loader would have read."""
+    one = ShardedTokenLoader(stream_dir, "train", 1, 8)
+    sequences = torch.cat([one.next_batch()[0] for _ in range(24)])  # the stream, one sequence at a time
+    saving = ShardedTokenLoader(stream_dir, "train", 4, 8)
+    for _ in range(3):  # 12 sequences read
+        saving.next_batch()
+    for batch_size in (2, 6, 12):
+        resumed = ShardedTokenLoader(stream_dir, "train", batch_size, 8)
+        resumed.load_state_dict(saving.state_dict())
+        assert torch.equal(resumed.next_batch()[0], sequences[12 : 12 + batch_size])
+    with pytest.raises(ValueError, match=r"not at the start of a batch of that size.*divides 12"):
+        ShardedTokenLoader(stream_dir, "train", 5, 8).load_state_dict(saving.state_dict())
 
 
 def test_the_loader_reads_a_prepared_val_split(shakespeare_dir):

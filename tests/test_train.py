@@ -870,6 +870,19 @@ def test_resume_with_another_accumulation_keeps_stepping(corpus, data_dir, tmp_p
     assert metrics(out)[-1]["grad_norm"] < 10 * metrics(out)[1]["grad_norm"]  # not gradients piling up
 
 
+def test_resume_with_another_micro_batch_continues_the_same_tokens(corpus, data_dir, tmp_path):
+    """--micro_batch_size changed on resume (e.g. after running out of memory): the same total batch, read from the
+    same place in the stream, so the losses are an uninterrupted run's up to float rounding."""
+    whole, out = tmp_path / "whole", tmp_path / "run"
+    run(corpus, data_dir, whole, "--max_steps", "4", "--save_every", "0", "--eval_every", "0")
+    run(corpus, data_dir, out, "--max_steps", "2", "--save_every", "2", "--eval_every", "0")
+    run(corpus, data_dir, out, "--max_steps", "4", "--eval_every", "0", "--resume", "latest",
+        "--micro_batch_size", "2")  # fmt: skip
+    losses = {m["step"]: m["train_loss"] for m in metrics(out)}
+    for m in metrics(whole):
+        assert losses[m["step"]] == pytest.approx(m["train_loss"], abs=1e-4), m["step"]
+
+
 def test_report_to_needs_a_known_and_installed_tracker(monkeypatch):
     import accelerate.tracking
 
@@ -1137,6 +1150,17 @@ def test_init_from_takes_the_dropout_flag(tmp_path, corpus, data_dir):
     run_config = json.loads((out / "run_config.json").read_text())  # what the model card reads
     assert run_config["model"]["init_from"] == str(tmp_path / "hf") and run_config["data"]["dataset_source"] == "local"
     assert run_config["model"]["init_from_source"] == "local"  # a folder here: not the card's base_model (a Hub id)
+
+
+def test_init_from_a_runs_own_export_continues_from_its_weights(tmp_path, corpus, data_dir):
+    """`--init_from RUN/final` (a gpt2-scratch export, not a GPT2LMHeadModel folder) starts from those weights."""
+    first = tmp_path / "first"
+    run(corpus, data_dir, first, "--max_steps", "2", "--save_every", "0", "--eval_every", "0")
+    exported = GPT2ScratchForCausalLM.from_pretrained(first / "final")
+    model_args, _, train_args = parse_arguments(["--dataset", str(corpus), *TINY, "--init_from", str(first / "final")])
+    model = train_accelerate.build_model(model_args, train_args)
+    for name, tensor in exported.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
 
 
 def test_accelerate_launchs_mixed_precision_is_not_silently_dropped(monkeypatch, caplog):
