@@ -1308,7 +1308,11 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m modeling_gpt2_scratch.data prepare",
         description=PREPARE_DESCRIPTION,
     )
-    (args,) = parser.parse_args_into_dataclasses(argv[1:])
+    try:
+        (args,) = parser.parse_args_into_dataclasses(argv[1:])  # an unknown flag is a ValueError here
+    except ValueError as err:
+        print(f"error: {_one_line(err)} (see --help)", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         manifest_path = prepare_dataset(args)

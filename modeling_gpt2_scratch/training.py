@@ -276,12 +276,20 @@ def load_preset(path: str | os.PathLike) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: the preset does not exist.
-        ValueError: it is not a mapping, or it has keys that are not flags of the trainer (listed).
+        ValueError: it is not valid YAML, not a mapping, or it has keys that are not flags of the trainer (listed).
     """
     preset_path = Path(path)
     if not preset_path.is_file():
         raise FileNotFoundError(f"Preset {path} not found: pass a YAML file such as configs/quickstart.yaml.")
-    values = yaml.safe_load(preset_path.read_text()) or {}
+    try:
+        values = yaml.safe_load(preset_path.read_text()) or {}
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise ValueError(
+            f"Preset {path} is not valid YAML{line}: {problem}; fix it or pass the flags instead."
+        ) from err
     if not isinstance(values, dict):
         raise ValueError(f"Preset {path} must be a YAML mapping of flag: value.")
     unknown = sorted(set(values) - _flag_names() - {"config"})
@@ -575,6 +583,12 @@ def resolve_resume(resume: str, output_dir: str | os.PathLike) -> Path:
         raise FileNotFoundError(
             f"--resume {resume}: not a checkpoint folder (no model.safetensors); pass 'latest' or a "
             f"{Path(output_dir) / 'checkpoints' / 'step_N'} folder."
+        )
+    if not any(path.glob("optimizer*.bin")):  # an export (final/, a pushed model) has weights but no training state
+        raise FileNotFoundError(
+            f"--resume {resume}: a model without the optimizer and data state a resume needs (an export such as "
+            f"final/?); pass a {Path(output_dir) / 'checkpoints' / 'step_N'} folder, or start a new run from these "
+            "weights with --init_from."
         )
     return path
 

@@ -521,6 +521,11 @@ def test_the_cli_prints_one_line_and_exits_2(tmp_path, capsys):
     status = main(["prepare", "--dataset", str(tmp_path / "a.txt"), "--output_dir", str(tmp_path / "a.txt" / "out")])
     err = capsys.readouterr().err
     assert status == 2 and err.startswith("error: ") and err.count("\n") == 1 and "a.txt/out" in err
+    status = main(
+        ["prepare", "--dataset", str(tmp_path / "a.txt"), "--output_dir", str(tmp_path / "o"), "--val_fracton"]
+    )
+    err = capsys.readouterr().err  # a mistyped flag
+    assert status == 2 and err.count("\n") == 1 and "--val_fracton" in err and "Traceback" not in err
 
 
 def test_the_cli_prepares_a_folder(tmp_path, corpus, capsys):

@@ -28,6 +28,7 @@ from modeling_gpt2_scratch.training import (
     list_checkpoints,
     load_preset,
     parse_arguments,
+    resolve_resume,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -203,6 +204,15 @@ def test_unknown_preset_key_is_a_one_line_error(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_a_preset_that_is_not_valid_yaml_is_a_one_line_error(tmp_path):
+    preset = tmp_path / "bad.yaml"
+    preset.write_text("seed: 1\nmax_steps: [1\n")
+    with pytest.raises(ValueError, match=r"bad\.yaml is not valid YAML \(line \d+\)"):
+        load_preset(preset)
+    result = cli("--config", str(preset))
+    assert result.returncode != 0 and "is not valid YAML" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_help_documents_every_flag_with_its_default():
     result = cli("--help")
     assert result.returncode == 0
@@ -253,6 +263,14 @@ def test_a_bad_flag_stops_the_cli_before_the_data_is_prepared(corpus, tmp_path):
 def test_resume_with_nothing_to_resume(corpus, data_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         run(corpus, data_dir, tmp_path / "run", "--resume", "latest", "--max_steps", "2")
+
+
+def test_resume_from_an_export_points_to_a_checkpoint_or_init_from(tmp_path):
+    export = tmp_path / "run" / "final"
+    export.mkdir(parents=True)
+    (export / "model.safetensors").write_bytes(b"")  # weights, but no optimizer or data state
+    with pytest.raises(FileNotFoundError, match="an export such as final/.*--init_from"):
+        resolve_resume(str(export), tmp_path / "run")
 
 
 def test_batch_larger_than_split(corpus, data_dir, tmp_path):
