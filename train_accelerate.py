@@ -28,6 +28,7 @@ import transformers
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
+from transformers.dynamic_module_utils import custom_object_save
 
 from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
 from modeling_gpt2_scratch.data import DataArguments, PrepareError, ShardedTokenLoader, prepare_dataset, read_manifest
@@ -309,7 +310,12 @@ def save_checkpoint(accelerator: Accelerator, model: GPT2ScratchForCausalLM, tra
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).config.save_pretrained(tmp)  # a checkpoint is self-describing
+        # a checkpoint is self-describing: the config and, as `save_pretrained` writes them, the code files and
+        # `auto_map`, so `AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=True)` opens it anywhere
+        unwrapped = accelerator.unwrap_model(model)
+        if unwrapped._auto_class is not None:
+            custom_object_save(unwrapped, tmp, config=unwrapped.config)
+        unwrapped.config.save_pretrained(tmp)
         fsync_tree(tmp)
         old = final.parent / f".tmp-old-{final.name}"
         if final.exists():  # the same step again (a run branched from an earlier one): never without a checkpoint

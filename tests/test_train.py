@@ -440,6 +440,27 @@ def test_sigkill_then_resume_latest_continues_from_last_complete_checkpoint(corp
 
 
 @pytest.mark.slow
+def test_a_checkpoint_opens_with_remote_code_in_a_fresh_process(corpus, data_dir, tmp_path, run_without_repo):
+    """`checkpoints/step_N` holds the code files and `auto_map` as `final/` does: it opens anywhere."""
+    out = tmp_path / "run"
+    run(corpus, data_dir, out, "--max_steps", "2", "--save_every", "2", "--eval_every", "0")
+    checkpoint = list_checkpoints(out)[-1]
+    result = run_without_repo(
+        f"""
+        import torch
+        from transformers import AutoModelForCausalLM
+        ckpt = AutoModelForCausalLM.from_pretrained({str(checkpoint)!r}, trust_remote_code=True)
+        final = AutoModelForCausalLM.from_pretrained({str(out / "final")!r}, trust_remote_code=True)
+        assert type(ckpt).__name__ == "GPT2ScratchForCausalLM", type(ckpt)
+        ids = torch.arange(10).view(1, 10)
+        with torch.no_grad():
+            assert torch.equal(ckpt(ids).logits, final(ids).logits)  # step 2 is the last: the same weights
+        print("OK")
+        """
+    )
+    assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stderr[-2000:]
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(corpus, data_dir, tmp_path):
     out = tmp_path / "run"
     args = ["--dataset", str(corpus), "--data_dir", str(data_dir), "--output_dir", str(out), *TINY]
