@@ -592,6 +592,20 @@ def test_a_run_fine_tuned_from_a_relative_local_folder_has_no_base_model(tiny_ru
     assert "models/gpt2-local" not in card.content
 
 
+def test_a_local_corpus_card_leaves_out_the_splits_the_pipeline_ignored(tiny_run, tmp_path):
+    """Local files form one stream with --val_fraction held out: --split and --val_split were not used."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run.run_dir, run_dir)
+    config = json.loads((run_dir / "run_config.json").read_text())
+    local = {"dataset": "corpus/shakespeare.txt", "dataset_source": "local", "val_fraction": 0.1}
+    config["data"].update(local, split="train", val_split="validation")
+    (run_dir / "run_config.json").write_text(json.dumps(config))
+    stage_folder(run_dir, tmp_path / "repo", REPO_ID)
+    text = ModelCard.load(tmp_path / "repo" / "README.md").text
+    assert "`shakespeare.txt` (local)" in text and "| `val_fraction` | 0.1 |" in text
+    assert "`val_split`" not in text and "`split`" not in text
+
+
 def test_a_checkpoint_between_logged_steps_takes_its_numbers_from_its_trainer_state(tiny_run, tmp_path):
     """A stop-signal checkpoint at step 13 of a run logging every 10 steps: metrics.jsonl has no row at 13, but the
     checkpoint's TrainState (`custom_checkpoint_2.pkl`, after the scheduler's and the loader's) has its numbers."""
