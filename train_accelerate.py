@@ -846,9 +846,17 @@ def _log_line(record: dict, max_steps: int) -> str:
     return line
 
 
+def tied_head_save_notice(record: logging.LogRecord) -> bool:
+    """A `logging` filter: False for accelerate's warning at every checkpoint that the tied `lm_head.weight` was
+    left out ("Removed shared tensor {'lm_head.weight'} while saving"). It is the token embedding, which `load_state`
+    and `from_pretrained` tie back: expected, not a problem. Any other removed tensor still warns."""
+    return "Removed shared tensor {'lm_head.weight'} while saving" not in record.getMessage()  # after "[RANK 0] "
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.logging.set_verbosity_error()
+    logging.getLogger("accelerate.utils.other").addFilter(tied_head_save_notice)
     sigterm_when_the_launcher_dies()
     try:
         model_args, data_args, train_args = parse_arguments(argv)
