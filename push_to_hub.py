@@ -106,7 +106,7 @@ def report(result: PushResult, args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command; returns the exit status (errors: one line on stderr, status 1)."""
+    """Run the command; returns the exit status (errors: one line on stderr, status 1; argparse usage errors: 2)."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for name in ("httpx", "httpx2", "httpcore"):  # one INFO line per HTTP request otherwise
