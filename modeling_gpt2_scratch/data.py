@@ -56,10 +56,10 @@ Decisions:
   Concurrent prepares of one folder wait for each other (a `flock` on `.prepare.lock`).
 * **Memory** is one shard's buffer plus the documents in flight (at most `2 * num_proc` tasks of about 4M
   characters), whatever the corpus size (but a `.json` file holding one array, which `datasets` reads whole: use
-  `.jsonl` for a large corpus). A `.txt` file (one document) is read line by line and tokenized in pieces
-  of about 1M characters, cut before a space, tab or newline where GPT-2's pre-tokenizer splits anyway
+  `.jsonl` for a large corpus). A `.txt` file (one document) over 64 KiB is read line by line and tokenized in
+  pieces of about 1M characters, cut before a space, tab or newline where GPT-2's pre-tokenizer splits anyway
   (`_safe_cut`), so its tokens are those of the whole text; only a text with no whitespace before a word (in any
-  script) is held whole.
+  script) is held whole. Smaller ones are read whole, a run of them per `load_dataset` call (`_txt_runs`).
 """
 
 from __future__ import annotations
