@@ -1087,14 +1087,14 @@ def test_fused_loss_chunk_rows_by_device_or_the_models_setting(monkeypatch):
     assert model.loss_chunk_rows(torch.device("cuda")) == 2**30 // vocab >= 16 * 1024
     model.loss_chunk_elements = 16 * vocab
     assert model.loss_chunk_rows("cpu") == model.loss_chunk_rows("cuda") == 16
-    chunk_sizes = []
+    chunk_plans = []
     apply = modeling.LinearCrossEntropy.apply
     monkeypatch.setattr(
-        modeling.LinearCrossEntropy, "apply", lambda *args: chunk_sizes.append(args[6]) or apply(*args)
+        modeling.LinearCrossEntropy, "apply", lambda *args: chunk_plans.append(args[6]) or apply(*args)
     )
     ids = random_ids(2, 8)
     model(ids, labels=ids)
-    assert chunk_sizes == [((0, 16),)]
+    assert chunk_plans == [((0, 16),)]
     assert modeling.LinearCrossEntropy.chunks(40, 16) == ((0, 14), (14, 14), (28, 12))  # 3 chunks, none small
 
 
