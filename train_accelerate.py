@@ -538,9 +538,10 @@ def train_step(
         )
     grad_norm = clip_gradients(accelerator, model, train_args.grad_clip).item()
     if not math.isfinite(grad_norm) and accelerator.mixed_precision != "fp16":  # fp16's scaler skips such steps
+        precision = "" if accelerator.mixed_precision == "no" else " or use --mixed_precision no"
         raise TrainingError(
             f"non-finite gradient norm ({grad_norm}) at step {step}, with a finite loss; nothing was saved: lower "
-            f"--max_lr or use --mixed_precision bf16/no, {_how_to_go_on(train_args)}"
+            f"--max_lr{precision}, {_how_to_go_on(train_args)}"
         )
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
@@ -687,7 +688,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     model.train()
     loop_start, elapsed_before = time.time(), state.elapsed
     first_step, step_seconds = state.step + 1, 0.0
-    with StopSignal() as stop:
+    with StopSignal() as stop, contextlib.closing(progress):  # an error's line starts below the bar, not on it
 
         def stop_requested() -> bool:  # collective: every process asks, and all get the same answer
             if accelerator.num_processes == 1:
