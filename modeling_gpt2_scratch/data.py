@@ -1188,9 +1188,13 @@ class ShardedTokenLoader:
                 f"{needed:,} that one batch per rank needs (world_size {world_size} x batch_size {batch_size} x "
                 f"seq_len {seq_len} + 1); lower the batch size or sequence length{fix}."
             )
-        self.batches_per_epoch = (self.num_tokens - 1) // (batch_size * seq_len) // world_size
+        self.batches_per_epoch = self._batches_per_epoch(batch_size)
         self.epoch = 0  # completed passes over the split
         self._batch = 0  # batches this rank has taken in the current epoch
+
+    def _batches_per_epoch(self, batch_size: int) -> int:
+        """Batches of `batch_size` sequences per rank in one pass over the split (the remainder is skipped)."""
+        return (self.num_tokens - 1) // (batch_size * self.seq_len) // self.world_size
 
     def _open_shard(self, entry: dict) -> np.memmap:
         path = self.data_dir / entry["file"]
@@ -1269,8 +1273,7 @@ class ShardedTokenLoader:
         saved_batch_size = state.get("batch_size")
         if not isinstance(saved_batch_size, int) or saved_batch_size < 1:
             raise ValueError(f"Cannot resume the {self.split!r} loader from a corrupt state {state}.")
-        saved_batches = (self.num_tokens - 1) // (saved_batch_size * self.seq_len) // self.world_size
-        if not 0 <= state["batch_in_epoch"] < saved_batches or state["epoch"] < 0:
+        if not 0 <= state["batch_in_epoch"] < self._batches_per_epoch(saved_batch_size) or state["epoch"] < 0:
             raise ValueError(f"Cannot resume the {self.split!r} loader from a corrupt state {state}.")
         epoch, batch = int(state["epoch"]), int(state["batch_in_epoch"])
         if saved_batch_size != self.batch_size:
