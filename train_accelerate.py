@@ -27,6 +27,7 @@ import torch
 import transformers
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
+from accelerate.utils.memory import should_reduce_batch_size
 from tqdm.auto import tqdm
 from transformers.dynamic_module_utils import custom_object_save
 
@@ -455,6 +456,24 @@ def _how_to_go_on(train_args: TrainArguments) -> str:
     return "then start the run again (it has no checkpoint yet)."
 
 
+def out_of_memory_message(err: RuntimeError, train_args: TrainArguments) -> str:
+    """The one line for a device (or CPU allocator) out of memory: what ran out, at which batch, and the ways on."""
+    text = str(err)
+    if "DefaultCPUAllocator" in text:  # "[enforce fail at ...] err == 0. DefaultCPUAllocator: can't allocate ..."
+        what = text[text.index("DefaultCPUAllocator") :].split(" Error code")[0].rstrip(". ")
+    else:  # "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has ..."
+        what = text.split(". ")[0].rstrip(". ")
+    fixes = "lower --micro_batch_size (the total batch stays, with more accumulation steps)"
+    if train_args.micro_batch_size == 1:
+        fixes = "lower --seq_len or use a smaller model"
+    if not train_args.gradient_checkpointing:
+        fixes += " or add --gradient_checkpointing true"
+    return (
+        f"{what[:200]} at --micro_batch_size {train_args.micro_batch_size} x --seq_len {train_args.seq_len}: "
+        f"{fixes}, {_how_to_go_on(train_args)}"
+    )
+
+
 def clip_gradients(accelerator: Accelerator, model: torch.nn.Module, max_norm: float) -> torch.Tensor:
     """Clip the global gradient norm to `max_norm` (`> 0`, else only measure it); return the norm before clipping.
 
@@ -859,12 +878,18 @@ def main(argv: list[str] | None = None) -> int:
     transformers.logging.set_verbosity_error()
     logging.getLogger("accelerate.utils.other").addFilter(tied_head_save_notice)
     sigterm_when_the_launcher_dies()
+    train_args = None
     try:
         model_args, data_args, train_args = parse_arguments(argv)
         train(model_args, data_args, train_args)
     except (ValueError, OSError, TrainingError, PrepareError) as err:  # OSError: e.g. an --output_dir that is a file
         print(f"error: {err}", file=sys.stderr)
         return 1 if isinstance(err, (TrainingError, PrepareError)) else 2
+    except RuntimeError as err:  # torch.OutOfMemoryError (CUDA) or the CPU allocator's RuntimeError
+        if train_args is None or not should_reduce_batch_size(err):
+            raise
+        print(f"error: {out_of_memory_message(err, train_args)}", file=sys.stderr)
+        return 1
     return 0
 
 

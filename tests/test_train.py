@@ -305,6 +305,59 @@ def test_non_finite_loss_stops_without_saving(corpus, data_dir, tmp_path, monkey
         run(corpus, data_dir, tmp_path / "new", "--max_steps", "2")  # nothing to resume from
 
 
+@pytest.mark.parametrize(
+    "message, said",
+    [
+        (
+            "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB",
+            "CUDA out of memory",
+        ),
+        (
+            "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
+            "allocate 4096 bytes. Error code 12 (Cannot allocate memory)",
+            "DefaultCPUAllocator: can't allocate memory: you tried to allocate 4096 bytes",
+        ),
+    ],
+    ids=["cuda", "cpu"],
+)
+def test_out_of_memory_is_a_one_line_error_naming_the_micro_batch(
+    corpus, data_dir, tmp_path, monkeypatch, capsys, message, said
+):
+    out = tmp_path / "run"
+    argv = ["--dataset", str(corpus), "--data_dir", str(data_dir), "--output_dir", str(out), *TINY]
+    assert train_accelerate.main([*argv, "--max_steps", "2", "--save_every", "1", "--eval_every", "0"]) == 0
+    good = list_checkpoints(out)[-1]
+    before = {p.name: p.stat().st_mtime_ns for p in good.iterdir()}
+    error = torch.OutOfMemoryError if message.startswith("CUDA") else RuntimeError
+
+    def out_of_memory(self, *args, **kwargs):
+        raise error(message)
+
+    monkeypatch.setattr(GPT2ScratchForCausalLM, "forward", out_of_memory)
+    capsys.readouterr()
+    resume = [*argv, "--max_steps", "4", "--save_every", "1", "--resume", "latest"]
+    assert train_accelerate.main(resume) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err)
+    assert err[-1] == (
+        f"error: {said} at --micro_batch_size 4 x --seq_len 32: lower --micro_batch_size (the total batch stays, with "
+        "more accumulation steps) or add --gradient_checkpointing true, then --resume latest (the last good checkpoint "
+        "stays)."
+    )
+    assert list_checkpoints(out)[-1] == good
+    assert {p.name: p.stat().st_mtime_ns for p in good.iterdir()} == before
+
+
+def test_other_runtime_errors_keep_their_traceback(corpus, data_dir, tmp_path, monkeypatch):
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("some bug")
+
+    monkeypatch.setattr(GPT2ScratchForCausalLM, "forward", broken)
+    argv = ["--dataset", str(corpus), "--data_dir", str(data_dir), "--output_dir", str(tmp_path / "run"), *TINY]
+    with pytest.raises(RuntimeError, match="some bug"):
+        train_accelerate.main([*argv, "--max_steps", "1"])
+
+
 def test_hub_unreachable_error_says_to_pass_a_local_file(tmp_path):
     env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     result = cli("--config", "configs/quickstart.yaml", "--output_dir", str(tmp_path / "run"), env=env)
