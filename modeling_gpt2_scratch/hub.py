@@ -262,6 +262,22 @@ def _check_weights_match(folder: Path, missing: list[str], unexpected: list[str]
         raise ValueError(f"The weights in {folder} do not match its config.json ({details}).")
 
 
+@contextmanager
+def _without_load_report() -> Iterator[None]:
+    """Drops transformers' LOAD REPORT (a table of missing, unexpected and mis-shaped keys, logged as a warning) while
+    `load_export_model` loads: its `ValueError` names the same keys on one line."""
+    log = logging.getLogger("transformers.modeling_utils")  # where `log_state_dict_report` logs
+
+    def not_the_report(record: logging.LogRecord) -> bool:
+        return " LOAD REPORT" not in record.getMessage()
+
+    log.addFilter(not_the_report)
+    try:
+        yield
+    finally:
+        log.removeFilter(not_the_report)
+
+
 def load_export_model(folder: str | Path) -> GPT2ScratchForCausalLM:
     """`from_pretrained` of a `save_pretrained` export, checked: unlike `from_pretrained` alone, which gives missing
     weights random values, a weight that is missing, unexpected or mis-shaped is an error (the tied `lm_head.weight`,
@@ -271,11 +287,12 @@ def load_export_model(folder: str | Path) -> GPT2ScratchForCausalLM:
         ValueError: listing missing, unexpected or mis-shaped weights.
     """
     folder = Path(folder)
-    model, loading = GPT2ScratchForCausalLM.from_pretrained(
-        folder,
-        output_loading_info=True,
-        ignore_mismatched_sizes=True,  # mismatches listed below, not a RuntimeError
-    )
+    with _without_load_report():
+        model, loading = GPT2ScratchForCausalLM.from_pretrained(
+            folder,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,  # mismatches listed below, not a RuntimeError
+        )
     tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
     missing = sorted(set(loading["missing_keys"]) - tied)
     mismatched = [f"{key} {tuple(saved)} vs {tuple(expected)}" for key, saved, expected in loading["mismatched_keys"]]

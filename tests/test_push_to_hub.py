@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import fnmatch
 import json
+import logging
 import os
 import shutil
 import socket
@@ -571,8 +572,16 @@ def test_an_export_whose_weights_do_not_match_its_config_is_a_one_line_error(
     shutil.copytree(tiny_run.run_dir, run_dir)
     config_path = run_dir / "final" / "config.json"
     config_path.write_text(json.dumps(json.loads(config_path.read_text()) | change))
-    line = _run_main_expect_error([str(run_dir), "--repo-id", REPO_ID, "--dry-run"], capsys)
+    logged = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())
+    logging.getLogger("transformers").addHandler(handler)  # transformers' own root: it does not propagate further
+    try:
+        line = _run_main_expect_error([str(run_dir), "--repo-id", REPO_ID, "--dry-run"], capsys)
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
     assert "do not match its config.json" in line and problem in line
+    assert not [message for message in logged if "LOAD REPORT" in message]  # the table would repeat the line
 
 
 @pytest.mark.parametrize("recorded", [True, False], ids=["recorded", "run-from-before-the-record"])
