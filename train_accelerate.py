@@ -58,7 +58,9 @@ from modeling_gpt2_scratch.training import (
     gradient_accumulation_steps,
     gradient_norm,
     list_checkpoints,
+    micro_batch_hint,
     parse_arguments,
+    peak_memory_mib,
     prune_checkpoints,
     resolve_data_dir,
     resolve_flag,
@@ -742,6 +744,19 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
             }
             if peak:
                 record["mfu"] = flops_per_step / step_time / (peak * accelerator.num_processes)
+            memory = peak_memory_mib(device)
+            if memory is not None:
+                record["peak_memory_mib"] = round(memory)  # the main process's
+            if state.step == first_step and device.type == "cuda" and accelerator.is_main_process:
+                hint = micro_batch_hint(
+                    memory,
+                    torch.cuda.get_device_properties(device).total_memory / 2**20,
+                    train_args.micro_batch_size,
+                    train_args.seq_len,
+                    accelerator.gradient_accumulation_steps,
+                )
+                if hint:
+                    logger.info(hint)
             progress.update(1)
             progress.set_postfix_str(_postfix(record))
 
@@ -798,6 +813,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         logged = metrics.read() if accelerator.is_main_process else []
         train_losses = [r["train_loss"] for r in logged if r.get("train_loss") is not None]
         val_losses = [r["val_loss"] for r in logged if r.get("val_loss") is not None]
+        memory = peak_memory_mib(device)
         summary = {
             "steps": state.step,
             "tokens_seen": state.tokens,
@@ -810,6 +826,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
             "device_name": describe_device(device),
             "mixed_precision": accelerator.mixed_precision,
             "compile": use_compile,
+            "peak_memory_mib": None if memory is None else round(memory),  # this process's, this run so far
             "torch_version": torch.__version__,
             "transformers_version": transformers.__version__,
         }

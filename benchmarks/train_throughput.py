@@ -104,6 +104,7 @@ from modeling_gpt2_scratch.training import (  # noqa: E402
     device_peak_flops,
     flops_per_token,
     load_preset,
+    proc_status_mib,
     tune_cpu_malloc,
 )
 from train_accelerate import (  # noqa: E402
@@ -798,19 +799,6 @@ def paired_speedup(times: dict[str, dict[int, float]], name: str, ref: str) -> s
         return f"{ratios[0]:.2f}x" if ratios else "-"
     low, mid, high = statistics.quantiles(ratios, n=4, method="inclusive")
     return f"{mid:.2f}x [{low:.2f}-{high:.2f}]"
-
-
-def proc_status_mib(field: str) -> float:
-    """`VmRSS` (resident now) or `VmHWM` (its high-water mark) of this process, in MiB (Linux).
-
-    Not `ru_maxrss`: Linux keeps that across fork + exec, so a child started by a large parent would report the
-    parent's peak; `VmHWM` belongs to the process's own address space.
-    """
-    with contextlib.suppress(OSError), open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def child_memory(runs: list[Run], names: list[str], args) -> dict:

@@ -358,6 +358,31 @@ def test_other_runtime_errors_keep_their_traceback(corpus, data_dir, tmp_path, m
         train_accelerate.main([*argv, "--max_steps", "1"])
 
 
+def test_metrics_and_summary_record_the_peak_memory(corpus, data_dir, tmp_path):
+    out = tmp_path / "run"
+    summary = run(corpus, data_dir, out, "--max_steps", "3", "--save_every", "0", "--eval_every", "0")
+    peaks = [r["peak_memory_mib"] for r in metrics(out)]
+    assert len(peaks) == 3 and all(isinstance(p, int) and p > 50 for p in peaks)  # torch alone takes more
+    assert peaks == sorted(peaks) and summary["peak_memory_mib"] >= peaks[-1]
+    assert json.loads((out / "run_summary.json").read_text())["peak_memory_mib"] == summary["peak_memory_mib"]
+
+
+@pytest.mark.parametrize(
+    "peak_gib, micro_batch, accumulation, suggested",
+    [(12.6, 16, 32, 32), (20.0, 32, 16, 64), (30.0, 64, 8, None), (40.0, 16, 32, None), (12.6, 16, 3, None)],
+    ids=["16-to-32", "32-to-64", "past-the-measured-64", "memory-over-40-percent", "odd-accumulation"],
+)
+def test_micro_batch_hint_doubles_only_within_memory_measured_sizes_and_the_total_batch(
+    peak_gib, micro_batch, accumulation, suggested
+):
+    hint = train_accelerate.micro_batch_hint(peak_gib * 1024, 80 * 1024, micro_batch, 1024, accumulation)
+    if suggested is None:
+        assert hint is None
+    else:
+        assert f"--micro_batch_size {suggested} would likely fit" in hint
+        assert f"in {accumulation // 2} accumulation steps instead of {accumulation}" in hint
+
+
 def test_hub_unreachable_error_says_to_pass_a_local_file(tmp_path):
     env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     result = cli("--config", "configs/quickstart.yaml", "--output_dir", str(tmp_path / "run"), env=env)
