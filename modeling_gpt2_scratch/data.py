@@ -350,10 +350,14 @@ def _check_text_column(source: _Source, args: DataArguments) -> None:
     import pyarrow.parquet as pq
 
     for path in source.files:
-        if source.builder == "csv":
-            columns = list(pd.read_csv(path, nrows=0, encoding="utf-8-sig").columns)
-        else:
-            columns = pq.read_schema(path).names
+        try:
+            if source.builder == "csv":
+                columns = list(pd.read_csv(path, nrows=0, encoding="utf-8-sig").columns)
+            else:
+                columns = pq.read_schema(path).names
+        except (ValueError, pa.ArrowException) as err:  # undecodable bytes, a malformed or truncated file: name it
+            found = _first_undecodable([path]) if isinstance(err, UnicodeDecodeError) else None
+            raise (_undecodable_error(*found) if found else _read_error(source, f"local file {path}", err)) from err
         if args.text_column not in columns:
             raise _missing_column(args.text_column, f"local file {path}", columns)
 
@@ -381,6 +385,7 @@ def _open_split(
     from datasets import Features, Value, load_dataset
     from datasets.exceptions import DatasetNotFoundError
 
+    _check_text_column(source, args)  # its errors are complete: not wrapped in "Cannot read" below
     try:
         if source.builder == "text":  # each file is one document: small ones read whole, larger ones in pieces
             return [
@@ -399,7 +404,6 @@ def _open_split(
                 for whole, paths in _txt_runs(source.files)
             ]
         if source.is_local:
-            _check_text_column(source, args)
             extra = {
                 "parquet": {"columns": [args.text_column]},  # other columns may differ from file to file
                 "csv": {  # the text column alone, as text: a column of "1984", "2001" is text, not numbers
@@ -478,6 +482,13 @@ def _read_error(source: _Source, where: str, err: BaseException) -> ValueError:
     return ValueError(f"Cannot read {where}: {_one_line(err)}; {fix}.")
 
 
+def _undecodable_error(path: Path, offset: int, byte: int) -> ValueError:
+    return ValueError(
+        f"{str(path)!r} is not valid UTF-8 (byte 0x{byte:02x} at offset {offset}); convert it to UTF-8 "
+        "(e.g. `iconv -f latin1 -t utf-8 IN > OUT`) or leave it out of --dataset."
+    )
+
+
 def _iter_rows(ds: IterableDataset, source: _Source, where: str) -> Iterator[dict]:
     """`ds.iter(...)` batches, with the errors of reading the source turned into one-line messages."""
     try:
@@ -486,11 +497,7 @@ def _iter_rows(ds: IterableDataset, source: _Source, where: str) -> Iterator[dic
         found = _first_undecodable(p for p in source.files if p.suffix.lower() != ".parquet")
         if found is None:
             raise ValueError(f"{where} is not valid UTF-8 ({_one_line(err)}); convert it to UTF-8.") from err
-        path, offset, byte = found
-        raise ValueError(
-            f"{str(path)!r} is not valid UTF-8 (byte 0x{byte:02x} at offset {offset}); convert it to UTF-8 "
-            "(e.g. `iconv -f latin1 -t utf-8 IN > OUT`) or leave it out of --dataset."
-        ) from err
+        raise _undecodable_error(*found) from err
     except (ConnectionError, TimeoutError, HfHubHTTPError) as err:
         raise ValueError(
             f"Lost the connection to the Hub while streaming {where} ({_one_line(err)}); run prepare again "

@@ -626,10 +626,10 @@ def test_a_missing_text_column_lists_the_files_columns(tmp_path, kind):
     else:
         pq.write_table(pa.table({"content": ["hello"], "id": [1]}), tmp_path / "d.parquet")
     with pytest.raises(
-        ValueError, match=r"Column 'text' not found in local file .*d\.\w+; its columns are \['content', 'id'\]"
+        ValueError, match=r"^Column 'text' not found in local file .*d\.\w+; its columns are \['content', 'id'\]"
     ) as excinfo:
         prepare(tmp_path / f"d.{kind}", tmp_path / "out")
-    _one_line_error(excinfo)
+    assert "Cannot read" not in _one_line_error(excinfo)  # not wrapped in a read error that says the file is invalid
 
 
 def test_csv_cells_that_read_like_missing_values_are_text(tmp_path):
@@ -658,6 +658,28 @@ def test_undecodable_bytes_in_jsonl_error_with_the_file_and_offset(tmp_path):
     with pytest.raises(ValueError, match=r"b\.jsonl' is not valid UTF-8 \(byte 0xe9 at offset 13\)") as excinfo:
         prepare(tmp_path / "src", tmp_path / "out")
     _one_line_error(excinfo)
+
+
+@pytest.mark.parametrize(
+    "name, content, match",
+    [
+        ("b.csv", b"text\ncaf\xe9\n", r"b\.csv' is not valid UTF-8 \(byte 0xe9 at offset 8\); convert it"),
+        ("b.parquet", b"PAR1 truncated", r"^Cannot read local file \S*b\.parquet: .*valid parquet"),
+    ],
+)
+def test_a_bad_file_among_several_csv_or_parquet_is_named(tmp_path, name, content, match):
+    """Their headers and schemas are read first: an error there names the file (and the offset of a byte that is not
+    UTF-8), once, not the whole folder inside another "Cannot read" message."""
+    (tmp_path / "src").mkdir()
+    for good in ("a", "c"):
+        if name.endswith(".csv"):
+            (tmp_path / "src" / f"{good}.csv").write_text("text\nfine\n")
+        else:
+            pq.write_table(pa.table({"text": ["fine"]}), tmp_path / "src" / f"{good}.parquet")
+    (tmp_path / "src" / name).write_bytes(content)
+    with pytest.raises(ValueError, match=match) as excinfo:
+        prepare(tmp_path / "src", tmp_path / "out")
+    assert _one_line_error(excinfo).count("Cannot read") <= 1 and "3 local" not in str(excinfo.value)
 
 
 def test_a_byte_order_mark_is_not_text(tmp_path):
