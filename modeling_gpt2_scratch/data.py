@@ -33,6 +33,7 @@ Decisions:
   `<|endoftext|>` inside a document is plain text, never the delimiter.
 * **Undecodable bytes** fail the prepare with the file and the byte offset; nothing is replaced silently (a training
   corpus with mojibake is worse than a clear stop). A UTF-8 byte-order mark at the start of a `.txt` file is dropped.
+  A malformed or corrupt file fails it naming that file (among several, they are read again one by one to find it).
 * **Files.** A folder or glob lists files in sorted order, leaving out hidden ones, the output folder (when it lies
   inside the corpus folder) and empty ones (0 bytes, or a Parquet file of no rows). Names are literal: `[`, `*`
   in a file's name are not patterns. Only `text_column` is read from Parquet; CSV cells are never read as missing
@@ -489,8 +490,27 @@ def _undecodable_error(path: Path, offset: int, byte: int) -> ValueError:
     )
 
 
-def _iter_rows(ds: IterableDataset, source: _Source, where: str) -> Iterator[dict]:
-    """`ds.iter(...)` batches, with the errors of reading the source turned into one-line messages."""
+def _unreadable_file(source: _Source, args: DataArguments, err: BaseException) -> Path | None:
+    """After `err` reading several local files: the first that cannot be read on its own, or None (not local, one
+    file, or JSON files whose columns differ, which read well one by one).
+
+    The files are read again in order, without tokenizing, as `_first_undecodable` reads their bytes: on this error
+    path only, so a folder of thousands of files names the bad one.
+    """
+    if not source.is_local or len(source.files) < 2 or source.builder == "text" or "cast" in str(err).lower():
+        return None
+    for path in source.files:
+        try:
+            alone = _open_split(_Source(name=str(path), files=(path,), builder=source.builder), "train", args)
+            for _ in alone.iter(batch_size=_ROWS_PER_READ):
+                pass
+        except (ValueError, KeyError, TypeError, OSError, pa.ArrowException):
+            return path
+    return None
+
+
+def _iter_rows(ds: IterableDataset, source: _Source, args: DataArguments, where: str) -> Iterator[dict]:
+    """`ds.iter(...)` batches, with the errors of reading the source turned into one-line messages naming the file."""
     try:
         yield from ds.iter(batch_size=_ROWS_PER_READ)
     except UnicodeDecodeError as err:
@@ -504,7 +524,8 @@ def _iter_rows(ds: IterableDataset, source: _Source, where: str) -> Iterator[dic
             f"(it starts over), or download the files and pass them locally, e.g. {OFFLINE_EXAMPLE}."
         ) from err
     except (ValueError, KeyError, TypeError, pa.ArrowException) as err:  # malformed JSON, CSV or Parquet
-        raise _read_error(source, where, err) from err
+        bad = _unreadable_file(source, args, err)  # Arrow's errors name no file
+        raise _read_error(source, f"local file {bad}" if bad else where, err) from err
 
 
 def _safe_cut(text: str) -> int | None:
@@ -569,7 +590,7 @@ def _iter_documents(
         if column != "text":
             raise _missing_column(column, where, ["text"])
         for files_ds, whole in ds:
-            tables = _iter_rows(files_ds.with_format("arrow"), source, where)
+            tables = _iter_rows(files_ds.with_format("arrow"), source, args, where)
             if whole:  # one row per file
                 documents = ([text] for table in tables for text in table["text"].to_pylist())
             else:  # Arrow batches of one file's lines, each joined into one string: no Python object per line
@@ -588,7 +609,7 @@ def _iter_documents(
         if column not in ds.column_names:
             raise _missing_column(column, where, ds.column_names)
         ds = ds.select_columns([column])
-    for batch in _iter_rows(ds, source, where):
+    for batch in _iter_rows(ds, source, args, where):
         if column not in batch:
             raise _missing_column(column, where, batch)
         for text in batch[column]:

@@ -682,6 +682,17 @@ def test_a_bad_file_among_several_csv_or_parquet_is_named(tmp_path, name, conten
     assert _one_line_error(excinfo).count("Cannot read") <= 1 and "3 local" not in str(excinfo.value)
 
 
+def test_a_malformed_file_among_several_is_named(tmp_path):
+    """Arrow's parse errors name no file: the one-line error names the bad file, not only the folder."""
+    (tmp_path / "src").mkdir()
+    for name in ("a", "c"):
+        write_jsonl(tmp_path / "src" / f"{name}.jsonl", [{"text": "fine"}] * 3)
+    (tmp_path / "src" / "b.jsonl").write_text('{"text": "fine"}\n{"text": broken}\n')
+    with pytest.raises(ValueError, match=r"^Cannot read local file \S*b\.jsonl: JSON parse error.*valid json") as exc:
+        prepare(tmp_path / "src", tmp_path / "out")
+    _one_line_error(exc)
+
+
 def test_a_byte_order_mark_is_not_text(tmp_path):
     (tmp_path / "bom.txt").write_bytes("\ufeffhello".encode())
     prepare(tmp_path / "bom.txt", tmp_path / "out")
