@@ -523,8 +523,10 @@ def _iter_rows(ds: IterableDataset, source: _Source, args: DataArguments, where:
             f"Lost the connection to the Hub while streaming {where} ({_one_line(err)}); run prepare again "
             f"(it starts over), or download the files and pass them locally, e.g. {OFFLINE_EXAMPLE}."
         ) from err
-    except (ValueError, KeyError, TypeError, pa.ArrowException) as err:  # malformed JSON, CSV or Parquet
-        bad = _unreadable_file(source, args, err)  # Arrow's errors name no file
+    except (ValueError, KeyError, TypeError, OSError, pa.ArrowException) as err:  # malformed JSON, CSV or Parquet
+        if isinstance(err, OSError) and err.errno is not None:
+            raise  # the system's own error (permission denied, a full disk) names its file
+        bad = _unreadable_file(source, args, err)  # Arrow's errors name no file; its OSError: a corrupt Parquet page
         raise _read_error(source, f"local file {bad}" if bad else where, err) from err
 
 

@@ -693,6 +693,19 @@ def test_a_malformed_file_among_several_is_named(tmp_path):
     _one_line_error(exc)
 
 
+def test_a_corrupt_parquet_page_is_a_one_line_error_naming_the_file(tmp_path):
+    """pyarrow raises a bare, multi-line OSError for a damaged page header ("Couldn't deserialize thrift")."""
+    (tmp_path / "src").mkdir()
+    for name in ("a", "b", "c"):
+        pq.write_table(pa.table({"text": [f"document {name}"]}), tmp_path / "src" / f"{name}.parquet")
+    damaged = bytearray((tmp_path / "src" / "b.parquet").read_bytes())
+    damaged[4] = 0xFF  # the first page header starts right after the magic bytes "PAR1"
+    (tmp_path / "src" / "b.parquet").write_bytes(bytes(damaged))
+    with pytest.raises(ValueError, match=r"^Cannot read local file \S*b\.parquet: .*valid parquet") as excinfo:
+        prepare(tmp_path / "src", tmp_path / "out")
+    _one_line_error(excinfo)
+
+
 def test_a_byte_order_mark_is_not_text(tmp_path):
     (tmp_path / "bom.txt").write_bytes("\ufeffhello".encode())
     prepare(tmp_path / "bom.txt", tmp_path / "out")
