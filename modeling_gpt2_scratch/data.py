@@ -131,6 +131,7 @@ _REGEX_WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202
 _SAFE_CUT = re.compile(f"[{_REGEX_WHITESPACE}](?=[^{_REGEX_WHITESPACE}])")  # the last whitespace before a non-space
 _CUT_WINDOW = 1 << 16  # characters `_safe_cut` searches at a time, from the end
 _HASH_CHUNK = 1 << 20
+_REBUILD_FLAGS = "--overwrite (trainer: --overwrite_data)"  # the trainer's --overwrite is ambiguous
 
 
 @dataclass
@@ -964,16 +965,19 @@ def read_manifest(data_dir: str | os.PathLike) -> dict:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise ValueError(
-            f"Cannot read {str(path)!r} ({_one_line(err)}); prepare the folder again with --overwrite."
+            f"Cannot read {str(path)!r} ({_one_line(err)}); prepare the folder again with {_REBUILD_FLAGS}."
         ) from err
     if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
         version = manifest.get("format_version") if isinstance(manifest, dict) else None
         raise ValueError(
             f"{str(path)!r} has format version {version!r}, this code reads {FORMAT_VERSION}; "
-            "prepare the folder again with --overwrite."
+            f"prepare the folder again with {_REBUILD_FLAGS}."
         )
     if manifest.get("dtype") != "uint16":
-        raise ValueError(f"{str(path)!r} has dtype {manifest.get('dtype')!r}, expected 'uint16'; prepare it again.")
+        raise ValueError(
+            f"{str(path)!r} has dtype {manifest.get('dtype')!r}, expected 'uint16'; prepare the folder again with "
+            f"{_REBUILD_FLAGS}."
+        )
     return manifest
 
 
@@ -1234,7 +1238,7 @@ class ShardedTokenLoader:
         if size != entry["tokens"] * TOKEN_DTYPE.itemsize:
             raise ValueError(
                 f"Shard {str(path)!r} has {size} bytes, the manifest says {entry['tokens']} tokens; "
-                f"prepare {str(self.data_dir)!r} again with --overwrite."
+                f"prepare {str(self.data_dir)!r} again with {_REBUILD_FLAGS}."
             )
         return np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
 

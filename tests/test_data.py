@@ -275,6 +275,26 @@ def test_a_folder_prepared_with_another_tokenizer_errors(tmp_path, corpus):
         prepare(corpus, tmp_path / "out")
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda m: "{not json",
+        lambda m: json.dumps(m | {"format_version": 2}),
+        lambda m: json.dumps(m | {"dtype": "int32"}),
+    ],
+    ids=["not-json", "format-version-2", "dtype-int32"],
+)
+def test_an_unreadable_manifest_names_the_rebuild_flag_of_both_clis(tmp_path, corpus, damage):
+    """The trainer has no --overwrite (argparse: ambiguous between --overwrite_data and --overwrite_output_dir)."""
+    prepare(corpus, tmp_path / "out")
+    manifest_path = tmp_path / "out" / MANIFEST_NAME
+    manifest_path.write_text(damage(json.loads(manifest_path.read_text())))
+    with pytest.raises(ValueError, match=r"prepare the folder again with --overwrite \(trainer: --overwrite_data\)"):
+        prepare(corpus, tmp_path / "out")
+    prepare_dataset(DataArguments(dataset=str(corpus), num_proc=1, val_fraction=0.0), tmp_path / "out", overwrite=True)
+    assert read_manifest(tmp_path / "out")["dtype"] == "uint16"  # --overwrite rebuilds it
+
+
 def test_different_settings_in_the_same_folder_error(tmp_path, corpus):
     prepare(corpus, tmp_path / "out", shard_size=100)
     with pytest.raises(ValueError, match=r"shard_size=100 \(now 200\).*--overwrite"):
