@@ -36,9 +36,9 @@ Decisions:
   A malformed or corrupt file fails it naming that file (among several, they are read again one by one to find it).
 * **Files.** A folder or glob lists files in sorted order, leaving out hidden ones, the output folder (when it lies
   inside the corpus folder) and empty ones (0 bytes, or a Parquet file of no rows). Names are literal: `[`, `*`
-  in a file's name are not patterns. Only `text_column` is read from Parquet; CSV cells are never read as missing
-  ("NA", "null" are text). `datasets` reads every column of JSON files, so their other columns must be the same
-  in every row and file.
+  in a file's name are not patterns. Only `text_column` is read from Parquet, and it must hold strings in every
+  file (`datasets` would cast numbers to text); CSV cells are never read as missing ("NA", "null" are text).
+  `datasets` reads every column of JSON files, so their other columns must be the same in every row and file.
 * **Validation split.** With `val_split` (Hub datasets), that split. Otherwise the last `val_fraction` of the train
   token stream, cut inside the stream (possibly inside a document), so a corpus of one document (tiny Shakespeare)
   splits too. Local files form one stream: `split` and `val_split` apply to Hub datasets only. `val_fraction=0`
@@ -356,12 +356,32 @@ def _check_text_column(source: _Source, args: DataArguments) -> None:
             if source.builder == "csv":
                 columns = list(pd.read_csv(path, nrows=0, encoding="utf-8-sig").columns)
             else:
-                columns = pq.read_schema(path).names
+                schema = pq.read_schema(path)
+                columns = schema.names
         except (ValueError, pa.ArrowException) as err:  # undecodable bytes, a malformed or truncated file: name it
             found = _first_undecodable([path]) if isinstance(err, UnicodeDecodeError) else None
             raise (_undecodable_error(*found) if found else _read_error(source, f"local file {path}", err)) from err
         if args.text_column not in columns:
             raise _missing_column(args.text_column, f"local file {path}", columns)
+        if source.builder == "parquet" and not _is_text_type(schema.field(args.text_column).type):
+            # `datasets` casts every file to the first one's types: numbers after text would be read as "1", "2"
+            raise _not_text(args.text_column, f"local file {path}", schema.field(args.text_column).type)
+
+
+def _is_text_type(arrow_type: pa.DataType) -> bool:
+    """A string column (or one of nulls only, or dictionary-encoded strings)."""
+    if pa.types.is_dictionary(arrow_type):
+        arrow_type = arrow_type.value_type
+    is_string_view = getattr(pa.types, "is_string_view", lambda _: False)  # pyarrow >= 16
+    return any(
+        check(arrow_type) for check in (pa.types.is_string, pa.types.is_large_string, pa.types.is_null, is_string_view)
+    )
+
+
+def _not_text(column: str, where: str, kind: object) -> ValueError:
+    return ValueError(
+        f"Column {column!r} of {where} holds {kind} values, not text; pass --text_column naming a text column."
+    )
 
 
 def _hub_unreachable(source: _Source, err: BaseException) -> ValueError:
@@ -620,10 +640,7 @@ def _iter_documents(
                 counts.empty_documents += 1
                 continue
             if not isinstance(text, str):
-                raise ValueError(
-                    f"Column {column!r} of {where} holds {type(text).__name__} values, not text; "
-                    "pass --text_column naming a text column."
-                )
+                raise _not_text(column, where, type(text).__name__)
             counts.documents += 1
             yield text, True
 

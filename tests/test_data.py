@@ -652,6 +652,15 @@ def test_a_missing_text_column_lists_the_files_columns(tmp_path, kind):
     assert "Cannot read" not in _one_line_error(excinfo)  # not wrapped in a read error that says the file is invalid
 
 
+def test_a_parquet_text_column_of_numbers_in_a_later_file_errors(tmp_path):
+    """`datasets` casts every file to the first one's types: a later file's numbers were read as the text "7"."""
+    (tmp_path / "src").mkdir()
+    pq.write_table(pa.table({"text": ["a document"]}), tmp_path / "src" / "a.parquet")
+    pq.write_table(pa.table({"text": [7]}), tmp_path / "src" / "b.parquet")
+    with pytest.raises(ValueError, match=r"Column 'text' of local file \S*b\.parquet holds int64 values, not text"):
+        prepare(tmp_path / "src", tmp_path / "out")
+
+
 def test_csv_cells_that_read_like_missing_values_are_text(tmp_path):
     (tmp_path / "d.csv").write_text("text\nNA\nnull\nn/a\nreal\n")
     prepare(tmp_path / "d.csv", tmp_path / "out")
