@@ -1126,8 +1126,13 @@ def _build_shards(source: _Source, args: DataArguments, staging: Path) -> tuple[
     """Tokenizes the source into `staging`; returns the manifest's `splits` and `stats`."""
     where = source.describe(args)
     counts = _Counts()
-    train_ds = _open_split(source, args.split, args)
     use_val_split = args.val_split is not None and not source.is_local
+    if use_val_split and args.val_split == args.split:
+        raise ValueError(
+            f"--val_split {args.val_split} is the training split (--split): its loss would measure nothing held out; "
+            f"pass another split of {where}, or --val_split none to hold out the last --val_fraction of it."
+        )
+    train_ds = _open_split(source, args.split, args)
     if args.split != "train" and source.is_local:
         logger.info("Local files form one stream: ignoring --split %s; training on all of them", args.split)
     if args.val_split is not None and source.is_local:

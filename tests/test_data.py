@@ -230,6 +230,13 @@ def test_hub_dataset_uses_its_validation_split(tmp_path, monkeypatch):
     assert {call[2] for call in calls} == {"train", "validation"} and all(call[3] for call in calls)
 
 
+def test_a_val_split_that_is_the_training_split_is_an_error_before_any_download(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: pytest.fail("nothing should be read"))
+    with pytest.raises(ValueError, match="--val_split train is the training split .*--val_split none"):
+        prepare("someone/tiny", tmp_path / "out", split="train", val_split="train")
+    assert not list(tmp_path.rglob("*.bin")) and not list(tmp_path.rglob("manifest.json"))
+
+
 # --- idempotence and atomicity ---------------------------------------------------------------------------------------
 
 
