@@ -890,6 +890,39 @@ def tied_head_save_notice(record: logging.LogRecord) -> bool:
     return "Removed shared tensor {'lm_head.weight'} while saving" not in record.getMessage()  # after "[RANK 0] "
 
 
+ERROR_STORE_KEY = "gpt2_scratch/error"  # the main process's error message, in torch.distributed's store
+ERROR_WAIT_S = 5.0  # how long another process waits for the main process's message before printing its own
+
+
+def shown_by_another_process(message: str) -> bool:
+    """Whether another process of this run prints the error `message` (the same one), so this one need not.
+
+    Most errors are the same on every process (a bad flag, a checkpoint of another process count): each process
+    printing its own showed it once per process. One process alone (no launcher, or `accelerate launch` of one):
+    False. Before the processes join (arguments, presets: the same on every process of a machine), only each
+    machine's first process (`LOCAL_RANK` 0) prints. Once they have joined, the main process prints and leaves its
+    message in torch.distributed's store; another prints its own unless the main process's is the same, or when
+    none comes within `ERROR_WAIT_S` seconds (a fault of its own, while the main process waits for it).
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    import datetime
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return int(os.environ.get("LOCAL_RANK", "0")) != 0
+    try:
+        store = dist.distributed_c10d._get_default_store()  # the launcher's rendezvous store: no collective
+        if dist.get_rank() == 0:
+            store.set(ERROR_STORE_KEY, message)
+            return False
+        store.wait([ERROR_STORE_KEY], datetime.timedelta(seconds=ERROR_WAIT_S))
+        return store.get(ERROR_STORE_KEY).decode() == message
+    except Exception:  # no message in time, or the store went with the main process: print this one
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.logging.set_verbosity_error()
@@ -900,7 +933,8 @@ def main(argv: list[str] | None = None) -> int:
         model_args, data_args, train_args = parse_arguments(argv)
         train(model_args, data_args, train_args)
     except (ValueError, OSError, TrainingError, PrepareError) as err:  # OSError: e.g. an --output_dir that is a file
-        print(f"error: {err}", file=sys.stderr)
+        if not shown_by_another_process(str(err)):
+            print(f"error: {err}", file=sys.stderr)
         return 1 if isinstance(err, (TrainingError, PrepareError)) else 2
     except RuntimeError as err:  # torch.OutOfMemoryError (CUDA) or the CPU allocator's RuntimeError
         if train_args is None or not should_reduce_batch_size(err):

@@ -898,6 +898,30 @@ def test_sigterm_to_one_of_two_processes_stops_both_with_one_checkpoint(corpus, 
     assert not (out / "final").exists()
 
 
+def launch_two(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`accelerate launch` of the trainer on 2 CPU processes (torchrun + gloo), its output captured."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    return subprocess.run(
+        [*launch, str(REPO / "train_accelerate.py"), *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--micro_batch_size", "0", "error: --micro_batch_size must be a positive integer, got 0."),  # before joining
+        ("--total_batch_tokens", "384", "error: --total_batch_tokens 384 is not a multiple"),  # after
+    ],
+)
+def test_an_error_of_every_process_is_printed_once(corpus, data_dir, tmp_path, flag, value, message):
+    args = ["--dataset", str(corpus), "--data_dir", str(data_dir), "--output_dir", str(tmp_path / "run"), *TINY]
+    result = launch_two(*args, "--max_steps", "2", flag, value)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(message), errors
+
+
 @pytest.mark.slow
 def test_sigterm_to_the_one_process_launcher_alone_still_saves_a_checkpoint(corpus, data_dir, tmp_path):
     """accelerate's one-process launcher passes no signal on and dies of it: the trainer gets a SIGTERM of its own
