@@ -678,6 +678,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         logger.info("resumed from %s at step %d", resume_from, state.step)
         if changes:
             logger.info("resume: this run's flags replace the checkpoint's: %s", "; ".join(changes))
+    # on every process: an --output_dir that is a file fails them all alike, instead of the main process alone (the
+    # others then died in their first collective, a traceback below its one-line error)
+    output_dir.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:  # after a resume that worked: a failed one leaves the run's files as they were
         if resume_from is None and train_args.overwrite_output_dir and list_checkpoints(output_dir):
             logger.info("--overwrite_output_dir: deleting the checkpoints in %s", output_dir / "checkpoints")
@@ -687,7 +690,6 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         for path in stale:
             logger.info("deleting %s: it describes the run %s", path, "replaced" if resume_from is None else "so far")
             shutil.rmtree(path) if path.is_dir() else path.unlink()
-        output_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(output_dir / RUN_CONFIG_NAME, run_config)
         logger.info("configuration:\n%s", _format_config(run_config))
     # the main process alone owns metrics.jsonl (it trims or removes the old file here: one writer, no race)

@@ -922,6 +922,18 @@ def test_an_error_of_every_process_is_printed_once(corpus, data_dir, tmp_path, f
     assert len(errors) == 1 and errors[0].startswith(message), errors
 
 
+def test_an_output_dir_that_is_a_file_is_one_error_line_under_two_processes(corpus, data_dir, tmp_path):
+    """The main process alone creating the folder failed alone: the other died in a collective, with a traceback."""
+    (tmp_path / "file").write_text("not a folder")
+    args = ["--dataset", str(corpus), "--data_dir", str(data_dir), "--output_dir", str(tmp_path / "file"), *TINY]
+    result = launch_two(*args, "--max_steps", "2", "--total_batch_tokens", "512")
+    assert result.returncode != 0
+    assert [line for line in result.stderr.splitlines() if line.startswith("error: ")] == [
+        f"error: [Errno 17] File exists: '{tmp_path / 'file'}'"
+    ]
+    assert "[rank1]: Traceback" not in result.stderr and "[rank0]: Traceback" not in result.stderr  # torchrun's prefix
+
+
 @pytest.mark.slow
 def test_sigterm_to_the_one_process_launcher_alone_still_saves_a_checkpoint(corpus, data_dir, tmp_path):
     """accelerate's one-process launcher passes no signal on and dies of it: the trainer gets a SIGTERM of its own
