@@ -935,6 +935,31 @@ def test_an_output_dir_that_is_a_file_is_one_error_line_under_two_processes(corp
 
 
 @pytest.mark.slow
+def test_resume_is_exact_with_two_processes(corpus, data_dir, tmp_path):
+    """README: resume is bitwise exact on CPU with 2 processes. 4 steps straight vs a resume from step 2 (each process
+    restores its own RNG state file; dropout uses it): the same losses and norms, bitwise the same weights."""
+    args = ["--dataset", str(corpus), "--data_dir", str(data_dir), *TINY, "--total_batch_tokens", "512"]
+    args += ["--max_steps", "4", "--save_every", "2", "--eval_every", "2", "--dropout", "0.1"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    result = launch_two(*args, "--output_dir", str(straight))
+    assert result.returncode == 0, result.stderr[-3000:]
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(straight / "checkpoints" / "step_0000002", resumed / "checkpoints" / "step_0000002")
+    assert sorted(p.name for p in (resumed / "checkpoints" / "step_0000002").glob("random_states_*")) == [
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    ]
+    result = launch_two(*args, "--output_dir", str(resumed), "--resume", "latest")
+    assert result.returncode == 0, result.stderr[-3000:]
+    after, again = [r for r in metrics(straight) if r["step"] > 2], metrics(resumed)
+    assert [r["step"] for r in again] == [r["step"] for r in after] == [3, 4]
+    exact = ("train_loss", "lr", "grad_norm", "val_loss")
+    assert [[r.get(k) for k in exact] for r in again] == [[r.get(k) for k in exact] for r in after]
+    w1, w2 = _weights(straight / "final"), _weights(resumed / "final")
+    assert all(torch.equal(w1[key], w2[key]) for key in w1)
+
+
+@pytest.mark.slow
 def test_sigterm_to_the_one_process_launcher_alone_still_saves_a_checkpoint(corpus, data_dir, tmp_path):
     """accelerate's one-process launcher passes no signal on and dies of it: the trainer gets a SIGTERM of its own
     (PR_SET_PDEATHSIG) and saves, instead of training on orphaned until something kills it."""
