@@ -941,7 +941,9 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as err:  # torch.OutOfMemoryError (CUDA) or the CPU allocator's RuntimeError
         if train_args is None or not should_reduce_batch_size(err):
             raise
-        print(f"error: {out_of_memory_message(err, train_args)}", file=sys.stderr)
+        message = out_of_memory_message(err, train_args)
+        if not shown_by_another_process(message):  # the same micro-batch runs out on every GPU alike
+            print(f"error: {message}", file=sys.stderr)
         return 1
     return 0
 
