@@ -929,6 +929,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.logging.set_verbosity_error()
     logging.getLogger("accelerate.utils.other").addFilter(tied_head_save_notice)
+    for name in ("accelerate.accelerator", "accelerate.checkpointing"):  # 7 INFO lines per checkpoint, one per file
+        logging.getLogger(name).setLevel(logging.WARNING)  # (ours says "saved checkpoint"); warnings still show
     sigterm_when_the_launcher_dies()
     train_args = None
     try:

@@ -358,6 +358,14 @@ def test_other_runtime_errors_keep_their_traceback(corpus, data_dir, tmp_path, m
         train_accelerate.main([*argv, "--max_steps", "1"])
 
 
+def test_a_checkpoint_is_one_log_line_not_one_per_file(corpus, data_dir, tmp_path, caplog):
+    argv = ["--dataset", str(corpus), "--data_dir", str(data_dir), "--output_dir", str(tmp_path / "run"), *TINY]
+    with caplog.at_level("INFO"):
+        assert train_accelerate.main([*argv, "--max_steps", "2", "--save_every", "1", "--eval_every", "0"]) == 0
+    saved = [r.getMessage() for r in caplog.records if "step_0000001" in r.getMessage()]
+    assert len(saved) == 1 and saved[0].startswith("saved checkpoint ")
+
+
 def test_metrics_and_summary_record_the_peak_memory(corpus, data_dir, tmp_path):
     out = tmp_path / "run"
     summary = run(corpus, data_dir, out, "--max_steps", "3", "--save_every", "0", "--eval_every", "0")
