@@ -740,7 +740,9 @@ class _ShardWriter:
         self.tokens += self.filled
         self.filled = 0
         rate = self.tokens / max(time.perf_counter() - self.started, 1e-9)
-        logger.info("%s: wrote %s (%s tokens so far, %.0f tokens/s)", self.prefix, name, f"{self.tokens:,}", rate)
+        # "part": the stream that the val split is cut from at the end (its files are renamed train_*/val_* then)
+        split = "train + val" if self.prefix == "part" else self.prefix
+        logger.info("%s: %s tokens so far (%.0f tokens/s)", split, f"{self.tokens:,}", rate)
 
 
 def _write_tokens(path: Path, tokens: np.ndarray) -> None:
