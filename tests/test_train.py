@@ -221,6 +221,13 @@ def test_help_documents_every_flag_with_its_default():
         assert flag in result.stdout
     assert "default: 19073" in result.stdout.replace("(default: 19073)", "default: 19073")
     assert "15-19% slower" in result.stdout and "option_strings" not in result.stdout  # a bare % is a format code
+    help_text = " ".join(result.stdout.split())
+    assert "--no_tf32, --no-tf32 The same as --tf32 false. --fused_adamw" in help_text  # not "(default: False)"
+
+
+@pytest.mark.parametrize("flags, tf32", [([], True), (["--no_tf32"], False), (["--tf32", "false"], False)])
+def test_tf32_is_on_unless_switched_off_either_way(flags, tf32):
+    assert parse_arguments(["--dataset", "x", *flags])[2].tf32 is tf32
 
 
 # --- bad input -------------------------------------------------------------------------------------------------------
