@@ -565,8 +565,11 @@ def train_step(
             f"--max_lr{precision}, {_how_to_go_on(train_args)}"
         )
     lr = scheduler.get_last_lr()[0]
+    scale = accelerator.scaler.get_scale() if accelerator.scaler is not None else None  # fp16's loss scale
     optimizer.step()
-    if not optimizer.step_was_skipped:  # fp16: an overflowing step moves neither the weights nor the schedule
+    # fp16: an overflowing step moves neither the weights nor the schedule. Fused AdamW skips it in its own kernel, so
+    # accelerate's `step_was_skipped` stays False (accelerate issue 4242); the scaler backs its scale off only then.
+    if not (optimizer.step_was_skipped or (scale is not None and accelerator.scaler.get_scale() < scale)):
         scheduler.step()
     optimizer.zero_grad(set_to_none=not cudagraphs)
     return {"train_loss": train_loss, "lr": lr, "grad_norm": grad_norm, "step_seconds": step_seconds}

@@ -1337,6 +1337,32 @@ def test_a_step_the_fp16_scaler_skips_leaves_the_schedule_where_it_was(corpus, d
     assert scheduler.last_epoch == 1
 
 
+def test_an_overflowing_fp16_step_with_fused_adamw_leaves_the_weights_and_the_schedule(corpus, data_dir):
+    """fp16 with fused AdamW (CUDA's default): the fused kernel skips an overflowing update itself, so accelerate's
+    `step_was_skipped` says False (accelerate issue 4242); the schedule must wait all the same. fp16 needs CUDA in the
+    trainer, so here a CPU accelerator gets torch's CPU gradient scaler, as accelerate gives a CUDA one."""
+    from accelerate import Accelerator
+
+    train_args = parse_arguments(["--dataset", str(corpus), *TINY])[2]
+    accelerator = Accelerator(cpu=True, mixed_precision="fp16", gradient_accumulation_steps=2)
+    accelerator.scaler, accelerator.native_amp = torch.amp.GradScaler("cpu", init_scale=2.0**127), True
+    torch.manual_seed(0)
+    model = GPT2ScratchForCausalLM(GPT2ScratchConfig(n_layer=1, n_head=2, n_embd=32, n_positions=64))
+    optimizer = train_accelerate.build_optimizer(model, train_args, fused=True)
+    scheduler = build_scheduler(optimizer, train_args)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    loader = ShardedTokenLoader(data_dir, "train", batch_size=4, seq_len=32)
+    before = [p.detach().clone() for p in model.parameters()]
+    record = train_accelerate.train_step(accelerator, model, model, optimizer, scheduler, loader, train_args, 1)
+    assert math.isfinite(record["train_loss"]) and not math.isfinite(record["grad_norm"])  # the scaled loss overflowed
+    assert accelerator.scaler.get_scale() == 2.0**126  # the scaler saw it and backed off
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    assert scheduler.last_epoch == 0
+    accelerator.scaler.update(new_scale=2.0**10)
+    record = train_accelerate.train_step(accelerator, model, model, optimizer, scheduler, loader, train_args, 1)
+    assert math.isfinite(record["grad_norm"]) and scheduler.last_epoch == 1
+
+
 def test_init_from_takes_the_dropout_flag(tmp_path, corpus, data_dir):
     from transformers import GPT2Config, GPT2LMHeadModel
 
