@@ -124,7 +124,8 @@ def build_accelerator(train_args: TrainArguments) -> Accelerator:
     """The Accelerator with the resolved mixed precision, gradient accumulation and trackers."""
     cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "false").lower() not in ("true", "1")
     precision = train_args.mixed_precision.lower()
-    bf16_ok = torch.cuda.is_bf16_supported() if cuda else cpu_supports_bf16()
+    # bf16 tensor cores (Ampere+): torch's default also says True for GPUs that only emulate bf16 (V100, T4)
+    bf16_ok = torch.cuda.is_bf16_supported(including_emulation=False) if cuda else cpu_supports_bf16()
     if precision == "auto":
         precision = "bf16" if bf16_ok else "no"
     elif precision == "bf16" and not bf16_ok and cuda:

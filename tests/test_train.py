@@ -1389,6 +1389,26 @@ def test_init_from_a_runs_own_export_continues_from_its_weights(tmp_path, corpus
         assert torch.equal(model.state_dict()[name], tensor), name
 
 
+@pytest.mark.parametrize("major, precision", [(7, "no"), (8, "bf16")], ids=["volta-turing", "ampere"])
+def test_auto_mixed_precision_takes_bf16_on_gpus_with_bf16_tensor_cores_only(monkeypatch, major, precision):
+    """A V100 or T4 (compute capability 7) can make bf16 tensors, so `torch.cuda.is_bf16_supported()` says True
+    there (emulation), but it has no bf16 tensor cores: auto is float32 there, and --mixed_precision bf16 an error."""
+    from types import SimpleNamespace
+
+    made = {}
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(major=major))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True, raising=False)
+    monkeypatch.setattr(train_accelerate, "Accelerator", lambda **kwargs: made.update(kwargs))
+    train_accelerate.build_accelerator(TrainArguments(output_dir="unused"))
+    assert not made["cpu"] and made["mixed_precision"] == precision
+    if precision == "no":
+        with pytest.raises(ValueError, match="this GPU has no bf16 support"):
+            train_accelerate.build_accelerator(TrainArguments(output_dir="unused", mixed_precision="bf16"))
+
+
 def test_accelerate_launchs_mixed_precision_is_not_silently_dropped(monkeypatch, caplog):
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # `accelerate launch --mixed_precision bf16`
     train_args = parse_arguments(["--dataset", "x", *TINY])[2]  # TINY: --mixed_precision no
