@@ -42,6 +42,7 @@ METRICS_NAME = "metrics.jsonl"
 # Dense bf16 tensor-core peaks (datasheets), for MFU. Matched in this order against torch.cuda.get_device_name(),
 # as whole words ("L4" is not "NVIDIA L40"): the more specific names come first.
 GPU_PEAK_BF16_FLOPS = {
+    "H200 NVL": 835e12,
     "H200": 989e12,
     "H100 SXM": 989e12,
     "H100 80GB HBM3": 989e12,

@@ -1149,6 +1149,7 @@ def test_the_last_step_is_logged_without_a_val_split(corpus, tmp_path):
         ("NVIDIA H100 PCIe", 756e12),
         ("NVIDIA H100 NVL", 835e12),
         ("NVIDIA H200", 989e12),
+        ("NVIDIA H200 NVL", 835e12),  # not the SXM part's
         ("NVIDIA A100-SXM4-80GB", 312e12),
         ("NVIDIA L40S", 362e12),
         ("NVIDIA L40", 181e12),  # not the L4's
