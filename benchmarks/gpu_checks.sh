@@ -32,14 +32,15 @@ timeout "$(left 110)" python3 benchmarks/train_throughput.py --runs 124m:16x1024
   ours-defaults-cudagraphs --no_memory --warmup 3 --steps 6 2>&1 | tee "$OUT/tt16_graphs.md"
 
 if [ -n "$DATA_DIR" ] && [ -n "$TEXT" ]; then
-  # micro-batch 32 needs a validation split of at least 32 x 1024 + 1 tokens: tiny Shakespeare's 0.1 has 33,803
+  # micro-batch 32 needs a validation split of at least 32 x 1024 + 1 tokens: tiny Shakespeare's 0.1 has 33,803.
+  # --overwrite_output_dir: a rerun on the same (warm) machine finds the last run's final/ in /tmp, an error otherwise
   for run in "16 default" "16 reduce-overhead" "32 default"; do
     set -- $run
     mark "the trainer, 124M defaults at micro-batch $1, --compile_mode $2, 8 steps of 524,288 tokens"
     timeout "$(left 90)" accelerate launch train_accelerate.py --dataset "$TEXT" --data_dir "$DATA_DIR" \
-      --val_fraction 0.1 --output_dir /tmp/gpu_checks_mb$1_$2 --micro_batch_size $1 --compile_mode $2 --max_steps 8 \
-      --warmup_steps 4 --eval_every 0 --eval_batches 1 --sample_every 0 --save_every 0 --log_every 1 \
-      > "$OUT/train_mb$1_$2.log" 2>&1
+      --val_fraction 0.1 --output_dir /tmp/gpu_checks_mb$1_$2 --overwrite_output_dir true --micro_batch_size $1 \
+      --compile_mode $2 --max_steps 8 --warmup_steps 4 --eval_every 0 --eval_batches 1 --sample_every 0 \
+      --save_every 0 --log_every 1 > "$OUT/train_mb$1_$2.log" 2>&1
     echo "rc=$?" >> "$OUT/train_mb$1_$2.log"
     cp /tmp/gpu_checks_mb$1_$2/metrics.jsonl "$OUT/metrics_mb$1_$2.jsonl" 2>/dev/null
   done
