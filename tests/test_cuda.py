@@ -159,11 +159,15 @@ def test_an_eager_forward_with_default_positions_does_not_wait_for_the_gpu():
 def test_compiled_training_forward_at_a_second_batch_shape_on_cuda():
     """inductor on the GPU, bf16 autocast, a second batch size (dynamo recompiles with dynamic shapes): the fused
     loss compiles and gives eager mode's loss. On torch 2.11 it failed to compile before the chunk plan was computed
-    outside `LinearCrossEntropy` (BENCHMARKS.md, the 2026-11-27 lease)."""
+    outside `LinearCrossEntropy` (BENCHMARKS.md, the 2026-11-27 lease). `fullgraph`: a graph break around the loss
+    (dynamo running it eagerly, where the loss would match regardless) fails too. The reset: dynamo keeps compiled
+    code and the shapes it saw per code object, across model instances, so after the earlier tests' compilations the
+    first call here would already be a dynamic-shape recompilation (or reuse one); now it is static, the second not."""
     _, model = make_pair(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     model.train()
     model.loss_chunk_elements = 100 * model.config.vocab_size  # several chunks, their count depending on the shape
-    compiled = torch.compile(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
     for batch in (2, 4):
         ids = random_ids(batch, 128, seed=batch)
         with torch.autocast("cuda", dtype=torch.bfloat16):
