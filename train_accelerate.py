@@ -610,7 +610,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
 
     model = build_model(model_args, train_args)  # before the data: a bad model flag fails at once
     if resume_from is not None:
-        check_checkpoint_fits(resume_from, model.config)
+        check_checkpoint_fits(resume_from, model.config, accelerator.num_processes)
         changed = data_flag_changes(Path(train_args.output_dir) / RUN_CONFIG_NAME, data_args)
         if changed:  # before any data is prepared: --overwrite_data would otherwise rebuild the shards for nothing
             raise ValueError(

@@ -691,12 +691,22 @@ def check_no_finished_run(output_dir: str | os.PathLike) -> None:
         )
 
 
-def check_checkpoint_fits(checkpoint: str | os.PathLike, config: Any) -> None:
-    """Compare the architecture a checkpoint was saved from (its `config.json`) with this run's model.
+def check_checkpoint_fits(checkpoint: str | os.PathLike, config: Any, num_processes: int = 1) -> None:
+    """Compare the architecture a checkpoint was saved from (its `config.json`) with this run's model, and the
+    processes that saved it (one `random_states_<rank>.pkl` each) with this run's: each keeps its own place in the
+    data, so a resume needs as many. Checked before the data is prepared (which can take hours on a new machine).
 
     Raises:
         ValueError: one line listing the differences, before `load_state` fails on the tensors' shapes.
     """
+    saved_processes = len(list(Path(checkpoint).glob("random_states_*.pkl")))
+    if saved_processes and saved_processes != num_processes:
+        raise ValueError(
+            f"--resume {checkpoint}: the checkpoint was saved by {saved_processes} processes, this run has "
+            f"{num_processes}; each keeps its own place in the data: resume with {saved_processes} "
+            f"(accelerate launch --num_processes {saved_processes}), or start a new run from its weights with "
+            "--init_from."
+        )
     path = Path(checkpoint) / "config.json"
     if not path.is_file():
         return  # an older checkpoint without its config: load_state checks the shapes

@@ -1117,6 +1117,18 @@ def test_a_resume_into_another_model_size_is_one_line_and_leaves_the_run_as_it_w
     assert (out / "run_config.json").read_text() == config
 
 
+def test_a_resume_with_another_process_count_is_one_line_before_the_data_is_prepared(corpus, data_dir, tmp_path):
+    out = tmp_path / "run"
+    run(corpus, data_dir, out, "--max_steps", "2", "--eval_every", "0")
+    checkpoint = list_checkpoints(out)[-1]
+    shutil.copy(checkpoint / "random_states_0.pkl", checkpoint / "random_states_1.pkl")  # as 2 processes save it
+    new_data = tmp_path / "new_shards"  # a data folder not prepared yet: the check comes first
+    argv = ["--dataset", str(corpus), "--data_dir", str(new_data), "--output_dir", str(out), *TINY]
+    with pytest.raises(ValueError, match=r"saved by 2 processes, this run has 1.*--num_processes 2") as err:
+        train_accelerate.train(*parse_arguments([*argv, "--max_steps", "4", "--resume", "latest"]))
+    assert "\n" not in str(err.value) and not new_data.exists()
+
+
 def test_a_bad_model_flag_fails_before_the_data_is_prepared(corpus, tmp_path):
     data = tmp_path / "shards"
     with pytest.raises(ValueError, match="n_head"):
