@@ -309,12 +309,10 @@ def load_preset(path: str | os.PathLike) -> dict[str, Any]:
 def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainArguments]:
     """Parse the command line: the `--config` preset's values first, then the flags given, which win."""
     parser = HfArgumentParser(ALL_ARGUMENT_CLASSES, description="Pretrain GPT-2 from scratch with accelerate.")
-    for action in parser._actions:  # HfArgumentParser's --no_X of a flag that defaults to true: its own help text
+    for action in parser._actions:  # HfArgumentParser's --no_X of a flag that defaults to true
         if isinstance(action, argparse._StoreFalseAction) and action.option_strings[0].startswith("--no_"):
-            action.help, action.default = (
-                f"The same as --{action.dest} false.",
-                argparse.SUPPRESS,
-            )  # not "default: False"
+            action.help = f"The same as --{action.dest} false."  # not --X's help again, with "(default: False)"
+            action.default = argparse.SUPPRESS  # the default stays --X's
     config_only = argparse.ArgumentParser(add_help=False)
     config_only.add_argument("--config")
     config_path = config_only.parse_known_args(argv)[0].config
