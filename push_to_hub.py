@@ -36,8 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "source",
         metavar="RUN_OR_CHECKPOINT",
-        help="a run folder (train_accelerate.py --output_dir; uses its final/), a final/ folder, or a checkpoint "
-        "folder (RUN/checkpoints/step_N)",
+        help="a run folder (train_accelerate.py --output_dir; uses its final/, else its latest checkpoint), a final/ "
+        "folder, or a checkpoint folder (RUN/checkpoints/step_N)",
     )
     parser.add_argument(
         "--repo-id", "--repo_id", required=True, help="the Hub repository, USER/NAME or ORG/NAME (required)"
