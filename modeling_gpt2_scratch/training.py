@@ -700,8 +700,8 @@ def check_checkpoint_fits(checkpoint: str | os.PathLike, config: Any, num_proces
     saved_processes = len(list(Path(checkpoint).glob("random_states_*.pkl")))
     if saved_processes and saved_processes != num_processes:
         raise ValueError(
-            f"--resume {checkpoint}: the checkpoint was saved by {saved_processes} processes, this run has "
-            f"{num_processes}; each keeps its own place in the data: resume with {saved_processes} "
+            f"--resume {checkpoint}: the checkpoint was saved by {saved_processes} process"
+            f"{'es' if saved_processes > 1 else ''}, this run has {num_processes}; each keeps its own place in the data: resume with {saved_processes} "
             f"(accelerate launch --num_processes {saved_processes}), or start a new run from its weights with "
             "--init_from."
         )
