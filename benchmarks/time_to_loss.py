@@ -5,10 +5,11 @@ AdamW settings, warmup + cosine-to-10% schedule, clipping, seed and mixed precis
 wall-clock budget (default 5 minutes, start-up and data preparation excluded for both), then measure the loss on
 the same validation batches:
 
-- ours: `train_accelerate.py --config configs/quickstart.yaml` (a subprocess, its default speed settings), run to
+- ours: `train_accelerate.py --config configs/quickstart.yaml` (a subprocess on the CPU, `ACCELERATE_USE_CPU`, with
+  its default speed settings), run to
   the preset's last step: its "train seconds" column shows whether it fit the budget;
 - reference: `transformers.Trainer` training a `GPT2LMHeadModel` (sdpa attention), cut off by a callback when the
-  budget is spent.
+  budget is spent, on the CPU.
 
     python benchmarks/time_to_loss.py --dataset ../shared/data/tinyshakespeare.txt [--budget_minutes 5]
     python benchmarks/time_to_loss.py --same_time   # Trainer gets the seconds ours took: the loss at equal time
@@ -103,6 +104,9 @@ def val_loss(model: torch.nn.Module, data_dir: Path, batch_size: int, seq_len: i
     return torch.stack(losses).mean().item()
 
 
+OURS_ENV = {"ACCELERATE_USE_CPU": "true"}  # the Trainer runs on the CPU (`use_cpu=True`): ours too, on a GPU machine
+
+
 def run_ours(args, workdir: Path) -> dict:
     out = workdir / "ours"
     cmd = [
@@ -110,7 +114,9 @@ def run_ours(args, workdir: Path) -> dict:
         "--data_dir", str(args.data_dir), "--output_dir", str(out), "--sample_every", "0",
         "--eval_every", "0", "--save_every", "0", *args.seed,
     ]  # fmt: skip
-    subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        cmd, check=True, cwd=REPO, env=os.environ | OURS_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_seconds = records[-1]["elapsed"]  # the training loop's time, start-up and export excluded
     summary = json.loads((out / "run_summary.json").read_text())

@@ -335,3 +335,25 @@ def test_ckpt_and_loss_chunks_reach_the_model(tmp_path):
     assert all(block.gradient_checkpointing for block in checkpointed.transformer.h)
     assert plain.loss_chunk_elements is None and chunked.loss_chunk_elements == 2**20
     assert chunked.loss_chunk_rows(cpu) == 2**20 // chunked.config.vocab_size  # 20 rows: 64 tokens in 4 chunks
+
+
+def test_time_to_loss_runs_ours_on_the_cpu_as_the_trainer(tmp_path, monkeypatch):
+    """`Trainer` runs with `use_cpu=True`: on a GPU machine our trainer's subprocess must not take the GPU."""
+    import time_to_loss
+
+    class Started(Exception):
+        pass
+
+    def capture(cmd, **kwargs):
+        raise Started(kwargs.get("env"))
+
+    monkeypatch.setattr(time_to_loss.subprocess, "run", capture)
+    monkeypatch.setattr(time_to_loss.subprocess, "Popen", capture)
+    args = argparse.Namespace(dataset="x.txt", data_dir=tmp_path, seed=[], budget_minutes=5.0)
+    with pytest.raises(Started) as started:
+        time_to_loss.run_ours(args, tmp_path)
+    env = started.value.args[0]
+    assert env is not None and env["ACCELERATE_USE_CPU"] == "true"
+    assert time_to_loss.trainer_arguments(
+        time_to_loss.parse_arguments(["--dataset", "x"])[2], 1, False, tmp_path
+    ).use_cpu
