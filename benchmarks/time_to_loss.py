@@ -6,10 +6,11 @@ wall-clock budget (default 5 minutes, start-up and data preparation excluded for
 the same validation batches:
 
 - ours: `train_accelerate.py --config configs/quickstart.yaml` (a subprocess on the CPU, `ACCELERATE_USE_CPU`, with
-  its default speed settings), run to
-  the preset's last step: its "train seconds" column shows whether it fit the budget;
-- reference: `transformers.Trainer` training a `GPT2LMHeadModel` (sdpa attention), cut off by a callback when the
-  budget is spent, on the CPU.
+  its default speed settings), stopped with SIGTERM so that its last step is the first to end past the budget, as
+  the Trainer's (`run_within_budget`; it saves a checkpoint, whose model is then evaluated); "train seconds" says
+  where it stopped;
+- reference: `transformers.Trainer` training a `GPT2LMHeadModel` (sdpa attention) on the CPU, cut off by a callback
+  after the first step that ends past the budget.
 
     python benchmarks/time_to_loss.py --dataset ../shared/data/tinyshakespeare.txt [--budget_minutes 5]
     python benchmarks/time_to_loss.py --same_time   # Trainer gets the seconds ours took: the loss at equal time
@@ -23,6 +24,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -45,6 +47,7 @@ from modeling_gpt2_scratch import GPT2ScratchConfig  # noqa: E402
 from modeling_gpt2_scratch.conversion import hf_config_from_scratch  # noqa: E402
 from modeling_gpt2_scratch.data import ShardedTokenLoader, prepare_dataset  # noqa: E402
 from modeling_gpt2_scratch.training import (  # noqa: E402
+    checkpoint_dir,
     cpu_supports_bf16,
     gradient_accumulation_steps,
     parse_arguments,
@@ -107,27 +110,45 @@ def val_loss(model: torch.nn.Module, data_dir: Path, batch_size: int, seq_len: i
 OURS_ENV = {"ACCELERATE_USE_CPU": "true"}  # the Trainer runs on the CPU (`use_cpu=True`): ours too, on a GPU machine
 
 
+def run_within_budget(cmd: list[str], env: dict, metrics: Path, seconds: float, poll: float = 0.1) -> int:
+    """Run our trainer's `cmd` to its end, or stop it where the Trainer's `TimeBudget` stops: after the first step
+    that ends past `seconds`. Its `metrics` (`metrics.jsonl`, a record per step with `--log_every 1`) give each
+    step's `elapsed`; once the next step would end past the budget at the last step's pace, it gets SIGTERM, and
+    `train_accelerate.py` stops after the step it is in, saving a checkpoint. (A step that runs faster than the last
+    one may then end inside the budget: never a step more than the Trainer's rule.) Returns the exit code."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while proc.poll() is None:
+        lines = metrics.read_text().split("\n")[:-1] if metrics.is_file() else []  # the last may be half written
+        if lines:
+            elapsed = [json.loads(line)["elapsed"] for line in lines[-2:]]
+            pace = elapsed[-1] - elapsed[-2] if len(elapsed) == 2 else elapsed[-1]
+            if elapsed[-1] + pace > seconds:
+                proc.send_signal(signal.SIGTERM)
+                return proc.wait()
+        time.sleep(poll)
+    return proc.returncode
+
+
 def run_ours(args, workdir: Path) -> dict:
     out = workdir / "ours"
     cmd = [
         sys.executable, str(REPO / "train_accelerate.py"), "--config", str(PRESET), "--dataset", args.dataset,
         "--data_dir", str(args.data_dir), "--output_dir", str(out), "--sample_every", "0",
-        "--eval_every", "0", "--save_every", "0", *args.seed,
+        "--eval_every", "0", "--save_every", "0", "--log_every", "1", *args.seed,
     ]  # fmt: skip
-    subprocess.run(
-        cmd, check=True, cwd=REPO, env=os.environ | OURS_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    train_seconds = records[-1]["elapsed"]  # the training loop's time, start-up and export excluded
-    summary = json.loads((out / "run_summary.json").read_text())
+    code = run_within_budget(cmd, os.environ | OURS_ENV, out / "metrics.jsonl", args.budget_minutes * 60)
+    if code:
+        raise SystemExit(f"time_to_loss.py: train_accelerate.py exited with {code}: run {' '.join(cmd)} to see why")
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])  # the last step's record
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(out / "final", trust_remote_code=True)
+    # the exported model, or (stopped at the budget) the checkpoint of the last step
+    saved = out / "final" if (out / "final").is_dir() else checkpoint_dir(out, last["step"])
+    model = AutoModelForCausalLM.from_pretrained(saved, trust_remote_code=True)
     return {
-        "steps": summary["steps"],
-        "tokens": summary["tokens_seen"],
-        "seconds": train_seconds,
-        "wall_clock_seconds": summary["wall_clock_seconds"],
+        "steps": last["step"],
+        "tokens": last["tokens"],
+        "seconds": last["elapsed"],  # the training loop's time, start-up and export excluded
         "val_loss": val_loss(model, args.data_dir, args.micro_batch_size, args.seq_len, args.eval_batches, args.bf16),
     }
 
@@ -190,7 +211,6 @@ def run_trainer(args, workdir: Path) -> dict:
         "steps": budget.steps,
         "tokens": budget.steps * train_args.total_batch_tokens,
         "seconds": train_seconds,
-        "wall_clock_seconds": train_seconds,
         "val_loss": val_loss(model, args.data_dir, args.micro_batch_size, args.seq_len, args.eval_batches, args.bf16),
     }
 

@@ -3,6 +3,7 @@ generation rows give HF's ids, and a bad number on any script's command line is 
 
 import argparse
 import dataclasses
+import json
 import re
 import subprocess
 import sys
@@ -357,3 +358,25 @@ def test_time_to_loss_runs_ours_on_the_cpu_as_the_trainer(tmp_path, monkeypatch)
     assert time_to_loss.trainer_arguments(
         time_to_loss.parse_arguments(["--dataset", "x"])[2], 1, False, tmp_path
     ).use_cpu
+
+
+def test_time_to_loss_stops_ours_after_the_first_step_past_the_budget(tmp_path):
+    """As the Trainer's `TimeBudget`: our trainer (here a stand-in logging 1 s steps) ends with the first step that
+    ends past the budget, not at the preset's last step."""
+    import time_to_loss
+
+    metrics = tmp_path / "metrics.jsonl"
+    trainer = f"""
+import json, signal, sys, time
+stop = []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+for step in range(1, 100):
+    time.sleep(0.3)  # the step
+    with open({str(metrics)!r}, "a") as f:
+        f.write(json.dumps({{"step": step, "elapsed": float(step)}}) + "\\n")
+    if stop:
+        sys.exit(0)
+"""
+    code = time_to_loss.run_within_budget([sys.executable, "-c", trainer], None, metrics, 4.5, poll=0.01)
+    assert code == 0
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()][-1] == 5  # 5 s: past 4.5
