@@ -200,6 +200,15 @@ def trainer_defaults(device: torch.device, train_args: TrainArguments) -> Settin
     )
 
 
+def defaults_note(setting: Settings, defaults: Settings) -> str:
+    """The variant list's note on a variant's relation to the trainer's defaults (`trainer_defaults`)."""
+    if setting == defaults:
+        return " (train_accelerate.py defaults)"
+    if setting.accelerator:  # e.g. hf-defaults-compile on a CPU, where the trainer does not compile
+        return " (train_accelerate.py's Accelerator and step; other settings as listed, not all its defaults)"
+    return ""
+
+
 def variant_settings(
     names: list[str], device: torch.device, train_args: TrainArguments, malloc: str = "auto"
 ) -> dict[str, Settings]:
@@ -871,6 +880,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         train_args = TrainArguments(output_dir=tmp)
         settings = variant_settings(args.variants, device, train_args, args.malloc)
+        defaults = trainer_defaults(device, train_args)  # what the variant list calls train_accelerate.py's defaults
         names = list(settings)  # the variants in the order named (once each)
         in_process = not use_workers(args, names, settings, device)  # else each worker sets its own malloc
         malloc_tuned = in_process and settings[names[0]].malloc_tuning and tune_cpu_malloc()
@@ -910,10 +920,7 @@ def main(argv: list[str] | None = None) -> None:
         print(malloc_summary(names, results, malloc_tuned))
     print("Variants:")
     for name in names:
-        print(
-            f"- `{name}`: {settings[name].describe()}"
-            + (" (train_accelerate.py defaults)" * settings[name].accelerator)
-        )
+        print(f"- `{name}`: {settings[name].describe()}{defaults_note(settings[name], defaults)}")
     peak_text = ", ".join(f"{dtypes[p]}: {v / 1e9:,.0f} GFLOP/s" for p, v in peaks.items())
     print(f"\nMeasured matmul peak ({args.peak_size}^2 x {args.peak_size}, best of 5, twice): {peak_text}")
     if datasheet:

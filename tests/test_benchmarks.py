@@ -380,3 +380,16 @@ for step in range(1, 100):
     code = time_to_loss.run_within_budget([sys.executable, "-c", trainer], None, metrics, 4.5, poll=0.01)
     assert code == 0
     assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()][-1] == 5  # 5 s: past 4.5
+
+
+def test_only_the_trainers_exact_defaults_are_labelled_so(tmp_path):
+    """On a CPU the trainer does not compile: `hf-defaults-compile` runs its Accelerator and step, not its defaults."""
+    args, cpu = TrainArguments(output_dir=str(tmp_path)), torch.device("cpu")
+    names = ["ours-defaults", "hf-defaults", "hf-defaults-compile", "ours-defaults-ckpt", "ours-bf16", "hf-fp32"]
+    settings = train_throughput.variant_settings(names, cpu, args)
+    defaults = train_throughput.trainer_defaults(cpu, args)
+    notes = {name: train_throughput.defaults_note(settings[name], defaults) for name in names}
+    assert notes["ours-defaults"] == notes["hf-defaults"] == " (train_accelerate.py defaults)"
+    for name in ("hf-defaults-compile", "ours-defaults-ckpt"):
+        assert "not all its defaults" in notes[name]
+    assert notes["ours-bf16"] == notes["hf-fp32"] == ""
