@@ -925,8 +925,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nMeasured matmul peak ({args.peak_size}^2 x {args.peak_size}, best of 5, twice): {peak_text}")
     if datasheet:
         print(f"Datasheet dense bf16 peak: {datasheet / 1e12:,.0f} TFLOP/s")
+    vocab = GPT2ScratchConfig()
     print(
-        "MFU = flops_per_token (6N + 12*L*C*T; N without position embedding) x tokens/s / peak of the matmul dtype\n"
+        "MFU = flops_per_token (6N + 12*L*C*T; N without the position embedding, the tied LM head at the padded "
+        f"{vocab.vocab_size}-token vocabulary for every variant, though HF's has {vocab.tokenizer_vocab_size}) x "
+        "tokens/s / peak of the matmul dtype\n"
     )
 
     for run in args.runs:

@@ -92,6 +92,7 @@ def test_variants_agree_on_the_first_loss_and_report_missing_kernels(tmp_path):
         assert 0 < number["floor"] < number["step"] and cells["step / floor"].endswith("x")
         assert f"#### {name}: top 3 ops by self time" in out
     assert "step / floor: how much faster the step would be if everything else were free." in out
+    assert "N without the position embedding, the tied LM head at the padded 50304-token vocabulary" in out
     losses = {name: float(value) for name, value in re.findall(r"([\w-]+) (\d+\.\d+)", out.split("First-step")[1])}
     assert set(losses) == set(variants) - {"ours-fp32-efficient"}  # CPUs have no memory-efficient kernel
     defaults = train_throughput.variant_settings(
