@@ -23,6 +23,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
 from transformers.generation.logits_process import LogitsProcessorList, WatermarkLogitsProcessor
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -764,6 +765,15 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
                     real_vocab, processor.rng.device
                 )
         return processors
+
+    def _get_candidate_generator(self, *args, **kwargs):
+        """`GenerationMixin`'s, with prompt lookup's trial logits over the tokens the logits hold
+        (`tokenizer_vocab_size`): it would take `config.vocab_size`, the padded width, and a logits processor that
+        sizes itself at its first call (`bad_words_ids`, `sequence_bias`) would then fail on the model's logits."""
+        candidate_generator = super()._get_candidate_generator(*args, **kwargs)
+        if isinstance(candidate_generator, PromptLookupCandidateGenerator):
+            candidate_generator.vocab_size = self.config.tokenizer_vocab_size
+        return candidate_generator
 
     def compute_transition_scores(
         self,

@@ -600,6 +600,15 @@ def test_watermarked_generation_matches_hf(pair):
     assert torch.equal(model.generate(prompt, **kwargs), hf.generate(prompt, pad_token_id=50256, **kwargs))
 
 
+def test_prompt_lookup_decoding_with_bad_words_matches_hf(pair):
+    """Prompt lookup tries its candidates on logits of the width the model returns (50257), not `config.vocab_size`:
+    a processor that sizes itself at its first call (`bad_words_ids`) then fits the model's own logits."""
+    hf, model = pair
+    prompt = random_ids(1, 8).repeat(1, 2)  # repeated: prompt lookup finds candidates in it
+    kwargs = dict(max_new_tokens=8, do_sample=False, prompt_lookup_num_tokens=3, bad_words_ids=[[int(prompt[0, 5])]])
+    assert torch.equal(model.generate(prompt, **kwargs), hf.generate(prompt, pad_token_id=50256, **kwargs))
+
+
 def test_continuous_batching_and_the_paged_cache_generate_what_generate_does(pair):
     """The attention passes its kwargs to `cache.update`, as HF's GPT-2 does: the paged cache needs them."""
     from transformers import GenerationConfig
