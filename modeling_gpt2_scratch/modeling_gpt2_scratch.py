@@ -874,7 +874,8 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
             skip_logits: compute the loss chunk by chunk without materialising the logits (`LinearCrossEntropy`)
                 and return `logits=None`. Default: in training mode when labels are given (what `Trainer` and
                 `train_accelerate.py` need); pass `False` to get the logits too. Where `lm_head` has to be called
-                as a module (a PEFT/LoRA layer in its place, or forward hooks), it is, and the logits are returned.
+                as a module (a PEFT/LoRA layer in its place, or forward hooks), it is, and the logits are returned;
+                so under `torch.func` transforms (`torch.func.grad`, `vmap`).
             Other arguments: see `GPT2ScratchModel.forward`.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
@@ -884,8 +885,13 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
             skip_logits = self.training and has_labels
         if skip_logits and not has_labels:
             raise ValueError("skip_logits=True needs labels or shift_labels (it only computes the loss).")
-        # the fused loss reads `lm_head.weight`; a wrapped head (PEFT/LoRA, hooks) is called as usual instead
-        fused_loss = skip_logits and called_plainly(self.lm_head, Linear, nn.Linear)
+        # the fused loss reads `lm_head.weight`; a wrapped head (PEFT/LoRA, hooks) is called as usual instead, and
+        # so it is under `torch.func` transforms (`grad`, `vmap`), which cannot run its `autograd.Function`
+        fused_loss = (
+            skip_logits
+            and called_plainly(self.lm_head, Linear, nn.Linear)
+            and (torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active())
+        )
         tied_gradient = self._tied_embedding_gradient(input_ids, inputs_embeds, token_type_ids, fused_loss)
         if tied_gradient is not None:
             inputs_embeds = TiedEmbedding.apply(input_ids, self.transformer.wte.weight, tied_gradient)

@@ -804,6 +804,28 @@ def _plain_embedding_grads(model, monkeypatch, run) -> dict[str, torch.Tensor]:
         return {name: param.grad.clone() for name, param in model.named_parameters() if param.grad is not None}
 
 
+def test_torch_func_grad_of_the_training_loss_matches_hf():
+    """Under `torch.func` transforms the training loss takes the plain head (the fused loss's `autograd.Function`
+    cannot run there): `torch.func.grad` gives HF's gradients, as used for per-sample gradients."""
+    hf, model = make_pair(
+        n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    )
+    ids = random_ids(2, 8)
+
+    def grads(module):
+        module.train()
+        params = {name: p.detach() for name, p in module.named_parameters()}
+
+        def loss(params):
+            return torch.func.functional_call(module, params, (ids,), {"labels": ids, "use_cache": False}).loss
+
+        return torch.func.grad(loss)(params)
+
+    ours, theirs = grads(model), grads(hf)
+    torch.testing.assert_close(ours["transformer.wte.weight"][:GPT2_VOCAB], theirs["transformer.wte.weight"])
+    torch.testing.assert_close(ours["transformer.h.0.mlp.c_fc.weight"], theirs["transformer.h.0.mlp.c_fc.weight"].t())
+
+
 def test_tied_embedding_adds_its_rows_to_the_head_gradient_over_accumulated_micro_batches(monkeypatch):
     torch.manual_seed(0)
     model = GPT2ScratchForCausalLM(GPT2ScratchConfig(**SMALL, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
