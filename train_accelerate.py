@@ -72,6 +72,7 @@ from modeling_gpt2_scratch.training import (
 logger = logging.getLogger("train_accelerate")
 
 
+ANOTHER_PROCESS_STOPPED = "a stop signal to another process"  # why a process stops that got no signal itself
 MID_STEP_STOP_AFTER_S = 10.0  # steps longer than this (and the first) look for a stop signal between micro-steps
 
 
@@ -733,7 +734,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
                     cudagraphs, stop_requested if check_mid_step else None,
                 )  # fmt: skip
             except StepInterrupted:
-                stop.received = stop.received or "a stop signal to another process"
+                stop.received = stop.received or ANOTHER_PROCESS_STOPPED
                 break
             step_seconds = record.pop("step_seconds")
             state.step += 1
@@ -796,7 +797,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
                 accelerator.set_trigger()
             # a signal to any process stops them all after the same step; after the last one, the run just ends
             if accelerator.check_trigger() and not last:
-                stop.received = stop.received or "a stop signal to another process"
+                stop.received = stop.received or ANOTHER_PROCESS_STOPPED
                 break
             if train_args.save_every and state.step % train_args.save_every == 0 and not last:
                 save_checkpoint(accelerator, model, train_args, state.step)
@@ -808,7 +809,12 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
             # threads sends one per thread through PR_SET_PDEATHSIG; schedulers resend their notice)
             if saved_step != state.step:
                 save_checkpoint(accelerator, model, train_args, state.step)
-            logger.info("%s received: saved step %d; continue with --resume latest", stop.received, state.step)
+            logger.info(
+                "%s received: saved step %d; continue with --resume latest",
+                stop.received,
+                state.step,
+                extra={"every_process": stop.received != ANOTHER_PROCESS_STOPPED},  # which process got the signal
+            )
             accelerator.end_training()
             return {"stopped_by": stop.received, "steps": state.step}
         # the run ends here (a signal in the last step included); a signal now changes nothing: it only finishes
@@ -929,10 +935,20 @@ def shown_by_another_process(message: str) -> bool:
         return False
 
 
+def main_process_only(record: logging.LogRecord) -> bool:
+    """A `logging` filter for the trainer's logger: under several processes only the main one logs what they all
+    would (a resume, a stop, a flag's warning), as accelerate's `get_logger` does. Errors, and records logged with
+    `extra={"every_process": True}` (the stop signal a process received itself), pass on every process."""
+    if record.levelno >= logging.ERROR or getattr(record, "every_process", False):
+        return True
+    return os.environ.get("RANK", "0") == "0"  # torchrun's, per process
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.logging.set_verbosity_error()
     logging.getLogger("accelerate.utils.other").addFilter(tied_head_save_notice)
+    logger.addFilter(main_process_only)
     for name in ("accelerate.accelerator", "accelerate.checkpointing"):  # 7 INFO lines per checkpoint, one per file
         logging.getLogger(name).setLevel(logging.WARNING)  # (ours says "saved checkpoint"); warnings still show
     sigterm_when_the_launcher_dies()
