@@ -751,12 +751,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
             }
             if peak:
                 record["mfu"] = flops_per_step / step_time / (peak * accelerator.num_processes)
-            memory = peak_memory_mib(device)
-            if memory is not None:
-                record["peak_memory_mib"] = round(memory)  # the main process's
             if state.step == first_step and device.type == "cuda" and accelerator.is_main_process:
                 hint = micro_batch_hint(
-                    memory,
+                    peak_memory_mib(device),
                     torch.cuda.get_device_properties(device).total_memory / 2**20,
                     train_args.micro_batch_size,
                     train_args.seq_len,
@@ -781,6 +778,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
                 if loss is not None:
                     val_loss = record["val_loss"] = loss
             if state.step % train_args.log_every == 0 or state.step == 1 or last or "val_loss" in record:
+                memory = peak_memory_mib(device)  # read when logged (evaluation included), not every step
+                if memory is not None:
+                    record["peak_memory_mib"] = round(memory)  # the main process's
                 if accelerator.is_main_process:
                     metrics.write(record)
                     progress.write(_log_line(record, train_args.max_steps))
