@@ -12,13 +12,13 @@ The token comes from HF_TOKEN or `hf auth login`; it is never printed. The work 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
 from transformers.utils import logging as transformers_logging
 
+from modeling_gpt2_scratch.data import configure_cli_logging
 from modeling_gpt2_scratch.hub import DEFAULT_LICENSE, FORMATS, PushResult, StagedFile, push_run_to_hub
 
 try:  # huggingface_hub's HTTP client: httpx2 (huggingface_hub >= 2), httpx (1.x)
@@ -107,10 +107,8 @@ def report(result: PushResult, args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command; returns the exit status (errors: one line on stderr, status 1; argparse usage errors: 2)."""
+    configure_cli_logging("%(message)s", "modeling_gpt2_scratch")
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for name in ("httpx", "httpx2", "httpcore"):  # one INFO line per HTTP request otherwise
-        logging.getLogger(name).setLevel(logging.WARNING)
     hub_bars_on = not are_progress_bars_disabled()
     transformers_logging.disable_progress_bar()  # per-shard save/load bars for a one-file model: noise...
     if hub_bars_on:

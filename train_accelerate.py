@@ -32,7 +32,14 @@ from tqdm.auto import tqdm
 from transformers.dynamic_module_utils import custom_object_save
 
 from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
-from modeling_gpt2_scratch.data import DataArguments, PrepareError, ShardedTokenLoader, prepare_dataset, read_manifest
+from modeling_gpt2_scratch.data import (
+    DataArguments,
+    PrepareError,
+    ShardedTokenLoader,
+    configure_cli_logging,
+    prepare_dataset,
+    read_manifest,
+)
 from modeling_gpt2_scratch.tokenization import get_encoding, get_hf_tokenizer
 from modeling_gpt2_scratch.training import (
     RUN_CONFIG_NAME,
@@ -945,7 +952,7 @@ def main_process_only(record: logging.LogRecord) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    configure_cli_logging("%(asctime)s %(levelname)s %(name)s: %(message)s", logger.name, "modeling_gpt2_scratch")
     transformers.logging.set_verbosity_error()
     logging.getLogger("accelerate.utils.other").addFilter(tied_head_save_notice)
     logger.addFilter(main_process_only)

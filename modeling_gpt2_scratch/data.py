@@ -1352,12 +1352,22 @@ class ShardedTokenLoader:
 # CLI
 
 _USAGE = "usage: python -m modeling_gpt2_scratch.data prepare --dataset SOURCE --output_dir DIR [options]"
+def configure_cli_logging(fmt: str, *own: str) -> None:
+    """A command line's logging: INFO from its own loggers (`own`, and their children), WARNING and above from every
+    other library. A library's INFO lines (matplotlib building its font cache on a fresh machine, one line per HTTP
+    request) are not what the user asked to see."""
+    logging.basicConfig(format=fmt, level=logging.WARNING)
+    for name in own:
+        logging.getLogger(name).setLevel(logging.INFO)
+
+
 PREPARE_DESCRIPTION = "Tokenize a Hub dataset or local files into uint16 token shards and a manifest.json."
 
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m modeling_gpt2_scratch.data prepare ...`; returns the exit status (2 on bad input, one line)."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    configure_cli_logging("%(asctime)s %(levelname)s %(name)s: %(message)s", "modeling_gpt2_scratch")
     if argv[:1] in (["-h"], ["--help"]):
         print(f"{_USAGE}\n\nCommands:\n  prepare  {PREPARE_DESCRIPTION}\n\n`prepare --help` lists its options.")
         return 0
@@ -1374,7 +1384,6 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {_one_line(err)} (see --help)", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         manifest_path = prepare_dataset(args)
     except (ValueError, OSError, PrepareError) as err:  # OSError: e.g. an --output_dir under a file, a full disk

@@ -1,7 +1,12 @@
-"""`pip install -e .`: pyproject.toml takes its dependencies from requirements.txt, line by line."""
+"""The project as installed and run: `pip install -e .` (pyproject.toml takes its dependencies from requirements.txt,
+line by line) and its three command lines."""
 
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parents[1]
@@ -13,3 +18,30 @@ def test_every_requirement_line_is_one_requirement_for_setuptools():
     kept = [line for line in lines if line and not line.startswith("#")]  # setuptools' _parse_requirements_list
     names = [Requirement(line).name for line in kept]
     assert "torch" in names and "transformers" in names and len(set(names)) == len(names)
+
+
+@pytest.mark.parametrize(
+    "module, argv",
+    [
+        ("train_accelerate", ["--no_such_flag", "1"]),  # logging is set up before the flags are read
+        ("modeling_gpt2_scratch.data", ["prepare", "--no_such_flag", "1"]),
+        ("push_to_hub", ["--help"]),
+    ],
+)
+def test_a_command_line_logs_its_own_info_lines_and_only_warnings_from_libraries(module, argv):
+    """A library's INFO lines stay out of the output: on a fresh GPU machine the trainer's log ended with
+    matplotlib's "INFO matplotlib.font_manager: generated new fontManager" (the loss plot), as the root logger was
+    at INFO. The command's own INFO lines ("Reusing the shards in ...", "Uploading ...") still show."""
+    code = textwrap.dedent(f"""
+        import contextlib, io, logging
+        import {module} as cli
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+            cli.main({argv!r})
+        logging.getLogger("matplotlib.font_manager").info("LIBRARY-INFO")
+        logging.getLogger("accelerate.utils").warning("LIBRARY-WARNING")
+        logging.getLogger("modeling_gpt2_scratch.hub").info("OUR-INFO")
+    """)
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "LIBRARY-WARNING" in result.stderr and "OUR-INFO" in result.stderr, result.stderr
+    assert "LIBRARY-INFO" not in result.stderr
