@@ -970,7 +970,7 @@ def read_manifest(data_dir: str | os.PathLike) -> dict:
 
     Raises:
         FileNotFoundError: when the folder has no manifest (not prepared, or an interrupted prepare).
-        ValueError: when the manifest is unreadable or of another format version.
+        ValueError: when the manifest is unreadable, of another format version, or lacks its shard list.
     """
     path = Path(data_dir)
     if path.name != MANIFEST_NAME:
@@ -996,6 +996,19 @@ def read_manifest(data_dir: str | os.PathLike) -> dict:
         raise ValueError(
             f"{str(path)!r} has dtype {manifest.get('dtype')!r}, expected 'uint16'; prepare the folder again with "
             f"{_REBUILD_FLAGS}."
+        )
+    splits = manifest.get("splits")
+    entries_ok = isinstance(splits, dict) and all(
+        isinstance(entries, list)
+        and all(
+            isinstance(e, dict) and isinstance(e.get("file"), str) and type(e.get("tokens")) is int for e in entries
+        )
+        for entries in splits.values()
+    )
+    if not entries_ok or not isinstance(manifest.get("source"), dict):
+        raise ValueError(
+            f"{str(path)!r} lacks its 'source', or its 'splits' of shard files and token counts (edited by hand?); "
+            f"prepare the folder again with {_REBUILD_FLAGS}."
         )
     return manifest
 
@@ -1352,6 +1365,8 @@ class ShardedTokenLoader:
 # CLI
 
 _USAGE = "usage: python -m modeling_gpt2_scratch.data prepare --dataset SOURCE --output_dir DIR [options]"
+
+
 def configure_cli_logging(fmt: str, *own: str) -> None:
     """A command line's logging: INFO from its own loggers (`own`, and their children), WARNING and above from every
     other library. A library's INFO lines (matplotlib building its font cache on a fresh machine, one line per HTTP

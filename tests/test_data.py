@@ -288,16 +288,22 @@ def test_a_folder_prepared_with_another_tokenizer_errors(tmp_path, corpus):
         lambda m: "{not json",
         lambda m: json.dumps(m | {"format_version": 2}),
         lambda m: json.dumps(m | {"dtype": "int32"}),
+        lambda m: json.dumps({key: value for key, value in m.items() if key != "splits"}),
+        lambda m: json.dumps(m | {"splits": {"train": [{"file": "train_000000.bin"}]}}),
+        lambda m: json.dumps(m | {"source": None}),
     ],
-    ids=["not-json", "format-version-2", "dtype-int32"],
+    ids=["not-json", "format-version-2", "dtype-int32", "no-splits", "a-shard-without-tokens", "no-source"],
 )
 def test_an_unreadable_manifest_names_the_rebuild_flag_of_both_clis(tmp_path, corpus, damage):
-    """The trainer has no --overwrite (argparse: ambiguous between --overwrite_data and --overwrite_output_dir)."""
+    """The trainer has no --overwrite (argparse: ambiguous between --overwrite_data and --overwrite_output_dir).
+    A manifest edited by hand is a one-line error too, for the loader as for a prepare (it was a KeyError)."""
     prepare(corpus, tmp_path / "out")
     manifest_path = tmp_path / "out" / MANIFEST_NAME
     manifest_path.write_text(damage(json.loads(manifest_path.read_text())))
     with pytest.raises(ValueError, match=r"prepare the folder again with --overwrite \(trainer: --overwrite_data\)"):
         prepare(corpus, tmp_path / "out")
+    with pytest.raises(ValueError, match=r"prepare the folder again with --overwrite \(trainer: --overwrite_data\)"):
+        ShardedTokenLoader(tmp_path / "out", "train", 1, 4)
     prepare_dataset(DataArguments(dataset=str(corpus), num_proc=1, val_fraction=0.0), tmp_path / "out", overwrite=True)
     assert read_manifest(tmp_path / "out")["dtype"] == "uint16"  # --overwrite rebuilds it
 
