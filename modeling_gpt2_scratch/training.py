@@ -603,6 +603,11 @@ def cpu_supports_bf16() -> bool:
 # --- checkpoints -----------------------------------------------------------------------------------------------------
 
 
+# what `accelerator.save_state` writes besides weights and optimizer: the main process's RNG states, and the trainer's
+# scheduler, train loader and TrainState (`register_for_checkpointing`, in that order)
+CHECKPOINT_STATE_FILES = ("random_states_0.pkl", *(f"custom_checkpoint_{i}.pkl" for i in range(3)))
+
+
 def checkpoint_dir(output_dir: str | os.PathLike, step: int) -> Path:
     return Path(output_dir) / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:07d}"
 
@@ -629,8 +634,23 @@ def resolve_resume(resume: str, output_dir: str | os.PathLike) -> Path:
                 f"--resume latest: no checkpoint in {Path(output_dir) / 'checkpoints'}; start without --resume or "
                 "pass a checkpoint folder."
             )
+        missing = [
+            n
+            for n in ("model.safetensors", "optimizer.bin", *CHECKPOINT_STATE_FILES)
+            if not (checkpoints[-1] / n).is_file()
+        ]
+        if missing:  # a deletion cut short (--overwrite_output_dir, --keep_last), or a copy missing files
+            raise FileNotFoundError(
+                f"--resume latest: the newest checkpoint {checkpoints[-1]} is incomplete (no {', '.join(missing)}); "
+                "move it out of the checkpoints folder to resume from the one before."
+            )
         return checkpoints[-1]
     path = Path(resume)
+    if path.name.startswith(".tmp-"):  # save_checkpoint's folder before its rename: any file may be cut short
+        raise FileNotFoundError(
+            f"--resume {resume}: an unfinished save (the run stopped while writing it), not a checkpoint; pass "
+            f"'latest' (the newest complete one) or a {Path(output_dir) / 'checkpoints' / 'step_N'} folder."
+        )
     if not (path / "model.safetensors").is_file() and not (path / "pytorch_model.bin").is_file():
         raise FileNotFoundError(
             f"--resume {resume}: not a checkpoint folder (no model.safetensors); pass 'latest' or a "
@@ -641,6 +661,13 @@ def resolve_resume(resume: str, output_dir: str | os.PathLike) -> Path:
             f"--resume {resume}: a model without the optimizer and data state a resume needs (an export such as "
             f"final/?); pass a {Path(output_dir) / 'checkpoints' / 'step_N'} folder, or start a new run from these "
             "weights with --init_from."
+        )
+    missing = [name for name in CHECKPOINT_STATE_FILES if not (path / name).is_file()]
+    if missing:  # load_state would fail on them in a traceback, or (RNG states) resume inexactly without a word
+        raise FileNotFoundError(
+            f"--resume {resume}: an incomplete checkpoint (no {', '.join(missing)}); pass another "
+            f"{Path(output_dir) / 'checkpoints' / 'step_N'} folder, or start a new run from its weights with "
+            "--init_from."
         )
     return path
 

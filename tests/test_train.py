@@ -281,6 +281,30 @@ def test_resume_from_an_export_points_to_a_checkpoint_or_init_from(tmp_path):
         resolve_resume(str(export), tmp_path / "run")
 
 
+def test_a_resume_from_an_unfinished_or_incomplete_checkpoint_is_one_line(tmp_path):
+    """A save killed halfway leaves `.tmp-step_N` (any file cut short: load_state raised a traceback); a checkpoint
+    missing its RNG states (a deletion cut short) resumed inexactly without a word."""
+    checkpoints = tmp_path / "run" / "checkpoints"
+    files = (
+        "model.safetensors",
+        "optimizer.bin",
+        "random_states_0.pkl",
+        *(f"custom_checkpoint_{i}.pkl" for i in range(3)),
+    )
+    for folder in (".tmp-step_0000004", "step_0000002"):
+        (checkpoints / folder).mkdir(parents=True)
+        for name in files:
+            (checkpoints / folder / name).write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"\.tmp-step_0000004: an unfinished save .*pass 'latest'"):
+        resolve_resume(str(checkpoints / ".tmp-step_0000004"), tmp_path / "run")
+    assert resolve_resume("latest", tmp_path / "run") == checkpoints / "step_0000002"  # the complete one
+    (checkpoints / "step_0000002" / "random_states_0.pkl").unlink()
+    with pytest.raises(FileNotFoundError, match=r"step_0000002: an incomplete checkpoint \(no random_states_0\.pkl\)"):
+        resolve_resume(str(checkpoints / "step_0000002"), tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match=r"step_0000002 is incomplete \(no random_states_0\.pkl\); move it"):
+        resolve_resume("latest", tmp_path / "run")
+
+
 def test_batch_larger_than_split(corpus, data_dir, tmp_path):
     with pytest.raises(ValueError, match="fewer than"):
         run(corpus, data_dir, tmp_path / "run", "--micro_batch_size", "4096", "--total_batch_tokens", "131072")
