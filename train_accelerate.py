@@ -28,6 +28,7 @@ import transformers
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from accelerate.utils.memory import should_reduce_batch_size
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 from transformers.dynamic_module_utils import custom_object_save
 
@@ -85,6 +86,9 @@ MID_STEP_STOP_AFTER_S = 10.0  # steps longer than this (and the first) look for 
 
 class TrainingError(RuntimeError):
     """A fault during training (e.g. a non-finite loss) that stops the run without saving."""
+
+
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)  # what writing a checkpoint raises when the disk is full
 
 
 class StepInterrupted(Exception):
@@ -319,16 +323,26 @@ def save_checkpoint(accelerator: Accelerator, model: GPT2ScratchForCausalLM, tra
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            # a checkpoint is self-describing: the config and, as `save_pretrained` writes them, the code files and
+            # `auto_map`, so `AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=True)` opens it
+            unwrapped = accelerator.unwrap_model(model)
+            if unwrapped._auto_class is not None:
+                custom_object_save(unwrapped, tmp, config=unwrapped.config)
+            unwrapped.config.save_pretrained(tmp)
+            fsync_tree(tmp)
+    except WRITE_ERRORS as err:  # a full disk: torch.save says "unexpected pos", safetensors "os error 28"
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # its space back; the last checkpoint is untouched
+        reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        raise TrainingError(
+            f"saving checkpoint {final} failed ({reason}): is its disk full? Free space there, "
+            f"{_how_to_go_on(train_args)}"
+        ) from err
     if accelerator.is_main_process:
-        # a checkpoint is self-describing: the config and, as `save_pretrained` writes them, the code files and
-        # `auto_map`, so `AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=True)` opens it anywhere
-        unwrapped = accelerator.unwrap_model(model)
-        if unwrapped._auto_class is not None:
-            custom_object_save(unwrapped, tmp, config=unwrapped.config)
-        unwrapped.config.save_pretrained(tmp)
-        fsync_tree(tmp)
         old = final.parent / f".tmp-old-{final.name}"
         if final.exists():  # the same step again (a run branched from an earlier one): never without a checkpoint
             shutil.rmtree(old, ignore_errors=True)

@@ -4,6 +4,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -334,6 +335,29 @@ def test_non_finite_loss_stops_without_saving(corpus, data_dir, tmp_path, monkey
     assert {p.name: p.stat().st_mtime_ns for p in good.iterdir()} == before
     with pytest.raises(train_accelerate.TrainingError, match="at step 1.*start the run again .*no checkpoint"):
         run(corpus, data_dir, tmp_path / "new", "--max_steps", "2")  # nothing to resume from
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_last_checkpoint(
+    corpus, data_dir, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "run"
+    argv = ["--dataset", str(corpus), "--data_dir", str(data_dir), "--output_dir", str(out), *TINY]
+    argv += ["--max_steps", "4", "--save_every", "2", "--eval_every", "0", "--keep_last", "1"]
+    real_save = torch.save
+
+    def disk_full_at_step_4(obj, f, *args, **kwargs):
+        if ".tmp-step_0000004" in str(f) and str(f).endswith("optimizer.bin"):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 6784 vs 6676")  # ENOSPC
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_full_at_step_4)
+    assert train_accelerate.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err)
+    assert re.fullmatch(r"error: saving checkpoint .*step_0000004 failed \(.*unexpected pos.*\): is its disk full\? .*"
+                        r"then --resume latest \(the last good checkpoint stays\)\.", err[-1])  # fmt: skip
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_0000002"]  # the partial save's space freed
+    assert resolve_resume("latest", out) == out / "checkpoints" / "step_0000002"
 
 
 @pytest.mark.parametrize(
