@@ -356,13 +356,25 @@ def save_checkpoint(accelerator: Accelerator, model: GPT2ScratchForCausalLM, tra
 
 def export_final(accelerator: Accelerator, model: GPT2ScratchForCausalLM, output_dir: str) -> Path:
     """`output_dir/final/`: `save_pretrained` (config with auto_map, code, safetensors, generation config) and the
-    tokenizer."""
+    tokenizer.
+
+    Written as a checkpoint is (`save_checkpoint`): into a temporary folder, flushed, then renamed, so a crash never
+    leaves a partial `final/` (which `push_to_hub.py RUN` would publish), nor breaks the one a re-export replaces.
+    """
     final = Path(output_dir) / "final"
+    tmp, old = final.with_name(".tmp-final"), final.with_name(".tmp-old-final")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a crashed export
         unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(final, safe_serialization=True)
-        get_hf_tokenizer(model_max_length=unwrapped.config.n_positions).save_pretrained(final)
+        unwrapped.save_pretrained(tmp, safe_serialization=True)
+        get_hf_tokenizer(model_max_length=unwrapped.config.n_positions).save_pretrained(tmp)
+        fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 

@@ -1088,6 +1088,32 @@ def test_resume_at_max_steps_exports_without_training_or_saving_again(corpus, da
         run(corpus, data_dir, out, "--max_steps", "3", "--resume", "latest")
 
 
+def test_an_export_cut_short_never_leaves_a_partial_final_folder(corpus, data_dir, tmp_path, monkeypatch):
+    """A crash while `final/` is written (here: re-exported by a resume at --max_steps) left a broken model there,
+    which `push_to_hub.py RUN` would publish."""
+    out = tmp_path / "run"
+    run(corpus, data_dir, out, "--max_steps", "2", "--save_every", "2", "--eval_every", "0")
+    before = {p.name: p.read_bytes() for p in (out / "final").iterdir()}
+    (out / "run_summary.json").unlink()
+
+    class Killed(BaseException):
+        pass
+
+    def killed_while_writing(self, save_directory, **kwargs):
+        Path(save_directory).mkdir(exist_ok=True)
+        (Path(save_directory) / "model.safetensors").write_bytes(b"cut short")
+        raise Killed
+
+    monkeypatch.setattr(GPT2ScratchForCausalLM, "save_pretrained", killed_while_writing)
+    with pytest.raises(Killed):
+        run(corpus, data_dir, out, "--max_steps", "2", "--save_every", "2", "--resume", "latest")
+    assert {p.name: p.read_bytes() for p in (out / "final").iterdir()} == before
+    monkeypatch.undo()
+    run(corpus, data_dir, out, "--max_steps", "2", "--save_every", "2", "--resume", "latest")
+    assert {p.name: p.read_bytes() for p in (out / "final").iterdir()} == before  # the same weights, exported again
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".tmp")) == []
+
+
 def test_a_run_never_mixes_its_checkpoints_with_later_ones_in_its_output_dir(corpus, data_dir, tmp_path):
     out = tmp_path / "run"
     run(corpus, data_dir, out, "--max_steps", "4", "--save_every", "2", "--eval_every", "0", "--keep_last", "2")
