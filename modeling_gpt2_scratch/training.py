@@ -801,7 +801,9 @@ class MetricsWriter:
         self.plot_path = Path(output_dir) / "loss.png"
         if resume_step is not None and self.path.exists():
             kept = [r for r in self.read() if r["step"] <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            tmp = self.path.with_suffix(".jsonl.tmp")  # replaced whole: a crash meanwhile keeps the run's history
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, self.path)
         elif resume_step is None and self.path.exists():
             self.path.unlink()
 

@@ -912,6 +912,22 @@ def test_resume_skips_a_metrics_line_cut_short_by_a_kill(tmp_path):
     assert [r["step"] for r in MetricsWriter(tmp_path, resume_step=3).read()] == [1, 2, 3]
 
 
+def test_a_crash_while_metrics_are_trimmed_on_resume_keeps_them(tmp_path, monkeypatch):
+    """The resume's trim rewrote metrics.jsonl in place: a kill between truncating and writing lost the history."""
+    path = tmp_path / "metrics.jsonl"
+    text = "".join(json.dumps({"step": s, "tokens": 256 * s, "train_loss": 5.0}) + "\n" for s in (1, 2, 3))
+    path.write_text(text)
+
+    def killed_while_writing(self, data, *args, **kwargs):
+        self.open("w").close()  # truncated, then the process dies before writing
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", killed_while_writing)
+    with pytest.raises(KeyboardInterrupt):
+        MetricsWriter(tmp_path, resume_step=2)
+    assert path.read_text() == text
+
+
 def _children(pid: int) -> list[int]:
     """All descendants of `pid` (Linux /proc)."""
     found, frontier = [], [pid]
