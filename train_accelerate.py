@@ -55,6 +55,7 @@ from modeling_gpt2_scratch.training import (
     check_checkpoint_fits,
     check_no_checkpoints_ahead,
     check_no_finished_run,
+    check_overwrite_keeps_inputs,
     checkpoint_dir,
     cpu_supports_bf16,
     describe_device,
@@ -640,6 +641,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     if resume_from is None and not train_args.overwrite_output_dir:
         check_no_checkpoints_ahead(train_args.output_dir, 0)
         check_no_finished_run(train_args.output_dir)
+    elif resume_from is None:  # what it deletes must not hold this run's own inputs
+        inputs = {"init_from": model_args.init_from, "data_dir": resolve_data_dir(data_args, train_args)}
+        check_overwrite_keeps_inputs(train_args.output_dir, inputs | {"dataset": data_args.dataset})
     set_seed(train_args.seed)
 
     model = build_model(model_args, train_args)  # before the data: a bad model flag fails at once

@@ -716,6 +716,26 @@ def check_no_finished_run(output_dir: str | os.PathLike) -> None:
         )
 
 
+def check_overwrite_keeps_inputs(output_dir: str | os.PathLike, inputs: dict[str, str | os.PathLike | None]) -> None:
+    """Refuse `--overwrite_output_dir` where an input of the new run (`{flag: path}`: `--init_from`, `--data_dir`, a
+    local `--dataset`) lies in what it deletes: the checkpoints and a finished run's `final/` and `run_summary.json`.
+
+    Raises:
+        ValueError: naming the flag, the folder and the ways out.
+    """
+    deleted = [Path(output_dir) / "checkpoints", *finished_run_files(output_dir)]
+    for flag, value in inputs.items():
+        if not value or not Path(os.path.expanduser(str(value))).exists():
+            continue  # a Hub id, or a folder still to be made
+        path = Path(os.path.expanduser(str(value))).resolve()
+        for doomed in deleted:
+            if doomed.exists() and (path == doomed.resolve() or path.is_relative_to(doomed.resolve())):
+                raise ValueError(
+                    f"--{flag} {value} lies in {doomed}, which --overwrite_output_dir true deletes: move it out of "
+                    f"{output_dir} first, or use another --output_dir."
+                )
+
+
 def check_checkpoint_fits(checkpoint: str | os.PathLike, config: Any, num_processes: int = 1) -> None:
     """Compare the architecture a checkpoint was saved from (its `config.json`) with this run's model, and the
     processes that saved it (one `random_states_<rank>.pkl` each) with this run's: each keeps its own place in the

@@ -1482,6 +1482,22 @@ def test_init_from_takes_the_dropout_flag(tmp_path, corpus, data_dir):
     assert run_config["model"]["init_from_source"] == "local"  # a folder here: not the card's base_model (a Hub id)
 
 
+def test_overwrite_output_dir_never_deletes_the_new_runs_own_inputs(tmp_path, corpus, data_dir):
+    """`--init_from RUN/final --output_dir RUN --overwrite_output_dir true` deleted the weights it started from."""
+    out = tmp_path / "run"
+    run(corpus, data_dir, out, "--max_steps", "2", "--save_every", "2", "--eval_every", "0")
+    before = (out / "final" / "model.safetensors").read_bytes()
+    for flag, value in (("--init_from", out / "final"), ("--data_dir", out / "checkpoints" / "shards")):
+        if flag == "--data_dir":
+            shutil.copytree(data_dir, value)
+        with pytest.raises(
+            ValueError, match=rf"^{flag} .* lies in .*, which --overwrite_output_dir true deletes: move"
+        ):
+            run(corpus, data_dir, out, "--max_steps", "2", "--overwrite_output_dir", "true", flag, str(value))
+    assert (out / "final" / "model.safetensors").read_bytes() == before
+    assert [p.name for p in list_checkpoints(out)] == ["step_0000002"]
+
+
 def test_init_from_a_runs_own_export_continues_from_its_weights(tmp_path, corpus, data_dir):
     """`--init_from RUN/final` (a gpt2-scratch export, not a GPT2LMHeadModel folder) starts from those weights."""
     first = tmp_path / "first"
