@@ -717,6 +717,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         check_no_checkpoints_ahead(train_args.output_dir, state.step)
         changes = apply_optimizer_flags(optimizer, scheduler, train_args)
         changes += schedule_flag_changes(output_dir / RUN_CONFIG_NAME, run_config["training"])
+        saved_config = Path(resume_from) / "config.json"
+        saved_dropout = json.loads(saved_config.read_text()).get("resid_pdrop") if saved_config.is_file() else None
+        if saved_dropout is not None and saved_dropout != unwrapped.config.resid_pdrop:  # applies, as at --init_from
+            changes.append(f"--dropout {saved_dropout} -> {unwrapped.config.resid_pdrop}")
         logger.info("resumed from %s at step %d", resume_from, state.step)
         if changes:
             logger.info("resume: this run's flags replace the checkpoint's: %s", "; ".join(changes))

@@ -1190,7 +1190,8 @@ def test_resume_applies_changed_optimizer_flags_and_says_so(corpus, data_dir, tm
     run(corpus, data_dir, out, "--max_steps", "4", "--save_every", "4", "--eval_every", "0")
     with caplog.at_level("INFO", logger="train_accelerate"):
         run(corpus, data_dir, out, "--max_steps", "6", "--resume", "latest", "--max_lr", "1e-3",
-            "--weight_decay", "0.05")  # fmt: skip
+            "--weight_decay", "0.05", "--dropout", "0.1")  # fmt: skip
+    assert "--dropout 0.0 -> 0.1" in caplog.text  # a training choice, like --init_from's: applied, and said
     assert "--max_lr 0.003 -> 0.001" in caplog.text and "--weight_decay 0.1 -> 0.05" in caplog.text
     assert "--max_steps 4 -> 6" in caplog.text  # schedule flags are named too
     args = parse_arguments(["--dataset", "x", *TINY, "--max_steps", "6", "--max_lr", "1e-3"])[2]
