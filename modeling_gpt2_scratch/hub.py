@@ -911,7 +911,7 @@ def stage_folder(
 
     Raises:
         ValueError: for an unknown `fmt`, an invalid `license`, an `out_dir` that holds anything but an earlier
-            staging, or a source that is not a gpt2-scratch model.
+            staging or is the source's own folder, or a source that is not a gpt2-scratch model.
         FileNotFoundError: for a missing source.
     """
     if fmt not in FORMATS:
@@ -919,6 +919,11 @@ def stage_folder(
     validate_license(license)
     source = source if isinstance(source, ModelSource) else resolve_source(source)
     out_dir = Path(out_dir).expanduser()
+    if out_dir.resolve() == source.model_dir.resolve():  # an earlier staging pushed again: never wipe the source
+        raise ValueError(
+            f"{out_dir} is the model folder being published: stage into another folder (a new or empty one), or "
+            "leave out --local-dir."
+        )
     if out_dir.is_dir() and staged_before(out_dir):  # e.g. a retry after a failed upload, or after a --dry-run
         logger.info("%s holds an earlier staging: staging again into it", out_dir)
         for path in out_dir.iterdir():

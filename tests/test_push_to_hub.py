@@ -501,6 +501,16 @@ def test_a_local_dir_staged_before_is_staged_again(tiny_run, staged, tmp_path, c
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine" and (tmp_path / "out" / "README.md").is_file()
 
 
+def test_a_staged_folder_pushed_with_itself_as_local_dir_is_an_error_that_keeps_it(staged, tmp_path, capsys):
+    """An earlier staging is a model folder too: pushing it with `--local-dir` on itself must not wipe it first."""
+    shutil.copytree(staged, tmp_path / "out")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    argv = [str(tmp_path / "out"), "--repo-id", REPO_ID, "--dry-run", "--local-dir", str(tmp_path / "out")]
+    line = _run_main_expect_error(argv, capsys)
+    assert "is the model folder being published" in line and "--local-dir" in line
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+
+
 # --- re-pushes, provenance, noisy or broken input --------------------------------------------------------------------
 
 
