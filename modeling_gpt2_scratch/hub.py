@@ -334,9 +334,18 @@ def load_model(source: ModelSource) -> GPT2ScratchForCausalLM:
 
     Raises:
         ValueError: if the folder holds another kind of model (its `model_type` is not `gpt2_scratch`), weights
-            that do not match its `config.json`, or weights that cannot be read (a truncated or corrupt file).
+            that do not match its `config.json`, or a `config.json` or weights that cannot be read (a truncated or
+            corrupt file).
     """
-    model_type = json.loads((source.model_dir / CONFIG_NAME).read_text()).get("model_type")
+    config_path = source.model_dir / CONFIG_NAME
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as err:  # not JSON (cut short, corrupt), or not UTF-8
+        raise ValueError(
+            f"Cannot read {config_path} ({' '.join(str(err).split())}): a truncated or corrupt file? Push another "
+            "checkpoint, or export the run again."
+        ) from err
+    model_type = config.get("model_type") if isinstance(config, dict) else None
     if model_type != GPT2ScratchConfig.model_type:
         raise ValueError(
             f"{source.model_dir} holds a {model_type!r} model, not a gpt2-scratch one (model_type "

@@ -570,6 +570,15 @@ def test_corrupt_weights_are_a_one_line_error(tiny_run, tmp_path, capsys):
     assert "Cannot load the weights" in line and "corrupt" in line
 
 
+@pytest.mark.parametrize("content", ['{"model_type": "gpt2_scr', "[]"], ids=["cut-short", "not-an-object"])
+def test_a_broken_config_json_is_a_one_line_error_that_names_it(tiny_run, tmp_path, capsys, content):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run.run_dir, run_dir)
+    (run_dir / "final" / "config.json").write_text(content)
+    line = _run_main_expect_error([str(run_dir), "--repo-id", REPO_ID, "--dry-run"], capsys)
+    assert str(run_dir / "final") in line
+
+
 @pytest.mark.parametrize(
     "change, problem",
     [({"n_layer": 3}, "missing: transformer.h.2."), ({"n_layer": 1}, "unexpected: transformer.h.1."),
