@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             local_dir=args.local_dir,
             dry_run=args.dry_run,
         )
-    except (ValueError, OSError, HTTPError) as err:  # OSError: missing files and the Hub's HTTP errors
+    except (ValueError, OSError, HTTPError) as err:  # OSError: missing files, the Hub's HTTP errors, failed uploads
         message = " ".join(str(err).split()) or type(err).__name__
         if isinstance(err, TransportError):  # no answer: say where it was sent
             endpoint = hf_constants.ENDPOINT

@@ -997,6 +997,7 @@ def upload_folder_to_hub(
 
     Raises:
         ValueError: for an invalid repo id, no token, offline mode, or `private` with an existing public repository.
+        OSError: when a file's upload fails (nothing is committed); the Hub's HTTP errors (`HfHubHTTPError`).
     """
     validate_repo_id(repo_id)
     token = resolve_token(token)
@@ -1018,14 +1019,21 @@ def upload_folder_to_hub(
     if stale:  # what upload_folder's delete_patterns below deletes (.gitattributes matches none)
         logger.info("Deleting from %s (branch %s), no longer staged: %s", repo_id, branch, ", ".join(stale))
     logger.info("Uploading %s to %s (branch %s)", folder, repo_url, branch)
-    commit = api.upload_folder(
-        repo_id=repo_id,
-        folder_path=folder,
-        repo_type="model",
-        revision=revision,
-        commit_message=commit_message or "Upload gpt2-scratch model with push_to_hub.py",
-        delete_patterns=list(STAGED_PATTERNS),  # files of other kinds on the branch are kept
-    )
+    try:
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            repo_type="model",
+            revision=revision,
+            commit_message=commit_message or "Upload gpt2-scratch model with push_to_hub.py",
+            delete_patterns=list(STAGED_PATTERNS),  # files of other kinds on the branch are kept
+        )
+    except RuntimeError as err:  # a file's upload failed (huggingface_hub's LFS wrapper, hf_xet), before the commit
+        reasons = [str(err)] + ([str(err.__cause__)] if err.__cause__ is not None else [])
+        raise OSError(
+            f"Uploading {folder} to {repo_id} (branch {branch}) failed, nothing was committed "
+            f"({' '.join(' '.join(reasons).split())}): push again."
+        ) from err
     return str(repo_url), commit.commit_url
 
 

@@ -543,6 +543,28 @@ def test_private_with_an_existing_public_repo_is_an_error_before_any_upload(tiny
     assert not [r for r in hub.requests if "/preupload/" in r.target or "/commit/" in r.target]
 
 
+@pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")  # huggingface_hub's LFS PUT
+def test_an_upload_that_fails_midway_is_a_one_line_error_and_keeps_the_staging(
+    tiny_run, tmp_path, monkeypatch, capsys
+):
+    """The storage refuses the weights after the repository was created: huggingface_hub wraps that in a
+    RuntimeError ("Error while uploading ..."), as hf_xet does its failures; nothing is committed."""
+    monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with HubStub(TOKEN) as hub:
+        monkeypatch.setattr(hub, "lfs_upload", lambda body, oid: (403, {"error": "Request has expired"}))
+        monkeypatch.setattr(hf_constants, "ENDPOINT", hub.url)
+        argv = [str(tiny_run.run_dir), "--repo-id", REPO_ID, "--local-dir", str(tmp_path / "out")]
+        assert push_to_hub.main(argv) == 1
+    err = capsys.readouterr().err  # with the upload's progress bars, which the CLI keeps
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    line = errors[0]
+    assert "nothing was committed" in line and "Request has expired" in line and TOKEN not in line
+    assert hub.repos[REPO_ID].commits == [] and (tmp_path / "out" / "model.safetensors").is_file()
+
+
 def test_a_fine_tuned_run_on_a_local_corpus_says_so_and_shows_file_names_only(tiny_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(tiny_run.run_dir, run_dir)
