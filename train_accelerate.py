@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import transformers
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedType, broadcast_object_list, set_seed
 from accelerate.utils.memory import should_reduce_batch_size
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
@@ -365,18 +365,33 @@ def export_final(accelerator: Accelerator, model: GPT2ScratchForCausalLM, output
     final = Path(output_dir) / "final"
     tmp, old = final.with_name(".tmp-final"), final.with_name(".tmp-old-final")
     accelerator.wait_for_everyone()
+    failure = None
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a crashed export
         unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(tmp, safe_serialization=True)
-        get_hf_tokenizer(model_max_length=unwrapped.config.n_positions).save_pretrained(tmp)
-        fsync_tree(tmp)
-        if final.exists():
+        try:
+            unwrapped.save_pretrained(tmp, safe_serialization=True)
+            get_hf_tokenizer(model_max_length=unwrapped.config.n_positions).save_pretrained(tmp)
+            fsync_tree(tmp)
+        except WRITE_ERRORS as err:  # a full disk; the last checkpoint (and an earlier final/) stay as they were
+            shutil.rmtree(tmp, ignore_errors=True)
+            reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
+            way = (
+                "--resume latest (a run at --max_steps only exports)"
+                if list_checkpoints(output_dir)
+                else "train again"
+            )
+            failure = f"exporting {final} failed ({reason}): is its disk full? Free space there, then {way}."
+        else:
+            if final.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+            os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+    if accelerator.num_processes > 1:  # every process learns of a failure, instead of waiting for a main that left
+        failure = broadcast_object_list([failure], from_process=0)[0]
+    if failure is not None:
+        raise TrainingError(failure)
     return final
 
 

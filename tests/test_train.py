@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 import train_accelerate
@@ -1128,6 +1129,32 @@ def test_an_export_cut_short_never_leaves_a_partial_final_folder(corpus, data_di
     run(corpus, data_dir, out, "--max_steps", "2", "--save_every", "2", "--resume", "latest")
     assert {p.name: p.read_bytes() for p in (out / "final").iterdir()} == before  # the same weights, exported again
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".tmp")) == []
+
+
+def test_a_full_disk_during_the_export_is_one_line_and_a_resume_exports_again(
+    corpus, data_dir, tmp_path, monkeypatch, capsys
+):
+    """It was safetensors' traceback, with the partial `.tmp-final` left on the full disk."""
+    out = tmp_path / "run"
+    argv = ["--dataset", str(corpus), "--data_dir", str(data_dir), "--output_dir", str(out), *TINY]
+    argv += ["--max_steps", "2", "--save_every", "2", "--eval_every", "0"]
+
+    def disk_full(self, save_directory, **kwargs):
+        Path(save_directory).mkdir(exist_ok=True)
+        (Path(save_directory) / "model.safetensors").write_bytes(b"cut short")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(GPT2ScratchForCausalLM, "save_pretrained", disk_full)
+        assert train_accelerate.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err)
+    assert re.fullmatch(r"error: exporting .*final failed \(.*No space left on device \(os error 28\)\): is its disk "
+                        r"full\? Free space there, then --resume latest \(a run at --max_steps only exports\)\.",
+                        err[-1])  # fmt: skip
+    assert sorted(p.name for p in out.iterdir() if "final" in p.name) == []  # the partial export's space freed
+    assert train_accelerate.main([*argv, "--resume", "latest"]) == 0
+    assert GPT2ScratchForCausalLM.from_pretrained(out / "final").config.n_layer == 2
 
 
 def test_a_run_never_mixes_its_checkpoints_with_later_ones_in_its_output_dir(corpus, data_dir, tmp_path):
