@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import transformers
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, broadcast_object_list, set_seed
+from accelerate.utils import DistributedType, gather_object, set_seed
 from accelerate.utils.memory import should_reduce_batch_size
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
@@ -312,6 +312,19 @@ def generate_samples(model: GPT2ScratchForCausalLM, train_args: TrainArguments, 
     return [enc.decode(row.tolist()) for row in out]
 
 
+def write_failure_reason(err: BaseException) -> str:
+    """The first line of a failed write's error (torch.save's "unexpected pos", safetensors' "os error 28")."""
+    return (str(err).splitlines() or [type(err).__name__])[0][:200]
+
+
+def first_failure(accelerator: Accelerator, failure: str | None) -> str | None:
+    """Collective: the failure of the first process that had one (or None), on every process. So a write that failed
+    on one process stops them all with its message, where a barrier would have left the others waiting."""
+    if accelerator.num_processes == 1:
+        return failure
+    return next((f for f in gather_object([failure]) if f is not None), None)
+
+
 def save_checkpoint(accelerator: Accelerator, model: GPT2ScratchForCausalLM, train_args: TrainArguments, step: int):
     """`accelerator.save_state` into a temporary folder, then an atomic rename to `checkpoints/step_N`.
 
@@ -324,10 +337,14 @@ def save_checkpoint(accelerator: Accelerator, model: GPT2ScratchForCausalLM, tra
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
+    failure = None  # caught on each process, so that one failing never leaves the others waiting at a barrier
     try:
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
+        accelerator.save_state(str(tmp))  # each process its own RNG state, the main one the rest
+    except WRITE_ERRORS as err:  # a full disk: torch.save says "unexpected pos", safetensors "os error 28"
+        failure = err
+    accelerator.wait_for_everyone()  # every process's files are written before the main one flushes the folder
+    if accelerator.is_main_process and failure is None:
+        try:
             # a checkpoint is self-describing: the config and, as `save_pretrained` writes them, the code files and
             # `auto_map`, so `AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=True)` opens it
             unwrapped = accelerator.unwrap_model(model)
@@ -335,14 +352,16 @@ def save_checkpoint(accelerator: Accelerator, model: GPT2ScratchForCausalLM, tra
                 custom_object_save(unwrapped, tmp, config=unwrapped.config)
             unwrapped.config.save_pretrained(tmp)
             fsync_tree(tmp)
-    except WRITE_ERRORS as err:  # a full disk: torch.save says "unexpected pos", safetensors "os error 28"
+        except WRITE_ERRORS as err:
+            failure = err
+    reason = first_failure(accelerator, None if failure is None else write_failure_reason(failure))
+    if reason is not None:  # on every process
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)  # its space back; the last checkpoint is untouched
-        reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
         raise TrainingError(
             f"saving checkpoint {final} failed ({reason}): is its disk full? Free space there, "
             f"{_how_to_go_on(train_args)}"
-        ) from err
+        ) from failure
     if accelerator.is_main_process:
         old = final.parent / f".tmp-old-{final.name}"
         if final.exists():  # the same step again (a run branched from an earlier one): never without a checkpoint
@@ -375,21 +394,21 @@ def export_final(accelerator: Accelerator, model: GPT2ScratchForCausalLM, output
             fsync_tree(tmp)
         except WRITE_ERRORS as err:  # a full disk; the last checkpoint (and an earlier final/) stay as they were
             shutil.rmtree(tmp, ignore_errors=True)
-            reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
             way = (
                 "--resume latest (a run at --max_steps only exports)"
                 if list_checkpoints(output_dir)
                 else "train again"
             )
-            failure = f"exporting {final} failed ({reason}): is its disk full? Free space there, then {way}."
+            failure = f"exporting {final} failed ({write_failure_reason(err)}): is its disk full? Free space there, "
+            failure += f"then {way}."
         else:
             if final.exists():
                 shutil.rmtree(old, ignore_errors=True)
                 os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
-    if accelerator.num_processes > 1:  # every process learns of a failure, instead of waiting for a main that left
-        failure = broadcast_object_list([failure], from_process=0)[0]
+    # every process learns of a failure, instead of waiting for a main process that left
+    failure = first_failure(accelerator, failure)
     if failure is not None:
         raise TrainingError(failure)
     return final

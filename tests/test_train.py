@@ -978,13 +978,14 @@ def test_sigterm_to_one_of_two_processes_stops_both_with_one_checkpoint(corpus, 
     assert not (out / "final").exists()
 
 
-def launch_two(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`accelerate launch` of the trainer on 2 CPU processes (torchrun + gloo), its output captured."""
+def launch_two(
+    *args: str, timeout: int = 300, script: Path = REPO / "train_accelerate.py"
+) -> subprocess.CompletedProcess:
+    """`accelerate launch` of the trainer (or a `script` that runs it) on 2 CPU processes (torchrun + gloo), its output
+    captured."""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
-    return subprocess.run(
-        [*launch, str(REPO / "train_accelerate.py"), *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
-    )
+    return subprocess.run([*launch, str(script), *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.parametrize(
@@ -1000,6 +1001,38 @@ def test_an_error_of_every_process_is_printed_once(corpus, data_dir, tmp_path, f
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith(message), errors
+
+
+DISK_FULL_ON_THE_MAIN_PROCESS = """
+import sys, torch
+sys.path.insert(0, {repo!r})
+import train_accelerate
+real_save = torch.save
+def disk_full(obj, f, *args, **kwargs):
+    if ".tmp-step_0000002" in str(f) and str(f).endswith("optimizer.bin"):  # the main process writes it alone
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 6784 vs 6676")
+    return real_save(obj, f, *args, **kwargs)
+torch.save = disk_full
+sys.exit(train_accelerate.main())
+"""
+
+
+@pytest.mark.slow
+def test_a_save_that_fails_on_the_main_process_alone_stops_both_processes_in_one_line(corpus, data_dir, tmp_path):
+    """The other process waited at the barrier after `save_state` for a main process that had left (for gloo's or
+    NCCL's timeout: 30 minutes or more). Now each process's failure is gathered, and all stop with its message."""
+    script = tmp_path / "disk_full.py"
+    script.write_text(DISK_FULL_ON_THE_MAIN_PROCESS.format(repo=str(REPO)))
+    out = tmp_path / "run"
+    args = ["--dataset", str(corpus), "--data_dir", str(data_dir), "--output_dir", str(out), *TINY]
+    args += ["--total_batch_tokens", "512", "--max_steps", "4", "--save_every", "2", "--eval_every", "0"]
+    result = launch_two(*args, script=script, timeout=150)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert re.fullmatch(r"error: saving checkpoint .*step_0000002 failed \(.*unexpected pos.*\): is its disk full\? "
+                        r".*then start the run again \(it has no checkpoint yet\)\.", errors[0])  # fmt: skip
+    assert list((out / "checkpoints").iterdir()) == []  # the partial save's space freed
 
 
 def test_an_output_dir_that_is_a_file_is_one_error_line_under_two_processes(corpus, data_dir, tmp_path):
