@@ -626,10 +626,11 @@ loads it without remote code, and `model.to_hf_gpt2()` converts it to a `transfo
 def _format_count(n: int | None) -> str:
     if n is None:
         return "unknown"
-    for size, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if n >= size:
+    if n < 1000:
+        return str(n)
+    for size, suffix in ((1e3, "k"), (1e6, "M"), (1e9, "B")):
+        if float(f"{n / size:.1f}") < 1000 or suffix == "B":  # 999,950 is 1.0M, not 1000.0k
             return f"{n / size:.1f}{suffix}"
-    return str(n)
 
 
 def _format_duration(seconds: float | None) -> str:

@@ -750,3 +750,18 @@ def test_local_dir_expands_the_home_folder(tiny_run, tmp_path, monkeypatch, caps
     assert push_to_hub.main([str(tiny_run.run_dir), "--repo-id", REPO_ID, "--dry-run", "--local-dir", "~/staged"]) == 0
     assert (tmp_path / "home" / "staged" / "README.md").is_file() and not (tmp_path / "~").exists()
     assert f"in {tmp_path / 'home' / 'staged'}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "n, text",
+    [
+        (950, "950"),
+        (1_000, "1.0k"),
+        (999_949, "999.9k"),
+        (999_950, "1.0M"),
+        (124_475_904, "124.5M"),
+        (999_950_000, "1.0B"),
+    ],
+)
+def test_the_model_cards_counts_carry_to_the_next_unit(n, text):
+    assert hub._format_count(n) == text
