@@ -322,7 +322,11 @@ def first_failure(accelerator: Accelerator, failure: str | None) -> str | None:
     on one process stops them all with its message, where a barrier would have left the others waiting."""
     if accelerator.num_processes == 1:
         return failure
-    return next((f for f in gather_object([failure]) if f is not None), None)
+    failures = gather_object([failure])
+    # and a barrier: gloo's worker thread frees the gather's tensors (taking the GIL) only once it runs another
+    # operation, so a gather left last deadlocked the teardown of the process group (the DDP reducer's) at exit
+    accelerator.wait_for_everyone()
+    return next((f for f in failures if f is not None), None)
 
 
 def save_checkpoint(accelerator: Accelerator, model: GPT2ScratchForCausalLM, train_args: TrainArguments, step: int):
