@@ -11,6 +11,7 @@ checkpoints, metrics.jsonl / loss.png / trackers, and a Hub-ready `final/` folde
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 import transformers
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, gather_object, set_seed
+from accelerate.utils import DistributedType, set_seed
 from accelerate.utils.memory import should_reduce_batch_size
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
@@ -317,16 +318,27 @@ def write_failure_reason(err: BaseException) -> str:
     return (str(err).splitlines() or [type(err).__name__])[0][:200]
 
 
+_FAILURE_ROUNDS = itertools.count()  # the calls of `first_failure`, the same on every process
+
+
 def first_failure(accelerator: Accelerator, failure: str | None) -> str | None:
-    """Collective: the failure of the first process that had one (or None), on every process. So a write that failed
-    on one process stops them all with its message, where a barrier would have left the others waiting."""
+    """The failure of the first process that had one (or None), on every process: a write that failed on one process
+    stops them all with its message, where a barrier would have left the others waiting.
+
+    Exchanged through torch.distributed's store (the launcher's rendezvous), like `shown_by_another_process`, and not
+    by a collective: gloo's worker thread frees a gather's tensors only later, taking the GIL, and a gather late in a
+    run deadlocked its process group's teardown at exit (the main thread, holding the GIL, joins that thread).
+    """
     if accelerator.num_processes == 1:
         return failure
-    failures = gather_object([failure])
-    # and a barrier: gloo's worker thread frees the gather's tensors (taking the GIL) only once it runs another
-    # operation, so a gather left last deadlocked the teardown of the process group (the DDP reducer's) at exit
-    accelerator.wait_for_everyone()
-    return next((f for f in failures if f is not None), None)
+    import torch.distributed as dist
+
+    store = dist.distributed_c10d._get_default_store()
+    prefix = f"gpt2_scratch/write_failure/{next(_FAILURE_ROUNDS)}"  # each call its own keys
+    store.set(f"{prefix}/{accelerator.process_index}", failure or "")
+    keys = [f"{prefix}/{rank}" for rank in range(accelerator.num_processes)]
+    store.wait(keys)  # every process's answer (a barrier as well)
+    return next((text for text in (store.get(key).decode() for key in keys) if text), None)
 
 
 def save_checkpoint(accelerator: Accelerator, model: GPT2ScratchForCausalLM, train_args: TrainArguments, step: int):
