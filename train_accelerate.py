@@ -1027,9 +1027,10 @@ def shown_by_another_process(message: str) -> bool:
 
 
 def main_process_only(record: logging.LogRecord) -> bool:
-    """A `logging` filter for the trainer's logger: under several processes only the main one logs what they all
-    would (a resume, a stop, a flag's warning), as accelerate's `get_logger` does. Errors, and records logged with
-    `extra={"every_process": True}` (the stop signal a process received itself), pass on every process."""
+    """A `logging` filter for the trainer's loggers (its own, the data's and the tokenizer's): under several processes
+    only the main one logs what they all would (a resume, a stop, a flag's warning, the shards reused), as
+    accelerate's `get_logger` does. Errors, and records logged with `extra={"every_process": True}` (the stop signal
+    a process received itself), pass on every process."""
     if record.levelno >= logging.ERROR or getattr(record, "every_process", False):
         return True
     return os.environ.get("RANK", "0") == "0"  # torchrun's, per process
@@ -1039,7 +1040,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_cli_logging("%(asctime)s %(levelname)s %(name)s: %(message)s", logger.name, "modeling_gpt2_scratch")
     transformers.logging.set_verbosity_error()
     logging.getLogger("accelerate.utils.other").addFilter(tied_head_save_notice)
-    logger.addFilter(main_process_only)
+    for name in (logger.name, "modeling_gpt2_scratch.data", "modeling_gpt2_scratch.tokenization"):
+        logging.getLogger(name).addFilter(main_process_only)  # e.g. "Reusing the shards in ...": once, not per process
     for name in ("accelerate.accelerator", "accelerate.checkpointing"):  # 7 INFO lines per checkpoint, one per file
         logging.getLogger(name).setLevel(logging.WARNING)  # (ours says "saved checkpoint"); warnings still show
     sigterm_when_the_launcher_dies()

@@ -1065,6 +1065,7 @@ def test_resume_is_exact_with_two_processes(corpus, data_dir, tmp_path):
     result = launch_two(*args, "--output_dir", str(resumed), "--resume", "latest")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("train_accelerate: resumed from") == 1  # the main process's line alone
+    assert result.stderr.count("modeling_gpt2_scratch.data: Reusing the shards in") == 1  # the data's too
     after, again = [r for r in metrics(straight) if r["step"] > 2], metrics(resumed)
     assert [r["step"] for r in again] == [r["step"] for r in after] == [3, 4]
     exact = ("train_loss", "lr", "grad_norm", "val_loss")
