@@ -327,7 +327,15 @@ class LinearCrossEntropy(torch.autograd.Function):
                         last = grad_hidden[start, 0]
                     if want_weight:
                         h = h * keep
-                        if grad_weight is None:
+                        if dtype == torch.float16:
+                            # a sum over the chunk's rows can pass fp16's 65,504 (a frequent target times a large
+                            # activation), and before any loss scaling: so each column of h is scaled down by a power
+                            # of two under which none of its sums can (|softmax - onehot| <= 1), the result back up
+                            bound = h.abs().amax(0).float() * length  # (C,)
+                            power = torch.exp2(torch.floor(torch.log2(2.0**15 / bound.clamp_min(1.0))).clamp(max=0.0))
+                            part = (grad.t() @ (h * power.to(dtype))).float() / power
+                            grad_weight = part if grad_weight is None else grad_weight.add_(part)
+                        elif grad_weight is None:
                             grad_weight = (grad.t() @ h).float()  # accumulated in float32
                         elif grad.dtype == torch.float32:
                             grad_weight.addmm_(grad.t(), h)

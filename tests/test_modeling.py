@@ -1398,3 +1398,30 @@ def test_resize_token_embeddings_makes_new_tokens_real_and_reloads(tmp_path):
     small_ids = ids % 1000
     with torch.no_grad():
         assert torch.equal(reloaded(small_ids).logits, model(small_ids).logits)
+
+
+def test_fused_loss_weight_gradient_does_not_overflow_in_float16():
+    """Under fp16 the fused loss sums a chunk's rows into the head's weight gradient in fp16, before any loss scaling:
+    a frequent target times large activations (GPT-2's outlier dimensions after `ln_f`) passed 65,504, and the `inf`
+    came before the loss scale, so no `GradScaler` scale could cure it: every step was skipped."""
+    torch.manual_seed(0)
+    n, width, vocab = 4096, 16, 64
+    hidden = torch.randn(n, width)
+    hidden[:, 0] += 20  # one sign throughout, as an outlier dimension
+    hidden.requires_grad_()
+    weight = (0.02 * torch.randn(vocab, width)).requires_grad_()
+    targets = torch.full((n,), 3)  # one frequent token: its row sums n x (p - 1) x ~20, about -8e4
+    targets[::7] = 11
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = modeling.LinearCrossEntropy.apply(
+            hidden, weight, targets, vocab, torch.tensor(float(n)), -100, ((0, n),), None, True
+        )
+    loss.backward()
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    torch.nn.functional.cross_entropy(h64 @ w64.t(), targets).backward()
+    assert torch.isfinite(weight.grad).all()
+    error = (
+        (weight.grad.double() - w64.grad).abs().amax(0)
+    )  # per column: the outlier's scaling costs the others nothing
+    assert (error <= 1e-2 * w64.grad.abs().amax(0)).all()
+    assert (hidden.grad.double() - h64.grad).abs().max().item() <= 1e-2 * h64.grad.abs().max().item()
