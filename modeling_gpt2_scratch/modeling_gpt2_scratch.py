@@ -272,6 +272,10 @@ class LinearCrossEntropy(torch.autograd.Function):
     already allocated; ignored rows are zeroed on the `(n, C)` side and the float32 weight gradient is accumulated
     in place. On a CPU those passes over memory and fresh allocations, not the FLOPs, are what this costs beyond the
     matmuls, so chunks are equal and large.
+
+    The weight gradient is a sum over a chunk's rows made before any loss scaling. Under fp16 it could overflow (a
+    frequent target times an outlier activation), and no `GradScaler` scale would cure that. So under fp16 it is
+    summed with `hidden`'s columns scaled down by powers of two and scaled back in float32.
     """
 
     @staticmethod
