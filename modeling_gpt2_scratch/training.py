@@ -559,19 +559,26 @@ MEASURED_MICRO_BATCH_TOKENS = 64 * 1024  # the largest micro-batch measured on a
 def micro_batch_hint(
     peak_mib: float, total_mib: float, micro_batch_size: int, seq_len: int, accumulation_steps: int
 ) -> str | None:
-    """A suggestion to double `--micro_batch_size`, or None: when a step used under 40% of the GPU's memory, the total
-    batch still divides, and the doubled micro-batch is no larger than the largest measured (64 x 1024 tokens). The
-    same total batch in fewer, larger micro-steps ran faster on an H200 (1.04x at 32 x 1024, 1.08x at 64, against 16),
-    and the peak grows less than in proportion (weights, gradients and AdamW state stay), so twice the micro-batch
-    takes under twice the memory."""
-    larger = 2 * micro_batch_size
-    if accumulation_steps % 2 or peak_mib >= 0.4 * total_mib or larger * seq_len > MEASURED_MICRO_BATCH_TOKENS:
+    """A suggestion of a larger `--micro_batch_size`, or None: the largest of 2x, 4x, ... the current one that the
+    total batch still divides, that is no larger than the largest measured (64 x 1024 tokens), and that would use at
+    most 80% of the GPU's memory by a proportional estimate (k times the micro-batch, k times the peak). The estimate
+    is an upper bound: weights, gradients, AdamW state and the fused loss's logits chunk do not grow (on an H200,
+    4x the micro-batch took 2.4x the memory). The same total batch in fewer, larger micro-steps ran faster there
+    (1.04x at 32 x 1024, 1.08x at 64, against 16)."""
+    factor = 1
+    while (
+        accumulation_steps % (2 * factor) == 0
+        and 2 * factor * micro_batch_size * seq_len <= MEASURED_MICRO_BATCH_TOKENS
+        and 2 * factor * peak_mib <= 0.8 * total_mib
+    ):
+        factor *= 2
+    if factor == 1:
         return None
     return (
-        f"GPU memory peaked at {peak_mib / 1024:.1f} of {total_mib / 1024:.1f} GiB: --micro_batch_size {larger} would "
-        f"likely fit, with the same total batch in {accumulation_steps // 2} accumulation steps instead of "
-        f"{accumulation_steps}, and larger micro-batches ran faster on an H200 (BENCHMARKS.md); --resume latest "
-        "takes a new --micro_batch_size."
+        f"GPU memory peaked at {peak_mib / 1024:.1f} of {total_mib / 1024:.1f} GiB: --micro_batch_size "
+        f"{factor * micro_batch_size} would likely fit (at most about {factor * peak_mib / 1024:.0f} GiB), with the "
+        f"same total batch in {accumulation_steps // factor} accumulation steps instead of {accumulation_steps}, and "
+        "larger micro-batches ran faster on an H200 (BENCHMARKS.md); --resume latest takes a new --micro_batch_size."
     )
 
 
