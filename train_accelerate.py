@@ -11,7 +11,6 @@ checkpoints, metrics.jsonl / loss.png / trackers, and a Hub-ready `final/` folde
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import logging
 import math
@@ -318,12 +317,10 @@ def write_failure_reason(err: BaseException) -> str:
     return (str(err).splitlines() or [type(err).__name__])[0][:200]
 
 
-_FAILURE_ROUNDS = itertools.count()  # the calls of `first_failure`, the same on every process
-
-
-def first_failure(accelerator: Accelerator, failure: str | None) -> str | None:
-    """The failure of the first process that had one (or None), on every process: a write that failed on one process
-    stops them all with its message, where a barrier would have left the others waiting.
+def first_failure(accelerator: Accelerator, failure: str | None, target: Path) -> str | None:
+    """The failure of the first process that had one (or None), on every process: a write of `target` (a folder a run
+    writes once) that failed on one process stops them all with its message, where a barrier would have left the
+    others waiting.
 
     Exchanged through torch.distributed's store (the launcher's rendezvous), like `shown_by_another_process`, and not
     by a collective: gloo's worker thread frees a gather's tensors only later, taking the GIL, and a gather late in a
@@ -334,11 +331,22 @@ def first_failure(accelerator: Accelerator, failure: str | None) -> str | None:
     import torch.distributed as dist
 
     store = dist.distributed_c10d._get_default_store()
-    prefix = f"gpt2_scratch/write_failure/{next(_FAILURE_ROUNDS)}"  # each call its own keys
+    prefix = f"gpt2_scratch/write_failure/{target}"
     store.set(f"{prefix}/{accelerator.process_index}", failure or "")
     keys = [f"{prefix}/{rank}" for rank in range(accelerator.num_processes)]
     store.wait(keys)  # every process's answer (a barrier as well)
     return next((text for text in (store.get(key).decode() for key in keys) if text), None)
+
+
+def replace_folder(tmp: Path, final: Path) -> None:
+    """Put the complete folder `tmp` at `final` by renames alone: an existing `final` moves to `.tmp-old-<name>` first
+    and is deleted last, so a crash leaves one of the two whole (the `.tmp-` names are cleaned by the next save)."""
+    old = final.with_name(f".tmp-old-{final.name}")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_checkpoint(accelerator: Accelerator, model: GPT2ScratchForCausalLM, train_args: TrainArguments, step: int):
@@ -370,7 +378,7 @@ def save_checkpoint(accelerator: Accelerator, model: GPT2ScratchForCausalLM, tra
             fsync_tree(tmp)
         except WRITE_ERRORS as err:
             failure = err
-    reason = first_failure(accelerator, None if failure is None else write_failure_reason(failure))
+    reason = first_failure(accelerator, None if failure is None else write_failure_reason(failure), final)
     if reason is not None:  # on every process
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)  # its space back; the last checkpoint is untouched
@@ -379,12 +387,7 @@ def save_checkpoint(accelerator: Accelerator, model: GPT2ScratchForCausalLM, tra
             f"{_how_to_go_on(train_args)}"
         ) from failure
     if accelerator.is_main_process:
-        old = final.parent / f".tmp-old-{final.name}"
-        if final.exists():  # the same step again (a run branched from an earlier one): never without a checkpoint
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_folder(tmp, final)  # the same step again (a run branched from an earlier one): never without one
         prune_checkpoints(train_args.output_dir, train_args.keep_last)
         logger.info("saved checkpoint %s", final)
     accelerator.wait_for_everyone()
@@ -398,7 +401,7 @@ def export_final(accelerator: Accelerator, model: GPT2ScratchForCausalLM, output
     leaves a partial `final/` (which `push_to_hub.py RUN` would publish), nor breaks the one a re-export replaces.
     """
     final = Path(output_dir) / "final"
-    tmp, old = final.with_name(".tmp-final"), final.with_name(".tmp-old-final")
+    tmp = final.with_name(".tmp-final")
     accelerator.wait_for_everyone()
     failure = None
     if accelerator.is_main_process:
@@ -418,13 +421,9 @@ def export_final(accelerator: Accelerator, model: GPT2ScratchForCausalLM, output
             failure = f"exporting {final} failed ({write_failure_reason(err)}): is its disk full? Free space there, "
             failure += f"then {way}."
         else:
-            if final.exists():
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+            replace_folder(tmp, final)
     # every process learns of a failure, instead of waiting for a main process that left
-    failure = first_failure(accelerator, failure)
+    failure = first_failure(accelerator, failure, final)
     if failure is not None:
         raise TrainingError(failure)
     return final
