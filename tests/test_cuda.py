@@ -175,3 +175,53 @@ def test_compiled_training_forward_at_a_second_batch_shape_on_cuda():
             want = model(ids, labels=ids).loss
         loss.backward()
         torch.testing.assert_close(loss.detach(), want.detach(), rtol=2e-3, atol=0)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fused_loss_weight_gradient_does_not_overflow_in_float16_on_cuda(compiled):
+    """fp16 autocast on the GPU (a V100 or T4 fine-tuning pretrained GPT-2), at the trainer's CUDA chunk (one chunk of
+    16,384 rows): a frequent target times an outlier activation summed past 65,504 in the head's weight gradient before
+    any loss scaling, and gave `inf` (the CPU test's case in `tests/test_modeling.py`, at GPT-2's width and vocabulary).
+    With the columns scaled by powers of two, each column matches a float64 sum of the same fp16 softmax, eager and
+    compiled."""
+    from modeling_gpt2_scratch import modeling_gpt2_scratch as modeling
+
+    torch.manual_seed(0)
+    n, width, vocab = 16384, 768, 50304
+    hidden = torch.randn(n, width, device=CUDA)
+    hidden[:, 0] += 20  # one sign throughout, as an outlier dimension
+    hidden.requires_grad_()
+    weight = (0.02 * torch.randn(vocab, width, device=CUDA)).requires_grad_()
+    targets = torch.full((n,), 3, device=CUDA)  # one frequent token: its row sums n x (p - 1) x ~20, about -3e5
+    targets[::7] = 11
+
+    def loss_fn(h, w, t):
+        return modeling.LinearCrossEntropy.apply(h, w, t, GPT2_VOCAB, torch.tensor(float(n)), -100, ((0, n),))
+
+    fn = torch.compile(loss_fn, fullgraph=True) if compiled else loss_fn
+    with torch.autocast("cuda", dtype=torch.float16):
+        loss = fn(hidden, weight, targets)
+    loss.backward()
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    logits = h64 @ w64.t()
+    logits[:, GPT2_VOCAB:] = float("-inf")
+    reference = F.cross_entropy(logits, targets)
+    reference.backward()
+    assert abs(loss.item() - reference.item()) <= 1e-2 * reference.item()
+    assert torch.isfinite(weight.grad).all()
+    assert (hidden.grad.double() - h64.grad).abs().max().item() <= 1e-2 * h64.grad.abs().max().item()
+
+    def column_errors(ref):  # each column's error over its norm: the outlier's scaling must cost the others nothing
+        return ((weight.grad.double() - ref).norm(dim=0) / ref.norm(dim=0)).max().item()
+
+    assert column_errors(w64.grad) <= 3e-2  # fp16's rounding of the softmax, mostly (about 1% at this size on a CPU)
+    # the same softmax rounded to fp16, summed in float64: what the sum itself should give, to cuBLAS's fp16 output
+    # and reduced-precision reductions (0.23% on an H100, eager and compiled alike; without the scaling: `inf`)
+    with torch.no_grad():
+        h16 = hidden.detach().half()
+        logits = (h16 @ weight.detach().half().t()).float()
+        logits[:, GPT2_VOCAB:] = float("-inf")
+        grad = torch.softmax(logits, dim=-1).half().double()
+        del logits
+        grad[torch.arange(n, device=CUDA), targets] -= 1
+        assert column_errors(grad.t() @ h16.double() / n) <= 5e-3
