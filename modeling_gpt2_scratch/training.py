@@ -574,10 +574,12 @@ def micro_batch_hint(
         factor *= 2
     if factor == 1:
         return None
+    steps = accumulation_steps // factor
+    fewer = "one micro-step (no accumulation)" if steps == 1 else str(steps)
     return (
         f"GPU memory peaked at {peak_mib / 1024:.1f} of {total_mib / 1024:.1f} GiB: --micro_batch_size "
         f"{factor * micro_batch_size} would likely fit (at most about {factor * peak_mib / 1024:.0f} GiB), with the "
-        f"same total batch in {accumulation_steps // factor} accumulation steps instead of {accumulation_steps}, and "
+        f"same total batch in {fewer} instead of {accumulation_steps} accumulation steps, and "
         "larger micro-batches ran faster on an H200 (BENCHMARKS.md); --resume latest takes a new --micro_batch_size."
     )
 

@@ -463,7 +463,8 @@ def test_micro_batch_hint_suggests_the_largest_size_within_memory_measured_sizes
     else:
         factor = suggested // micro_batch
         assert f"--micro_batch_size {suggested} would likely fit (at most about {factor * peak_gib:.0f} GiB)" in hint
-        assert f"in {accumulation // factor} accumulation steps instead of {accumulation}" in hint
+        fewer = "one micro-step (no accumulation)" if factor == accumulation else accumulation // factor
+        assert f"in {fewer} instead of {accumulation} accumulation steps" in hint
 
 
 def test_hub_unreachable_error_says_to_pass_a_local_file(tmp_path):
