@@ -67,6 +67,7 @@ from modeling_gpt2_scratch.training import (
     gradient_accumulation_steps,
     gradient_norm,
     list_checkpoints,
+    load_checkpoint,
     micro_batch_hint,
     parse_arguments,
     peak_memory_mib,
@@ -754,7 +755,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     }
     saved_step = None  # the step of the checkpoint on disk that holds this run's state
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
+        precision_changes = load_checkpoint(accelerator, resume_from)
         accelerator.step = 0  # accelerate's micro-step count: restart at a step boundary (the accumulation may differ)
         if Path(resume_from).resolve() == checkpoint_dir(output_dir, state.step).resolve():
             saved_step = state.step  # a branch into another --output_dir has no checkpoint of its own yet
@@ -764,8 +765,12 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
                 f"{train_args.max_steps}: raise --max_steps, or resume an earlier checkpoint."
             )
         check_no_checkpoints_ahead(train_args.output_dir, state.step)
-        changes = apply_optimizer_flags(optimizer, scheduler, train_args)
+        changes = precision_changes + apply_optimizer_flags(optimizer, scheduler, train_args)
         changes += schedule_flag_changes(output_dir / RUN_CONFIG_NAME, run_config["training"])
+        changes += [  # weights and dropout continue from the checkpoint's RNG states: the seed reaches the samples
+            f"{change} (the samples' seed only)"
+            for change in flag_changes(output_dir / RUN_CONFIG_NAME, "training", run_config["training"], ("seed",))
+        ]
         saved_config = Path(resume_from) / "config.json"
         saved_dropout = json.loads(saved_config.read_text()).get("resid_pdrop") if saved_config.is_file() else None
         if saved_dropout is not None and saved_dropout != unwrapped.config.resid_pdrop:  # applies, as at --init_from

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 import yaml
+from accelerate.utils import SCALER_NAME
 from transformers import HfArgumentParser
 from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup_lr_rate
 
@@ -679,6 +680,30 @@ def resolve_resume(resume: str, output_dir: str | os.PathLike) -> Path:
             "--init_from."
         )
     return path
+
+
+def load_checkpoint(accelerator, checkpoint: str | os.PathLike) -> list[str]:
+    """`accelerator.load_state(checkpoint)`, across a change of `--mixed_precision` to or from fp16.
+
+    Only fp16 has a gradient scaler, and only its checkpoints hold its state (`scaler.pt`). Resumed in fp16, a
+    checkpoint saved in bf16 or fp32 has none, which `load_state` failed on (a `FileNotFoundError` traceback): the
+    scaler starts at its initial scale instead, as a new fp16 run does. The other way, an fp16 checkpoint's scaler
+    state is left unused. Returns what changed, for the resume's log line (empty when nothing did).
+    """
+    has_scaler_state = (Path(checkpoint) / SCALER_NAME).is_file()
+    scaler = accelerator.scaler
+    if scaler is not None and not has_scaler_state:
+        accelerator.scaler = None  # load_state loads the scaler only when the accelerator has one
+        try:
+            accelerator.load_state(str(checkpoint))
+        finally:
+            accelerator.scaler = scaler
+        scale = scaler.get_scale()
+        return [f"--mixed_precision fp16: no loss scale in the checkpoint (not saved in fp16), starting at {scale:g}"]
+    accelerator.load_state(str(checkpoint))
+    if scaler is None and has_scaler_state:
+        return [f"--mixed_precision {accelerator.mixed_precision}: the checkpoint's fp16 loss scale is not used"]
+    return []
 
 
 def check_no_checkpoints_ahead(output_dir: str | os.PathLike, step: int) -> None:

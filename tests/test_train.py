@@ -1271,13 +1271,50 @@ def test_resume_applies_changed_optimizer_flags_and_says_so(corpus, data_dir, tm
     run(corpus, data_dir, out, "--max_steps", "4", "--save_every", "4", "--eval_every", "0")
     with caplog.at_level("INFO", logger="train_accelerate"):
         run(corpus, data_dir, out, "--max_steps", "6", "--resume", "latest", "--max_lr", "1e-3",
-            "--weight_decay", "0.05", "--dropout", "0.1")  # fmt: skip
+            "--weight_decay", "0.05", "--dropout", "0.1", "--seed", "7")  # fmt: skip
+    assert "--seed 1337 -> 7 (the samples' seed only)" in caplog.text
     assert "--dropout 0.0 -> 0.1" in caplog.text  # a training choice, like --init_from's: applied, and said
     assert "--max_lr 0.003 -> 0.001" in caplog.text and "--weight_decay 0.1 -> 0.05" in caplog.text
     assert "--max_steps 4 -> 6" in caplog.text  # schedule flags are named too
     args = parse_arguments(["--dataset", "x", *TINY, "--max_steps", "6", "--max_lr", "1e-3"])[2]
     expected = scheduled_lrs(args, 6)
     assert [r["lr"] for r in metrics(out) if r["step"] > 4] == pytest.approx(expected[4:], rel=1e-12)
+
+
+def test_a_resume_across_fp16_starts_or_drops_the_loss_scale(tmp_path):
+    """Only fp16 has a gradient scaler and saves its state (`scaler.pt`): resumed in fp16, a bf16 or fp32
+    checkpoint failed in `load_state` with a FileNotFoundError traceback. The scaler of a CUDA fp16 run is stood in
+    for by a CPU `GradScaler` (accelerate makes none on a CPU)."""
+    from accelerate import Accelerator
+
+    torch.manual_seed(0)
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(torch.nn.Linear(4, 4))
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    accelerator.save_state(str(tmp_path / "bf16"))  # no scaler: no scaler.pt
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    accelerator.scaler.scale(torch.ones(()))
+    accelerator.scaler.update(2.0**7)  # a scale that backed off, as in a run
+    accelerator.save_state(str(tmp_path / "fp16"))
+    assert (tmp_path / "fp16" / "scaler.pt").is_file() and not (tmp_path / "bf16" / "scaler.pt").exists()
+
+    with torch.no_grad():
+        model.weight.zero_()
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    changes = train_accelerate.load_checkpoint(accelerator, tmp_path / "bf16")
+    assert changes == [
+        "--mixed_precision fp16: no loss scale in the checkpoint (not saved in fp16), starting at 65536"
+    ]
+    assert torch.equal(model.weight, saved["weight"])  # the rest of the state loaded
+    assert accelerator.scaler is not None and accelerator.scaler.get_scale() == 2.0**16
+
+    assert train_accelerate.load_checkpoint(accelerator, tmp_path / "fp16") == []
+    assert accelerator.scaler.get_scale() == 2.0**7  # fp16 to fp16: the scale goes on
+
+    accelerator.scaler = None
+    assert train_accelerate.load_checkpoint(accelerator, tmp_path / "fp16") == [
+        "--mixed_precision no: the checkpoint's fp16 loss scale is not used"
+    ]
 
 
 def test_a_resume_into_another_model_size_is_one_line_and_leaves_the_run_as_it_was(corpus, data_dir, tmp_path):
