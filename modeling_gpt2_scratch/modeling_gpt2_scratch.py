@@ -74,6 +74,21 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
+def check_label_ids(labels: torch.Tensor | None, real_vocab: int, name: str) -> None:
+    """Refuse a label outside the tokenizer's ids (`0 .. real_vocab - 1`, or `IGNORE_INDEX`), on a CPU and in eager
+    mode only: where reading the labels costs nothing. One in the padded ids would give an infinite loss, one past
+    them an index error from the loss. On a GPU the check would wait for the device every step, so it is not made
+    there (`transformers`' GPT-2 fails with a device-side assert instead)."""
+    if labels is None or labels.device.type != "cpu" or torch.compiler.is_compiling():
+        return
+    bad = labels[(labels != IGNORE_INDEX) & ((labels < 0) | (labels >= real_vocab))]
+    if bad.numel():
+        raise ValueError(
+            f"{name}: id {bad[0].item()} is outside the model's {real_vocab} token ids (0-{real_vocab - 1}, or "
+            f"{IGNORE_INDEX} for a position without a target); were they made with another tokenizer?"
+        )
+
+
 def called_plainly(module: nn.Module, *classes: type[nn.Module]) -> bool:
     """Whether `module` is exactly one of `classes`, without forward hooks (its own or global ones) and with its
     class's own `forward`.
@@ -876,6 +891,7 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
         """
         Args:
             labels: `(B, T)` targets, usually `input_ids`; shifted inside (position t predicts t+1), `-100` ignored.
+                An id outside the tokenizer's is a `ValueError` on a CPU in eager mode (`check_label_ids`).
             shift_labels (keyword, read from `kwargs`): `(B, T)` targets already aligned with the positions
                 (`shift_labels[:, t]` is the token after `input_ids[:, t]`), as the training loader yields them;
                 used instead of `labels`. Not a named parameter, as in `transformers`' models: `Trainer` takes
@@ -897,6 +913,8 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
             skip_logits = self.training and has_labels
         if skip_logits and not has_labels:
             raise ValueError("skip_logits=True needs labels or shift_labels (it only computes the loss).")
+        check_label_ids(labels, self.config.tokenizer_vocab_size, "labels")
+        check_label_ids(shift_labels, self.config.tokenizer_vocab_size, "shift_labels")
         # the fused loss reads `lm_head.weight`; a wrapped head (PEFT/LoRA, hooks) is called as usual instead, and
         # so it is under `torch.func` transforms (`grad`, `vmap`), which cannot run its `autograd.Function`
         fused_loss = (

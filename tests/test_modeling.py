@@ -120,6 +120,28 @@ def test_labels_minus_100_are_ignored(pair):
     assert abs(out.item() - model(ids, labels=ids).loss.item()) > 1e-4
 
 
+@pytest.mark.parametrize("bad", [GPT2_VOCAB, 50303, 50304, -1])  # the padded ids, past them, negative
+@pytest.mark.parametrize("training", [False, True])  # the plain head's loss, and the fused one
+@pytest.mark.parametrize("key", ["labels", "shift_labels"])
+def test_a_label_outside_the_tokenizer_ids_is_a_one_line_error(pair, bad, training, key):
+    """HF's GPT-2 raises (its loss's index check); ours padded the vocabulary to 50304 and gave an infinite loss for
+    50257-50303, an IndexError from the loss's gather past them."""
+    hf, model = pair
+    ids = random_ids(2, 20)
+    labels = ids.clone()
+    labels[:, :3] = -100
+    labels[1, 9] = bad
+    with pytest.raises(IndexError, match="out of bounds"):
+        with torch.no_grad():
+            hf(ids, labels=labels)
+    model.train(training)
+    try:
+        with pytest.raises(ValueError, match=rf"^{key}: id {bad} is outside the model's 50257 token ids"):
+            model(ids, **{key: labels})
+    finally:
+        model.eval()
+
+
 def test_left_padded_batch_matches_hf_on_real_tokens(pair):
     hf, model = pair
     ids = random_ids(3, 24)
