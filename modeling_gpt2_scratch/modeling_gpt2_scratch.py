@@ -89,6 +89,18 @@ def check_label_ids(labels: torch.Tensor | None, real_vocab: int, name: str) -> 
         )
 
 
+def check_input_shape(input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> None:
+    """`input_ids` of shape `(B, T)` or `inputs_embeds` of shape `(B, T, C)`, else a one-line `ValueError` saying
+    how to get there: one sequence of shape `(T,)` needs a batch dimension, and `(B, N, T)` (`GPT2Model` flattens
+    it, for its multiple-choice head) needs flattening. Other shapes failed deep inside with a size mismatch."""
+    tensor, name, dims = (input_ids, "input_ids", 2) if input_ids is not None else (inputs_embeds, "inputs_embeds", 3)
+    if tensor.dim() == dims:
+        return
+    expected = "(batch, seq_len)" if dims == 2 else "(batch, seq_len, n_embd)"
+    fix = f"{name}[None] for one sequence" if tensor.dim() == dims - 1 else "flatten the leading dimensions first"
+    raise ValueError(f"{name} has shape {tuple(tensor.shape)}; the model takes {expected}: pass {fix}.")
+
+
 def called_plainly(module: nn.Module, *classes: type[nn.Module]) -> bool:
     """Whether `module` is exactly one of `classes`, without forward hooks (its own or global ones) and with its
     class's own `forward`.
@@ -585,7 +597,8 @@ class GPT2ScratchModel(GPT2ScratchPreTrainedModel):
         The positional order is `GPT2Model.forward`'s; the arguments after `inputs_embeds` are keyword-only.
 
         Args:
-            input_ids: `(B, T)` token ids; with a `cache`, only the tokens not yet in it.
+            input_ids: `(B, T)` token ids; with a `cache`, only the tokens not yet in it. Another rank is a
+                `ValueError` (`check_input_shape`; `GPT2Model` flattens `(B, N, T)`, this model does not).
             cache: a `transformers` `Cache` (e.g. `DynamicCache`, `StaticCache`) holding past keys and values.
             attention_mask: `(B, S)` with 1 for tokens to attend to and 0 for padding (left or right), S = past + T.
             token_type_ids: `(B, T)` segment ids, embedded with the token embedding and added (as GPT-2 does).
@@ -603,6 +616,7 @@ class GPT2ScratchModel(GPT2ScratchPreTrainedModel):
             use_cache = False  # the backward replay would write the cache a second time
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        check_input_shape(input_ids, inputs_embeds)
 
         if inputs_embeds is None:
             inputs_embeds = self.wte(input_ids)  # (B, T, C)
@@ -913,6 +927,8 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
             skip_logits = self.training and has_labels
         if skip_logits and not has_labels:
             raise ValueError("skip_logits=True needs labels or shift_labels (it only computes the loss).")
+        if (input_ids is None) != (inputs_embeds is None):  # else the base model's error
+            check_input_shape(input_ids, inputs_embeds)  # before the tied embedding's lookup, which would hide it
         check_label_ids(labels, self.config.tokenizer_vocab_size, "labels")
         check_label_ids(shift_labels, self.config.tokenizer_vocab_size, "shift_labels")
         # the fused loss reads `lm_head.weight`; a wrapped head (PEFT/LoRA, hooks) is called as usual instead, and

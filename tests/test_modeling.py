@@ -142,6 +142,28 @@ def test_a_label_outside_the_tokenizer_ids_is_a_one_line_error(pair, bad, traini
         model.eval()
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_input_ids_or_embeddings_of_another_rank_are_a_one_line_error(pair, training):
+    """One sequence without its batch dimension, or GPT2Model's multiple-choice `(B, N, T)`, failed deep inside with
+    a size mismatch."""
+    _, model = pair
+    model.train(training)
+    ids = random_ids(2, 12)
+    cases = [
+        ({"input_ids": ids[0]}, r"input_ids has shape \(12,\); the model takes \(batch, seq_len\): pass input_ids\[None\]"),
+        ({"input_ids": ids.view(2, 2, 6)}, r"input_ids has shape \(2, 2, 6\); .* flatten the leading dimensions"),
+        ({"inputs_embeds": torch.zeros(12, 64)}, r"inputs_embeds has shape \(12, 64\); the model takes \(batch, seq_len, n_embd\)"),
+    ]  # fmt: skip
+    try:
+        for inputs, message in cases:
+            for forward in (model, model.transformer):
+                labels = {"labels": ids[0]} if forward is model and "input_ids" in inputs else {}
+                with pytest.raises(ValueError, match=message):
+                    forward(**inputs, **labels)
+    finally:
+        model.eval()
+
+
 def test_left_padded_batch_matches_hf_on_real_tokens(pair):
     hf, model = pair
     ids = random_ids(3, 24)
