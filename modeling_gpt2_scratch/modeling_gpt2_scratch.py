@@ -915,7 +915,8 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
                 as `transformers`' `slice_logits_to_keep`.
             skip_logits: compute the loss chunk by chunk without materialising the logits (`LinearCrossEntropy`)
                 and return `logits=None`. Default: in training mode when labels are given (what `Trainer` and
-                `train_accelerate.py` need); pass `False` to get the logits too. Where `lm_head` has to be called
+                `train_accelerate.py` need), unless `return_dict=False` (a tuple holds the logits at index 1, as
+                `GPT2LMHeadModel`'s); pass `False` to get the logits too. Where `lm_head` has to be called
                 as a module (a PEFT/LoRA layer in its place, or forward hooks), it is, and the logits are returned;
                 so under `torch.func` transforms (`torch.func.grad`, `vmap`).
             Other arguments: see `GPT2ScratchModel.forward`.
@@ -923,8 +924,8 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         shift_labels = kwargs.pop("shift_labels", None)
         has_labels = labels is not None or shift_labels is not None
-        if skip_logits is None:
-            skip_logits = self.training and has_labels
+        if skip_logits is None:  # a tuple's positions are HF's only with logits in them: `loss, logits = out[:2]`
+            skip_logits = self.training and has_labels and return_dict
         if skip_logits and not has_labels:
             raise ValueError("skip_logits=True needs labels or shift_labels (it only computes the loss).")
         if (input_ids is None) != (inputs_embeds is None):  # else the base model's error

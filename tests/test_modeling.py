@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, Cache, GPT2Config, GPT2LMHeadModel
 
 from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM, GPT2ScratchModel
 from modeling_gpt2_scratch import modeling_gpt2_scratch as modeling
@@ -287,11 +287,24 @@ def test_output_hidden_states_and_attentions_match_hf(pair):
         assert model(ids, output_attentions=True).attentions == hf(ids, output_attentions=True).attentions == ()
 
 
-def test_return_dict_false_gives_tuple(pair):
-    _, model = pair
+@pytest.mark.parametrize("training", [False, True])
+def test_return_dict_false_gives_hf_s_tuple(pair, training):
+    """In training mode the fused loss returns no logits, so the tuple was `(loss, cache)`: `out[1]` was the cache
+    where `GPT2LMHeadModel`'s is the logits. With `return_dict=False` the logits are computed, as HF's are."""
+    hf, model = pair
     ids = random_ids(1, 8)
-    loss, logits = model(ids, labels=ids, use_cache=False, return_dict=False)[:2]
-    assert loss.ndim == 0 and logits.shape == (1, 8, GPT2_VOCAB)
+    hf.train(training), model.train(training)
+    try:
+        with torch.no_grad():
+            ref = hf(ids, labels=ids, return_dict=False)
+            out = model(ids, labels=ids, return_dict=False)
+    finally:
+        hf.eval(), model.eval()
+    assert len(out) == len(ref) == 3  # loss, logits, cache
+    loss, logits = out[:2]
+    assert loss.ndim == 0 and logits.shape == ref[1].shape == (1, 8, GPT2_VOCAB)
+    assert isinstance(out[2], Cache) and isinstance(ref[2], Cache)
+    assert model(ids, labels=ids, use_cache=False, return_dict=False, skip_logits=True)[1:] == ()  # when asked
 
 
 def test_padded_vocab_carries_no_probability(pair):
