@@ -759,15 +759,16 @@ def check_overwrite_keeps_inputs(output_dir: str | os.PathLike, inputs: dict[str
     """
     deleted = [Path(output_dir) / "checkpoints", *finished_run_files(output_dir)]
     for flag, value in inputs.items():
-        if not value or not Path(os.path.expanduser(str(value))).exists():
-            continue  # a Hub id, or a folder still to be made
-        path = Path(os.path.expanduser(str(value))).resolve()
-        for doomed in deleted:
-            if doomed.exists() and (path == doomed.resolve() or path.is_relative_to(doomed.resolve())):
-                raise ValueError(
-                    f"--{flag} {value} lies in {doomed}, which --overwrite_output_dir true deletes: move it out of "
-                    f"{output_dir} first, or use another --output_dir."
-                )
+        expanded = os.path.expanduser(str(value)) if value else ""
+        # the path, or the files a glob (`--dataset 'RUN/final/*.txt'`) matches; none for a Hub id or a folder to be
+        paths = glob.glob(expanded, recursive=True) if glob.has_magic(expanded) else [expanded] * bool(expanded)
+        for path in (Path(p).resolve() for p in paths if Path(p).exists()):
+            for doomed in deleted:
+                if doomed.exists() and (path == doomed.resolve() or path.is_relative_to(doomed.resolve())):
+                    raise ValueError(
+                        f"--{flag} {value} lies in {doomed}, which --overwrite_output_dir true deletes: move it out "
+                        f"of {output_dir} first, or use another --output_dir."
+                    )
 
 
 def check_checkpoint_fits(checkpoint: str | os.PathLike, config: Any, num_processes: int = 1) -> None:

@@ -24,6 +24,7 @@ from modeling_gpt2_scratch.training import (
     MetricsWriter,
     TrainArguments,
     build_scheduler,
+    check_overwrite_keeps_inputs,
     decay_parameter_groups,
     gpu_peak_bf16_flops,
     gradient_accumulation_steps,
@@ -1615,6 +1616,12 @@ def test_overwrite_output_dir_never_deletes_the_new_runs_own_inputs(tmp_path, co
             run(corpus, data_dir, out, "--max_steps", "2", "--overwrite_output_dir", "true", flag, str(value))
     assert (out / "final" / "model.safetensors").read_bytes() == before
     assert [p.name for p in list_checkpoints(out)] == ["step_0000002"]
+    # a --dataset glob that matches a file in final/ (the check alone, without a run)
+    shutil.copy(corpus, out / "final" / "corpus.txt")
+    for dataset in (out / "final" / "corpus.txt", out / "final" / "*.txt", out / "**" / "corpus.txt"):
+        with pytest.raises(ValueError, match=r"^--dataset .* lies in .*final, which --overwrite_output_dir true"):
+            check_overwrite_keeps_inputs(out, {"dataset": str(dataset)})
+    check_overwrite_keeps_inputs(out, {"dataset": str(tmp_path / "*.txt"), "init_from": "gpt2", "data_dir": None})
 
 
 def test_init_from_a_runs_own_export_continues_from_its_weights(tmp_path, corpus, data_dir):
