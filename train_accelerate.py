@@ -38,6 +38,7 @@ from modeling_gpt2_scratch.data import (
     PrepareError,
     ShardedTokenLoader,
     configure_cli_logging,
+    fsync_dir,
     prepare_dataset,
     read_manifest,
 )
@@ -341,12 +342,15 @@ def first_failure(accelerator: Accelerator, failure: str | None, target: Path) -
 
 def replace_folder(tmp: Path, final: Path) -> None:
     """Put the complete folder `tmp` at `final` by renames alone: an existing `final` moves to `.tmp-old-<name>` first
-    and is deleted last, so a crash leaves one of the two whole (the `.tmp-` names are cleaned by the next save)."""
+    and is deleted last, so a crash leaves one of the two whole (the `.tmp-` names are cleaned by the next save). The
+    parent folder is flushed after the rename, so the new name is on disk before the old folder goes (a power cut
+    could otherwise keep neither name)."""
     old = final.with_name(f".tmp-old-{final.name}")
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(tmp, final)
+    fsync_dir(final.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 

@@ -1624,6 +1624,23 @@ def test_overwrite_output_dir_never_deletes_the_new_runs_own_inputs(tmp_path, co
     check_overwrite_keeps_inputs(out, {"dataset": str(tmp_path / "*.txt"), "init_from": "gpt2", "data_dir": None})
 
 
+def test_replace_folder_flushes_the_new_name_before_deleting_the_old_folder(tmp_path, monkeypatch):
+    """Without the parent's fsync a power cut after the old folder's deletion could leave neither name on disk."""
+    final, tmp = tmp_path / "step_0000002", tmp_path / ".tmp-step_0000002"
+    for folder, text in ((final, "old"), (tmp, "new")):
+        folder.mkdir()
+        (folder / "f").write_text(text)
+    flushed = []
+    monkeypatch.setattr(
+        train_accelerate,
+        "fsync_dir",
+        lambda d: flushed.append((d, (final / "f").read_text(), (tmp_path / ".tmp-old-step_0000002").exists())),
+    )
+    train_accelerate.replace_folder(tmp, final)
+    assert flushed == [(tmp_path, "new", True)]  # after the rename, while the old folder is still there
+    assert (final / "f").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["step_0000002"]
+
+
 def test_init_from_a_runs_own_export_continues_from_its_weights(tmp_path, corpus, data_dir):
     """`--init_from RUN/final` (a gpt2-scratch export, not a GPT2LMHeadModel folder) starts from those weights."""
     first = tmp_path / "first"
