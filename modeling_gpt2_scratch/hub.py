@@ -204,6 +204,33 @@ def validate_repo_id(repo_id: str) -> None:
         raise ValueError(f"Invalid --repo-id {repo_id!r}: use USER/NAME (or ORG/NAME), e.g. alice/gpt2-scratch.")
 
 
+def validate_revision(revision: str | None) -> None:
+    """Check that `revision` can be a branch (git's ref-name rules, `git check-ref-format --branch`) or is an open
+    pull request's `refs/pr/N`, before anything is made: the Hub refused a bad name in `create_branch`, after
+    `create_repo` had created the repository.
+
+    Raises:
+        ValueError: naming the value and what a branch name may not hold.
+    """
+    if revision is None or re.fullmatch(r"refs/pr/\d+", revision):
+        return
+    bad = (
+        not revision
+        or revision == "@"
+        or revision.startswith(("-", "/", "refs/pr/"))
+        or revision.endswith(("/", ".", ".lock"))
+        or any(part in revision for part in ("..", "@{", "//", "/."))
+        or revision.startswith(".")
+        or any(part.endswith(".lock") for part in revision.split("/"))
+        or any(ord(char) < 0x20 or char in " ~^:?*[\\\x7f" for char in revision)
+    )
+    if bad:
+        raise ValueError(
+            f"Invalid --revision {revision!r}: a branch name (e.g. step-500 or exp/lr-3e-4) without spaces, "
+            "'..', '~^:?*[\\' or a leading '-' or '.'; or refs/pr/N for an open pull request."
+        )
+
+
 def validate_license(license: str) -> None:
     """Check that `license` can be the card's license id (`mit`, `apache-2.0`, `cc-by-4.0`, `other`, ...): not empty,
     no whitespace.
@@ -1001,6 +1028,7 @@ def upload_folder_to_hub(
         OSError: when a file's upload fails (nothing is committed); the Hub's HTTP errors (`HfHubHTTPError`).
     """
     validate_repo_id(repo_id)
+    validate_revision(revision)
     token = resolve_token(token)
     _require_online()
     api = HfApi(endpoint=endpoint, token=token, library_name="gpt2-scratch")
@@ -1081,6 +1109,7 @@ def push_run_to_hub(
         ValueError / FileNotFoundError: for bad input, with the fix in the message.
     """
     validate_repo_id(repo_id)
+    validate_revision(revision)
     source = resolve_source(path)
     local_dir = Path(local_dir).expanduser() if local_dir is not None else None  # as the source's path
     if not dry_run:

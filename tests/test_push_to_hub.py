@@ -463,6 +463,19 @@ def test_invalid_repo_id_is_an_error(tiny_run, repo_id, capsys):
     assert "Invalid --repo-id" in line and "USER/NAME" in line
 
 
+@pytest.mark.parametrize("revision", ["my branch", "v1..2", "-x", "exp/.hidden", "refs/pr/abc", "x.lock", "a:b"])
+def test_invalid_revision_is_an_error_before_the_repository_is_created(tiny_run, revision, monkeypatch, capsys):
+    """The Hub refused such a name in `create_branch`, after `create_repo` had made the repository."""
+    with HubStub(TOKEN) as hub:
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+        monkeypatch.setattr(hf_constants, "ENDPOINT", hub.url)
+        line = _run_main_expect_error([str(tiny_run.run_dir), "--repo-id", REPO_ID, f"--revision={revision}"], capsys)
+        with pytest.raises(ValueError, match="Invalid --revision"):
+            upload_folder_to_hub(tiny_run.run_dir, REPO_ID, token=TOKEN, endpoint=hub.url, revision=revision)
+    assert line.startswith(f"error: Invalid --revision {revision!r}: a branch name") and "refs/pr/N" in line
+    assert hub.requests == [] and REPO_ID not in hub.repos
+
+
 def test_no_token_is_an_error_that_says_how_to_log_in(tiny_run, tmp_path, monkeypatch, capsys):
     for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
         monkeypatch.delenv(name, raising=False)
