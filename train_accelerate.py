@@ -135,6 +135,14 @@ def malloc_tuning_on(train_args: TrainArguments, device: torch.device) -> bool:
     return resolve_flag(train_args.malloc_tuning, "malloc_tuning", auto=device.type == "cpu")
 
 
+def cpu_threads(train_args: TrainArguments, num_processes: int) -> int:
+    """Torch threads per process on a CPU: `--cpu_threads`, else the cores this process may use divided by the
+    processes on this machine (torchrun's `LOCAL_WORLD_SIZE`, else `num_processes`)."""
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", num_processes))  # set by torchrun
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return train_args.cpu_threads or max(1, cores // local_processes)
+
+
 def build_accelerator(train_args: TrainArguments) -> Accelerator:
     """The Accelerator with the resolved mixed precision, gradient accumulation and trackers."""
     cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "false").lower() not in ("true", "1")
@@ -685,9 +693,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     if train_args.tf32:
         torch.set_float32_matmul_precision("high")
     if device.type == "cpu":
-        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))  # set by torchrun
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        torch.set_num_threads(train_args.cpu_threads or max(1, cores // local_processes))
+        torch.set_num_threads(cpu_threads(train_args, accelerator.num_processes))
     if malloc_tuning_on(train_args, device) and not tune_cpu_malloc():
         logger.warning("--malloc_tuning: this C library has no mallopt (not glibc); left as it is.")
     accelerator.gradient_accumulation_steps = gradient_accumulation_steps(train_args, accelerator.num_processes)

@@ -41,6 +41,10 @@ defaults would give, or `ours-defaults-flash` against `ours-defaults-cudnn` on a
 and glibc's defaults (no TF32, foreach AdamW, glibc's malloc) unless named; the bf16 ones the trainer's choices for
 this device.
 
+On a CPU every process of the script (workers and memory children too) uses the trainer's torch thread count
+(`cpu_threads`: the cores this process may use, where torch's own default may count physical cores only); it is
+process-wide, so it holds for every variant and for the measured matmul peak.
+
 The trainer's glibc malloc tuning on CPU (`--malloc_tuning`, `tune_cpu_malloc`) is one of its speed settings, so
 the `defaults` and `bf16` variants get it (as the trainer's choice for the device: on CPU) and the `fp32` ones do not,
 as a user's own process would not; `--malloc tuned|default` forces one setting on every variant. The setting is
@@ -111,6 +115,7 @@ from train_accelerate import (  # noqa: E402
     build_accelerator,
     clip_gradients,
     compile_forward,
+    cpu_threads,
     malloc_tuning_on,
     speed_flags,
 )
@@ -879,6 +884,8 @@ def main(argv: list[str] | None = None) -> None:
         inductor_config.cpp.enable_kernel_profile = True
     with tempfile.TemporaryDirectory() as tmp:
         train_args = TrainArguments(output_dir=tmp)
+        if device.type == "cpu":  # the trainer's thread count (process-wide: every variant, the matmul peak too)
+            torch.set_num_threads(cpu_threads(train_args, num_processes=1))
         settings = variant_settings(args.variants, device, train_args, args.malloc)
         defaults = trainer_defaults(device, train_args)  # what the variant list calls train_accelerate.py's defaults
         names = list(settings)  # the variants in the order named (once each)

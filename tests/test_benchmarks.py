@@ -4,6 +4,7 @@ generation rows give HF's ids, and a bad number on any script's command line is 
 import argparse
 import dataclasses
 import json
+import os
 import re
 import subprocess
 import sys
@@ -394,3 +395,15 @@ def test_only_the_trainers_exact_defaults_are_labelled_so(tmp_path):
     for name in ("hf-defaults-compile", "ours-defaults-ckpt"):
         assert "not all its defaults" in notes[name]
     assert notes["ours-bf16"] == notes["hf-fp32"] == ""
+
+
+def test_cpu_variants_run_with_the_trainers_thread_count(monkeypatch, capsys):
+    """`train_accelerate.py` sets torch's threads to the cores it may use (`cpu_threads`); torch's own default can be
+    fewer (physical cores only), so every process of the benchmark sets the trainer's count too."""
+    threads = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)  # record, without changing this process
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    argv = ["--runs", "quickstart:1x8", "--variants", "ours-fp32", "--warmup", "0", "--steps", "1"]
+    train_throughput.main([*argv, "--no_memory", "--malloc", "default", "--peak_size", "64"])
+    assert threads == [3]  # the trainer's count for 3 usable cores and one process
+    assert "| ours-fp32 |" in capsys.readouterr().out
