@@ -38,8 +38,8 @@ embedding's dense gradient, summed with the head's by autograd, instead of `Tied
 the trainer's `clip_gradients`; the last pins `F.scaled_dot_product_attention` to one kernel with
 `torch.nn.attention.sdpa_kernel`, where the device has it), e.g. `ours-bf16-compile` to see what other trainer
 defaults would give, or `ours-defaults-flash` against `ours-defaults-cudnn` on an H100. The fp32 variants use torch's
-and glibc's defaults (no TF32, foreach AdamW, glibc's malloc) unless named; the bf16 ones the trainer's choices for
-this device.
+and glibc's defaults (no TF32; torch's default AdamW: foreach on CUDA, the for-loop one on a CPU; glibc's malloc)
+unless named; the bf16 ones the trainer's choices for this device.
 
 On a CPU every process of the script (workers and memory children too) uses the trainer's torch thread count
 (`cpu_threads`: the cores this process may use, where torch's own default may count physical cores only); it is
@@ -164,14 +164,18 @@ class Settings:
     loss_chunk_elements: int | None = None  # ours: logits per chunk of the fused loss (None: the model's default)
     torch_clip: bool = False  # the `accelerator` step: `accelerator.clip_grad_norm_`, not the trainer's
 
-    def describe(self) -> str:
+    def describe(self, device_type: str) -> str:
+        """The settings in words; `device_type` names torch's default AdamW there (foreach only on CUDA)."""
         parts = ["bf16 autocast" if self.mixed_precision == "bf16" else "fp32"]
         parts.append(
             ("compile" if self.compile_mode == "default" else f"compile {self.compile_mode}")
             if self.compile
             else "eager"
         )
-        parts.append("fused AdamW" if self.fused_adamw else "foreach AdamW")
+        if self.fused_adamw:
+            parts.append("fused AdamW")
+        else:  # torch's default (fused=None, foreach=None): foreach on CUDA tensors, the for-loop one on a CPU
+            parts.append("foreach AdamW" if device_type == "cuda" else "for-loop AdamW")
         if self.tf32:
             parts.append("TF32")
         if self.malloc_tuning:
@@ -222,7 +226,7 @@ def variant_settings(
     per chunk of the fused loss).
 
     `defaults`: the trainer's settings for this device (its Accelerator and step), the extras switched on. fp32: no
-    TF32, foreach AdamW unless `-fused`, glibc's malloc unless `-malloc` (torch's and glibc's defaults). bf16: the
+    TF32, torch's default AdamW (foreach on CUDA, for-loop on CPU) unless `-fused`, glibc's malloc unless `-malloc` (torch's and glibc's defaults). bf16: the
     trainer's TF32, fused-AdamW and malloc choices, `-fused` forcing the fused kernel. `malloc` `tuned` or `default`
     overrides every variant's malloc setting.
     """
@@ -927,7 +931,7 @@ def main(argv: list[str] | None = None) -> None:
         print(malloc_summary(names, results, malloc_tuned))
     print("Variants:")
     for name in names:
-        print(f"- `{name}`: {settings[name].describe()}{defaults_note(settings[name], defaults)}")
+        print(f"- `{name}`: {settings[name].describe(device.type)}{defaults_note(settings[name], defaults)}")
     peak_text = ", ".join(f"{dtypes[p]}: {v / 1e9:,.0f} GFLOP/s" for p, v in peaks.items())
     print(f"\nMeasured matmul peak ({args.peak_size}^2 x {args.peak_size}, best of 5, twice): {peak_text}")
     if datasheet:
@@ -963,9 +967,9 @@ def main(argv: list[str] | None = None) -> None:
         print(sep)
         for n in names:
             if n not in median:
-                print(f"| {n} | {settings[n].describe()} | {failed.get(n, 'no timed step')} |")
+                print(f"| {n} | {settings[n].describe(device.type)} | {failed.get(n, 'no timed step')} |")
                 continue
-            row = f"| {n} | {settings[n].describe()} | {median[n]:.3f} | {min(times[n].values()):.3f} | {tok_s[n]:,.0f} |"
+            row = f"| {n} | {settings[n].describe(device.type)} | {median[n]:.3f} | {min(times[n].values()):.3f} | {tok_s[n]:,.0f} |"
             for ref in (HF_FP32, HF_FAST):
                 if ref in tok_s:
                     row += f" {tok_s[n] / tok_s[ref]:.2f}x |"

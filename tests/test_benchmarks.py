@@ -30,7 +30,11 @@ def test_variant_names_resolve_to_settings(tmp_path):
     assert defaults.accelerator and defaults.fused_adamw and not defaults.compile  # the trainer's CPU defaults
     assert defaults.malloc_tuning and settings["ours-bf16-compile-fused"].malloc_tuning  # ... and its malloc tuning
     assert settings["hf-fp32-malloc"] == dataclasses.replace(settings["hf-fp32"], malloc_tuning=True)
-    assert "malloc tuned" in defaults.describe() and "malloc" not in settings["hf-fp32"].describe()
+    assert "malloc tuned" in defaults.describe("cpu") and "malloc" not in settings["hf-fp32"].describe("cpu")
+    # torch's default AdamW (fused=None, foreach=None) is foreach on CUDA tensors only, the for-loop one on a CPU
+    assert settings["hf-fp32"].describe("cpu") == "fp32, eager, for-loop AdamW"
+    assert settings["hf-fp32"].describe("cuda") == "fp32, eager, foreach AdamW"
+    assert "fused AdamW" in defaults.describe("cpu")
     forced = train_throughput.variant_settings(names, torch.device("cpu"), args, malloc="default")
     assert not any(s.malloc_tuning for s in forced.values())
     cuda = train_throughput.variant_settings(["ours-defaults"], torch.device("cuda"), args)
@@ -43,7 +47,7 @@ def test_variant_names_resolve_to_settings(tmp_path):
     assert checkpointed["hf-fp32-ckpt"] == dataclasses.replace(settings["hf-fp32"], checkpointing=True)
     assert checkpointed["ours-defaults-ckpt"] == dataclasses.replace(defaults, checkpointing=True)
     assert not any(s.checkpointing for s in settings.values())
-    assert "gradient checkpointing" in checkpointed["hf-fp32-ckpt"].describe()
+    assert "gradient checkpointing" in checkpointed["hf-fp32-ckpt"].describe("cpu")
     modes = train_throughput.variant_settings(
         ["ours-defaults-cudagraphs", "hf-bf16-autotune"], torch.device("cpu"), args
     )
@@ -51,13 +55,13 @@ def test_variant_names_resolve_to_settings(tmp_path):
         defaults, compile=True, compile_mode="reduce-overhead"
     )
     assert modes["hf-bf16-autotune"].compile and modes["hf-bf16-autotune"].compile_mode == "max-autotune-no-cudagraphs"
-    assert "compile reduce-overhead" in modes["ours-defaults-cudagraphs"].describe()
+    assert "compile reduce-overhead" in modes["ours-defaults-cudagraphs"].describe("cpu")
     assert all(s.compile_mode == "default" for s in settings.values())  # the trainer's default --compile_mode
     both = train_throughput.variant_settings(["ours-defaults-cudagraphs-autotune"], torch.device("cpu"), args)
     assert both["ours-defaults-cudagraphs-autotune"].compile_mode == "max-autotune"
     chunked = train_throughput.variant_settings(["ours-defaults-chunk30"], torch.device("cpu"), args)
     assert chunked["ours-defaults-chunk30"] == dataclasses.replace(defaults, loss_chunk_elements=2**30)
-    assert "loss chunks of 2**30 logits" in chunked["ours-defaults-chunk30"].describe()
+    assert "loss chunks of 2**30 logits" in chunked["ours-defaults-chunk30"].describe("cpu")
     assert all(s.loss_chunk_elements is None for s in settings.values())
     for bad in (
         "hf-fp32-logits",
@@ -104,7 +108,7 @@ def test_variants_agree_on_the_first_loss_and_report_missing_kernels(tmp_path):
     tolerance = 2e-2 if defaults.mixed_precision == "bf16" else 1e-4  # bf16 autocast where the CPU has bf16
     assert abs(losses["ours-defaults"] - losses["ours-fp32"]) <= tolerance
     assert "| ours-fp32-efficient |" in out and "no efficient attention kernel here" in out
-    assert f"| ours-defaults | {defaults.describe()} |" in out
+    assert f"| ours-defaults | {defaults.describe('cpu')} |" in out
     assert "quickstart:2x32: round 1/2 (warm-up) done" in result.stderr  # progress, for a run cut off by a limit
     assert "quickstart:2x32: round 2/2 (timed) done" in result.stderr and "peak memory" not in result.stderr
     assert re.search(r"Paired speed-ups .*: ours-fp32 vs hf-fp32 \d+\.\d\dx;", out)  # one timed round: no quartiles
