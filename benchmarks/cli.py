@@ -1,4 +1,4 @@
-"""argparse types shared by the benchmark scripts: a bad number is a one-line usage error naming the option."""
+"""argparse types shared by the benchmark scripts: a bad number or device is a one-line usage error."""
 
 from __future__ import annotations
 
@@ -31,3 +31,19 @@ def positive_float(text: str) -> float:
     if value == 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number > 0")
     return value
+
+
+def torch_device(text: str) -> str:
+    """A torch device this machine has (`cpu`, `cuda`, `cuda:1`, ...), as given."""
+    import torch  # only the scripts that take a device pay for the import here
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cpu":
+        return text
+    backend = getattr(torch, device.type, None)
+    if backend is None or not backend.is_available() or (device.index or 0) >= backend.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has no such device; use cpu")
+    return text

@@ -300,6 +300,7 @@ def test_time_to_loss_trainer_gets_the_next_tokens_and_our_schedule(tmp_path, sc
 
 def test_bad_numbers_are_one_line_usage_errors(capsys):
     import decode_matmul
+    import forward_backward
     import generate_throughput
     from cli import non_negative_int, positive_float, positive_int
 
@@ -314,7 +315,11 @@ def test_bad_numbers_are_one_line_usage_errors(capsys):
         (generate_throughput.parse_args, ["--batch_sizes", "1", "0"], "argument --batch_sizes: '0' is not"),
         (generate_throughput.parse_args, ["--prompt_len", "1000"], "longer than GPT-2's context, 1024 tokens"),
         (decode_matmul.parse_args, ["--rows", "8", "0"], "argument --rows: '0' is not an integer >= 1"),
+        (generate_throughput.parse_args, ["--device", "gpu"], "argument --device: 'gpu' is not a torch device"),
+        (forward_backward.parse_args, ["--device", "cuda:x"], "argument --device: 'cuda:x' is not a torch device"),
     ]
+    if not torch.cuda.is_available():
+        bad.append((generate_throughput.parse_args, ["--device", "cuda"], "'cuda': this machine has no such device"))
     for parse_args, argv, message in bad:
         with pytest.raises(SystemExit) as exit_info:
             parse_args(argv)
