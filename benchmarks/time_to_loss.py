@@ -116,7 +116,8 @@ def run_within_budget(cmd: list[str], env: dict, metrics: Path, seconds: float, 
     step's `elapsed`; once the next step would end past the budget at the last step's pace, it gets SIGTERM, and
     `train_accelerate.py` stops after the step it is in, saving a checkpoint. (A step that runs faster than the last
     one may then end inside the budget: never a step more than the Trainer's rule.) Returns the exit code."""
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # in this process's directory: relative --dataset and --data_dir name what this process prepared and evaluates
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while proc.poll() is None:
         lines = metrics.read_text().split("\n")[:-1] if metrics.is_file() else []  # the last may be half written
         if lines:

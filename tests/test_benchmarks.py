@@ -371,6 +371,30 @@ def test_time_to_loss_runs_ours_on_the_cpu_as_the_trainer(tmp_path, monkeypatch)
     ).use_cpu
 
 
+def test_time_to_loss_gives_ours_the_paths_it_prepared(tmp_path, monkeypatch):
+    """`--dataset` and the shards' folder (`data/<name>` by default) are relative to the caller's directory, where
+    this process prepared the shards and evaluates: our trainer's subprocess must read them from there too."""
+    import time_to_loss
+
+    class Started(Exception):
+        pass
+
+    def capture(cmd, **kwargs):
+        raise Started(cmd, kwargs)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(time_to_loss.subprocess, "Popen", capture)
+    data_dir = Path("data") / "corpus.txt"
+    args = argparse.Namespace(dataset="corpus.txt", data_dir=data_dir, seed=[], budget_minutes=5.0)
+    with pytest.raises(Started) as started:
+        time_to_loss.run_ours(args, tmp_path / "work")
+    cmd, kwargs = started.value.args
+    child_cwd = Path(kwargs.get("cwd") or Path.cwd()).resolve()
+    flag = {name: cmd[cmd.index(name) + 1] for name in ("--dataset", "--data_dir")}
+    assert child_cwd / flag["--dataset"] == tmp_path.resolve() / "corpus.txt"
+    assert child_cwd / flag["--data_dir"] == tmp_path.resolve() / data_dir
+
+
 def test_time_to_loss_stops_ours_after_the_first_step_past_the_budget(tmp_path):
     """As the Trainer's `TimeBudget`: our trainer (here a stand-in logging 1 s steps) ends with the first step that
     ends past the budget, not at the preset's last step."""
