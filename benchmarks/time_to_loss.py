@@ -230,11 +230,14 @@ def main() -> None:
     )
     args = parser.parse_args()
     args.seed = [] if args.seed is None else ["--seed", str(args.seed)]  # passed to both runs
-    _, data_args, train_args = parse_arguments(["--config", str(PRESET), "--dataset", args.dataset, *args.seed])
-    args.data_dir = resolve_data_dir(data_args, train_args)
+    try:  # a bad --dataset or --seed: the library's message on one line
+        _, data_args, train_args = parse_arguments(["--config", str(PRESET), "--dataset", args.dataset, *args.seed])
+        args.data_dir = resolve_data_dir(data_args, train_args)
+        prepare_dataset(data_args, output_dir=args.data_dir)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"time_to_loss.py: {err}") from None
     args.micro_batch_size, args.seq_len = train_args.micro_batch_size, train_args.seq_len
     args.bf16 = train_args.mixed_precision == "bf16" or (train_args.mixed_precision == "auto" and cpu_supports_bf16())
-    prepare_dataset(data_args, output_dir=args.data_dir)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     with tempfile.TemporaryDirectory() as tmp:
         ours = run_ours(args, Path(tmp))

@@ -395,6 +395,15 @@ def test_time_to_loss_gives_ours_the_paths_it_prepared(tmp_path, monkeypatch):
     assert child_cwd / flag["--data_dir"] == tmp_path.resolve() / data_dir
 
 
+def test_time_to_loss_a_missing_dataset_is_a_one_line_error(tmp_path, monkeypatch):
+    import time_to_loss
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["time_to_loss.py", "--dataset", "missing.txt"])
+    with pytest.raises(SystemExit, match=r"^time_to_loss.py: Dataset path 'missing.txt' not found; pass an existing"):
+        time_to_loss.main()
+
+
 def test_time_to_loss_stops_ours_after_the_first_step_past_the_budget(tmp_path):
     """As the Trainer's `TimeBudget`: our trainer (here a stand-in logging 1 s steps) ends with the first step that
     ends past the budget, not at the preset's last step."""
