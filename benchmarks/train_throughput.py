@@ -891,6 +891,12 @@ def main(argv: list[str] | None = None) -> None:
         if device.type == "cpu":  # the trainer's thread count (process-wide: every variant, the matmul peak too)
             torch.set_num_threads(cpu_threads(train_args, num_processes=1))
         settings = variant_settings(args.variants, device, train_args, args.malloc)
+        compiled = [name for name, variant in settings.items() if variant.compile]
+        if compiled and args.warmup == 0:  # the first timed round would compile
+            raise SystemExit(
+                f"train_throughput.py: --warmup 0 would time the compilation of {', '.join(compiled)}: use --warmup 1 "
+                "or more (compilation happens in the warm-up rounds)."
+            )
         defaults = trainer_defaults(device, train_args)  # what the variant list calls train_accelerate.py's defaults
         names = list(settings)  # the variants in the order named (once each)
         in_process = not use_workers(args, names, settings, device)  # else each worker sets its own malloc

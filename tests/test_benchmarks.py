@@ -327,6 +327,15 @@ def test_bad_numbers_are_one_line_usage_errors(capsys):
         assert message in capsys.readouterr().err.splitlines()[-1]
 
 
+def test_warmup_0_with_a_compiled_variant_is_a_one_line_error():
+    """The first timed round would compile; fine for eager variants (the thread test above runs one with 0)."""
+    argv = ["--runs", "quickstart:1x8", "--variants", "ours-fp32", "ours-bf16-compile", "--warmup", "0"]
+    with pytest.raises(
+        SystemExit, match=r"--warmup 0 would time the compilation of ours-bf16-compile: use --warmup 1"
+    ):
+        train_throughput.main([*argv, "--no_memory"])
+
+
 def test_ckpt_and_loss_chunks_reach_the_model(tmp_path):
     args, cpu = TrainArguments(output_dir=str(tmp_path)), torch.device("cpu")
     run = train_throughput.parse_run("quickstart:2x32")
