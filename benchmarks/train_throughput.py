@@ -371,7 +371,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "[-denseemb][-torchclip][-math|-flash|-efficient|-cudnn] (default: %(default)s)",
     )
     parser.add_argument(
-        "--warmup", type=non_negative_int, default=3, help="untimed rounds first (compilation happens here)"
+        "--warmup",
+        type=non_negative_int,
+        default=3,
+        help="untimed rounds first (compilation happens here: at least 1 with a compiled variant)",
     )
     parser.add_argument("--steps", type=positive_int, default=7, help="timed rounds (the median is reported)")
     parser.add_argument("--no_memory", action="store_true", help="skip the per-variant peak-memory child runs")
