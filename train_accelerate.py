@@ -898,6 +898,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
                     for i, text in enumerate(samples):
                         progress.write(f"sample {i} (step {state.step}): {text!r}")
                     log_samples(accelerator, samples, state.step)
+            if not last:  # a checkpoint of this step (saved below) holds its evaluation and samples, as step + 1 does
+                state.elapsed = elapsed_before + time.time() - loop_start
             if stop.received:
                 accelerator.set_trigger()
             # a signal to any process stops them all after the same step; after the last one, the run just ends

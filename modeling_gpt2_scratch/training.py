@@ -832,7 +832,7 @@ class TrainState:
 
     step: int = 0  # optimizer steps done
     tokens: int = 0  # training tokens seen, all processes
-    elapsed: float = 0.0  # training seconds up to `step`, over every resume (setup and compilation before it excluded)
+    elapsed: float = 0.0  # training seconds up to `step` (and its evaluation), every resume (setup before it excluded)
 
     def state_dict(self) -> dict[str, int | float]:
         return {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed}

@@ -566,6 +566,33 @@ def test_resume_is_exact(corpus, data_dir, tmp_path):
         assert torch.equal(w1[key], w2[key]), key
 
 
+def test_a_resume_keeps_the_training_time_of_the_evaluation_before_its_checkpoint(
+    corpus, data_dir, tmp_path, monkeypatch
+):
+    """The evaluation (and samples) of a checkpoint's step run before its save: an uninterrupted run counts them in
+    `elapsed`, so a resume from that checkpoint must too (it used to go on from the time at the step's end)."""
+    real_evaluate = train_accelerate.evaluate
+
+    def slow_evaluate(*args, **kwargs):
+        time.sleep(1.0)
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_accelerate, "evaluate", slow_evaluate)
+    straight = tmp_path / "straight"
+    run(corpus, data_dir, straight, "--max_steps", "3", "--save_every", "2", "--eval_every", "2")
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(straight / "checkpoints" / "step_0000002", resumed / "checkpoints" / "step_0000002")
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    run(corpus, data_dir, resumed, "--max_steps", "3", "--save_every", "2", "--eval_every", "2", "--resume", "latest")
+    at_checkpoint = next(r["elapsed"] for r in metrics(straight) if r["step"] == 2)  # logged before its evaluation
+    step_3 = {r["step"]: r["elapsed"] for r in metrics(resumed)}[3]
+    assert step_3 > at_checkpoint + 1.0  # the sleep in step 2's evaluation, then step 3
+    assert {r["step"]: r["elapsed"] for r in metrics(straight)}[3] > at_checkpoint + 1.0  # as the straight run has
+
+
 def _wait_for(path_glob: Path, pattern: str, proc: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.time() + timeout
     while not list(path_glob.glob(pattern)):
