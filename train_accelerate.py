@@ -716,6 +716,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
                 "data flags (its run_config.json), or start a new run in another --output_dir."
             )
     train_loader, val_loader = build_dataloaders(accelerator, data_args, train_args)
+    if val_loader is None and train_args.eval_every > 0:
+        logger.info("no validation split (--val_fraction 0, or a dataset without one): no evaluations, no val loss.")
     if val_loader is not None and train_args.eval_batches > val_loader.batches_per_epoch:
         logger.warning(
             "--eval_batches %d: the val split holds %d batches per process; each evaluation reads those once.",

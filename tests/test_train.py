@@ -1383,13 +1383,16 @@ def test_yaml_no_and_off_stay_text_flags(tmp_path):
     assert (train_args.mixed_precision, train_args.compile, train_args.fused_adamw) == ("no", "false", "true")
 
 
-def test_the_last_step_is_logged_without_a_val_split(corpus, tmp_path):
+def test_the_last_step_is_logged_without_a_val_split(corpus, tmp_path, caplog):
+    """And the log says there will be no evaluations (--eval_every was ignored without a word)."""
     text = tmp_path / "small.txt"
     text.write_text(corpus.read_text()[:60_000])
     argv = ["--dataset", str(text), "--data_dir", str(tmp_path / "shards"), "--output_dir", str(tmp_path / "run"),
             *TINY, "--val_fraction", "0", "--max_steps", "5", "--log_every", "2"]  # fmt: skip
-    train_accelerate.train(*parse_arguments(argv))
+    with caplog.at_level("INFO", logger="train_accelerate"):
+        train_accelerate.train(*parse_arguments(argv))
     assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2, 4, 5]
+    assert "no validation split (--val_fraction 0, or a dataset without one): no evaluations" in caplog.text
 
 
 @pytest.mark.parametrize(
