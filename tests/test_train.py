@@ -68,6 +68,18 @@ def run(corpus, data_dir, output_dir, *extra: str) -> dict:
     return train_accelerate.train(model_args, data_args, train_args)
 
 
+def resume_from_a_copy(corpus, data_dir, straight: Path, resumed: Path, step: int, *extra: str) -> dict:
+    """`run` into `resumed` with `--resume latest` from a copy of `straight`'s checkpoint of `step`, in a reset
+    accelerate state (as a new process would be)."""
+    from accelerate.state import AcceleratorState
+
+    name = f"step_{step:07d}"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(straight / "checkpoints" / name, resumed / "checkpoints" / name)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return run(corpus, data_dir, resumed, *extra, "--resume", "latest")
+
+
 def metrics(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -540,13 +552,10 @@ def test_resume_is_exact(corpus, data_dir, tmp_path):
     straight = tmp_path / "straight"
     run(corpus, data_dir, straight, "--max_steps", "12", "--save_every", "6", "--eval_every", "6")
     resumed = tmp_path / "resumed"
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(straight / "checkpoints" / "step_0000006", resumed / "checkpoints" / "step_0000006")
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
     torch.manual_seed(999)  # a different process state: resume must restore what matters
-    run(corpus, data_dir, resumed, "--max_steps", "12", "--save_every", "6", "--eval_every", "6", "--resume", "latest")
+    resume_from_a_copy(
+        corpus, data_dir, straight, resumed, 6, "--max_steps", "12", "--save_every", "6", "--eval_every", "6"
+    )
     after = [r for r in metrics(straight) if r["step"] > 6]
     again = metrics(resumed)
     assert [r["step"] for r in again] == [r["step"] for r in after] == list(range(7, 13))
@@ -581,12 +590,9 @@ def test_a_resume_keeps_the_training_time_of_the_evaluation_before_its_checkpoin
     straight = tmp_path / "straight"
     run(corpus, data_dir, straight, "--max_steps", "3", "--save_every", "2", "--eval_every", "2")
     resumed = tmp_path / "resumed"
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(straight / "checkpoints" / "step_0000002", resumed / "checkpoints" / "step_0000002")
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    run(corpus, data_dir, resumed, "--max_steps", "3", "--save_every", "2", "--eval_every", "2", "--resume", "latest")
+    resume_from_a_copy(
+        corpus, data_dir, straight, resumed, 2, "--max_steps", "3", "--save_every", "2", "--eval_every", "2"
+    )
     at_checkpoint = next(r["elapsed"] for r in metrics(straight) if r["step"] == 2)  # logged before its evaluation
     step_3 = {r["step"]: r["elapsed"] for r in metrics(resumed)}[3]
     assert step_3 > at_checkpoint + 1.0  # the sleep in step 2's evaluation, then step 3
