@@ -8,9 +8,9 @@ cannot share one), alternating `default` and `tuned`: the scratch model at the g
 (`build_optimizer` without the fused kernel: torch's default AdamW, on a CPU the for-loop one; the trainer's CPU
 default when the BENCHMARKS.md table was made), fp32, eager; forward with the loss, backward, clip, AdamW step,
 `zero_grad`. A process runs `--warmup` steps, then `--steps` timed ones, and reports its median seconds per step
-and, per step, the kernel (system) CPU seconds and minor page faults (`getrusage`), and its peak RSS. The table gives the median over the
-processes of each setting. `default` is glibc as a process starts; `tuned` calls `tune_cpu_malloc()` first,
-as `train_accelerate.py` does on CPU. Prints a markdown table.
+and, per step, the kernel (system) CPU seconds and minor page faults (`getrusage`), and its peak RSS. The table
+gives the median over the processes of each setting. `default` is glibc as a process starts; `tuned` calls
+`tune_cpu_malloc()` first, as `train_accelerate.py` does on CPU. Prints a markdown table.
 """
 
 from __future__ import annotations

@@ -226,9 +226,9 @@ def variant_settings(
     per chunk of the fused loss).
 
     `defaults`: the trainer's settings for this device (its Accelerator and step), the extras switched on. fp32: no
-    TF32, torch's default AdamW (foreach on CUDA, for-loop on CPU) unless `-fused`, glibc's malloc unless `-malloc` (torch's and glibc's defaults). bf16: the
-    trainer's TF32, fused-AdamW and malloc choices, `-fused` forcing the fused kernel. `malloc` `tuned` or `default`
-    overrides every variant's malloc setting.
+    TF32, torch's default AdamW (foreach on CUDA, for-loop on CPU) unless `-fused`, glibc's malloc unless `-malloc`
+    (torch's and glibc's defaults). bf16: the trainer's TF32, fused-AdamW and malloc choices, `-fused` forcing the
+    fused kernel. `malloc` `tuned` or `default` overrides every variant's malloc setting.
     """
     defaults = trainer_defaults(device, train_args)
     settings = {}

@@ -179,11 +179,11 @@ def test_compiled_training_forward_at_a_second_batch_shape_on_cuda():
 
 @pytest.mark.parametrize("compiled", [False, True])
 def test_fused_loss_weight_gradient_does_not_overflow_in_float16_on_cuda(compiled):
-    """fp16 autocast on the GPU (a V100 or T4 fine-tuning pretrained GPT-2), at the trainer's CUDA chunk (one chunk of
-    16,384 rows): a frequent target times an outlier activation summed past 65,504 in the head's weight gradient before
-    any loss scaling, and gave `inf` (the CPU test's case in `tests/test_modeling.py`, at GPT-2's width and vocabulary).
-    With the columns scaled by powers of two, each column matches a float64 sum of the same fp16 softmax, eager and
-    compiled."""
+    """fp16 autocast on the GPU (a V100 or T4 fine-tuning pretrained GPT-2), at the trainer's CUDA chunk (one chunk
+    of 16,384 rows): a frequent target times an outlier activation summed past 65,504 in the head's weight gradient
+    before any loss scaling, and gave `inf` (the CPU test's case in `tests/test_modeling.py`, at GPT-2's width and
+    vocabulary). With the columns scaled by powers of two, each column matches a float64 sum of the same fp16
+    softmax, eager and compiled."""
     from modeling_gpt2_scratch import modeling_gpt2_scratch as modeling
 
     torch.manual_seed(0)

@@ -150,9 +150,11 @@ def test_input_ids_or_embeddings_of_another_rank_are_a_one_line_error(pair, trai
     model.train(training)
     ids = random_ids(2, 12)
     cases = [
-        ({"input_ids": ids[0]}, r"input_ids has shape \(12,\); the model takes \(batch, seq_len\): pass input_ids\[None\]"),
+        ({"input_ids": ids[0]},
+         r"input_ids has shape \(12,\); the model takes \(batch, seq_len\): pass input_ids\[None\]"),
         ({"input_ids": ids.view(2, 2, 6)}, r"input_ids has shape \(2, 2, 6\); .* flatten the leading dimensions"),
-        ({"inputs_embeds": torch.zeros(12, 64)}, r"inputs_embeds has shape \(12, 64\); the model takes \(batch, seq_len, n_embd\)"),
+        ({"inputs_embeds": torch.zeros(12, 64)},
+         r"inputs_embeds has shape \(12, 64\); the model takes \(batch, seq_len, n_embd\)"),
     ]  # fmt: skip
     try:
         for inputs, message in cases:
