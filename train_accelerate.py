@@ -42,7 +42,7 @@ from modeling_gpt2_scratch.data import (
     prepare_dataset,
     read_manifest,
 )
-from modeling_gpt2_scratch.tokenization import get_encoding, get_hf_tokenizer
+from modeling_gpt2_scratch.tokenization import get_encoding, get_hf_tokenizer, save_tokenizer
 from modeling_gpt2_scratch.training import (
     RUN_CONFIG_NAME,
     RUN_SUMMARY_NAME,
@@ -422,7 +422,7 @@ def export_final(accelerator: Accelerator, model: GPT2ScratchForCausalLM, output
         unwrapped = accelerator.unwrap_model(model)
         try:
             unwrapped.save_pretrained(tmp, safe_serialization=True)
-            get_hf_tokenizer(model_max_length=unwrapped.config.n_positions).save_pretrained(tmp)
+            save_tokenizer(get_hf_tokenizer(model_max_length=unwrapped.config.n_positions), tmp)
             fsync_tree(tmp)
         except WRITE_ERRORS as err:  # a full disk; the last checkpoint (and an earlier final/) stay as they were
             shutil.rmtree(tmp, ignore_errors=True)

@@ -44,6 +44,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .configuration_gpt2_scratch import GPT2ScratchConfig
 from .modeling_gpt2_scratch import GPT2ScratchForCausalLM
+from .tokenization import VOCAB_FILES, get_hf_tokenizer, save_tokenizer
 from .training import CHECKPOINT_PATTERN, METRICS_NAME, RUN_CONFIG_NAME, RUN_SUMMARY_NAME, TrainState, plot_losses
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ STAGED_PATTERNS = (  # the kinds of file stage_folder writes, in either format: 
     CONFIG_NAME,
     "generation_config.json",
     *TOKENIZER_FILES,
+    *VOCAB_FILES,  # GPT-2's BPE files next to tokenizer.json (`save_tokenizer`)
     *CODE_FILES,  # the remote code (scratch format), which save_pretrained copies next to the config
     "README.md",
     "loss.png",
@@ -397,8 +399,6 @@ def load_tokenizer(source: ModelSource, model_max_length: int) -> PreTrainedToke
     for folder in candidates:
         if all((folder / name).is_file() for name in TOKENIZER_FILES):
             return AutoTokenizer.from_pretrained(folder)
-    from .tokenization import get_hf_tokenizer
-
     return get_hf_tokenizer(model_max_length=model_max_length)
 
 
@@ -978,7 +978,7 @@ def stage_folder(
     logger.info("Staging %s (%s format) from %s into %s", repo_id, fmt, source.model_dir, out_dir)
     saved = model.to_hf_gpt2().eval() if fmt == "gpt2" else model
     saved.save_pretrained(out_dir)
-    load_tokenizer(source, model_max_length=model.config.n_positions).save_pretrained(out_dir)
+    save_tokenizer(load_tokenizer(source, model_max_length=model.config.n_positions), out_dir)
     _drop_loader_options(out_dir / "tokenizer_config.json")
     if info.loss_curve is not None and info.loss_curve_rows:
         plot_losses(info.loss_curve_rows, out_dir / "loss.png")

@@ -12,19 +12,22 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import os
 import tempfile
+from pathlib import Path
 from typing import Literal
 
 import tiktoken
-from transformers import GPT2Tokenizer
+from transformers import GPT2Tokenizer, PreTrainedTokenizerBase
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 logger = logging.getLogger(__name__)
 
 EOT_TOKEN = "<|endoftext|>"  # GPT-2's only special token (id 50256): document separator, bos, eos and pad
 MODEL_MAX_LENGTH = 1024  # GPT-2's context length
+VOCAB_FILES = ("vocab.json", "merges.txt")  # GPT-2's own BPE files, which `save_tokenizer` writes too
 
 # Where tiktoken downloads GPT-2's ranks from, with the SHA-256 it checks each file against (`tiktoken_ext.
 # openai_public`). `r50k_base` is one file; tiktoken's `gpt2` builds the same ranks from the two files of OpenAI's
@@ -206,7 +209,8 @@ def get_hf_tokenizer(
     added around the text (GPT-2 adds none).
 
     `save_pretrained(dir)` writes `tokenizer.json` and `tokenizer_config.json`; `AutoTokenizer.from_pretrained(dir)`
-    loads them back without this package, offline and without remote code. (Next to a `gpt2_scratch` model's
+    loads them back without this package, offline and without remote code. `save_tokenizer(tokenizer, dir)` adds
+    GPT-2's `vocab.json` and `merges.txt`, for transformers 4.x's `use_fast=False` and tools that read BPE files. (Next to a `gpt2_scratch` model's
     `config.json`, which `AutoTokenizer` reads first, pass `trust_remote_code=True` where the package is not imported.)
 
     Args:
@@ -236,3 +240,30 @@ def get_hf_tokenizer(
         padding_side=padding_side,
         clean_up_tokenization_spaces=False,
     )
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerBase, folder: str | os.PathLike) -> tuple[str, ...]:
+    """`tokenizer.save_pretrained(folder)`, plus GPT-2's `vocab.json` and `merges.txt` (`VOCAB_FILES`).
+
+    transformers v5 saves a fast tokenizer as `tokenizer.json` alone. GPT-2's Hub repository also holds the two files
+    of OpenAI's release, in the format transformers 4.x's `GPT2Tokenizer.save_vocabulary` writes them, and those are
+    what transformers 4.x with `use_fast=False` (the Python `GPT2Tokenizer`) and tools that read BPE files need. They
+    are written from the tokenizer's own BPE model, so they hold what `tokenizer.json` holds: `vocab.json` maps each
+    token (bytes in GPT-2's printable alphabet, `<|endoftext|>` included) to its id, and `merges.txt` lists the
+    merges in rank order after a `#version: 0.2` line, one `first second` pair and a newline each. A tokenizer whose
+    model is not a BPE one is saved as `save_pretrained` saves it.
+
+    Returns:
+        The paths written, as `save_pretrained` returns them, then the two files'.
+    """
+    saved = tuple(tokenizer.save_pretrained(folder))
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    model = json.loads(backend.to_str())["model"] if backend is not None else {}
+    if model.get("type") != "BPE":
+        return saved
+    vocab_path, merges_path = (Path(folder) / name for name in VOCAB_FILES)
+    vocab = json.dumps(model["vocab"], indent=2, sort_keys=True, ensure_ascii=False)
+    vocab_path.write_text(vocab + "\n", encoding="utf-8")
+    merges = "".join(f"{first} {second}\n" for first, second in model["merges"])  # pairs, as tokenizers>=0.20 has them
+    merges_path.write_text("#version: 0.2\n" + merges, encoding="utf-8")
+    return (*saved, str(vocab_path), str(merges_path))

@@ -172,7 +172,7 @@ def test_staged_folder_holds_the_hub_files(staged):
     names = {p.name for p in staged.iterdir()}
     assert {"model.safetensors", "config.json", "generation_config.json", "README.md", "loss.png"} <= names
     assert {"configuration_gpt2_scratch.py", "modeling_gpt2_scratch.py"} <= names
-    assert {"tokenizer.json", "tokenizer_config.json"} <= names
+    assert {"tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"} <= names
     config = json.loads((staged / "config.json").read_text())
     assert config["model_type"] == "gpt2_scratch"
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_gpt2_scratch.GPT2ScratchForCausalLM"

@@ -15,6 +15,7 @@ from modeling_gpt2_scratch.tokenization import (
     get_encoding,
     get_hf_tokenizer,
     gpt2_vocab_and_merges,
+    save_tokenizer,
 )
 
 SHARED_CACHE = Path(__file__).resolve().parents[2] / "shared" / "tiktoken_cache"
@@ -141,6 +142,29 @@ def test_it_is_gpt2s_own_tokenizer_class_with_gpt2s_merges(tmp_path):
     assert spaced("Hello world").input_ids == words
     assert spaced(["Hello", "world"], is_split_into_words=True).input_ids == words
     assert AutoTokenizer.from_pretrained(tmp_path)("Hello world").input_ids == get_encoding().encode("Hello world")
+
+
+def test_save_tokenizer_adds_gpt2s_vocab_json_and_merges_txt(tmp_path, monkeypatch):
+    """transformers v5 saves `tokenizer.json` alone; `save_tokenizer` adds GPT-2's two BPE files, which open alone."""
+    written = save_tokenizer(get_hf_tokenizer(), tmp_path)
+    assert sorted(Path(path).name for path in written) == [
+        "merges.txt",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.json",
+    ]
+    vocab, merges = gpt2_vocab_and_merges()
+    assert json.loads((tmp_path / "vocab.json").read_text(encoding="utf-8")) == vocab  # <|endoftext|> = 50256 too
+    text = (tmp_path / "merges.txt").read_text(encoding="utf-8")
+    assert text.startswith("#version: 0.2\n") and text.endswith("\n")
+    lines = text.split("\n")[1:-1]  # how transformers 4.x's GPT2Tokenizer reads it: header and last newline dropped
+    assert tuple(tuple(line.split(" ")) for line in lines) == merges
+    assert lines[-1] == "Ġg azed"  # GPT-2's merges.txt ends so
+    (tmp_path / "tokenizer.json").unlink()  # the BPE files alone make the same tokenizer
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from_files = AutoTokenizer.from_pretrained(tmp_path)
+    for text in [*EDGE_CASES.values(), LITERAL_EOT]:
+        assert from_files(text).input_ids == get_encoding().encode(text, allowed_special="all")
 
 
 def test_padding_side_is_validated():

@@ -527,9 +527,8 @@ def test_training_lowers_val_loss_far_below_start(trained_run):
 def test_exported_folder_loads_offline_in_fresh_process(trained_run, run_without_repo):
     out, _ = trained_run
     final = out / "final"
-    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= {
-        p.name for p in final.iterdir()
-    }
+    model_files = {"config.json", "model.safetensors", "generation_config.json"}
+    assert model_files | {"tokenizer.json", "vocab.json", "merges.txt"} <= {p.name for p in final.iterdir()}
     result = run_without_repo(
         f"""
         from transformers import AutoModelForCausalLM, AutoTokenizer
