@@ -3,9 +3,25 @@
 This file travels to the Hub with the model: it imports nothing but `transformers`.
 """
 
+import transformers
 from transformers import PretrainedConfig
 
+MIN_TRANSFORMERS_VERSION = "5.24"  # the API this file and the model's use (dataclass configs, `cache=`, ...)
 TANH_GELU_NAMES = ("gelu_new", "gelu_pytorch_tanh")  # transformers' two names for GPT-2's tanh-approximated GELU
+
+
+def check_transformers_version(installed: str) -> None:
+    """Raise a one-line `ImportError` naming both versions and the fix where `installed` is older than
+    `MIN_TRANSFORMERS_VERSION`. Checked when this file is imported, which `from_pretrained` does first: under
+    transformers 4.x the model's code would otherwise fail deep inside (`transformers.initialization` is missing)."""
+    if tuple(map(int, installed.split(".")[:2])) < tuple(map(int, MIN_TRANSFORMERS_VERSION.split("."))):
+        raise ImportError(
+            f"This model's code (gpt2-scratch) needs transformers>={MIN_TRANSFORMERS_VERSION}, but transformers "
+            f"{installed} is installed: upgrade it with `pip install -U transformers`."
+        )
+
+
+check_transformers_version(transformers.__version__)
 
 
 class GPT2ScratchConfig(PretrainedConfig):

@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, Cache, GPT
 
 from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM, GPT2ScratchModel
 from modeling_gpt2_scratch import modeling_gpt2_scratch as modeling
+from modeling_gpt2_scratch.configuration_gpt2_scratch import MIN_TRANSFORMERS_VERSION, check_transformers_version
 from modeling_gpt2_scratch.conversion import from_hf_gpt2
 
 GPT2_VOCAB = 50257
@@ -1099,6 +1100,45 @@ def test_saved_code_imports_only_torch_transformers_and_itself(tmp_path, pair):
                 allowed = ("torch", "transformers", ".configuration_gpt2_scratch", "__future__")
                 stdlib = ("importlib", "math", "collections", "contextlib", "pathlib")
                 assert module.startswith(allowed + stdlib), f"{name}: {line}"
+
+
+@pytest.mark.parametrize("installed", ["4.57.6", "5.0.0rc1", "5.23.2"])
+def test_the_model_code_refuses_a_transformers_older_than_it_needs_in_one_line(installed):
+    with pytest.raises(ImportError) as raised:
+        check_transformers_version(installed)
+    message = str(raised.value)
+    assert "\n" not in message and f"transformers {installed} is installed" in message
+    assert f"transformers>={MIN_TRANSFORMERS_VERSION}" in message
+    assert "pip install -U transformers" in message
+
+
+@pytest.mark.parametrize("installed", ["5.24.0", "5.24.0.dev0", "5.30.1", "6.0.0"])
+def test_the_model_code_accepts_the_transformers_it_needs_or_newer(installed):
+    check_transformers_version(installed)
+
+
+@pytest.mark.slow
+def test_remote_code_under_an_older_transformers_stops_with_the_version_error(tmp_path, pair, run_without_repo):
+    """What a user with transformers 4.57 sees (4.x cannot be installed here: its version is faked): the one-line
+    error from the config file, which `from_pretrained` imports first; before, `ImportError: cannot import name
+    'initialization' from 'transformers'` from deep inside the model file."""
+    pair[1].save_pretrained(tmp_path / "ckpt")
+    result = run_without_repo(
+        f"""
+        import transformers
+        from transformers import AutoModelForCausalLM
+        transformers.__version__ = "4.57.6"
+        try:
+            AutoModelForCausalLM.from_pretrained({str(tmp_path / "ckpt")!r}, trust_remote_code=True)
+        except ImportError as err:
+            print(err)
+        """
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith(
+        f"needs transformers>={MIN_TRANSFORMERS_VERSION}, but transformers 4.57.6 is installed: upgrade it with "
+        "`pip install -U transformers`."
+    )
 
 
 @pytest.mark.slow

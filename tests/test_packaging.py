@@ -20,6 +20,15 @@ def test_every_requirement_line_is_one_requirement_for_setuptools():
     assert "torch" in names and "transformers" in names and len(set(names)) == len(names)
 
 
+def test_the_model_codes_minimum_transformers_is_the_requirements_pin():
+    """The two files that travel to the Hub cannot read requirements.txt: they hold the minimum themselves."""
+    from modeling_gpt2_scratch.configuration_gpt2_scratch import MIN_TRANSFORMERS_VERSION
+
+    lines = (REPO / "requirements.txt").read_text().splitlines()
+    transformers = next(Requirement(line) for line in lines if line.startswith("transformers"))
+    assert str(transformers.specifier) == f">={MIN_TRANSFORMERS_VERSION}"
+
+
 @pytest.mark.parametrize(
     "module, argv",
     [
