@@ -42,7 +42,7 @@ from huggingface_hub.utils import filter_repo_objects
 from huggingface_hub.utils import validate_repo_id as hf_validate_repo_id
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from .configuration_gpt2_scratch import GPT2ScratchConfig
+from .configuration_gpt2_scratch import MIN_TRANSFORMERS_VERSION, GPT2ScratchConfig
 from .modeling_gpt2_scratch import GPT2ScratchForCausalLM
 from .tokenization import VOCAB_FILES, get_hf_tokenizer, save_tokenizer
 from .training import CHECKPOINT_PATTERN, METRICS_NAME, RUN_CONFIG_NAME, RUN_SUMMARY_NAME, TrainState, plot_losses
@@ -616,6 +616,9 @@ The run's configuration was not saved with it: hyperparameters unknown.
 ## Usage
 
 ```python
+{%- if fmt != "gpt2" %}
+# the model's code needs transformers>={{ min_transformers }}: pip install -U "transformers>={{ min_transformers }}"
+{%- endif %}
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 tokenizer = AutoTokenizer.from_pretrained("{{ repo_id }}"{{ load_kwargs }})  # it reads config.json first
@@ -883,6 +886,7 @@ def build_model_card(
         ],
         results=_results_rows(info),
         loss_curve="loss.png" if info.loss_curve is not None else None,
+        min_transformers=MIN_TRANSFORMERS_VERSION,
         load_kwargs=revision_kwarg + ("" if fmt == "gpt2" else ", trust_remote_code=True"),
         revision_kwarg=revision_kwarg,
         tokens_seen_short=_format_count(info.tokens_seen),

@@ -30,6 +30,7 @@ from transformers import GPT2LMHeadModel
 
 import push_to_hub
 from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM, hub
+from modeling_gpt2_scratch.configuration_gpt2_scratch import MIN_TRANSFORMERS_VERSION
 from modeling_gpt2_scratch.hub import _results_rows, read_run_info, resolve_source, stage_folder, upload_folder_to_hub
 from modeling_gpt2_scratch.tokenization import get_hf_tokenizer
 from modeling_gpt2_scratch.training import TrainState
@@ -238,6 +239,9 @@ def test_model_card_holds_metadata_and_run_numbers(staged, tiny_run):
     assert f'AutoTokenizer.from_pretrained("{REPO_ID}", trust_remote_code=True)' in text  # it reads config.json
     assert f'AutoModelForCausalLM.from_pretrained("{REPO_ID}", trust_remote_code=True)' in text
     assert f'pipeline("text-generation", model="{REPO_ID}", trust_remote_code=True)' in text
+    version = MIN_TRANSFORMERS_VERSION
+    needs = f'# the model\'s code needs transformers>={version}: pip install -U "transformers>={version}"'
+    assert f"```python\n{needs}\nfrom transformers import" in text  # the first line of the usage snippet
     assert "## Limitations" in text and "## Model" in text and "| layers | 2 |" in text
 
 
@@ -338,6 +342,7 @@ def test_gpt2_format_is_a_plain_gpt2lmheadmodel_with_the_same_logits(tiny_run, t
     assert (logits - tiny_run.final_logits).abs().max().item() <= 1e-4
     card = ModelCard.load(tmp_path / "repo" / "README.md")
     assert "trust_remote_code" not in card.text and "custom_code" not in card.data.tags
+    assert "transformers>=" not in card.text and "```python\nfrom transformers import" in card.text  # GPT-2's own code
     assert f'pipeline("text-generation", model="{REPO_ID}")' in card.text
     assert f"| parameters | {hf.num_parameters():,} |" in card.text  # GPT-2's 50,257 rows, not the padded 50,304
 
