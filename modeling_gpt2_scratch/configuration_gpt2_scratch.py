@@ -6,14 +6,18 @@ This file travels to the Hub with the model: it imports nothing but `transformer
 import transformers
 from transformers import PretrainedConfig
 
-MIN_TRANSFORMERS_VERSION = "5.24"  # the API this file and the model's use (dataclass configs, `cache=`, ...)
+# The oldest transformers the model's code runs under: 5.24 renamed `past_key_values` to `cache` (in the masks, the
+# outputs and generate), the name it uses. An export loaded under 5.12, 5.18, 5.21 and 5.23 failed; under 5.24, ok.
+MIN_TRANSFORMERS_VERSION = "5.24"
 TANH_GELU_NAMES = ("gelu_new", "gelu_pytorch_tanh")  # transformers' two names for GPT-2's tanh-approximated GELU
 
 
 def check_transformers_version(installed: str) -> None:
     """Raise a one-line `ImportError` naming both versions and the fix where `installed` is older than
-    `MIN_TRANSFORMERS_VERSION`. Checked when this file is imported, which `from_pretrained` does first: under
-    transformers 4.x the model's code would otherwise fail deep inside (`transformers.initialization` is missing)."""
+    `MIN_TRANSFORMERS_VERSION`. Checked when this file is imported, which `from_pretrained` does first: the model's
+    code would otherwise fail deep inside, under 5.23 at the first forward (`create_causal_mask() got an unexpected
+    keyword argument 'cache'`), under 5.18 on import (no `slice_logits_to_keep`), under 4.x on import (no
+    `transformers.initialization`)."""
     if tuple(map(int, installed.split(".")[:2])) < tuple(map(int, MIN_TRANSFORMERS_VERSION.split("."))):
         raise ImportError(
             f"This model's code (gpt2-scratch) needs transformers>={MIN_TRANSFORMERS_VERSION}, but transformers "
