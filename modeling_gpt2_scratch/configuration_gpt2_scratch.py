@@ -3,6 +3,8 @@
 This file travels to the Hub with the model: it imports nothing but `transformers`.
 """
 
+import re
+
 import transformers
 from transformers import PretrainedConfig
 
@@ -18,7 +20,10 @@ def check_transformers_version(installed: str) -> None:
     code would otherwise fail deep inside, under 5.23 at the first forward (`create_causal_mask() got an unexpected
     keyword argument 'cache'`), under 5.18 on import (no `slice_logits_to_keep`), under 4.x on import (no
     `transformers.initialization`)."""
-    if tuple(map(int, installed.split(".")[:2])) < tuple(map(int, MIN_TRANSFORMERS_VERSION.split("."))):
+    major_minor = re.match(r"(\d+)\.(\d+)", installed)  # "5.24.0", "5.24.0.dev0", "5.24rc1", ...
+    if major_minor is None:  # not a release number (a fork's own scheme?): let it try
+        return
+    if tuple(map(int, major_minor.groups())) < tuple(map(int, MIN_TRANSFORMERS_VERSION.split("."))):
         raise ImportError(
             f"This model's code (gpt2-scratch) needs transformers>={MIN_TRANSFORMERS_VERSION}, but transformers "
             f"{installed} is installed: upgrade it with `pip install -U transformers`."

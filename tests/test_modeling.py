@@ -2,6 +2,7 @@
 
 import inspect
 import json
+import sys
 import threading
 
 import pytest
@@ -1098,11 +1099,11 @@ def test_saved_code_imports_only_torch_transformers_and_itself(tmp_path, pair):
             if line.startswith(("import ", "from ")):
                 module = line.split()[1]
                 allowed = ("torch", "transformers", ".configuration_gpt2_scratch", "__future__")
-                stdlib = ("importlib", "math", "collections", "contextlib", "pathlib")
-                assert module.startswith(allowed + stdlib), f"{name}: {line}"
+                in_stdlib = module.split(".")[0] in sys.stdlib_module_names
+                assert module.startswith(allowed) or in_stdlib, f"{name}: {line}"
 
 
-@pytest.mark.parametrize("installed", ["4.57.6", "5.0.0rc1", "5.23.0"])  # 5.23.0: the newest release that fails
+@pytest.mark.parametrize("installed", ["4.57.6", "5.0.0rc1", "5.9rc1", "5.23.0"])  # 5.23: the newest that fails
 def test_the_model_code_refuses_a_transformers_older_than_it_needs_in_one_line(installed):
     with pytest.raises(ImportError) as raised:
         check_transformers_version(installed)
@@ -1112,7 +1113,7 @@ def test_the_model_code_refuses_a_transformers_older_than_it_needs_in_one_line(i
     assert "pip install -U transformers" in message
 
 
-@pytest.mark.parametrize("installed", ["5.24.0", "5.24.0.dev0", "5.30.1", "6.0.0"])
+@pytest.mark.parametrize("installed", ["5.24.0", "5.24.0.dev0", "5.24rc1", "5.30.1", "6.0.0", "unknown"])
 def test_the_model_code_accepts_the_transformers_it_needs_or_newer(installed):
     check_transformers_version(installed)
 
