@@ -811,7 +811,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         else None
     )
     if train_args.report_to != "none":
-        accelerator.init_trackers(output_dir.name, config=_flat(run_config))
+        # on resume, TensorBoard hides what the stopped run logged past the checkpoint (its steps come again), as
+        # metrics.jsonl drops it above: SummaryWriter's purge_step
+        purge = {"tensorboard": {"purge_step": state.step + 1}} if resume_from is not None else None
+        accelerator.init_trackers(output_dir.name, config=_flat(run_config), init_kwargs=purge)
 
     tokens_per_step = train_args.total_batch_tokens
     flops_per_step = flops_per_token(unwrapped.config, train_args.seq_len) * tokens_per_step

@@ -822,6 +822,25 @@ def test_samples_go_to_trackers_that_take_text(corpus, data_dir, tmp_path):
     assert any("train_loss" in values for _, values in logged)  # the metrics still go there too
 
 
+def test_a_resume_shows_tensorboard_each_step_once(corpus, data_dir, tmp_path):
+    """A run that logged step 4 but stopped before saving it resumes from step 2 and logs steps 3 and 4 again:
+    TensorBoard hides the first ones (SummaryWriter's purge_step), as metrics.jsonl drops them. It showed both."""
+    from accelerate.state import AcceleratorState
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    flags = ("--max_steps", "4", "--save_every", "2", "--eval_every", "0", "--report_to", "tensorboard")
+    run(corpus, data_dir, out, *flags)
+    shutil.rmtree(out / "checkpoints" / "step_0000004")  # as a kill between step 4's log line and its save leaves it
+    AcceleratorState._reset_state(reset_partial_state=True)
+    run(corpus, data_dir, out, *flags, "--resume", "latest")
+    events = EventAccumulator(str(out / out.name))  # accelerate's TensorBoard folder: the run's name
+    events.Reload()
+    losses = [(event.step, event.value) for event in events.Scalars("train_loss")]
+    assert [step for step, _ in losses] == [r["step"] for r in metrics(out)] == [1, 2, 3, 4]
+    assert [loss for _, loss in losses] == pytest.approx([r["train_loss"] for r in metrics(out)])
+
+
 def test_speed_flags_resolve_auto_per_device():
     args = TrainArguments(output_dir="unused")
     assert train_accelerate.speed_flags(args, torch.device("cuda")) == (True, True)
