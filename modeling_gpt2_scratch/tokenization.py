@@ -246,12 +246,13 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerBase, folder: str | os.PathLike
     """`tokenizer.save_pretrained(folder)`, plus GPT-2's `vocab.json` and `merges.txt` (`VOCAB_FILES`).
 
     transformers v5 saves a fast tokenizer as `tokenizer.json` alone. GPT-2's Hub repository also holds the two files
-    of OpenAI's release, in the format transformers 4.x's `GPT2Tokenizer.save_vocabulary` writes them, and those are
-    what transformers 4.x with `use_fast=False` (the Python `GPT2Tokenizer`) and tools that read BPE files need. They
-    are written from the tokenizer's own BPE model, so they hold what `tokenizer.json` holds: `vocab.json` maps each
-    token (bytes in GPT-2's printable alphabet, `<|endoftext|>` included) to its id, and `merges.txt` lists the
-    merges in rank order after a `#version: 0.2` line, one `first second` pair and a newline each. A tokenizer whose
-    model is not a BPE one is saved as `save_pretrained` saves it.
+    of OpenAI's release (`encoder.json` and `vocab.bpe`, renamed), and those are what transformers 4.x with
+    `use_fast=False` (the Python `GPT2Tokenizer`) and tools that read BPE files need. They are written from the
+    tokenizer's own BPE model, so they hold what `tokenizer.json` holds: `vocab.json` maps each token (bytes in
+    GPT-2's printable alphabet, `<|endoftext|>` included) to its id, in id order, and `merges.txt` lists the merges in
+    rank order after a `#version: 0.2` line, one `first second` pair and a newline each. For GPT-2's tokenizer
+    (`get_hf_tokenizer`) both are byte for byte OpenAI's files. A tokenizer whose model is not a BPE one is saved as
+    `save_pretrained` saves it.
 
     Returns:
         The paths written, as `save_pretrained` returns them, then the two files'.
@@ -262,8 +263,8 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerBase, folder: str | os.PathLike
     if model.get("type") != "BPE":
         return saved
     vocab_path, merges_path = (Path(folder) / name for name in VOCAB_FILES)
-    vocab = json.dumps(model["vocab"], indent=2, sort_keys=True, ensure_ascii=False)
-    vocab_path.write_text(vocab + "\n", encoding="utf-8")
+    vocab = dict(sorted(model["vocab"].items(), key=lambda item: item[1]))  # in id order, as OpenAI's encoder.json
+    vocab_path.write_text(json.dumps(vocab), encoding="utf-8")
     merges = "".join(f"{first} {second}\n" for first, second in model["merges"])  # pairs, as tokenizers>=0.20 has them
     merges_path.write_text("#version: 0.2\n" + merges, encoding="utf-8")
     return (*saved, str(vocab_path), str(merges_path))

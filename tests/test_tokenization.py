@@ -1,5 +1,6 @@
 """The tiktoken encoding and the exported Hugging Face tokenizer give the same ids, and load offline."""
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 from transformers import AutoTokenizer, GPT2Tokenizer, PreTrainedTokenizerFast, pipeline
 
 from modeling_gpt2_scratch.tokenization import (
+    _GPT2_FILES,
     EncodingFilesNotFoundError,
     get_encoding,
     get_hf_tokenizer,
@@ -153,6 +155,8 @@ def test_save_tokenizer_adds_gpt2s_vocab_json_and_merges_txt(tmp_path, monkeypat
         "tokenizer_config.json",
         "vocab.json",
     ]
+    for name, (_, sha256) in zip(("merges.txt", "vocab.json"), _GPT2_FILES, strict=True):  # vocab.bpe, encoder.json
+        assert hashlib.sha256((tmp_path / name).read_bytes()).hexdigest() == sha256, f"{name}: not OpenAI's file"
     vocab, merges = gpt2_vocab_and_merges()
     assert json.loads((tmp_path / "vocab.json").read_text(encoding="utf-8")) == vocab  # <|endoftext|> = 50256 too
     text = (tmp_path / "merges.txt").read_text(encoding="utf-8")
