@@ -2,6 +2,7 @@
 generation rows give HF's ids, and a bad number on any script's command line is a one-line usage error."""
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -195,6 +196,9 @@ def test_a_worker_killed_mid_run_is_a_one_line_error():
         worker.step("ours-fp32", 0)
     with pytest.raises(SystemExit, match="exited with -9"):  # writing to the dead worker: a broken pipe
         worker.step("ours-fp32", 1)
+    worker.proc.stdout.close()
+    with contextlib.suppress(BrokenPipeError):  # what the dead worker never read: closed all the same
+        worker.proc.stdin.close()
 
 
 def test_decode_matmul_times_ways_that_agree(capsys):

@@ -614,16 +614,16 @@ def test_sigkill_then_resume_latest_continues_from_last_complete_checkpoint(corp
     out = tmp_path / "run"
     args = ["--dataset", str(corpus), "--data_dir", str(data_dir), "--output_dir", str(out), *TINY]
     args += ["--max_steps", "400", "--save_every", "3", "--keep_last", "10", "--eval_every", "0"]
-    proc = subprocess.Popen(
+    with subprocess.Popen(  # the with closes its pipe
         [sys.executable, str(REPO / "train_accelerate.py"), *args],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
-    )
-    _wait_for(out / "checkpoints", "step_0000006", proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
+    ) as proc:
+        _wait_for(out / "checkpoints", "step_0000006", proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
     complete = list_checkpoints(out)
     assert complete and proc.returncode == -signal.SIGKILL
     last_step = int(complete[-1].name.split("_")[1])
