@@ -811,9 +811,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         else None
     )
     if train_args.report_to != "none":
-        # on resume, TensorBoard hides what the stopped run logged past the checkpoint (its steps come again), as
-        # metrics.jsonl drops it above: SummaryWriter's purge_step
-        purge = {"tensorboard": {"purge_step": state.step + 1}} if resume_from is not None else None
+        # TensorBoard hides what an earlier run in this folder logged from the next step on (on resume, the steps past
+        # the checkpoint, which come again; on a new start, all), as metrics.jsonl drops it: SummaryWriter's purge_step
+        purge = {"tensorboard": {"purge_step": state.step + 1}}
         accelerator.init_trackers(output_dir.name, config=_flat(run_config), init_kwargs=purge)
 
     tokens_per_step = train_args.total_batch_tokens

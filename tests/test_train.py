@@ -822,9 +822,11 @@ def test_samples_go_to_trackers_that_take_text(corpus, data_dir, tmp_path):
     assert any("train_loss" in values for _, values in logged)  # the metrics still go there too
 
 
-def test_a_resume_shows_tensorboard_each_step_once(corpus, data_dir, tmp_path):
-    """A run that logged step 4 but stopped before saving it resumes from step 2 and logs steps 3 and 4 again:
-    TensorBoard hides the first ones (SummaryWriter's purge_step), as metrics.jsonl drops them. It showed both."""
+@pytest.mark.parametrize("again", ["--resume", "--overwrite_output_dir"])
+def test_tensorboard_shows_each_step_once_after_a_resume_or_a_new_start(corpus, data_dir, tmp_path, again):
+    """A run that logged step 4 but stopped before saving it resumes from step 2 and logs steps 3 and 4 again; a new
+    start in its folder logs 1 to 4 again. TensorBoard hides the earlier ones (SummaryWriter's purge_step), as
+    metrics.jsonl drops them; it showed both."""
     from accelerate.state import AcceleratorState
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -833,7 +835,7 @@ def test_a_resume_shows_tensorboard_each_step_once(corpus, data_dir, tmp_path):
     run(corpus, data_dir, out, *flags)
     shutil.rmtree(out / "checkpoints" / "step_0000004")  # as a kill between step 4's log line and its save leaves it
     AcceleratorState._reset_state(reset_partial_state=True)
-    run(corpus, data_dir, out, *flags, "--resume", "latest")
+    run(corpus, data_dir, out, *flags, again, "latest" if again == "--resume" else "true")
     events = EventAccumulator(str(out / out.name))  # accelerate's TensorBoard folder: the run's name
     events.Reload()
     losses = [(event.step, event.value) for event in events.Scalars("train_loss")]
