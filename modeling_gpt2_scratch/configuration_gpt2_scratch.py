@@ -1,6 +1,6 @@
 """GPT2ScratchConfig: the GPT-2 hyperparameters, under GPT-2's own attribute names.
 
-This file travels to the Hub with the model: it imports nothing but `transformers`.
+This file travels to the Hub with the model: it imports nothing but `transformers` and the standard library.
 """
 
 import re
@@ -14,16 +14,20 @@ MIN_TRANSFORMERS_VERSION = "5.24"
 TANH_GELU_NAMES = ("gelu_new", "gelu_pytorch_tanh")  # transformers' two names for GPT-2's tanh-approximated GELU
 
 
+def _numbers(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split("."))
+
+
 def check_transformers_version(installed: str) -> None:
     """Raise a one-line `ImportError` naming both versions and the fix where `installed` is older than
     `MIN_TRANSFORMERS_VERSION`. Checked when this file is imported, which `from_pretrained` does first: the model's
     code would otherwise fail deep inside, under 5.23 at the first forward (`create_causal_mask() got an unexpected
     keyword argument 'cache'`), under 5.18 on import (no `slice_logits_to_keep`), under 4.x on import (no
     `transformers.initialization`)."""
-    major_minor = re.match(r"(\d+)\.(\d+)", installed)  # "5.24.0", "5.24.0.dev0", "5.24rc1", ...
-    if major_minor is None:  # not a release number (a fork's own scheme?): let it try
+    release = re.match(r"\d+(\.\d+)*", installed)  # "5.24.0" of "5.24.0.dev0", "5.24" of "5.24rc1", ...
+    if release is None:  # not a release number (a fork's own scheme?): let it try
         return
-    if tuple(map(int, major_minor.groups())) < tuple(map(int, MIN_TRANSFORMERS_VERSION.split("."))):
+    if _numbers(release.group()) < _numbers(MIN_TRANSFORMERS_VERSION):
         raise ImportError(
             f"This model's code (gpt2-scratch) needs transformers>={MIN_TRANSFORMERS_VERSION}, but transformers "
             f"{installed} is installed: upgrade it with `pip install -U transformers`."

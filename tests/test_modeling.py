@@ -11,6 +11,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, Cache, GPT2Config, GPT2LMHeadModel
 
 from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM, GPT2ScratchModel
+from modeling_gpt2_scratch import configuration_gpt2_scratch as configuration
 from modeling_gpt2_scratch import modeling_gpt2_scratch as modeling
 from modeling_gpt2_scratch.configuration_gpt2_scratch import MIN_TRANSFORMERS_VERSION, check_transformers_version
 from modeling_gpt2_scratch.conversion import from_hf_gpt2
@@ -1116,6 +1117,14 @@ def test_the_model_code_refuses_a_transformers_older_than_it_needs_in_one_line(i
 @pytest.mark.parametrize("installed", ["5.24.0", "5.24.0.dev0", "5.24rc1", "5.30.1", "6.0.0", "unknown"])
 def test_the_model_code_accepts_the_transformers_it_needs_or_newer(installed):
     check_transformers_version(installed)
+
+
+def test_a_patch_release_minimum_compares_whole_versions(monkeypatch):
+    monkeypatch.setattr(configuration, "MIN_TRANSFORMERS_VERSION", "5.24.1")
+    for newer in ("5.24.1", "5.24.3", "5.25.0"):
+        check_transformers_version(newer)
+    with pytest.raises(ImportError, match="needs transformers>=5.24.1, but transformers 5.24.0 is installed"):
+        check_transformers_version("5.24.0")
 
 
 @pytest.mark.slow
