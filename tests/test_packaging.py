@@ -1,5 +1,5 @@
-"""The project as installed and run: `pip install -e .` (pyproject.toml takes its dependencies from requirements.txt,
-line by line) and its three command lines."""
+"""The project as installed and run: `pip install -e .` (pyproject.toml takes its dependencies from
+requirements-runtime.txt, line by line; requirements.txt adds the tests' tools) and its three command lines."""
 
 import subprocess
 import sys
@@ -13,21 +13,30 @@ from packaging.version import Version
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_every_requirement_line_is_one_requirement_for_setuptools():
-    """setuptools drops whole-line comments only (an inline `# ...` would make the line an invalid requirement)."""
-    lines = [line.strip() for line in (REPO / "requirements.txt").read_text().splitlines()]
-    kept = [line for line in lines if line and not line.startswith("#")]  # setuptools' _parse_requirements_list
-    names = [Requirement(line).name for line in kept]
-    assert "torch" in names and "transformers" in names and len(set(names)) == len(names)
+def _requirements(name: str) -> list[str]:
+    lines = [line.strip() for line in (REPO / name).read_text().splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]  # setuptools' _parse_requirements_list
+
+
+def test_every_runtime_requirement_line_is_one_requirement_for_setuptools():
+    """setuptools drops whole-line comments only (an inline `# ...` would make the line an invalid requirement), and
+    reads no `-r` lines: `pip install .` gets the runtime alone, the README's `pip install -r requirements.txt` the
+    runtime and the tests' tools (pytest, peft, tensorboard, ruff), which a user of the library does not need."""
+    runtime = [Requirement(line).name for line in _requirements("requirements-runtime.txt")]
+    assert "torch" in runtime and "transformers" in runtime and len(set(runtime)) == len(runtime)
+    everything = _requirements("requirements.txt")
+    assert everything[0] == "-r requirements-runtime.txt"
+    tools = [Requirement(line).name for line in everything[1:]]
+    assert "pytest" in tools and not set(tools) & set(runtime)
 
 
 def test_the_requirements_pin_admits_no_transformers_older_than_the_model_codes_minimum():
     """The pin (what training and the tests install) and the minimum of the two files that travel to the Hub (what
-    loading an export needs; they cannot read requirements.txt) are different facts: the pin may be the newer one,
+    loading an export needs; they cannot read a requirements file) are different facts: the pin may be the newer one,
     but an older pin would let the project install a transformers that its own exports refuse."""
     from modeling_gpt2_scratch.configuration_gpt2_scratch import MIN_TRANSFORMERS_VERSION
 
-    lines = (REPO / "requirements.txt").read_text().splitlines()
+    lines = _requirements("requirements-runtime.txt")
     transformers = next(Requirement(line) for line in lines if line.startswith("transformers"))
     pinned = [Version(spec.version) for spec in transformers.specifier if spec.operator == ">="]
     assert len(pinned) == 1 and Version(MIN_TRANSFORMERS_VERSION) <= pinned[0]
