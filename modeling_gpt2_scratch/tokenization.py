@@ -210,8 +210,9 @@ def get_hf_tokenizer(
 
     `save_pretrained(dir)` writes `tokenizer.json` and `tokenizer_config.json`; `AutoTokenizer.from_pretrained(dir)`
     loads them back without this package, offline and without remote code. `save_tokenizer(tokenizer, dir)` adds
-    GPT-2's `vocab.json` and `merges.txt`, for transformers 4.x's `use_fast=False` and tools that read BPE files. (Next to a `gpt2_scratch` model's
-    `config.json`, which `AutoTokenizer` reads first, pass `trust_remote_code=True` where the package is not imported.)
+    GPT-2's `vocab.json` and `merges.txt`, for transformers 4.x's `use_fast=False` and tools that read BPE files.
+    (Next to a `gpt2_scratch` model's `config.json`, which `AutoTokenizer` reads first, pass `trust_remote_code=True`
+    where the package is not imported.)
 
     Args:
         padding_side: `"right"` (training, scoring) or `"left"` (batched `generate()`, so that every row's last
@@ -264,7 +265,7 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerBase, folder: str | os.PathLike
         return saved
     vocab_path, merges_path = (Path(folder) / name for name in VOCAB_FILES)
     vocab = dict(sorted(model["vocab"].items(), key=lambda item: item[1]))  # in id order, as OpenAI's encoder.json
-    vocab_path.write_text(json.dumps(vocab), encoding="utf-8")
+    vocab_path.write_bytes(json.dumps(vocab).encode())
     merges = "".join(f"{first} {second}\n" for first, second in model["merges"])  # pairs, as tokenizers>=0.20 has them
-    merges_path.write_text("#version: 0.2\n" + merges, encoding="utf-8")
+    merges_path.write_bytes(("#version: 0.2\n" + merges).encode())  # bytes: "\n" on Windows too, as OpenAI's file
     return (*saved, str(vocab_path), str(merges_path))

@@ -1,5 +1,6 @@
 """Parity of the scratch GPT-2 with Hugging Face's `GPT2LMHeadModel` (the reference), and its Hub format."""
 
+import ast
 import inspect
 import json
 import sys
@@ -1093,15 +1094,19 @@ def test_save_pretrained_writes_hub_files(tmp_path, pair):
 
 
 def test_saved_code_imports_only_torch_transformers_and_itself(tmp_path, pair):
+    """Every import in the two files that travel to the Hub, at any depth: torch, transformers, the standard library,
+    or the other file (relative)."""
     _, model = pair
     model.save_pretrained(tmp_path)
+    allowed = {"torch", "transformers", "__future__"} | sys.stdlib_module_names
     for name in ("configuration_gpt2_scratch.py", "modeling_gpt2_scratch.py"):
-        for line in (tmp_path / name).read_text().splitlines():
-            if line.startswith(("import ", "from ")):
-                module = line.split()[1]
-                allowed = ("torch", "transformers", ".configuration_gpt2_scratch", "__future__")
-                in_stdlib = module.split(".")[0] in sys.stdlib_module_names
-                assert module.startswith(allowed) or in_stdlib, f"{name}: {line}"
+        for node in ast.walk(ast.parse((tmp_path / name).read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:  # relative: the other travelling file only
+                assert node.module == "configuration_gpt2_scratch", f"{name}: from {'.' * node.level}{node.module}"
+            elif isinstance(node, ast.Import | ast.ImportFrom):
+                modules = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module]
+                for module in modules:
+                    assert module.split(".")[0] in allowed, f"{name}: {module}"
 
 
 @pytest.mark.parametrize("installed", ["4.57.6", "5.0.0rc1", "5.9rc1", "5.23.0"])  # 5.23: the newest that fails

@@ -159,9 +159,9 @@ def test_save_tokenizer_adds_gpt2s_vocab_json_and_merges_txt(tmp_path, monkeypat
         assert hashlib.sha256((tmp_path / name).read_bytes()).hexdigest() == sha256, f"{name}: not OpenAI's file"
     vocab, merges = gpt2_vocab_and_merges()
     assert json.loads((tmp_path / "vocab.json").read_text(encoding="utf-8")) == vocab  # <|endoftext|> = 50256 too
-    text = (tmp_path / "merges.txt").read_text(encoding="utf-8")
-    assert text.startswith("#version: 0.2\n") and text.endswith("\n")
-    lines = text.split("\n")[1:-1]  # how transformers 4.x's GPT2Tokenizer reads it: header and last newline dropped
+    merges_file = (tmp_path / "merges.txt").read_text(encoding="utf-8")
+    assert merges_file.startswith("#version: 0.2\n") and merges_file.endswith("\n")
+    lines = merges_file.split("\n")[1:-1]  # as transformers 4.x's GPT2Tokenizer reads it: header, last newline off
     assert tuple(tuple(line.split(" ")) for line in lines) == merges
     assert lines[-1] == "Ġg azed"  # GPT-2's merges.txt ends so
     (tmp_path / "tokenizer.json").unlink()  # the BPE files alone make the same tokenizer
@@ -169,6 +169,18 @@ def test_save_tokenizer_adds_gpt2s_vocab_json_and_merges_txt(tmp_path, monkeypat
     from_files = AutoTokenizer.from_pretrained(tmp_path)
     for text in [*EDGE_CASES.values(), LITERAL_EOT]:
         assert from_files(text).input_ids == get_encoding().encode(text, allowed_special="all")
+
+
+def test_save_tokenizer_writes_no_bpe_files_for_another_kind_of_tokenizer(tmp_path):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordPiece
+
+    wordpiece = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]")), unk_token="[UNK]"
+    )
+    written = save_tokenizer(wordpiece, tmp_path)
+    assert sorted(Path(path).name for path in written) == ["tokenizer.json", "tokenizer_config.json"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
 
 
 def test_padding_side_is_validated():
