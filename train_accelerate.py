@@ -102,9 +102,10 @@ def speed_flags(train_args: TrainArguments, device: torch.device) -> tuple[bool,
     """`(compile, fused_adamw)` resolved for `device` from `--compile` and `--fused_adamw`.
 
     auto compiles on CUDA only: on a CPU, compilation takes about a minute, and for it a 124M step ran 4.5% faster
-    and a quickstart-sized one slower (BENCHMARKS.md). auto uses torch's fused AdamW on CUDA and on CPUs (as `transformers.Trainer`'s default
-    `adamw_torch_fused` does): one pass over each parameter and its states instead of the seven of torch's default
-    AdamW (foreach on CUDA, a for-loop on a CPU), 1.09x faster 124M steps on 2 CPU cores.
+    and a quickstart-sized one slower (BENCHMARKS.md). auto uses torch's fused AdamW on CUDA and on CPUs (as
+    `transformers.Trainer`'s default `adamw_torch_fused` does): one pass over each parameter and its states instead of
+    the seven of torch's default AdamW (foreach on CUDA, a for-loop on a CPU), 1.09x faster 124M steps on 2 CPU
+    cores.
     """
     use_compile = resolve_flag(train_args.compile, "compile", auto=device.type == "cuda")
     fused = resolve_flag(train_args.fused_adamw, "fused_adamw", auto=device.type in ("cuda", "cpu"))
