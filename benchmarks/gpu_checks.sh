@@ -44,6 +44,20 @@ if [ -n "$DATA_DIR" ] && [ -n "$TEXT" ]; then
     echo "rc=$?" >> "$OUT/train_mb$1_$2.log"
     cp /tmp/gpu_checks_mb$1_$2/metrics.jsonl "$OUT/metrics_mb$1_$2.jsonl" 2>/dev/null
   done
+  # the fp16 resume across precisions (load_checkpoint), tested on a CPU with a stand-in scaler only: a bf16 checkpoint
+  # resumed in fp16 must start a loss scale ("no loss scale in the checkpoint"), an fp16 one resumed in bf16 drop it
+  mark "resume across precisions: bf16 step 2 -> fp16 step 3 -> bf16 step 4, 65,536-token steps"
+  R=/tmp/gpu_checks_precision; COMMON=(--dataset "$TEXT" --data_dir "$DATA_DIR" --val_fraction 0.1 --output_dir $R \
+    --total_batch_tokens 65536 --warmup_steps 2 --eval_every 0 --eval_batches 1 --sample_every 0 --save_every 1 \
+    --log_every 1)
+  { timeout "$(left 80)" accelerate launch train_accelerate.py "${COMMON[@]}" --overwrite_output_dir true \
+      --max_steps 2 --mixed_precision bf16; echo "rc=$?"
+    timeout "$(left 60)" accelerate launch train_accelerate.py "${COMMON[@]}" --resume latest --max_steps 3 \
+      --mixed_precision fp16; echo "rc=$?"
+    timeout "$(left 60)" accelerate launch train_accelerate.py "${COMMON[@]}" --resume latest --max_steps 4 \
+      --mixed_precision bf16; echo "rc=$?"
+  } > "$OUT/resume_precision.log" 2>&1
+  tr '\r' '\n' < "$OUT/resume_precision.log" | grep -E "^rc=|loss scale|resumed from|^ *step +[0-9]+/"
 fi
 
 mark "training throughput, 124m:64x1024"
