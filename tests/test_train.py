@@ -987,6 +987,18 @@ def test_resume_skips_a_metrics_line_cut_short_by_a_kill(tmp_path):
     assert [r["step"] for r in MetricsWriter(tmp_path, resume_step=3).read()] == [1, 2, 3]
 
 
+def test_metrics_lines_are_strict_json_with_null_for_a_non_finite_number(tmp_path):
+    """An fp16 step its scaler skipped has an infinite `grad_norm`: written as Python's `Infinity`, the line was not
+    JSON (JavaScript's JSON.parse and other strict readers refuse it; jq read it as 1.797e308)."""
+    MetricsWriter(tmp_path).write({"step": 1, "train_loss": 5.0, "grad_norm": math.inf, "lr": 1e-4})
+
+    def refuse(constant: str):
+        raise ValueError(f"not JSON: {constant}")
+
+    line = (tmp_path / "metrics.jsonl").read_text()
+    assert json.loads(line, parse_constant=refuse) == {"step": 1, "train_loss": 5.0, "grad_norm": None, "lr": 1e-4}
+
+
 def test_a_crash_while_metrics_are_trimmed_on_resume_keeps_them(tmp_path, monkeypatch):
     """The resume's trim rewrote metrics.jsonl in place: a kill between truncating and writing lost the history."""
     path = tmp_path / "metrics.jsonl"
