@@ -44,7 +44,7 @@ if [ -n "$DATA_DIR" ] && [ -n "$TEXT" ]; then
     echo "rc=$?" >> "$OUT/train_mb$1_$2.log"
     cp /tmp/gpu_checks_mb$1_$2/metrics.jsonl "$OUT/metrics_mb$1_$2.jsonl" 2>/dev/null
   done
-  # the fp16 resume across precisions (load_checkpoint), tested on a CPU with a stand-in scaler only: a bf16 checkpoint
+  # the fp16 resume across precisions (load_checkpoint; first run on an H200 on 2026-11-27, rc=0): a bf16 checkpoint
   # resumed in fp16 must start a loss scale ("no loss scale in the checkpoint"), an fp16 one resumed in bf16 drop it
   mark "resume across precisions: bf16 step 2 -> fp16 step 3 -> bf16 step 4, 65,536-token steps"
   R=/tmp/gpu_checks_precision; COMMON=(--dataset "$TEXT" --data_dir "$DATA_DIR" --val_fraction 0.1 --output_dir $R \
