@@ -674,6 +674,13 @@ def train_step(
     return {"train_loss": train_loss, "lr": lr, "grad_norm": grad_norm, "step_seconds": step_seconds}
 
 
+def tracker_values(record: dict) -> dict:
+    """A logged record as the trackers get it: without `step` (their own argument) and without non-finite numbers
+    (the `grad_norm` of a step fp16's scaler skipped), which `metrics.jsonl` writes as null and which would stretch
+    TensorBoard's chart or be refused by a tracker."""
+    return {k: v for k, v in record.items() if k != "step" and not (isinstance(v, float) and not math.isfinite(v))}
+
+
 # accelerate trackers that take no text (they drop it with a warning, or reject it)
 _NO_TEXT_TRACKERS = frozenset({"aim", "clearml", "dvclive", "mlflow", "swanlab"})
 
@@ -897,7 +904,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
                     progress.write(_log_line(record, train_args.max_steps))
                     if "val_loss" in record:
                         metrics.plot()
-                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=state.step)
+                accelerator.log(tracker_values(record), step=state.step)
             if train_args.sample_every and (state.step % train_args.sample_every == 0 or last):
                 if accelerator.is_main_process:
                     samples = generate_samples(unwrapped, train_args, device)

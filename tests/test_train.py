@@ -822,6 +822,48 @@ def test_samples_go_to_trackers_that_take_text(corpus, data_dir, tmp_path):
     assert any("train_loss" in values for _, values in logged)  # the metrics still go there too
 
 
+def test_trackers_get_no_infinite_grad_norm_for_a_step_fp16_skipped(corpus, data_dir, tmp_path, monkeypatch):
+    """A step fp16's scaler skipped has an infinite grad_norm: metrics.jsonl writes null, and the trackers get the
+    step's other values without it (an infinite point stretched TensorBoard's chart; some trackers reject it)."""
+    from accelerate.tracking import GeneralTracker, register_tracker_class
+
+    logged = []
+
+    class Recording(GeneralTracker):
+        name = "recording_finite"
+        requires_logging_directory = False
+
+        def __init__(self, run_name: str, **kwargs):
+            super().__init__()
+
+        @property
+        def tracker(self):
+            return self
+
+        def store_init_configuration(self, values: dict) -> None:
+            pass
+
+        def log(self, values: dict, step: int | None = None, **kwargs) -> None:
+            logged.append((step, values))
+
+    register_tracker_class(Recording)
+    real_step = train_accelerate.train_step
+
+    def skipped_at_step_2(*args, **kwargs):  # as fp16's scaler reports an overflowing step
+        record = real_step(*args, **kwargs)
+        return {**record, "grad_norm": float("inf")} if args[7] == 2 else record  # args[7]: the step
+
+    monkeypatch.setattr(train_accelerate, "train_step", skipped_at_step_2)
+    out = tmp_path / "run"
+    run(corpus, data_dir, out, "--max_steps", "3", "--save_every", "0", "--eval_every", "0",
+        "--report_to", "recording_finite")  # fmt: skip
+    values = {step: v for step, v in logged if "train_loss" in v}
+    assert sorted(values) == [1, 2, 3]
+    assert "grad_norm" not in values[2] and math.isfinite(values[2]["train_loss"])
+    assert all(math.isfinite(values[step]["grad_norm"]) for step in (1, 3))
+    assert [r["grad_norm"] is None for r in metrics(out)] == [False, True, False]
+
+
 @pytest.mark.parametrize("again", ["--resume", "--overwrite_output_dir"])
 def test_tensorboard_shows_each_step_once_after_a_resume_or_a_new_start(corpus, data_dir, tmp_path, again):
     """A run that logged step 4 but stopped before saving it resumes from step 2 and logs steps 3 and 4 again; a new
