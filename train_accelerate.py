@@ -76,6 +76,7 @@ from modeling_gpt2_scratch.training import (
     resolve_data_dir,
     resolve_flag,
     resolve_resume,
+    restore_interrupted_replaces,
     tune_cpu_malloc,
     write_json_atomic,
 )
@@ -351,7 +352,8 @@ def first_failure(accelerator: Accelerator, failure: str | None, target: Path) -
 
 def replace_folder(tmp: Path, final: Path) -> None:
     """Put the complete folder `tmp` at `final` by renames alone: an existing `final` moves to `.tmp-old-<name>` first
-    and is deleted last, so a crash leaves one of the two whole (the `.tmp-` names are cleaned by the next save). The
+    and is deleted last, so a crash leaves one of the two whole (the `.tmp-` names are cleaned by the next save; an old
+    folder left alone under its `.tmp-old-` name is moved back by the next start: `restore_interrupted_replaces`). The
     parent folder is flushed after the rename, so the new name is on disk before the old folder goes (a power cut
     could otherwise keep neither name)."""
     old = final.with_name(f".tmp-old-{final.name}")
@@ -705,6 +707,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     if malloc_tuning_on(train_args, device) and not tune_cpu_malloc():
         logger.warning("--malloc_tuning: this C library has no mallopt (not glibc); left as it is.")
     accelerator.gradient_accumulation_steps = gradient_accumulation_steps(train_args, accelerator.num_processes)
+    if accelerator.is_main_process:  # before anything reads the run folder
+        for restored in restore_interrupted_replaces(train_args.output_dir):
+            logger.warning("restored %s: the run that replaced it stopped between two renames", restored)
+    accelerator.wait_for_everyone()
     resume_from = resolve_resume(train_args.resume, train_args.output_dir) if train_args.resume else None
     if resume_from is None and not train_args.overwrite_output_dir:
         check_no_checkpoints_ahead(train_args.output_dir, 0)

@@ -45,7 +45,15 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from .configuration_gpt2_scratch import MIN_TRANSFORMERS_VERSION, GPT2ScratchConfig
 from .modeling_gpt2_scratch import GPT2ScratchForCausalLM
 from .tokenization import VOCAB_FILES, get_hf_tokenizer, save_tokenizer
-from .training import CHECKPOINT_PATTERN, METRICS_NAME, RUN_CONFIG_NAME, RUN_SUMMARY_NAME, TrainState, plot_losses
+from .training import (
+    CHECKPOINT_PATTERN,
+    METRICS_NAME,
+    RUN_CONFIG_NAME,
+    RUN_SUMMARY_NAME,
+    TrainState,
+    plot_losses,
+    restore_interrupted_replaces,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -176,6 +184,8 @@ def resolve_source(path: str | Path) -> ModelSource:
     if not folder.is_dir():
         raise FileNotFoundError(f"{path} is not a folder: pass a run folder, its final/ folder or a checkpoint.")
     folder = folder.resolve()
+    for restored in restore_interrupted_replaces(folder):  # a crash mid-replace left final/ as .tmp-old-final
+        logger.warning("restored %s: the run that replaced it stopped between two renames", restored)
     if _is_model_folder(folder / "final"):
         return ModelSource(folder / "final", "export", run_dir=folder)
     if _is_model_folder(folder):

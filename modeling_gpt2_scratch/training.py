@@ -816,6 +816,23 @@ def fsync_tree(path: str | os.PathLike) -> None:
     fsync_dir(root)
 
 
+def restore_interrupted_replaces(output_dir: str | os.PathLike) -> list[Path]:
+    """Undo the one moment of a replace that leaves no folder under its name: `replace_folder` (train_accelerate.py)
+    moves an existing `final/` or `checkpoints/step_N` to `.tmp-old-<name>` before it renames the new folder in, so
+    a crash between those two renames leaves the old, complete folder under the `.tmp-old-` name only (which
+    `--resume latest` would pass over and the next save delete). Each such folder whose name is free moves back;
+    returns the restored paths."""
+    root = Path(output_dir)
+    restored = []
+    for old in [root / ".tmp-old-final", *sorted((root / "checkpoints").glob(".tmp-old-*"))]:
+        target = old.with_name(old.name.removeprefix(".tmp-old-"))
+        if old.is_dir() and not target.exists() and (target.name == "final" or CHECKPOINT_PATTERN.match(target.name)):
+            os.replace(old, target)
+            fsync_dir(target.parent)
+            restored.append(target)
+    return restored
+
+
 def prune_checkpoints(output_dir: str | os.PathLike, keep_last: int) -> None:
     """Delete all but the newest `keep_last` checkpoints (and leftovers of interrupted saves)."""
     checkpoints = list_checkpoints(output_dir)

@@ -294,6 +294,18 @@ def test_run_without_final_uses_its_latest_checkpoint(tiny_run, tmp_path):
     assert source.kind == "checkpoint" and source.step == 10 and source.model_dir.name == "step_0000010"
 
 
+def test_a_run_whose_final_was_left_mid_replace_publishes_that_final(tiny_run, tmp_path, caplog):
+    """A crash between the trainer's two renames leaves `final/` as `.tmp-old-final`: publishing the run restores it,
+    rather than falling back to a checkpoint."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run.run_dir, run)
+    os.replace(run / "final", run / ".tmp-old-final")
+    with caplog.at_level(logging.WARNING):
+        source = resolve_source(run)
+    assert source.kind == "export" and source.model_dir == run.resolve() / "final"
+    assert any(r.message.startswith(f"restored {run.resolve() / 'final'}") for r in caplog.records)
+
+
 def test_training_time_is_the_training_loops_over_every_resume(tiny_run, tmp_path):
     """`run_summary.json`'s `training_seconds` (the loop's, over every resume) before `wall_clock_seconds`, which
     runs from before 2026-11-26 alone recorded: the last process's, setup included."""

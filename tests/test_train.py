@@ -1751,6 +1751,40 @@ def test_replace_folder_flushes_the_new_name_before_deleting_the_old_folder(tmp_
     assert (final / "f").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["step_0000002"]
 
 
+def test_a_crash_between_replace_folders_two_renames_loses_no_checkpoint(tmp_path, corpus, data_dir, caplog):
+    """A crash after `replace_folder` moved the old step_2 aside and before the new one took its name leaves step_2
+    under `.tmp-old-` only: `--resume latest` passed over it and the next save deleted it. The next start moves it
+    back, and resumes from it."""
+    out = tmp_path / "run"
+    run(corpus, data_dir, out, "--max_steps", "2", "--save_every", "2", "--eval_every", "0")
+    checkpoints = out / "checkpoints"
+    os.replace(checkpoints / "step_0000002", checkpoints / ".tmp-old-step_0000002")
+    (checkpoints / ".tmp-step_0000002").mkdir()  # the new folder, here an unfinished one
+    os.replace(out / "final", out / ".tmp-old-final")
+    with caplog.at_level(logging.WARNING, logger="train_accelerate"):
+        run(corpus, data_dir, out, "--max_steps", "3", "--save_every", "1", "--eval_every", "0", "--resume", "latest")
+    assert any("restored" in r.message and r.message.endswith("stopped between two renames") for r in caplog.records)
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3]  # resumed from step 2, not started again
+    assert [p.name for p in list_checkpoints(out)] == ["step_0000002", "step_0000003"]
+    assert sorted(p.name for p in checkpoints.iterdir() if p.name.startswith(".tmp")) == []
+    assert (out / "final" / "model.safetensors").is_file() and not (out / ".tmp-old-final").exists()
+
+
+def test_restore_interrupted_replaces_moves_back_only_where_the_name_is_free(tmp_path):
+    from modeling_gpt2_scratch.training import restore_interrupted_replaces
+
+    for name in (".tmp-old-final", "checkpoints/.tmp-old-step_0000004", "checkpoints/.tmp-old-step_0000006",
+                 "checkpoints/step_0000006", "checkpoints/.tmp-old-notes", "checkpoints/.tmp-step_0000008"):  # fmt: skip
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "f").write_text(name)
+    restored = restore_interrupted_replaces(tmp_path)
+    assert restored == [tmp_path / "final", tmp_path / "checkpoints" / "step_0000004"]
+    assert (tmp_path / "final" / "f").read_text() == ".tmp-old-final"
+    assert (tmp_path / "checkpoints" / "step_0000006" / "f").read_text() == "checkpoints/step_0000006"  # untouched
+    assert (tmp_path / "checkpoints" / ".tmp-old-notes").is_dir()  # not a checkpoint's name: left alone
+    assert restore_interrupted_replaces(tmp_path / "elsewhere") == []
+
+
 def test_init_from_a_runs_own_export_continues_from_its_weights(tmp_path, corpus, data_dir):
     """`--init_from RUN/final` (a gpt2-scratch export, not a GPT2LMHeadModel folder) starts from those weights."""
     first = tmp_path / "first"
