@@ -17,7 +17,8 @@ mark() { echo "=== [t=$(($(date +%s) - T0))s] $*" | tee -a "$OUT/timeline.txt"; 
 mark environment
 {
   date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-  python3 -c "import torch, transformers, accelerate; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)"
+  python3 -c "import torch, transformers as t, accelerate as a; print('torch', torch.__version__, 'cuda', \
+    torch.version.cuda, 'transformers', t.__version__, 'accelerate', a.__version__)"
 } 2>&1 | tee "$OUT/env.txt"
 
 mark "CUDA parity tests (about a minute)"

@@ -549,7 +549,8 @@ class LocalSteps:
         self.batch: tuple[int, tuple] | None = None
 
     def step(self, name: str, round_idx: int) -> dict:
-        """One timed step of `name`: `{"seconds", "loss"}`, or `{"failed": why}` for a variant this device can't run."""
+        """One timed step of `name`: `{"seconds", "loss"}`, or `{"failed": why}` for a variant this device can't
+        run."""
         if self.batch is None or self.batch[0] != round_idx:
             self.batch = (round_idx, round_batch(self.run, round_idx, self.device))
         x, y = self.batch[1]
@@ -738,10 +739,10 @@ FLOOR_KINDS = ("matmul", "attention (sdpa)")  # with the clip and AdamW phases: 
 def step_floor_ms(phases: dict[str, float], categories: dict[str, float]) -> float:
     """The profiled ms of a step's matmuls, sdpa attention, clipping and AdamW: what no rewrite of the model removes.
 
-    Every variant runs the same matmul FLOPs, and the other three the same kernels for the same settings; the rest of
-    the step (activations, LayerNorm, the loss's softmax, copies) is what the implementations differ in. So step / floor
-    bounds how much faster a variant could get with all of that free, and another variant's step / this floor how
-    much faster than that variant this one could ever be (BENCHMARKS.md).
+    Every variant runs the same matmul FLOPs, and the other three the same kernels for the same settings; the rest
+    of the step (activations, LayerNorm, the loss's softmax, copies) is what the implementations differ in. So step /
+    floor bounds how much faster a variant could get with all of that free, and another variant's step / this floor
+    how much faster than that variant this one could ever be (BENCHMARKS.md).
     """
     return sum(categories.get(kind, 0.0) for kind in FLOOR_KINDS) + sum(phases.get(p, 0.0) for p in PHASES[2:])
 
@@ -867,7 +868,8 @@ def malloc_summary(names: list[str], results: dict, malloc_tuned: bool) -> str:
     """One line: which variants ran with glibc malloc tuned, and in which processes."""
     workers = next(iter(results.values()))["malloc_tuned"]
     if not workers:
-        return f"glibc malloc: {'tuned (tune_cpu_malloc)' if malloc_tuned else 'default'}, for every variant, all in one process."
+        how = "tuned (tune_cpu_malloc)" if malloc_tuned else "default"
+        return f"glibc malloc: {how}, for every variant, all in one process."
     tuned = [n for n in names if workers.get(n)]
     default = [n for n in names if not workers.get(n)]
     groups = []
@@ -978,7 +980,8 @@ def main(argv: list[str] | None = None) -> None:
             if n not in median:
                 print(f"| {n} | {settings[n].describe(device.type)} | {failed.get(n, 'no timed step')} |")
                 continue
-            row = f"| {n} | {settings[n].describe(device.type)} | {median[n]:.3f} | {min(times[n].values()):.3f} | {tok_s[n]:,.0f} |"
+            row = f"| {n} | {settings[n].describe(device.type)} | {median[n]:.3f} | {min(times[n].values()):.3f} |"
+            row += f" {tok_s[n]:,.0f} |"
             for ref in (HF_FP32, HF_FAST):
                 if ref in tok_s:
                     row += f" {tok_s[n] / tok_s[ref]:.2f}x |"
@@ -1004,8 +1007,8 @@ def main(argv: list[str] | None = None) -> None:
         ]
         if paired:
             print(
-                "\nPaired speed-ups (a round runs every variant's step back to back, so a drift in the machine's speed "
-                f"hits a round's steps alike; median over the rounds [quartiles]): {'; '.join(paired)}"
+                "\nPaired speed-ups (a round runs every variant's step back to back, so a drift in the machine's "
+                f"speed hits a round's steps alike; median over the rounds [quartiles]): {'; '.join(paired)}"
             )
         losses = results[run.name]["first_loss"]
         print(f"\nFirst-step losses: {', '.join(f'{n} {v:.4f}' for n, v in losses.items())}")

@@ -1292,7 +1292,8 @@ def test_fused_loss_without_autograd_computes_the_loss_alone():
 
 
 def test_fused_loss_on_a_cpu_holds_one_logits_sized_tensor_per_chunk():
-    """On a CPU (eager) the log-softmax is written over the chunk's logits: the only (n, V) allocation is the matmul's."""
+    """On a CPU (eager) the log-softmax is written over the chunk's logits: the only (n, V) allocation is the
+    matmul's."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.manual_seed(0)

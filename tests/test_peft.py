@@ -83,7 +83,8 @@ def test_the_training_loss_sees_a_lora_on_the_lm_head():
 
 @pytest.mark.parametrize("use_reentrant", [True, False])
 def test_gradient_checkpointing_under_a_frozen_base_gives_the_adapters_the_same_gradients(use_reentrant):
-    """PEFT makes the embedding output require grad so that re-entrant checkpointing of frozen blocks back-propagates."""
+    """PEFT makes the embedding output require grad so that re-entrant checkpointing of frozen blocks
+    back-propagates."""
     grads = []
     for checkpointing in (False, True):
         torch.manual_seed(0)

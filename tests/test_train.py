@@ -410,8 +410,8 @@ def test_out_of_memory_is_a_one_line_error_naming_the_micro_batch(
     assert "Traceback" not in "\n".join(err)
     assert err[-1] == (
         f"error: {said} at --micro_batch_size 4 x --seq_len 32: lower --micro_batch_size (the total batch stays, with "
-        "more accumulation steps) or add --gradient_checkpointing true, then --resume latest (the last good checkpoint "
-        "stays)."
+        "more accumulation steps) or add --gradient_checkpointing true, then --resume latest (the last good "
+        "checkpoint stays)."
     )
     assert list_checkpoints(out)[-1] == good
     assert {p.name: p.stat().st_mtime_ns for p in good.iterdir()} == before
@@ -1773,8 +1773,9 @@ def test_a_crash_between_replace_folders_two_renames_loses_no_checkpoint(tmp_pat
 def test_restore_interrupted_replaces_moves_back_only_where_the_name_is_free(tmp_path):
     from modeling_gpt2_scratch.training import restore_interrupted_replaces
 
-    for name in (".tmp-old-final", "checkpoints/.tmp-old-step_0000004", "checkpoints/.tmp-old-step_0000006",
-                 "checkpoints/step_0000006", "checkpoints/.tmp-old-notes", "checkpoints/.tmp-step_0000008"):  # fmt: skip
+    names = (".tmp-old-final", "checkpoints/.tmp-old-step_0000004", "checkpoints/.tmp-old-step_0000006",
+             "checkpoints/step_0000006", "checkpoints/.tmp-old-notes", "checkpoints/.tmp-step_0000008")  # fmt: skip
+    for name in names:
         (tmp_path / name).mkdir(parents=True)
         (tmp_path / name / "f").write_text(name)
     restored = restore_interrupted_replaces(tmp_path)
