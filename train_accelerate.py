@@ -816,6 +816,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         for path in stale:
             logger.info("deleting %s: it describes the run %s", path, "replaced" if resume_from is None else "so far")
             shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if stale:  # an older export a re-export's crash kept aside: it would take final/'s free name at the next start
+            shutil.rmtree(output_dir / ".tmp-old-final", ignore_errors=True)
         write_json_atomic(output_dir / RUN_CONFIG_NAME, run_config)
         logger.info("configuration:\n%s", _format_config(run_config))
     # the main process alone owns metrics.jsonl (it trims or removes the old file here: one writer, no race)

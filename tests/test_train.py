@@ -1770,6 +1770,32 @@ def test_a_crash_between_replace_folders_two_renames_loses_no_checkpoint(tmp_pat
     assert (out / "final" / "model.safetensors").is_file() and not (out / ".tmp-old-final").exists()
 
 
+def test_an_old_export_kept_aside_goes_with_the_final_it_was_replaced_by(tmp_path, corpus, data_dir, monkeypatch):
+    """A crash after a re-export's second rename leaves the older export as `.tmp-old-final` beside the new final/.
+    A run that deletes that final/ (here a resume past it; or --overwrite_output_dir) deletes the older one too:
+    left alone, it took the free name back at the next start, and push_to_hub.py RUN published it as the run's
+    export instead of the latest checkpoint."""
+    from modeling_gpt2_scratch.hub import resolve_source
+
+    out = tmp_path / "run"
+    run(corpus, data_dir, out, "--max_steps", "2", "--save_every", "2", "--eval_every", "0")
+    shutil.copytree(out / "final", out / ".tmp-old-final")
+    real_step = train_accelerate.train_step
+
+    def step_then_signal(*args, **kwargs):  # a preemptible machine's notice: the run stops with a checkpoint
+        record = real_step(*args, **kwargs)
+        if args[7] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return record
+
+    monkeypatch.setattr(train_accelerate, "train_step", step_then_signal)
+    summary = run(corpus, data_dir, out, "--max_steps", "4", "--eval_every", "0", "--resume", "latest")
+    assert summary == {"stopped_by": "SIGTERM", "steps": 3}
+    source = resolve_source(out)
+    assert source.kind == "checkpoint" and source.step == 3, source
+    assert not (out / "final").exists() and not (out / ".tmp-old-final").exists()
+
+
 def test_restore_interrupted_replaces_moves_back_only_where_the_name_is_free(tmp_path):
     from modeling_gpt2_scratch.training import restore_interrupted_replaces
 
