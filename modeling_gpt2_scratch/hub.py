@@ -172,7 +172,8 @@ def resolve_source(path: str | Path) -> ModelSource:
     """Find the model to publish in a run folder, a `final/` export or a training checkpoint.
 
     A run folder resolves to its `final/` export; a run that has none (stopped early) resolves to its latest
-    checkpoint, with a warning.
+    checkpoint, with a warning. A `final/` or checkpoint that a trainer's crash left under `.tmp-old-<name>` alone is
+    moved back first (`restore_interrupted_replaces`; a dry run too), with a warning.
 
     Raises:
         FileNotFoundError: if `path` does not exist or is not a folder.
