@@ -1763,7 +1763,12 @@ def test_a_crash_between_replace_folders_two_renames_loses_no_checkpoint(tmp_pat
     os.replace(out / "final", out / ".tmp-old-final")
     with caplog.at_level(logging.WARNING, logger="train_accelerate"):
         run(corpus, data_dir, out, "--max_steps", "3", "--save_every", "1", "--eval_every", "0", "--resume", "latest")
-    assert any("restored" in r.message and r.message.endswith("stopped between two renames") for r in caplog.records)
+    restored = sorted(r.message for r in caplog.records if r.message.startswith("restored "))
+    # both, final/ too (which the export at step 3 would have replaced anyway, leaving no other trace)
+    assert restored == [
+        f"restored {path}: the run that replaced it stopped between two renames"
+        for path in (checkpoints / "step_0000002", out / "final")
+    ]
     assert [r["step"] for r in metrics(out)] == [1, 2, 3]  # resumed from step 2, not started again
     assert [p.name for p in list_checkpoints(out)] == ["step_0000002", "step_0000003"]
     assert sorted(p.name for p in checkpoints.iterdir() if p.name.startswith(".tmp")) == []
