@@ -707,10 +707,16 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     if malloc_tuning_on(train_args, device) and not tune_cpu_malloc():
         logger.warning("--malloc_tuning: this C library has no mallopt (not glibc); left as it is.")
     accelerator.gradient_accumulation_steps = gradient_accumulation_steps(train_args, accelerator.num_processes)
+    failure = None
     if accelerator.is_main_process:  # before anything reads the run folder
-        for restored in restore_interrupted_replaces(train_args.output_dir):
-            logger.warning("restored %s: the run that replaced it stopped between two renames", restored)
-    accelerator.wait_for_everyone()
+        try:
+            for restored in restore_interrupted_replaces(train_args.output_dir):
+                logger.warning("restored %s: the run that replaced it stopped between two renames", restored)
+        except ValueError as err:
+            failure = str(err)
+    failure = first_failure(accelerator, failure, Path(train_args.output_dir) / ".tmp-old-restore")  # a barrier too
+    if failure is not None:  # on every process, where a barrier would have left the others waiting
+        raise ValueError(failure)
     resume_from = resolve_resume(train_args.resume, train_args.output_dir) if train_args.resume else None
     if resume_from is None and not train_args.overwrite_output_dir:
         check_no_checkpoints_ahead(train_args.output_dir, 0)

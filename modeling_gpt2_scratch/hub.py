@@ -177,7 +177,8 @@ def resolve_source(path: str | Path) -> ModelSource:
 
     Raises:
         FileNotFoundError: if `path` does not exist or is not a folder.
-        ValueError: if `path` is neither a run, an export nor a checkpoint (no `config.json` + weights).
+        ValueError: if `path` is neither a run, an export nor a checkpoint (no `config.json` + weights), or a
+            folder to move back could not be moved.
     """
     folder = Path(path).expanduser()
     if not folder.exists():

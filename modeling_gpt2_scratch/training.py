@@ -656,6 +656,12 @@ def resolve_resume(resume: str, output_dir: str | os.PathLike) -> Path:
             )
         return checkpoints[-1]
     path = Path(resume)
+    if path.name.startswith(".tmp-old-"):  # replace_folder's old copy: restore_interrupted_replaces moves it back
+        raise FileNotFoundError(
+            f"--resume {resume}: a checkpoint that a replacing save set aside, not one to resume from; pass 'latest' "
+            f"or {path.with_name(path.name.removeprefix('.tmp-old-'))} (a crashed replace's old copy moves back "
+            "there when the run starts)."
+        )
     if path.name.startswith(".tmp-"):  # save_checkpoint's folder before its rename: any file may be cut short
         raise FileNotFoundError(
             f"--resume {resume}: an unfinished save (the run stopped while writing it), not a checkpoint; pass "
@@ -820,27 +826,41 @@ def restore_interrupted_replaces(output_dir: str | os.PathLike) -> list[Path]:
     """Undo the one moment of a replace that leaves no folder under its name: `replace_folder` (train_accelerate.py)
     moves an existing `final/` or `checkpoints/step_N` to `.tmp-old-<name>` before it renames the new folder in, so
     a crash between those two renames leaves the old, complete folder under the `.tmp-old-` name only (which
-    `--resume latest` would pass over and the next save delete). Each such folder whose name is free moves back;
-    returns the restored paths."""
+    `--resume latest` would pass over and the next save delete), beside the new one's `.tmp-<name>`. Each folder
+    found in that state moves back; one whose name is taken, or that has no `.tmp-<name>` beside it (its deletion
+    was cut short after the new folder took the name), is left to the next save's cleanup. Returns the restored
+    paths.
+
+    Raises:
+        ValueError: a rename that failed (a read-only run folder), naming the folder and what to do.
+    """
     root = Path(output_dir)
     restored = []
     for old in [root / ".tmp-old-final", *sorted((root / "checkpoints").glob(".tmp-old-*"))]:
         target = old.with_name(old.name.removeprefix(".tmp-old-"))
-        if old.is_dir() and not target.exists() and (target.name == "final" or CHECKPOINT_PATTERN.match(target.name)):
-            os.replace(old, target)
-            fsync_dir(target.parent)
+        if not (target.name == "final" or CHECKPOINT_PATTERN.match(target.name)):
+            continue
+        if old.is_dir() and not target.exists() and target.with_name(f".tmp-{target.name}").is_dir():
+            try:
+                os.replace(old, target)
+                fsync_dir(target.parent)
+            except OSError as err:
+                raise ValueError(
+                    f"{old} holds the run's {target.name} that a crash left aside, and moving it back failed "
+                    f"({err.strerror or err}): rename it to {target.name} yourself, then run again."
+                ) from err
             restored.append(target)
     return restored
 
 
 def prune_checkpoints(output_dir: str | os.PathLike, keep_last: int) -> None:
     """Delete all but the newest `keep_last` checkpoints (and leftovers of interrupted saves)."""
+    root = Path(output_dir) / "checkpoints"
+    for leftover in root.glob(".tmp-*"):  # first: a crash between the two loops must not leave an old copy aside
+        shutil.rmtree(leftover, ignore_errors=True)
     checkpoints = list_checkpoints(output_dir)
     for old in checkpoints[: max(0, len(checkpoints) - keep_last)]:
         shutil.rmtree(old, ignore_errors=True)
-    root = Path(output_dir) / "checkpoints"
-    for leftover in root.glob(".tmp-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
 
 
 @dataclass
@@ -931,10 +951,22 @@ def plot_losses(records: list[dict[str, Any]], path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
+def finite_json(obj: Any) -> Any:
+    """`obj` with every non-finite float (at any depth of dicts and lists) as None: JSON's null, as `metrics.jsonl`
+    writes a skipped fp16 step's `grad_norm`, where Python's `json` would write `NaN` or `Infinity`."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.write_text(json.dumps(finite_json(obj), indent=2, default=str, allow_nan=False) + "\n")
     os.replace(tmp, path)
 
 

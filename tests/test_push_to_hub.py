@@ -300,6 +300,7 @@ def test_a_run_whose_final_was_left_mid_replace_publishes_that_final(tiny_run, t
     run = tmp_path / "run"
     shutil.copytree(tiny_run.run_dir, run)
     os.replace(run / "final", run / ".tmp-old-final")
+    (run / ".tmp-final").mkdir()  # the new export, which had not yet taken the name
     with caplog.at_level(logging.WARNING):
         source = resolve_source(run)
     assert source.kind == "export" and source.model_dir == run.resolve() / "final"

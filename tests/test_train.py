@@ -312,6 +312,10 @@ def test_a_resume_from_an_unfinished_or_incomplete_checkpoint_is_one_line(tmp_pa
             (checkpoints / folder / name).write_bytes(b"")
     with pytest.raises(FileNotFoundError, match=r"\.tmp-step_0000004: an unfinished save .*pass 'latest'"):
         resolve_resume(str(checkpoints / ".tmp-step_0000004"), tmp_path / "run")
+    with pytest.raises(
+        FileNotFoundError, match=r"\.tmp-old-step_0000004: a checkpoint that a replacing save set aside"
+    ):
+        resolve_resume(str(checkpoints / ".tmp-old-step_0000004"), tmp_path / "run")
     assert resolve_resume("latest", tmp_path / "run") == checkpoints / "step_0000002"  # the complete one
     (checkpoints / "step_0000002" / "random_states_0.pkl").unlink()
     with pytest.raises(FileNotFoundError, match=r"step_0000002: an incomplete checkpoint \(no random_states_0\.pkl\)"):
@@ -1761,6 +1765,7 @@ def test_a_crash_between_replace_folders_two_renames_loses_no_checkpoint(tmp_pat
     os.replace(checkpoints / "step_0000002", checkpoints / ".tmp-old-step_0000002")
     (checkpoints / ".tmp-step_0000002").mkdir()  # the new folder, here an unfinished one
     os.replace(out / "final", out / ".tmp-old-final")
+    (out / ".tmp-final").mkdir()  # and the export's
     with caplog.at_level(logging.WARNING, logger="train_accelerate"):
         run(corpus, data_dir, out, "--max_steps", "3", "--save_every", "1", "--eval_every", "0", "--resume", "latest")
     restored = sorted(r.message for r in caplog.records if r.message.startswith("restored "))
@@ -1801,11 +1806,15 @@ def test_an_old_export_kept_aside_goes_with_the_final_it_was_replaced_by(tmp_pat
     assert not (out / "final").exists() and not (out / ".tmp-old-final").exists()
 
 
-def test_restore_interrupted_replaces_moves_back_only_where_the_name_is_free(tmp_path):
+def test_restore_interrupted_replaces_moves_back_only_from_the_state_the_crash_leaves(tmp_path, monkeypatch):
+    """Moved back: an old folder whose name is free and whose replacement `.tmp-<name>` is there (the moment between
+    replace_folder's renames). Left alone: a taken name; no `.tmp-<name>` beside it (a deletion of the old folder
+    cut short after the new one took the name, which the user may since have moved away); a name not a run's."""
     from modeling_gpt2_scratch.training import restore_interrupted_replaces
 
-    names = (".tmp-old-final", "checkpoints/.tmp-old-step_0000004", "checkpoints/.tmp-old-step_0000006",
-             "checkpoints/step_0000006", "checkpoints/.tmp-old-notes", "checkpoints/.tmp-step_0000008")  # fmt: skip
+    names = (".tmp-old-final", ".tmp-final", "checkpoints/.tmp-old-step_0000004", "checkpoints/.tmp-step_0000004",
+             "checkpoints/.tmp-old-step_0000006", "checkpoints/.tmp-step_0000006", "checkpoints/step_0000006",
+             "checkpoints/.tmp-old-step_0000008", "checkpoints/.tmp-old-notes", "checkpoints/.tmp-notes")  # fmt: skip
     for name in names:
         (tmp_path / name).mkdir(parents=True)
         (tmp_path / name / "f").write_text(name)
@@ -1813,8 +1822,30 @@ def test_restore_interrupted_replaces_moves_back_only_where_the_name_is_free(tmp
     assert restored == [tmp_path / "final", tmp_path / "checkpoints" / "step_0000004"]
     assert (tmp_path / "final" / "f").read_text() == ".tmp-old-final"
     assert (tmp_path / "checkpoints" / "step_0000006" / "f").read_text() == "checkpoints/step_0000006"  # untouched
+    assert not (tmp_path / "checkpoints" / "step_0000008").exists()  # a partial deletion's remains stay aside
     assert (tmp_path / "checkpoints" / ".tmp-old-notes").is_dir()  # not a checkpoint's name: left alone
     assert restore_interrupted_replaces(tmp_path / "elsewhere") == []
+    os.replace(tmp_path / "final", tmp_path / ".tmp-old-final")
+
+    def read_only(src, dst):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "replace", read_only)
+    with pytest.raises(
+        ValueError,
+        match=r"^\S+\.tmp-old-final holds the run's final that a crash left aside, and "
+        r"moving it back failed \(Permission denied\): rename it to final yourself, then run again\.$",
+    ):
+        restore_interrupted_replaces(tmp_path)
+
+
+def test_json_files_write_null_for_non_finite_numbers(tmp_path):
+    """run_summary.json and run_config.json are strict JSON, as metrics.jsonl: a NaN validation loss was `NaN`."""
+    from modeling_gpt2_scratch.training import write_json_atomic
+
+    write_json_atomic(tmp_path / "s.json", {"final_val_loss": float("nan"), "x": [1.5, float("-inf")], "n": {"y": 2}})
+    text = (tmp_path / "s.json").read_text()
+    assert json.loads(text) == {"final_val_loss": None, "x": [1.5, None], "n": {"y": 2}} and "NaN" not in text
 
 
 def test_init_from_a_runs_own_export_continues_from_its_weights(tmp_path, corpus, data_dir):
