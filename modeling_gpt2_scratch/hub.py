@@ -181,6 +181,9 @@ def resolve_source(path: str | Path) -> ModelSource:
             folder to move back could not be moved.
     """
     folder = Path(path).expanduser()
+    if not folder.exists() and folder.name == "final" and folder.parent.is_dir():  # RUN/final, set aside by a crash?
+        for restored in restore_interrupted_replaces(folder.parent):
+            logger.warning("restored %s: the run that replaced it stopped between two renames", restored)
     if not folder.exists():
         raise FileNotFoundError(f"{path} does not exist: pass a run folder, its final/ folder or a checkpoint.")
     if not folder.is_dir():

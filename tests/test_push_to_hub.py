@@ -305,6 +305,8 @@ def test_a_run_whose_final_was_left_mid_replace_publishes_that_final(tiny_run, t
         source = resolve_source(run)
     assert source.kind == "export" and source.model_dir == run.resolve() / "final"
     assert any(r.message.startswith(f"restored {run.resolve() / 'final'}") for r in caplog.records)
+    os.replace(run / "final", run / ".tmp-old-final")  # and when RUN/final itself is given
+    assert resolve_source(run / "final").model_dir == run.resolve() / "final"
 
 
 def test_training_time_is_the_training_loops_over_every_resume(tiny_run, tmp_path):
