@@ -744,6 +744,15 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
             train_args.eval_batches,
             val_loader.batches_per_epoch,
         )
+    if train_args.warmup_steps >= train_args.max_steps:
+        logger.warning(
+            "--warmup_steps %d is not below --max_steps %d: the learning rate only warms up, to %g at the last step "
+            "(--max_lr %g), and never decays; lower --warmup_steps for GPT-3's schedule.",
+            train_args.warmup_steps,
+            train_args.max_steps,
+            train_args.max_lr * train_args.max_steps / train_args.warmup_steps,
+            train_args.max_lr,
+        )
     use_compile, fused = speed_flags(train_args, device)
     optimizer = build_optimizer(model, train_args, fused=fused)
     scheduler = build_scheduler(optimizer, train_args)

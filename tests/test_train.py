@@ -889,6 +889,29 @@ def test_tensorboard_shows_each_step_once_after_a_resume_or_a_new_start(corpus, 
     assert [loss for _, loss in losses] == pytest.approx([r["train_loss"] for r in metrics(out)])
 
 
+@pytest.mark.parametrize("warmup", [2, 5])
+def test_a_warmup_as_long_as_the_run_is_a_warning_with_the_last_learning_rate(
+    corpus, data_dir, tmp_path, caplog, warmup
+):
+    with caplog.at_level(logging.WARNING, logger="train_accelerate"):
+        run(corpus, data_dir, tmp_path / "run", "--max_steps", "2", "--warmup_steps", str(warmup), "--save_every", "0",
+            "--eval_every", "0")  # fmt: skip
+    last_lr = metrics(tmp_path / "run")[-1]["lr"]
+    assert last_lr == pytest.approx(3e-3 * 2 / warmup)  # TINY's --max_lr 3e-3
+    warnings = [r.message for r in caplog.records if r.message.startswith("--warmup_steps")]
+    assert warnings == [
+        f"--warmup_steps {warmup} is not below --max_steps 2: the learning rate only warms up, to {last_lr:g} at the "
+        "last step (--max_lr 0.003), and never decays; lower --warmup_steps for GPT-3's schedule."
+    ]
+
+
+def test_a_warmup_shorter_than_the_run_is_no_warning(corpus, data_dir, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="train_accelerate"):
+        run(corpus, data_dir, tmp_path / "run", "--max_steps", "3", "--warmup_steps", "2", "--save_every", "0",
+            "--eval_every", "0")  # fmt: skip
+    assert not [r for r in caplog.records if r.message.startswith("--warmup_steps")]
+
+
 def test_speed_flags_resolve_auto_per_device():
     args = TrainArguments(output_dir="unused")
     assert train_accelerate.speed_flags(args, torch.device("cuda")) == (True, True)
