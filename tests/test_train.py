@@ -795,13 +795,15 @@ def test_gradient_checkpointing_and_loss_chunks_give_the_same_steps(corpus, data
             assert abs(plain["grad_norm"] - step["grad_norm"]) <= 1e-4, other
 
 
-def test_samples_go_to_trackers_that_take_text(corpus, data_dir, tmp_path):
+def register_recording_tracker(tracker_name: str) -> list[tuple[int | None, dict]]:
+    """Register an accelerate tracker `tracker_name` (for `--report_to`) that records each `log` call; returns the
+    list of `(step, values)` it appends to."""
     from accelerate.tracking import GeneralTracker, register_tracker_class
 
     logged = []
 
     class Recording(GeneralTracker):
-        name = "recording"
+        name = tracker_name
         requires_logging_directory = False
 
         def __init__(self, run_name: str, **kwargs):
@@ -818,6 +820,11 @@ def test_samples_go_to_trackers_that_take_text(corpus, data_dir, tmp_path):
             logged.append((step, values))
 
     register_tracker_class(Recording)
+    return logged
+
+
+def test_samples_go_to_trackers_that_take_text(corpus, data_dir, tmp_path):
+    logged = register_recording_tracker("recording")
     run(corpus, data_dir, tmp_path / "run", "--max_steps", "4", "--save_every", "0", "--eval_every", "0",
         "--sample_every", "2", "--num_samples", "2", "--sample_tokens", "4", "--report_to", "recording")  # fmt: skip
     samples = [(step, values["samples"]) for step, values in logged if "samples" in values]
@@ -829,28 +836,7 @@ def test_samples_go_to_trackers_that_take_text(corpus, data_dir, tmp_path):
 def test_trackers_get_no_infinite_grad_norm_for_a_step_fp16_skipped(corpus, data_dir, tmp_path, monkeypatch):
     """A step fp16's scaler skipped has an infinite grad_norm: metrics.jsonl writes null, and the trackers get the
     step's other values without it (an infinite point stretched TensorBoard's chart; some trackers reject it)."""
-    from accelerate.tracking import GeneralTracker, register_tracker_class
-
-    logged = []
-
-    class Recording(GeneralTracker):
-        name = "recording_finite"
-        requires_logging_directory = False
-
-        def __init__(self, run_name: str, **kwargs):
-            super().__init__()
-
-        @property
-        def tracker(self):
-            return self
-
-        def store_init_configuration(self, values: dict) -> None:
-            pass
-
-        def log(self, values: dict, step: int | None = None, **kwargs) -> None:
-            logged.append((step, values))
-
-    register_tracker_class(Recording)
+    logged = register_recording_tracker("recording_finite")
     real_step = train_accelerate.train_step
 
     def skipped_at_step_2(*args, **kwargs):  # as fp16's scaler reports an overflowing step
