@@ -916,9 +916,8 @@ class MetricsWriter:
     def write(self, record: dict[str, Any]) -> None:
         """One line of strict JSON: a non-finite number (the `grad_norm` of a step fp16's scaler skipped, its
         gradients having overflowed) is written as `null`, not as Python's `Infinity`, which JSON has no word for."""
-        finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         with self.path.open("a") as f:
-            f.write(json.dumps(finite, allow_nan=False) + "\n")
+            f.write(json.dumps(finite_json(record), allow_nan=False) + "\n")
 
     def plot(self) -> None:
         """train and val loss against tokens seen, in `loss.png`."""
