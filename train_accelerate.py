@@ -710,8 +710,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     failure = None
     if accelerator.is_main_process:  # before anything reads the run folder
         try:
-            for restored in restore_interrupted_replaces(train_args.output_dir):
-                logger.warning("restored %s: the run that replaced it stopped between two renames", restored)
+            restore_interrupted_replaces(train_args.output_dir)
         except ValueError as err:
             failure = str(err)
     failure = first_failure(accelerator, failure, Path(train_args.output_dir) / ".tmp-old-restore")  # a barrier too

@@ -181,16 +181,14 @@ def resolve_source(path: str | Path) -> ModelSource:
             folder to move back could not be moved.
     """
     folder = Path(path).expanduser()
-    if not folder.exists() and folder.name == "final" and folder.parent.is_dir():  # RUN/final, set aside by a crash?
-        for restored in restore_interrupted_replaces(folder.parent):
-            logger.warning("restored %s: the run that replaced it stopped between two renames", restored)
+    # a crash mid-replace may have left final/ (or a checkpoint) as .tmp-old-<name>: in RUN, or RUN/final itself
+    run = folder.parent if folder.name == "final" and not folder.exists() else folder
+    restore_interrupted_replaces(run.resolve())
     if not folder.exists():
         raise FileNotFoundError(f"{path} does not exist: pass a run folder, its final/ folder or a checkpoint.")
     if not folder.is_dir():
         raise FileNotFoundError(f"{path} is not a folder: pass a run folder, its final/ folder or a checkpoint.")
     folder = folder.resolve()
-    for restored in restore_interrupted_replaces(folder):  # a crash mid-replace left final/ as .tmp-old-final
-        logger.warning("restored %s: the run that replaced it stopped between two renames", restored)
     if _is_model_folder(folder / "final"):
         return ModelSource(folder / "final", "export", run_dir=folder)
     if _is_model_folder(folder):

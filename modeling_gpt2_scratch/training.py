@@ -827,9 +827,9 @@ def restore_interrupted_replaces(output_dir: str | os.PathLike) -> list[Path]:
     moves an existing `final/` or `checkpoints/step_N` to `.tmp-old-<name>` before it renames the new folder in, so
     a crash between those two renames leaves the old, complete folder under the `.tmp-old-` name only (which
     `--resume latest` would pass over and the next save delete), beside the new one's `.tmp-<name>`. Each folder
-    found in that state moves back; one whose name is taken, or that has no `.tmp-<name>` beside it (its deletion
-    was cut short after the new folder took the name), is left to the next save's cleanup. Returns the restored
-    paths.
+    found in that state moves back, with a warning; one whose name is taken, or that has no `.tmp-<name>` beside it
+    (its deletion was cut short after the new folder took the name), is left to the next save's cleanup. Returns the
+    restored paths.
 
     Raises:
         ValueError: a rename that failed (a read-only run folder), naming the folder and what to do.
@@ -849,6 +849,7 @@ def restore_interrupted_replaces(output_dir: str | os.PathLike) -> list[Path]:
                     f"{old} holds the run's {target.name} that a crash left aside, and moving it back failed "
                     f"({err.strerror or err}): rename it to {target.name} yourself, then run again."
                 ) from err
+            logger.warning("restored %s: the run that replaced it stopped between two renames", target)
             restored.append(target)
     return restored
 
