@@ -747,13 +747,44 @@ def step_floor_ms(phases: dict[str, float], categories: dict[str, float]) -> flo
     return sum(categories.get(kind, 0.0) for kind in FLOOR_KINDS) + sum(phases.get(p, 0.0) for p in PHASES[2:])
 
 
+def split_by_phase(events, cuda: bool) -> tuple[dict[str, float], dict[str, float]]:
+    """ms per phase, and ms per op kind inside forward + backward, from a profiled step's events.
+
+    An op belongs to the phase label it runs under. On CUDA, autograd runs the backward on a thread of its own, whose
+    ops have no parent on the main thread's stack: they belong to the phase whose time span holds their start (the
+    main thread waits inside `phase: backward` meanwhile).
+    """
+    from torch.autograd import DeviceType
+
+    cpu_events = [event for event in events if event.device_type == DeviceType.CPU]  # kernels: through their op
+    spans = [(e.time_range.start, e.time_range.end, e.name) for e in cpu_events if e.name in PHASES]
+    phases: dict[str, float] = {}
+    categories: dict[str, float] = {}
+    for event in cpu_events:
+        parent = event
+        while parent is not None and parent.name not in PHASES:
+            parent = parent.cpu_parent
+        if parent is not None:
+            phase = parent.name
+        else:
+            start = event.time_range.start
+            phase = next((name for first, last, name in spans if first <= start <= last), None)
+            if phase is None:
+                continue
+        ms = (event.self_device_time_total if cuda else event.self_cpu_time_total) / 1e3
+        phases[phase] = phases.get(phase, 0.0) + ms
+        category = op_category(event.name)
+        if phase in PHASES[:2] and category:
+            categories[category] = categories.get(category, 0.0) + ms
+    return phases, categories
+
+
 def profile_variants(args, steps: dict, run: Run, device: torch.device) -> None:
     """Per variant: ms per phase, forward + backward self time per op kind, and the top ops (best of 2 steps).
 
     Times are CPU time on a CPU and GPU kernel time on CUDA (each CPU-side op's `self_device_time_total`: the
     kernels it launched itself), so a phase is the sum over the ops inside it.
     """
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -762,25 +793,6 @@ def profile_variants(args, steps: dict, run: Run, device: torch.device) -> None:
     x, y = seq[:, :-1].contiguous().to(device), seq[:, 1:].contiguous().to(device)
     sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
 
-    def split(prof) -> tuple[dict[str, float], dict[str, float]]:
-        """ms per phase, and ms per op kind inside forward + backward."""
-        phases: dict[str, float] = {}
-        categories: dict[str, float] = {}
-        for event in prof.events():
-            if event.device_type != DeviceType.CPU:  # CUDA: kernels are counted through the op that launched them
-                continue
-            parent = event
-            while parent is not None and parent.name not in PHASES:
-                parent = parent.cpu_parent
-            if parent is None:
-                continue
-            ms = (event.self_device_time_total if cuda else event.self_cpu_time_total) / 1e3
-            phases[parent.name] = phases.get(parent.name, 0.0) + ms
-            category = op_category(event.name)
-            if parent.name in PHASES[:2] and category:
-                categories[category] = categories.get(category, 0.0) + ms
-        return phases, categories
-
     summary, tables = {}, {}
     for name, step in steps.items():
         profiles = []
@@ -788,7 +800,7 @@ def profile_variants(args, steps: dict, run: Run, device: torch.device) -> None:
             with profile(activities=activities) as prof:
                 step(x, y)
             synchronize(device)
-            profiles.append((prof, *split(prof)))
+            profiles.append((prof, *split_by_phase(prof.events(), cuda)))
         prof, phases, categories = min(profiles, key=lambda p: sum(p[1].values()))
         summary[name] = (phases, categories)
         tables[name] = prof.key_averages().table(sort_by=sort, row_limit=args.profile, max_name_column_width=60)

@@ -124,6 +124,29 @@ def test_step_floor_counts_matmul_attention_clip_and_adamw():
     assert train_throughput.step_floor_ms({"phase: forward": 5.0}, {"other": 5.0}) == 0.0
 
 
+def test_profile_counts_ops_of_the_backward_thread_in_the_backward_phase():
+    """On CUDA, autograd runs the backward on a thread of its own: its ops have no phase label above them."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    def event(name, start, end, ms, parent=None, device=DeviceType.CPU):
+        time_range = SimpleNamespace(start=start, end=end)
+        us = ms * 1e3
+        return SimpleNamespace(name=name, time_range=time_range, device_type=device, cpu_parent=parent,
+                               self_device_time_total=us, self_cpu_time_total=0.0)  # fmt: skip
+
+    forward, backward = event("phase: forward", 0, 100, 0.0), event("phase: backward", 100, 300, 0.0)
+    engine = event("autograd::engine::evaluate_function: MmBackward0", 150, 200, 0.5)  # the autograd thread's root
+    events = [forward, backward, event("aten::mm", 10, 20, 4.0, parent=forward), engine]
+    events += [event("aten::mm", 160, 190, 8.0, parent=engine), event("triton_poi_fused_gelu", 210, 220, 2.0)]
+    events += [event("some kernel", 160, 190, 8.0, device=DeviceType.CUDA)]  # counted through its op
+    events += [event("aten::copy_", 400, 410, 1.0)]  # after the step: no phase
+    phases, categories = train_throughput.split_by_phase(events, cuda=True)
+    assert phases == {"phase: forward": 4.0, "phase: backward": 10.5}
+    assert categories == {"matmul": 12.0, "inductor kernels": 2.0}
+
+
 def test_paired_speedups_compare_steps_of_the_same_round():
     # the machine slowed down 2x halfway: the medians' ratio says 1.25x, each round says 1.5x
     times = {"hf": {3: 1.5, 4: 1.5, 5: 3.0, 6: 3.0, 7: 3.0}, "ours": {3: 1.0, 4: 1.0, 5: 2.0, 6: 2.0, 7: 2.0}}
