@@ -807,6 +807,18 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
                 )
         return processors
 
+    def _validate_generation_mode(self, generation_mode, generation_config, generation_mode_kwargs) -> None:
+        """`GenerationMixin`'s, taking an assistant with as many real token ids (`tokenizer_vocab_size`, or its
+        `vocab_size`) as this model for one with the same tokenizer: it compares `config.vocab_size`, the padded
+        width, and asked for two tokenizers with a Hugging Face GPT-2 assistant (e.g. distilgpt2)."""
+        assistant = generation_mode_kwargs.get("assistant_model")
+        if assistant is not None and "assistant_tokenizer" not in generation_mode_kwargs:
+            assistant_config = assistant.config.get_text_config()
+            assistant_vocab = getattr(assistant_config, "tokenizer_vocab_size", assistant_config.vocab_size)
+            if assistant_vocab == self.config.tokenizer_vocab_size:  # the same tokenizer: its other checks only
+                generation_mode_kwargs = {k: v for k, v in generation_mode_kwargs.items() if k != "assistant_model"}
+        super()._validate_generation_mode(generation_mode, generation_config, generation_mode_kwargs)
+
     def _get_candidate_generator(self, *args, **kwargs):
         """`GenerationMixin`'s, with prompt lookup's trial logits over the tokens the logits hold
         (`tokenizer_vocab_size`): it would take `config.vocab_size`, the padded width, and a logits processor that

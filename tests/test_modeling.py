@@ -585,6 +585,21 @@ def test_assisted_and_beam_search_generation_match_hf(pair):
     assert torch.equal(model.generate(prompt, num_beams=3, max_new_tokens=12, do_sample=False), beams)
 
 
+def test_a_hugging_face_gpt2_assistant_drafts_for_the_scratch_model(pair):
+    """An assistant with the model's real token ids (`tokenizer_vocab_size`: 50257, e.g. distilgpt2) shares its
+    tokenizer, though `config.vocab_size` (50304, padded) differs: assisted decoding runs, as for HF's GPT-2, where
+    it stopped asking for two tokenizers. An assistant with other ids still needs them."""
+    hf, model = pair
+    prompt = random_ids(1, 8)
+    hf_assistant, _ = make_pair(seed=1, n_embd=32, n_layer=1, n_head=4, n_positions=64)
+    greedy = hf.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=50256)
+    assisted = model.generate(prompt, assistant_model=hf_assistant, max_new_tokens=12, do_sample=False)
+    assert torch.equal(assisted, greedy)
+    other_tokens, _ = make_pair(seed=1, vocab_size=300, n_embd=32, n_layer=1, n_head=4, n_positions=64)
+    with pytest.raises(ValueError, match="different tokenizers"):
+        model.generate(prompt, assistant_model=other_tokens, max_new_tokens=2, do_sample=False)
+
+
 def test_past_key_values_keyword_still_accepted(pair):
     _, model = pair
     ids = random_ids(1, 6)
