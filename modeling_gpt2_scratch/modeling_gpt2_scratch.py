@@ -29,9 +29,12 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
+from transformers.utils import logging
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_gpt2_scratch import GPT2ScratchConfig
+
+logger = logging.get_logger(__name__)
 
 IGNORE_INDEX = -100  # label value that contributes no loss (transformers' convention)
 LOSS_CHUNK_ELEMENTS = 2**26  # logits per chunk of the fused LM-head loss (256 MB in float32)
@@ -612,8 +615,12 @@ class GPT2ScratchModel(GPT2ScratchPreTrainedModel):
         )
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            use_cache = False  # the backward replay would write the cache a second time
+        if use_cache and self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            # the backward replay would write the cache a second time; said as `GPT2LMHeadModel` says it
+            logger.warning_once(
+                "`use_cache=True` is incompatible with gradient checkpointing. Setting `use_cache=False`."
+            )
+            use_cache = False
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         check_input_shape(input_ids, inputs_embeds)

@@ -3,6 +3,7 @@
 import ast
 import inspect
 import json
+import logging
 import sys
 import threading
 
@@ -968,6 +969,19 @@ def test_gradient_checkpointing_gives_same_gradients():
     model(ids, labels=ids).loss.backward()
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.grad, plain[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_gradient_checkpointing_drops_the_cache_with_hf_s_warning(monkeypatch, caplog):
+    """As `GPT2LMHeadModel`: a training forward under checkpointing returns no cache, and says so (once)."""
+    monkeypatch.setattr(modeling, "logger", logging.getLogger("gpt2_scratch_test.checkpointing"))  # nothing said yet
+    model = GPT2ScratchForCausalLM(GPT2ScratchConfig(**SMALL)).train()
+    model.activation_checkpointing_enable()
+    ids = random_ids(1, 8)
+    with caplog.at_level("WARNING", logger="gpt2_scratch_test.checkpointing"):
+        assert model(ids, use_cache=True).cache is None
+    assert "`use_cache=True` is incompatible with gradient checkpointing. Setting `use_cache=False`." in caplog.text
+    with torch.no_grad():  # no backward to replay: the cache is kept
+        assert model(ids, use_cache=True).cache is not None
 
 
 # --- conversion ------------------------------------------------------------------------------------------------------
