@@ -679,6 +679,20 @@ def test_watermarked_generation_matches_hf(pair):
     assert torch.equal(model.generate(prompt, **kwargs), hf.generate(prompt, pad_token_id=50256, **kwargs))
 
 
+def test_watermark_detection_needs_the_real_vocabulary_width(pair):
+    """`WatermarkDetector` draws its green lists over `model_config.vocab_size`: the README's
+    `model.to_hf_gpt2().config` (50257) finds the watermark; `model.config` (50304, padded) cannot."""
+    from transformers import WatermarkDetector, WatermarkingConfig
+
+    _, model = pair
+    watermark = WatermarkingConfig(bias=5.0)
+    out = model.generate(random_ids(1, 8), max_new_tokens=40, do_sample=False, watermarking_config=watermark)
+    found = WatermarkDetector(model.to_hf_gpt2().config, "cpu", watermark)(out, return_dict=True)
+    missed = WatermarkDetector(model.config, "cpu", watermark)(out, return_dict=True)
+    assert found.prediction[0] and found.z_score[0] > 4
+    assert not missed.prediction[0]
+
+
 def test_prompt_lookup_decoding_with_bad_words_matches_hf(pair):
     """Prompt lookup tries its candidates on logits of the width the model returns (50257), not `config.vocab_size`:
     a processor that sizes itself at its first call (`bad_words_ids`) then fits the model's own logits."""
