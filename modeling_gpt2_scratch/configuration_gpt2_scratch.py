@@ -84,6 +84,20 @@ class GPT2ScratchConfig(PretrainedConfig):
         super().__post_init__(**kwargs)
         self.validate_architecture()
 
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        """`PretrainedConfig`'s, refusing a Hugging Face GPT-2 checkpoint (`model_type` "gpt2"): its `Conv1D`
+        weights are stored transposed, so `from_pretrained` would fail on their shapes or, for the square
+        `attn.c_proj`, load them silently wrong. `from_hf_gpt2` converts them."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if config_dict.get("model_type") == "gpt2":
+            source = str(pretrained_model_name_or_path)
+            raise ValueError(
+                f"{source} is a Hugging Face GPT-2 checkpoint (model_type 'gpt2'), stored in another layout: load "
+                f"it with GPT2ScratchForCausalLM.from_hf_gpt2({source!r})."
+            )
+        return config_dict, kwargs
+
     def validate_architecture(self):
         """Raise a `ValueError` naming the field for a configuration the model cannot be built from."""
         for name in ("vocab_size", "tokenizer_vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):

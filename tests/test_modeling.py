@@ -4,6 +4,7 @@ import ast
 import inspect
 import json
 import logging
+import re
 import sys
 import threading
 
@@ -1011,6 +1012,18 @@ def test_to_hf_round_trip_gives_identical_weights_and_logits(pair):
     ids = random_ids(2, 16)
     with torch.no_grad():  # Conv1D (addmm) and nn.Linear round differently: equal up to float32 rounding
         assert (back(ids).logits - model(ids).logits).abs().max().item() <= 1e-5
+
+
+def test_from_pretrained_of_a_hugging_face_gpt2_folder_points_to_from_hf_gpt2(pair, tmp_path):
+    """HF's Conv1D weights are stored transposed: `from_pretrained` of its folder is a one-line pointer to
+    `from_hf_gpt2` (it failed on shapes, or loaded the square `attn.c_proj` wrong), which converts it."""
+    hf, model = pair
+    hf.save_pretrained(tmp_path)
+    for load in (GPT2ScratchForCausalLM.from_pretrained, GPT2ScratchConfig.from_pretrained):
+        with pytest.raises(ValueError, match=re.escape(f"from_hf_gpt2({str(tmp_path)!r})")):
+            load(tmp_path)
+    converted = GPT2ScratchForCausalLM.from_hf_gpt2(tmp_path).eval()
+    assert torch.equal(converted.transformer.h[0].attn.c_proj.weight, model.transformer.h[0].attn.c_proj.weight)
 
 
 def test_conversion_keeps_the_attention_implementation(pair):
