@@ -307,6 +307,32 @@ def load_preset(path: str | os.PathLike) -> dict[str, Any]:
     return values
 
 
+_PRESET_KINDS = {int: "an integer", float: "a number"}  # what a flag of each type takes (bools: true or false)
+
+
+def _preset_value(path: str, action: argparse.Action, value: Any) -> Any:
+    """A preset's `value` for `action`'s flag, read as the command line reads the flag's text (`action.type`).
+
+    argparse converts a default only when it is text, so YAML's numbers, booleans, lists and nulls reached the run as
+    they were: `seq_len: true` trained on 1-token sequences, `max_steps: 2.5` ran 3 steps.
+
+    Raises:
+        ValueError: a value the flag's text could not be (naming the preset, the key and what it takes); a null for a
+            flag that has a value unless unset.
+    """
+    if value is None:
+        if action.default is None and not action.required:
+            return None  # an optional flag (--init_from, --val_split, ...) left unset
+        raise ValueError(f"Preset {path}: {action.dest} is empty (null); give it a value or leave the key out.")
+    if isinstance(value, (list, dict)):
+        raise ValueError(f"Preset {path}: {action.dest}: {value!r} is not one value; give it one (see --help).")
+    try:
+        return action.type(str(value))
+    except (ValueError, argparse.ArgumentTypeError) as err:
+        kind = _PRESET_KINDS.get(action.type, "true or false")
+        raise ValueError(f"Preset {path}: {action.dest}: {value!r} is not {kind}; fix it (see --help).") from err
+
+
 def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainArguments]:
     """Parse the command line: the `--config` preset's values first, then the flags given, which win."""
     parser = HfArgumentParser(ALL_ARGUMENT_CLASSES, description="Pretrain GPT-2 from scratch with accelerate.")
@@ -319,6 +345,8 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, Data
     config_path = config_only.parse_known_args(argv)[0].config
     if config_path:
         preset = load_preset(config_path)
+        actions = {action.dest: action for action in reversed(parser._actions) if action.type is not None}
+        preset = {key: _preset_value(config_path, actions[key], value) for key, value in preset.items()}
         parser.set_defaults(**preset)
         for action in parser._actions:  # a preset value satisfies a required flag
             if action.dest in preset:

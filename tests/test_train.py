@@ -1476,6 +1476,37 @@ def test_yaml_no_and_off_stay_text_flags(tmp_path):
     assert (train_args.mixed_precision, train_args.compile, train_args.fused_adamw) == ("no", "false", "true")
 
 
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("seq_len: true", r"seq_len: True is not an integer"),  # was seq_len 1, silently
+        ("max_steps: 2.5", r"max_steps: 2\.5 is not an integer"),  # was 3 steps of a float max_steps
+        ("eval_every: 1.5", r"eval_every: 1\.5 is not an integer"),
+        ("tf32: maybe", r"tf32: 'maybe' is not true or false"),
+        ("micro_batch_size: [1]", r"micro_batch_size: \[1\] is not one value"),  # was a TypeError traceback
+        ("max_steps: null", r"max_steps is empty \(null\)"),  # was a TypeError traceback
+        ("dataset:", r"dataset is empty \(null\)"),
+    ],
+)
+def test_a_preset_value_of_the_wrong_type_is_a_one_line_error(tmp_path, line, message):
+    """argparse converts a default only when it is text: YAML's numbers, booleans, lists and nulls reached the run
+    as they were."""
+    preset = tmp_path / "bad.yaml"
+    preset.write_text(f"dataset: x.txt\n{line}\n")
+    with pytest.raises(ValueError, match=rf"^Preset {re.escape(str(preset))}: {message}"):
+        parse_arguments(["--config", str(preset)])
+
+
+def test_a_preset_value_is_read_as_its_flag_on_the_command_line(tmp_path):
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("dataset: x.txt\nsample_prompt: 5\ndataset_revision: 20240101\nmax_lr: 3e-3\ntf32: false\n"
+                      "init_from: null\nnum_proc: 2\nmin_lr_ratio: 0\n")  # fmt: skip
+    model_args, data_args, train_args = parse_arguments(["--config", str(preset)])
+    assert (train_args.sample_prompt, data_args.dataset_revision) == ("5", "20240101")  # text, not int
+    assert (train_args.max_lr, train_args.tf32, model_args.init_from) == (3e-3, False, None)  # 3e-3: YAML text
+    assert (data_args.num_proc, train_args.min_lr_ratio) == (2, 0.0)
+
+
 def test_the_last_step_is_logged_without_a_val_split(corpus, tmp_path, caplog):
     """And the log says there will be no evaluations (--eval_every was ignored without a word)."""
     text = tmp_path / "small.txt"
