@@ -263,6 +263,14 @@ def build_model(model_args: ModelArguments, train_args: TrainArguments) -> GPT2S
             f"--seq_len {train_args.seq_len} is longer than the model's context n_positions="
             f"{model.config.n_positions}: lower --seq_len or raise --n_positions."
         )
+    prompt_tokens = len(sample_prompt_ids(train_args.sample_prompt))
+    most = model.config.n_positions + 1 - prompt_tokens  # the last new token is never fed back
+    if train_args.sample_every and train_args.sample_tokens > most:
+        raise ValueError(
+            f"--sample_tokens {train_args.sample_tokens} after the {prompt_tokens}-token --sample_prompt run past the "
+            f"model's context n_positions={model.config.n_positions}: lower --sample_tokens (at most {most}), shorten "
+            "--sample_prompt, or pass --sample_every 0."
+        )
     if train_args.gradient_checkpointing:
         model.activation_checkpointing_enable()
     model.loss_chunk_elements = train_args.loss_chunk_elements or None
@@ -304,10 +312,16 @@ def evaluate(
     return accelerator.reduce(total / batches, reduction="mean").item()
 
 
+def sample_prompt_ids(prompt: str) -> list[int]:
+    """`--sample_prompt`'s token ids; an empty prompt is `<|endoftext|>`, where every document starts."""
+    enc = get_encoding()
+    return enc.encode_ordinary(prompt) or [enc.eot_token]
+
+
 def generate_samples(model: GPT2ScratchForCausalLM, train_args: TrainArguments, device: torch.device) -> list[str]:
     """`num_samples` continuations of the fixed prompt, top-k 50, seeded, without touching the training RNG."""
     enc = get_encoding()
-    prompt = torch.tensor([enc.encode_ordinary(train_args.sample_prompt)], device=device)
+    prompt = torch.tensor([sample_prompt_ids(train_args.sample_prompt)], device=device)
     prompt = prompt.repeat(train_args.num_samples, 1)
     was_training = model.training
     model.eval()

@@ -205,7 +205,10 @@ class TrainArguments:
     )
     eval_batches: int = field(default=20, metadata={"help": "Val batches per process per evaluation."})
     sample_every: int = field(default=250, metadata={"help": "Log text samples every N steps (0: off)."})
-    sample_prompt: str = field(default="Hello, I'm a language model,", metadata={"help": "Prompt of the samples."})
+    sample_prompt: str = field(
+        default="Hello, I'm a language model,",
+        metadata={"help": "Prompt of the samples (empty: <|endoftext|>, a document's start)."},
+    )
     num_samples: int = field(default=4, metadata={"help": "Samples per sampling step."})
     sample_tokens: int = field(default=32, metadata={"help": "New tokens per sample (top-k 50 sampling)."})
     log_every: int = field(default=10, metadata={"help": "Write a log line and a metrics.jsonl record every N steps."})

@@ -833,6 +833,24 @@ def test_samples_go_to_trackers_that_take_text(corpus, data_dir, tmp_path):
     assert any("train_loss" in values for _, values in logged)  # the metrics still go there too
 
 
+def test_samples_longer_than_the_context_fail_before_the_data_is_prepared(corpus, data_dir, tmp_path):
+    """They failed in the forward at the last step, after training: no final/, the last steps unsaved."""
+    new_data = tmp_path / "shards"
+    samples = ["--max_steps", "1", "--sample_every", "1", "--sample_prompt", "ROMEO:"]  # 3 tokens; n_positions 64
+    with pytest.raises(ValueError, match=r"--sample_tokens 63 after the 3-token --sample_prompt .*n_positions=64.*62"):
+        run(corpus, new_data, tmp_path / "run", *samples, "--sample_tokens", "63")
+    assert not new_data.exists()
+    run(corpus, data_dir, tmp_path / "fits", *samples, "--sample_tokens", "62")  # the last new token is not fed back
+
+
+def test_an_empty_sample_prompt_samples_from_endoftext(tmp_path):
+    """A document's start, as the token stream has it; an empty prompt was a traceback (a float tensor of no ids)."""
+    model = GPT2ScratchForCausalLM(GPT2ScratchConfig(n_embd=32, n_layer=1, n_head=2, n_positions=16))
+    args = TrainArguments(sample_prompt="", num_samples=2, sample_tokens=3)
+    samples = train_accelerate.generate_samples(model, args, torch.device("cpu"))
+    assert len(samples) == 2 and all(s.startswith("<|endoftext|>") and len(s) > len("<|endoftext|>") for s in samples)
+
+
 def test_trackers_get_no_infinite_grad_norm_for_a_step_fp16_skipped(corpus, data_dir, tmp_path, monkeypatch):
     """A step fp16's scaler skipped has an infinite grad_norm: metrics.jsonl writes null, and the trackers get the
     step's other values without it (an infinite point stretched TensorBoard's chart; some trackers reject it)."""
