@@ -1070,7 +1070,7 @@ def prepare_dataset(
         )
         return out / MANIFEST_NAME
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--output_dir {str(out)!r} is a file; pass a folder.")
+        raise ValueError(f"{str(out)!r} is a file; pass a folder (--output_dir; trainer: --data_dir).")
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / MANIFEST_NAME
 

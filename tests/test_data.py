@@ -272,6 +272,13 @@ def test_a_different_source_in_the_same_folder_errors(tmp_path, corpus):
         prepare(other, tmp_path / "out")
 
 
+def test_an_output_folder_that_is_a_file_names_both_flags(tmp_path, corpus):
+    """The trainer's flag is --data_dir: the message named --output_dir alone (the trainer's run folder)."""
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(ValueError, match=r"'\S*file' is a file; pass a folder \(--output_dir; trainer: --data_dir\)"):
+        prepare(corpus, tmp_path / "file")
+
+
 def test_a_folder_prepared_with_another_tokenizer_errors(tmp_path, corpus):
     prepare(corpus, tmp_path / "out")
     manifest_path = tmp_path / "out" / "manifest.json"
