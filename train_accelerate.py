@@ -225,12 +225,24 @@ def init_from_source(model_args: ModelArguments) -> str | None:
     decides, else a Hub id); None without `--init_from`."""
     if not model_args.init_from:
         return None
-    return "local" if Path(model_args.init_from).is_dir() else "hub"
+    return "local" if Path(os.path.expanduser(model_args.init_from)).is_dir() else "hub"
 
 
 def load_init_from(source: str) -> GPT2ScratchForCausalLM:
     """`--init_from`'s model: a gpt2-scratch model (this trainer's `final/`, or a repository `push_to_hub.py` made in
-    the scratch format) as it is, else Hugging Face GPT-2 weights converted (`from_hf_gpt2`)."""
+    the scratch format) as it is, else Hugging Face GPT-2 weights converted (`from_hf_gpt2`).
+
+    Raises:
+        FileNotFoundError: `source` is a file, or a path (`./x`, `/x`, `~/x`, `a/b/c`: no Hub id) that is not there.
+    """
+    path = Path(os.path.expanduser(source))  # a preset's ~/ (the shell expands the command line's)
+    if path.is_file() or (not path.exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1)):
+        what = "a file" if path.is_file() else "no such folder"
+        raise FileNotFoundError(
+            f"--init_from {source}: {what}; pass a model folder (a run's final/, a GPT2LMHeadModel folder) or a Hub "
+            "id such as gpt2."
+        )
+    source = str(path) if path.exists() else source
     if isinstance(transformers.AutoConfig.from_pretrained(source), GPT2ScratchConfig):  # the package registers it
         return GPT2ScratchForCausalLM.from_pretrained(source)
     return GPT2ScratchForCausalLM.from_hf_gpt2(source)

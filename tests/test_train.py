@@ -1917,6 +1917,18 @@ def test_init_from_a_runs_own_export_continues_from_its_weights(tmp_path, corpus
         assert torch.equal(model.state_dict()[name], tensor), name
 
 
+@pytest.mark.parametrize("name", ["missing", "runs/old/final", "a_file"])
+def test_an_init_from_folder_that_is_not_there_names_the_flag(tmp_path, monkeypatch, name):
+    """transformers took a missing path for a Hub id ("Repo id must be in the form ...") and a file for a config
+    ("is not a valid JSON file"), neither naming --init_from."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("{}")
+    path = name if "/" in name else str(tmp_path / name)
+    model_args, _, train_args = parse_arguments(["--dataset", "x.txt", *TINY, "--init_from", path])
+    with pytest.raises(FileNotFoundError, match=rf"^--init_from {re.escape(path)}: (no such folder|a file).*Hub id"):
+        train_accelerate.build_model(model_args, train_args)
+
+
 @pytest.mark.parametrize("major, precision", [(7, "no"), (8, "bf16")], ids=["volta-turing", "ampere"])
 def test_auto_mixed_precision_takes_bf16_on_gpus_with_bf16_tensor_cores_only(monkeypatch, major, precision):
     """A V100 or T4 (compute capability 7) can make bf16 tensors, so `torch.cuda.is_bf16_supported()` says True
