@@ -275,7 +275,7 @@ def build_model(model_args: ModelArguments, train_args: TrainArguments) -> GPT2S
             f"--seq_len {train_args.seq_len} is longer than the model's context n_positions="
             f"{model.config.n_positions}: lower --seq_len or raise --n_positions."
         )
-    prompt_tokens = len(sample_prompt_ids(train_args.sample_prompt))
+    prompt_tokens = len(sample_prompt_ids(train_args.sample_prompt)) if train_args.sample_every else 0
     most = model.config.n_positions + 1 - prompt_tokens  # the last new token is never fed back
     if train_args.sample_every and train_args.sample_tokens > most:
         raise ValueError(
