@@ -733,6 +733,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     if malloc_tuning_on(train_args, device) and not tune_cpu_malloc():
         logger.warning("--malloc_tuning: this C library has no mallopt (not glibc); left as it is.")
     accelerator.gradient_accumulation_steps = gradient_accumulation_steps(train_args, accelerator.num_processes)
+    if Path(train_args.output_dir).exists() and not Path(train_args.output_dir).is_dir():  # every process alike
+        raise ValueError(f"--output_dir {train_args.output_dir} is a file: pass a folder for the run (new or not).")
     failure = None
     if accelerator.is_main_process:  # before anything reads the run folder
         try:

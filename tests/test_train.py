@@ -1195,13 +1195,14 @@ def test_a_save_that_fails_on_the_main_process_alone_stops_both_processes_in_one
 
 
 def test_an_output_dir_that_is_a_file_is_one_error_line_under_two_processes(corpus, data_dir, tmp_path):
-    """The main process alone creating the folder failed alone: the other died in a collective, with a traceback."""
+    """The main process alone creating the folder failed alone: the other died in a collective, with a traceback.
+    Now every process checks first, and the line names the flag (it was `[Errno 17] File exists: ...`)."""
     (tmp_path / "file").write_text("not a folder")
     args = ["--dataset", str(corpus), "--data_dir", str(data_dir), "--output_dir", str(tmp_path / "file"), *TINY]
     result = launch_two(*args, "--max_steps", "2", "--total_batch_tokens", "512")
     assert result.returncode != 0
     assert [line for line in result.stderr.splitlines() if line.startswith("error: ")] == [
-        f"error: [Errno 17] File exists: '{tmp_path / 'file'}'"
+        f"error: --output_dir {tmp_path / 'file'} is a file: pass a folder for the run (new or not)."
     ]
     assert "[rank1]: Traceback" not in result.stderr and "[rank0]: Traceback" not in result.stderr  # torchrun's prefix
 
