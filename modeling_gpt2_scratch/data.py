@@ -41,8 +41,8 @@ Decisions:
   `datasets` reads every column of JSON files, so their other columns must be the same in every row and file.
 * **Validation split.** With `val_split` (Hub datasets), that split. Otherwise the last `val_fraction` of the train
   token stream, cut inside the stream (possibly inside a document), so a corpus of one document (tiny Shakespeare)
-  splits too. Local files form one stream: `split` and `val_split` apply to Hub datasets only. `val_fraction=0`
-  gives an empty val split.
+  splits too. Local files form one stream: `split`, `val_split` and `dataset_config` apply to Hub datasets only
+  (logged as ignored). `val_fraction=0` gives an empty val split.
 * **Idempotence.** The manifest records a fingerprint of the source (local files: a SHA-256 of their contents, in
   order, cached against path, size and mtime so an unchanged corpus is not hashed again; Hub datasets: id, config
   and revision, so no network is needed to reuse a folder), the tokenizer and the settings. Preparing the same
@@ -1152,6 +1152,8 @@ def _build_shards(source: _Source, args: DataArguments, staging: Path) -> tuple[
         logger.info("Local files form one stream: ignoring --split %s; training on all of them", args.split)
     if args.val_split is not None and source.is_local:
         logger.info("Local files form one stream: ignoring --val_split; holding out --val_fraction instead")
+    if args.dataset_config is not None and source.is_local:
+        logger.info("Local files have no Hub configurations: ignoring --dataset_config %s", args.dataset_config)
     val_ds = _open_split(source, args.val_split, args) if use_val_split else None  # a bad name fails before the work
     parts = _tokenize_split(train_ds, source, args, staging, "train" if use_val_split else "part", counts)
     if not parts:

@@ -105,10 +105,11 @@ def test_val_split_is_the_last_fraction_of_the_stream(shakespeare_dir):
 def test_local_files_ignore_split_names_and_say_so(corpus, tmp_path, caplog):
     prepare(corpus, tmp_path / "plain")
     with caplog.at_level("INFO", logger=data.__name__):
-        prepare(corpus, tmp_path / "named", split="test", val_split="validation")
+        prepare(corpus, tmp_path / "named", split="test", val_split="validation", dataset_config="sample-10BT")
     plain, named = read_split(tmp_path / "plain", "train"), read_split(tmp_path / "named", "train")
     assert len(plain) > 0 and np.array_equal(named, plain)  # the same one stream, all of it
     assert "ignoring --split test" in caplog.text and "ignoring --val_split" in caplog.text
+    assert "ignoring --dataset_config sample-10BT" in caplog.text
 
 
 def test_shards_hold_shard_size_tokens_as_raw_uint16(shakespeare_dir):
