@@ -277,6 +277,11 @@ def build_model(model_args: ModelArguments, train_args: TrainArguments) -> GPT2S
         )
     prompt_tokens = len(sample_prompt_ids(train_args.sample_prompt)) if train_args.sample_every else 0
     most = model.config.n_positions + 1 - prompt_tokens  # the last new token is never fed back
+    if train_args.sample_every and most < 1:
+        raise ValueError(
+            f"--sample_prompt is {prompt_tokens} tokens, longer than the model's context n_positions="
+            f"{model.config.n_positions}: shorten it, or pass --sample_every 0."
+        )
     if train_args.sample_every and train_args.sample_tokens > most:
         raise ValueError(
             f"--sample_tokens {train_args.sample_tokens} after the {prompt_tokens}-token --sample_prompt run past the "

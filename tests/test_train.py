@@ -843,6 +843,17 @@ def test_samples_longer_than_the_context_fail_before_the_data_is_prepared(corpus
     run(corpus, data_dir, tmp_path / "fits", *samples, "--sample_tokens", "62")  # the last new token is not fed back
 
 
+def test_a_sample_prompt_longer_than_the_context_says_so():
+    """A prompt that alone fills the context: the message asked for --sample_tokens "at most -2", a bound no value
+    meets."""
+    prompt = " word" * 67  # 67 tokens; n_positions 64
+    model_args, _, train_args = parse_arguments(["--dataset", "x.txt", *TINY, "--sample_every", "1",
+                                                 "--sample_prompt", prompt])  # fmt: skip
+    with pytest.raises(ValueError, match=r"^--sample_prompt is 67 tokens.*n_positions=64: shorten it") as err:
+        train_accelerate.build_model(model_args, train_args)
+    assert "at most" not in str(err.value)
+
+
 def test_an_empty_sample_prompt_samples_from_endoftext(tmp_path):
     """A document's start, as the token stream has it; an empty prompt was a traceback (a float tensor of no ids)."""
     model = GPT2ScratchForCausalLM(GPT2ScratchConfig(n_embd=32, n_layer=1, n_head=2, n_positions=16))
