@@ -602,6 +602,21 @@ def test_a_hugging_face_gpt2_assistant_drafts_for_the_scratch_model(pair):
         model.generate(prompt, assistant_model=other_tokens, max_new_tokens=2, do_sample=False)
 
 
+def test_a_hugging_face_gpt2_takes_the_model_as_assistant_through_to_hf_gpt2(pair):
+    """The README's other way round: `GPT2LMHeadModel` refuses the padded model as its assistant, takes
+    `model.to_hf_gpt2()`; `from_hf_gpt2`, which the README pointed to, cannot convert a gpt2-scratch model."""
+    hf, model = pair
+    prompt = random_ids(1, 8)
+    greedy = hf.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=50256)
+    with pytest.raises(ValueError, match="different tokenizers"):
+        hf.generate(prompt, assistant_model=model, max_new_tokens=8, do_sample=False, pad_token_id=50256)
+    assisted = hf.generate(prompt, assistant_model=model.to_hf_gpt2(), max_new_tokens=8, do_sample=False,
+                           pad_token_id=50256)  # fmt: skip
+    assert torch.equal(assisted, greedy)
+    with pytest.raises(ValueError, match="GPT2LMHeadModel"):
+        GPT2ScratchForCausalLM.from_hf_gpt2(model, pad_vocab=False)
+
+
 def test_past_key_values_keyword_still_accepted(pair):
     _, model = pair
     ids = random_ids(1, 6)
