@@ -287,8 +287,9 @@ def load_preset(path: str | os.PathLike) -> dict[str, Any]:
     preset_path = Path(path)
     if not preset_path.is_file():
         raise FileNotFoundError(f"Preset {path} not found: pass a YAML file such as configs/quickstart.yaml.")
+    text = preset_path.read_text()
     try:
-        values = yaml.safe_load(preset_path.read_text()) or {}
+        values = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         line = f" (line {where.line + 1})" if where is not None else ""
@@ -304,9 +305,15 @@ def load_preset(path: str | os.PathLike) -> dict[str, Any]:
             f"Preset {path} has unknown keys {unknown}: use the trainer's flags (python train_accelerate.py --help)."
         )
     text_flags = {f.name for cls in ALL_ARGUMENT_CLASSES for f in dataclasses.fields(cls) if f.type in (str, "str")}
-    for key, value in values.items():  # YAML 1.1 reads no/off/false and yes/on/true as booleans
-        if isinstance(value, bool) and key in text_flags:
+    root = yaml.compose(text)  # the scalars as written
+    written = {key.value: node.value for key, node in root.value if isinstance(node, yaml.ScalarNode)} if root else {}
+    for key, value in values.items():
+        if key not in text_flags:
+            continue
+        if isinstance(value, bool):  # YAML 1.1 reads no/off/false and yes/on/true as booleans
             values[key] = "true" if value else ("no" if key == "mixed_precision" else "false")
+        elif isinstance(value, (int, float)):  # ... and 0123456 as an octal number, 1:30 as 90: the text as written
+            values[key] = written[key]
     return values
 
 

@@ -1529,10 +1529,12 @@ def test_a_preset_value_of_the_wrong_type_is_a_one_line_error(tmp_path, line, me
 
 def test_a_preset_value_is_read_as_its_flag_on_the_command_line(tmp_path):
     preset = tmp_path / "preset.yaml"
-    preset.write_text("dataset: x.txt\nsample_prompt: 5\ndataset_revision: 20240101\nmax_lr: 3e-3\ntf32: false\n"
-                      "init_from: null\nnum_proc: 2\nmin_lr_ratio: 0\n")  # fmt: skip
+    preset.write_text("dataset: x.txt\nsample_prompt: 1.10\ndataset_revision: 0123456\nmax_lr: 3e-3\ntf32: false\n"
+                      "init_from: null\nnum_proc: 2\nmin_lr_ratio: 0\ndataset_config: 1:30\n")  # fmt: skip
     model_args, data_args, train_args = parse_arguments(["--config", str(preset)])
-    assert (train_args.sample_prompt, data_args.dataset_revision) == ("5", "20240101")  # text, not int
+    # text as written: YAML 1.1 reads 1.10 as 1.1, 0123456 as octal 42798, 1:30 as 90 (sexagesimal)
+    written = (train_args.sample_prompt, data_args.dataset_revision, data_args.dataset_config)
+    assert written == ("1.10", "0123456", "1:30")
     assert (train_args.max_lr, train_args.tf32, model_args.init_from) == (3e-3, False, None)  # 3e-3: YAML text
     assert (data_args.num_proc, train_args.min_lr_ratio) == (2, 0.0)
 
