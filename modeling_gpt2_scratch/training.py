@@ -308,6 +308,8 @@ def load_preset(path: str | os.PathLike) -> dict[str, Any]:
     root = yaml.compose(text)  # the scalars as written
     written = {key.value: node.value for key, node in root.value if isinstance(node, yaml.ScalarNode)} if root else {}
     for key, value in values.items():
+        if key in ("output_dir", "data_dir", "resume") and isinstance(value, str):
+            values[key] = os.path.expanduser(value)  # a folder's ~/, as the shell expands the command line's
         if key not in text_flags:
             continue
         if isinstance(value, bool):  # YAML 1.1 reads no/off/false and yes/on/true as booleans

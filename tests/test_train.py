@@ -1539,6 +1539,16 @@ def test_a_preset_value_is_read_as_its_flag_on_the_command_line(tmp_path):
     assert (data_args.num_proc, train_args.min_lr_ratio) == (2, 0.0)
 
 
+def test_a_preset_s_folders_expand_the_home_folder(tmp_path, monkeypatch):
+    """As the shell expands `~/` on the command line: `output_dir: ~/runs/x` made a folder named `~` here."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("dataset: x.txt\noutput_dir: ~/runs/x\ndata_dir: ~/data\nresume: ~/runs/x/checkpoints/step_1\n")
+    _, _, train_args = parse_arguments(["--config", str(preset)])
+    assert train_args.output_dir == str(tmp_path / "runs/x") and train_args.data_dir == str(tmp_path / "data")
+    assert train_args.resume == str(tmp_path / "runs/x/checkpoints/step_1")
+
+
 def test_the_last_step_is_logged_without_a_val_split(corpus, tmp_path, caplog):
     """And the log says there will be no evaluations (--eval_every was ignored without a word)."""
     text = tmp_path / "small.txt"
