@@ -789,7 +789,7 @@ def _data_description(data: Mapping[str, Any], tokens_seen: int | None) -> tuple
         name = "an unrecorded corpus"
     seen = f", {tokens_seen:,} tokens seen in training" if tokens_seen is not None else ""
     description = f"Trained on {name}, tokenized with GPT-2's BPE (tiktoken){seen}."
-    ignored = ("split", "val_split") if local else ()  # local files form one stream: the pipeline ignores these
+    ignored = ("split", "val_split", "dataset_config") if local else ()  # local files: the pipeline ignores these
     rows = [
         (key, f"`{_file_name(str(value))}` (local)" if key == "dataset" and local else _public_value(value))
         for key, value in data.items()

@@ -676,17 +676,18 @@ def test_a_run_fine_tuned_from_a_relative_local_folder_has_no_base_model(tiny_ru
 
 
 def test_a_local_corpus_card_leaves_out_the_splits_the_pipeline_ignored(tiny_run, tmp_path):
-    """Local files form one stream with --val_fraction held out: --split and --val_split were not used."""
+    """Local files form one stream with --val_fraction held out: --split, --val_split and --dataset_config were
+    not used."""
     run_dir = tmp_path / "run"
     shutil.copytree(tiny_run.run_dir, run_dir)
     config = json.loads((run_dir / "run_config.json").read_text())
     local = {"dataset": "corpus/shakespeare.txt", "dataset_source": "local", "val_fraction": 0.1}
-    config["data"].update(local, split="train", val_split="validation")
+    config["data"].update(local, split="train", val_split="validation", dataset_config="sample-10BT")
     (run_dir / "run_config.json").write_text(json.dumps(config))
     stage_folder(run_dir, tmp_path / "repo", REPO_ID)
     text = ModelCard.load(tmp_path / "repo" / "README.md").text
     assert "`shakespeare.txt` (local)" in text and "| `val_fraction` | 0.1 |" in text
-    assert "`val_split`" not in text and "`split`" not in text
+    assert "`val_split`" not in text and "`split`" not in text and "sample-10BT" not in text
 
 
 def test_a_checkpoint_between_logged_steps_takes_its_numbers_from_its_trainer_state(tiny_run, tmp_path):
