@@ -234,6 +234,7 @@ def load_init_from(source: str) -> GPT2ScratchForCausalLM:
 
     Raises:
         FileNotFoundError: `source` is a file, or a path (`./x`, `/x`, `~/x`, `a/b/c`: no Hub id) that is not there.
+        OSError: what `transformers` says (offline, no such repository, a folder without weights), on one line.
     """
     path = Path(os.path.expanduser(source))  # a preset's ~/ (the shell expands the command line's)
     if path.is_file() or (not path.exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1)):
@@ -243,9 +244,12 @@ def load_init_from(source: str) -> GPT2ScratchForCausalLM:
             "id such as gpt2."
         )
     source = str(path) if path.exists() else source
-    if isinstance(transformers.AutoConfig.from_pretrained(source), GPT2ScratchConfig):  # the package registers it
-        return GPT2ScratchForCausalLM.from_pretrained(source)
-    return GPT2ScratchForCausalLM.from_hf_gpt2(source)
+    try:
+        if isinstance(transformers.AutoConfig.from_pretrained(source), GPT2ScratchConfig):  # the package registers it
+            return GPT2ScratchForCausalLM.from_pretrained(source)
+        return GPT2ScratchForCausalLM.from_hf_gpt2(source)
+    except OSError as err:  # transformers' message spans lines
+        raise OSError(f"--init_from {source}: {' '.join(str(err).split())}") from err
 
 
 def build_model(model_args: ModelArguments, train_args: TrainArguments) -> GPT2ScratchForCausalLM:
@@ -1133,7 +1137,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model_args, data_args, train_args = parse_arguments(argv)
         train(model_args, data_args, train_args)
-    except (ValueError, OSError, TrainingError, PrepareError) as err:  # OSError: e.g. an --output_dir that is a file
+    except (ValueError, OSError, TrainingError, PrepareError) as err:  # OSError: e.g. a folder it cannot write
         if not shown_by_another_process(str(err)):
             print(f"error: {err}", file=sys.stderr)
         return 1 if isinstance(err, (TrainingError, PrepareError)) else 2

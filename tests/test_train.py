@@ -1953,6 +1953,19 @@ def test_an_init_from_folder_that_is_not_there_names_the_flag(tmp_path, monkeypa
         train_accelerate.build_model(model_args, train_args)
 
 
+def test_an_init_from_folder_without_weights_is_one_line_naming_the_flag(tmp_path):
+    """transformers' OSError (here: no weights; offline: no connection) spans lines and names no flag."""
+    from transformers import GPT2Config
+
+    GPT2Config(n_embd=32, n_layer=1, n_head=2).save_pretrained(tmp_path / "config_only")
+    model_args, _, train_args = parse_arguments(
+        ["--dataset", "x.txt", *TINY, "--init_from", str(tmp_path / "config_only")]
+    )
+    with pytest.raises(OSError, match=rf"^--init_from {re.escape(str(tmp_path / 'config_only'))}: ") as err:
+        train_accelerate.build_model(model_args, train_args)
+    assert "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("major, precision", [(7, "no"), (8, "bf16")], ids=["volta-turing", "ampere"])
 def test_auto_mixed_precision_takes_bf16_on_gpus_with_bf16_tensor_cores_only(monkeypatch, major, precision):
     """A V100 or T4 (compute capability 7) can make bf16 tensors, so `torch.cuda.is_bf16_supported()` says True
