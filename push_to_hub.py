@@ -1,7 +1,7 @@
 """Publish a training run on the Hugging Face Hub, as a repository anyone loads with the Auto classes.
 
     python push_to_hub.py runs/quickstart --repo-id alice/gpt2-shakespeare
-    python push_to_hub.py runs/quickstart/checkpoints/step_0000500 --repo-id alice/gpt2-shakespeare --revision step-500
+    python push_to_hub.py runs/quickstart/checkpoints/step_0000050 --repo-id alice/gpt2-shakespeare --revision step-50
     python push_to_hub.py runs/quickstart --repo-id alice/gpt2-shakespeare-hf --format gpt2
     python push_to_hub.py runs/quickstart --repo-id alice/gpt2-shakespeare --dry-run --local-dir staged/
 
