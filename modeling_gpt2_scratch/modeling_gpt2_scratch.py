@@ -280,8 +280,8 @@ def _conversion():
         return importlib.import_module("modeling_gpt2_scratch.conversion")
     except ImportError as err:
         raise ImportError(
-            "Converting to or from Hugging Face GPT-2 needs the gpt2-scratch package: pip install gpt2-scratch "
-            "(or run from its repository)."
+            "Converting to or from Hugging Face GPT-2 needs the gpt2-scratch package: `pip install -e .` in a clone "
+            "of its repository (or run from the clone)."
         ) from err
 
 

@@ -1180,6 +1180,24 @@ def test_saved_code_imports_only_torch_transformers_and_itself(tmp_path, pair):
                     assert module.split(".")[0] in allowed, f"{name}: {module}"
 
 
+def test_conversion_without_the_package_says_how_to_install_it(pair, monkeypatch):
+    """The model file travels to the Hub alone; its conversions need the package, which is not on PyPI: the message
+    said `pip install gpt2-scratch`."""
+    import importlib
+
+    real = importlib.import_module
+
+    def without_conversion(name, *args):
+        if name == "modeling_gpt2_scratch.conversion":
+            raise ImportError(f"No module named {name!r}")
+        return real(name, *args)
+
+    _, model = pair
+    monkeypatch.setattr(importlib, "import_module", without_conversion)
+    with pytest.raises(ImportError, match=r"needs the gpt2-scratch package: `pip install -e \.` in a clone"):
+        model.to_hf_gpt2()
+
+
 @pytest.mark.parametrize("installed", ["4.57.6", "5.0.0rc1", "5.9rc1", "5.23.0"])  # 5.23: the newest that fails
 def test_the_model_code_refuses_a_transformers_older_than_it_needs_in_one_line(installed):
     with pytest.raises(ImportError) as raised:
