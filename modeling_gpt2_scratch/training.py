@@ -117,9 +117,10 @@ class TrainArguments:
     resume: str | None = field(
         default=None,
         metadata={
-            "help": "Continue a run: 'latest' (newest checkpoint in output_dir) or a path. Optimizer and schedule "
-            "flags given now (max_lr, betas, eps, weight_decay, warmup, max_steps, total_batch_tokens) apply from "
-            "the next step; the model flags must be the checkpoint's."
+            "help": "Continue a run: 'latest' (newest checkpoint in output_dir) or a path. Optimizer, schedule and "
+            "batch flags given now (max_lr, min_lr_ratio, betas, eps, weight_decay, grad_clip, warmup_steps, "
+            "max_steps, total_batch_tokens, micro_batch_size) apply from the next step; the model flags must be the "
+            "checkpoint's."
         },
     )
     seed: int = field(default=1337, metadata={"help": "Seed for the weights, dropout and samples."})
