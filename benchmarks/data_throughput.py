@@ -36,12 +36,15 @@ from modeling_gpt2_scratch.data import DataArguments, prepare_dataset, read_mani
 from modeling_gpt2_scratch.tokenization import get_encoding
 
 get_encoding()
-def peak_mib(who):  # ru_maxrss is KiB on Linux
-    return resource.getrusage(who).ru_maxrss / 1024
+def status_mib(field):  # this process's own VmRSS / VmHWM (ru_maxrss would carry the parent's peak over the exec)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith(field + ":"))
+def workers_peak_mib():  # ru_maxrss is KiB on Linux
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 def cpu_s(who):
     usage = resource.getrusage(who)
     return usage.ru_utime + usage.ru_stime
-baseline = peak_mib(resource.RUSAGE_SELF)
+baseline = status_mib("VmRSS")
 cpu_before = cpu_s(resource.RUSAGE_SELF)
 start = time.perf_counter()
 path = prepare_dataset(
@@ -51,8 +54,7 @@ seconds = time.perf_counter() - start
 stats = read_manifest(path)["stats"]
 print(json.dumps({{
     "seconds": seconds, "tokens": stats["train_tokens"] + stats["val_tokens"], "documents": stats["documents"],
-    "baseline_mib": baseline, "peak_mib": peak_mib(resource.RUSAGE_SELF),
-    "worker_peak_mib": peak_mib(resource.RUSAGE_CHILDREN),
+    "baseline_mib": baseline, "peak_mib": status_mib("VmHWM"), "worker_peak_mib": workers_peak_mib(),
     "main_cpu_s": cpu_s(resource.RUSAGE_SELF) - cpu_before, "worker_cpu_s": cpu_s(resource.RUSAGE_CHILDREN),
 }}))
 """

@@ -485,3 +485,22 @@ def test_cpu_variants_run_with_the_trainers_thread_count(monkeypatch, capsys):
     train_throughput.main([*argv, "--no_memory", "--malloc", "default", "--peak_size", "64"])
     assert threads == [3]  # the trainer's count for 3 usable cores and one process
     assert "| ours-fp32 |" in capsys.readouterr().out
+
+
+@pytest.fixture
+def large_parent_peak() -> int:
+    """This process's resident high-water mark raised above 1.5 GiB (pages touched, then freed); returns the MiB. A
+    child it starts must not report that as its own peak: Linux carries `ru_maxrss` across fork + exec."""
+    mib = 1536
+    buffer = bytearray(mib * 2**20)
+    buffer[:: 2**12] = bytes(len(buffer) // 2**12)  # touch every page (bytearray's zeros are not yet resident)
+    del buffer
+    return mib
+
+
+def test_data_throughput_reports_the_preparing_process_own_memory(tmp_path, shared_dir, large_parent_peak):
+    import data_throughput
+
+    corpus = data_throughput.write_corpus(tmp_path / "corpus", 1_000, shared_dir / "data" / "tinyshakespeare.txt")
+    result = data_throughput.run_prepare(corpus, tmp_path / "out", shard_size=20_000, num_proc=1, repeats=1)
+    assert 0 < result["baseline_mib"] <= result["peak_mib"] < large_parent_peak
