@@ -36,6 +36,7 @@ from modeling_gpt2_scratch.training import (  # noqa: E402
     TrainArguments,
     build_optimizer,
     describe_device,
+    proc_status_mib,
     tune_cpu_malloc,
 )
 
@@ -86,7 +87,7 @@ def child(run: str, setting: str, warmup: int, steps: int) -> dict:
         "s_per_step": statistics.median(times),
         "sys_per_step": statistics.mean(sys_s),
         "faults_per_step": statistics.mean(faults),
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": proc_status_mib("VmHWM"),  # its own: ru_maxrss carries the parent's peak over the exec
     }
 
 

@@ -504,3 +504,10 @@ def test_data_throughput_reports_the_preparing_process_own_memory(tmp_path, shar
     corpus = data_throughput.write_corpus(tmp_path / "corpus", 1_000, shared_dir / "data" / "tinyshakespeare.txt")
     result = data_throughput.run_prepare(corpus, tmp_path / "out", shard_size=20_000, num_proc=1, repeats=1)
     assert 0 < result["baseline_mib"] <= result["peak_mib"] < large_parent_peak
+
+
+def test_malloc_tuning_reports_the_child_process_own_peak(large_parent_peak):
+    cmd = [sys.executable, str(BENCHMARKS / "malloc_tuning.py"), "--child", "quickstart:1x8", "default"]
+    result = subprocess.run([*cmd, "--warmup", "0", "--steps", "1"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 0 < json.loads(result.stdout.splitlines()[-1])["peak_rss_mib"] < large_parent_peak
