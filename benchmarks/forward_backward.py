@@ -77,11 +77,11 @@ def step_fn(model: torch.nn.Module, ids: torch.Tensor, **kwargs):
 
 def timed(fn, device: torch.device) -> tuple[float, float]:
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
     value = fn()
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     return time.perf_counter() - start, value
 
 

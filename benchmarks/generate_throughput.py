@@ -112,12 +112,12 @@ def timed_generate(
         model.pack_decoding_weights = pack
     kwargs = kwargs | (extra() if extra is not None else {})  # a fresh cache for every call
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
     with torch.no_grad():
         out = model.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs)
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     return time.perf_counter() - start, out
 
 

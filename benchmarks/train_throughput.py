@@ -507,7 +507,7 @@ def make_step(
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 def measure_peak(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 5) -> float:
