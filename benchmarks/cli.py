@@ -1,8 +1,9 @@
-"""argparse types shared by the benchmark scripts: a bad number or device is a one-line usage error."""
+"""argparse types shared by the benchmark scripts: a bad number, file or device is a one-line usage error."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def _number(kind: type, text: str, minimum: float, what: str):
@@ -31,6 +32,14 @@ def positive_float(text: str) -> float:
     if value == 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number > 0")
     return value
+
+
+def text_file(text: str) -> Path:
+    """A file that exists (a corpus to read)."""
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text!r}: no such file; pass a UTF-8 text file")
+    return path
 
 
 def torch_device(text: str) -> str:

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cli import positive_int  # this folder is on sys.path when run as a script
+from cli import positive_int, text_file  # this folder is on sys.path when run as a script
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,7 +125,7 @@ def main() -> None:
     parser.add_argument(
         "--repeats", type=positive_int, default=3, help="prepare runs per row; the fastest is reported"
     )
-    parser.add_argument("--shakespeare", type=Path, default=REPO_ROOT.parent / "shared/data/tinyshakespeare.txt")
+    parser.add_argument("--shakespeare", type=text_file, default=REPO_ROOT.parent / "shared/data/tinyshakespeare.txt")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO_ROOT))
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(REPO_ROOT.parent / "shared/tiktoken_cache"))

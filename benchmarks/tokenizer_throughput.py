@@ -22,20 +22,20 @@ from pathlib import Path
 
 import tiktoken
 import tokenizers
-from cli import positive_int  # this folder is on sys.path when run as a script
+from cli import positive_int, text_file  # this folder is on sys.path when run as a script
 
 from modeling_gpt2_scratch.tokenization import get_encoding, get_hf_tokenizer
 
 DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="a UTF-8 text file")
+    parser.add_argument("--corpus", type=text_file, default=DEFAULT_CORPUS, help="a UTF-8 text file")
     parser.add_argument(
         "--repeats", type=positive_int, default=5, help="timed runs per method (the median is reported)"
     )
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:

@@ -329,6 +329,7 @@ def test_bad_numbers_are_one_line_usage_errors(capsys):
     import decode_matmul
     import forward_backward
     import generate_throughput
+    import tokenizer_throughput
     from cli import non_negative_int, positive_float, positive_int
 
     assert positive_int("3") == 3 and non_negative_int("0") == 0 and positive_float("0.5") == 0.5
@@ -344,6 +345,7 @@ def test_bad_numbers_are_one_line_usage_errors(capsys):
         (decode_matmul.parse_args, ["--rows", "8", "0"], "argument --rows: '0' is not an integer >= 1"),
         (generate_throughput.parse_args, ["--device", "gpu"], "argument --device: 'gpu' is not a torch device"),
         (forward_backward.parse_args, ["--device", "cuda:x"], "argument --device: 'cuda:x' is not a torch device"),
+        (tokenizer_throughput.parse_args, ["--corpus", "no/such.txt"], "--corpus: 'no/such.txt': no such file"),
     ]
     if not torch.cuda.is_available():
         bad.append((generate_throughput.parse_args, ["--device", "cuda"], "'cuda': this machine has no such device"))
