@@ -848,7 +848,8 @@ def build_model_card(
     `license` is the Hub's license id for the weights (`mit`, as OpenAI's GPT-2 and this code; `apache-2.0`, `other`,
     ...): the trainer's choice, which also has to fit the training data's terms. `num_parameters`: those of the model
     the repository holds (`to_hf_gpt2()`'s for `fmt="gpt2"`, without the padding rows); default: `model`'s.
-    `revision`: the branch the repository is pushed to; the usage snippets name it when it is not `main`."""
+    `revision`: the branch the repository is pushed to; the usage snippets name it when it is not `main` (nor an open
+    pull request's `refs/pr/N`, which is merged into `main`)."""
     if num_parameters is None:
         num_parameters = sum(p.numel() for p in model.parameters())
     data, training = _section(info.run_config, "data"), _section(info.run_config, "training")
@@ -874,7 +875,8 @@ def build_model_card(
     else:
         origin = "trained from scratch"
     description, data_rows = _data_description(data, info.tokens_seen)
-    on_branch = revision not in (None, hf_constants.DEFAULT_REVISION)
+    # a pull request's refs/pr/N is not named: its README is for main, where the pull request is merged
+    on_branch = revision not in (None, hf_constants.DEFAULT_REVISION) and not revision.startswith("refs/pr/")
     revision_kwarg = f", revision={json.dumps(revision)}" if on_branch else ""  # in the usage snippets
     source_note = ""
     if source is not None and source.kind == "checkpoint" and source.step is not None:

@@ -749,6 +749,13 @@ def test_the_cards_usage_snippets_name_a_branch_other_than_main(tiny_run, tmp_pa
     assert "revision=" not in (tmp_path / "main" / "README.md").read_text()
 
 
+def test_the_cards_usage_snippets_name_no_pull_requests_ref(tiny_run, tmp_path):
+    stage_folder(tiny_run.run_dir, tmp_path / "pr", REPO_ID, revision="refs/pr/3")  # merged into main, it stays
+    text = (tmp_path / "pr" / "README.md").read_text()
+    assert "revision=" not in text
+    assert f'AutoModelForCausalLM.from_pretrained("{REPO_ID}", trust_remote_code=True)' in text
+
+
 @pytest.mark.parametrize("license_id", ["", "mit license", " mit"])
 def test_an_empty_license_or_one_with_whitespace_is_an_error(tiny_run, tmp_path, capsys, license_id):
     argv = [str(tiny_run.run_dir), "--repo-id", REPO_ID, "--dry-run", "--local-dir", str(tmp_path / "out")]
