@@ -220,9 +220,9 @@ def validate_repo_id(repo_id: str) -> None:
 
 
 def validate_revision(revision: str | None) -> None:
-    """Check that `revision` can be a branch (git's ref-name rules, `git check-ref-format --branch`) or is an open
-    pull request's `refs/pr/N`, before anything is made: the Hub refused a bad name in `create_branch`, after
-    `create_repo` had created the repository.
+    """Check that `revision` can be a branch (git's ref-name rules, `git check-ref-format --branch`, and no `refs/`
+    prefix) or is an open pull request's `refs/pr/N`, before anything is made: the Hub refused a bad name in
+    `create_branch`, after `create_repo` had created the repository.
 
     Raises:
         ValueError: naming the value and what a branch name may not hold.
@@ -232,7 +232,7 @@ def validate_revision(revision: str | None) -> None:
     bad = (
         not revision
         or revision == "@"
-        or revision.startswith(("-", "/", "refs/pr/"))
+        or revision.startswith(("-", "/", "refs/"))  # refs/heads/x would be a branch named so, not x
         or revision.endswith(("/", ".", ".lock"))
         or any(part in revision for part in ("..", "@{", "//", "/."))
         or revision.startswith(".")

@@ -483,7 +483,9 @@ def test_invalid_repo_id_is_an_error(tiny_run, repo_id, capsys):
     assert "Invalid --repo-id" in line and "USER/NAME" in line
 
 
-@pytest.mark.parametrize("revision", ["my branch", "v1..2", "-x", "exp/.hidden", "refs/pr/abc", "x.lock", "a:b"])
+@pytest.mark.parametrize(
+    "revision", ["my branch", "v1..2", "-x", "exp/.hidden", "refs/pr/abc", "x.lock", "a:b", "refs/heads/dev"]
+)
 def test_invalid_revision_is_an_error_before_the_repository_is_created(tiny_run, revision, monkeypatch, capsys):
     """The Hub refused such a name in `create_branch`, after `create_repo` had made the repository."""
     with HubStub(TOKEN) as hub:
