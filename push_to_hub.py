@@ -19,7 +19,14 @@ from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_ba
 from transformers.utils import logging as transformers_logging
 
 from modeling_gpt2_scratch.data import configure_cli_logging
-from modeling_gpt2_scratch.hub import DEFAULT_LICENSE, FORMATS, PushResult, StagedFile, push_run_to_hub
+from modeling_gpt2_scratch.hub import (
+    DEFAULT_LICENSE,
+    FORMATS,
+    PushResult,
+    StagedFile,
+    describe_revision,
+    push_run_to_hub,
+)
 
 try:  # huggingface_hub's HTTP client: httpx2 (huggingface_hub >= 2), httpx (1.x)
     from httpx2 import HTTPError, TransportError
@@ -100,7 +107,7 @@ def report(result: PushResult, args: argparse.Namespace) -> str:
     if args.dry_run:
         lines.append("Dry run: nothing was uploaded.")
     else:
-        lines.append(f"Uploaded to {result.repo_url} (branch {args.revision or 'main'})")
+        lines.append(f"Uploaded to {result.repo_url} ({describe_revision(args.revision)})")
         lines.append(f"Commit: {result.commit_url}")
     return "\n".join(lines)
 

@@ -219,6 +219,12 @@ def validate_repo_id(repo_id: str) -> None:
         raise ValueError(f"Invalid --repo-id {repo_id!r}: use USER/NAME (or ORG/NAME), e.g. alice/gpt2-scratch.")
 
 
+def describe_revision(revision: str | None) -> str:
+    """`branch main`, `branch step-500` or `pull request refs/pr/3`: where a push goes, for messages."""
+    revision = revision or hf_constants.DEFAULT_REVISION
+    return f"pull request {revision}" if revision.startswith("refs/pr/") else f"branch {revision}"
+
+
 def validate_revision(revision: str | None) -> None:
     """Check that `revision` can be a branch (git's ref-name rules, `git check-ref-format --branch`, and no `refs/`
     prefix) or is an open pull request's `refs/pr/N`, before anything is made: the Hub refused a bad name in
@@ -1061,12 +1067,13 @@ def upload_folder_to_hub(
     if revision and revision != hf_constants.DEFAULT_REVISION and not revision.startswith("refs/pr/"):
         api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)  # the Hub refuses refs/pr/N
     branch = revision or hf_constants.DEFAULT_REVISION
+    where = describe_revision(branch)
     staged = {f.path for f in list_files(Path(folder))}
     remote = api.list_repo_files(repo_id, revision=branch, repo_type="model")
     stale = [path for path in filter_repo_objects(remote, allow_patterns=list(STAGED_PATTERNS)) if path not in staged]
     if stale:  # what upload_folder's delete_patterns below deletes (.gitattributes matches none)
-        logger.info("Deleting from %s (branch %s), no longer staged: %s", repo_id, branch, ", ".join(stale))
-    logger.info("Uploading %s to %s (branch %s)", folder, repo_url, branch)
+        logger.info("Deleting from %s (%s), no longer staged: %s", repo_id, where, ", ".join(stale))
+    logger.info("Uploading %s to %s (%s)", folder, repo_url, where)
     try:
         commit = api.upload_folder(
             repo_id=repo_id,
@@ -1079,7 +1086,7 @@ def upload_folder_to_hub(
     except RuntimeError as err:  # a file's upload failed (huggingface_hub's LFS wrapper, hf_xet), before the commit
         reasons = [str(err)] + ([str(err.__cause__)] if err.__cause__ is not None else [])
         raise OSError(
-            f"Uploading {folder} to {repo_id} (branch {branch}) failed, nothing was committed "
+            f"Uploading {folder} to {repo_id} ({where}) failed, nothing was committed "
             f"({' '.join(' '.join(reasons).split())}): push again."
         ) from err
     return str(repo_url), commit.commit_url

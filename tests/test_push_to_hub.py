@@ -777,12 +777,13 @@ def test_no_connection_is_an_error_that_names_the_endpoint(tiny_run, monkeypatch
 
 
 @pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")  # huggingface_hub's LFS PUT
-def test_a_push_to_a_pull_requests_ref_creates_no_branch(staged, monkeypatch):
+def test_a_push_to_a_pull_requests_ref_creates_no_branch(staged, monkeypatch, caplog):
     monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_XET", True)
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
-    with HubStub(TOKEN) as hub:
+    with HubStub(TOKEN) as hub, caplog.at_level("INFO", logger="modeling_gpt2_scratch.hub"):
         hub.repos[REPO_ID] = StubRepo(private=False, branches={"main": {}, "refs/pr/1": {"README.md": b"draft"}})
         upload_folder_to_hub(staged, REPO_ID, token=TOKEN, endpoint=hub.url, revision="refs/pr/1")
+    assert "(pull request refs/pr/1)" in caplog.text and "branch refs/pr" not in caplog.text
     assert hub.files(REPO_ID, "refs/pr/1") == {p.name: p.read_bytes() for p in staged.iterdir()}
     assert hub.files(REPO_ID) == {} and not [r for r in hub.requests if "/branch/" in r.target]
 
