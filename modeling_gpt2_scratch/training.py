@@ -506,19 +506,21 @@ def gradient_norm(grads: list[torch.Tensor]) -> torch.Tensor:
 
     torch's CPU `vector_norm` of one large tensor (what `clip_grad_norm_` takes per gradient there) sums it in a few
     long runs: 3e-3 off for a 38.6M-entry float32 vector (the tied embedding's gradient), and 2x slower than the
-    norms of its rows and then of those (5e-8 off; BENCHMARKS.md). The trainer clips by it on CPUs
-    (`clip_gradients`), and measures by it on any device when clipping is off.
+    norms of its rows and then of those (5e-8 off; BENCHMARKS.md). The norms of the rows are summed in float64: an
+    embedding's gradient has a few large rows (the batch's tokens) and 50k tiny ones, whose share a float32 run over
+    the row norms lost (1e-5 to 4e-5 off). The trainer clips by it on CPUs (`clip_gradients`), and measures by it on
+    any device when clipping is off.
     """
     if not grads:
         return torch.zeros(())
-    f32 = torch.float32
+    f32, f64 = torch.float32, torch.float64
     norms = [
-        torch.linalg.vector_norm(torch.linalg.vector_norm(g.reshape(-1, g.shape[-1]), dim=-1, dtype=f32))
+        torch.linalg.vector_norm(torch.linalg.vector_norm(g.reshape(-1, g.shape[-1]), dim=-1, dtype=f32), dtype=f64)
         if g.dim() > 1 and g.shape[-1] > 0
-        else torch.linalg.vector_norm(g, dtype=f32)
+        else torch.linalg.vector_norm(g, dtype=f64)
         for g in grads
     ]
-    return torch.linalg.vector_norm(torch.stack(norms))
+    return torch.linalg.vector_norm(torch.stack(norms)).to(f32)
 
 
 def flops_per_token(config, seq_len: int) -> int:
