@@ -678,7 +678,7 @@ def train_step(
             loss_sum += loss.detach().float()
             accelerator.backward(loss)
         if stop_requested is not None and micro_step < grad_accum - 1 and stop_requested():
-            optimizer.zero_grad(set_to_none=not cudagraphs)
+            model.zero_grad(set_to_none=not cudagraphs)  # the optimizer's does nothing off the last micro-step
             train_loader.load_state_dict(at_start[0])
             torch.set_rng_state(at_start[1])
             if at_start[2] is not None:

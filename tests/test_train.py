@@ -1768,6 +1768,25 @@ def test_a_step_the_fp16_scaler_skips_leaves_the_schedule_where_it_was(corpus, d
     assert scheduler.last_epoch == 1
 
 
+def test_a_step_interrupted_between_micro_steps_leaves_no_gradients(corpus, data_dir):
+    """The docstring's "gradients zeroed": accelerate's `optimizer.zero_grad` does nothing off the step's last
+    micro-step, so the partial step's gradients stayed."""
+    train_args = parse_arguments(["--dataset", str(corpus), *TINY])[2]
+    accelerator = train_accelerate.build_accelerator(train_args)
+    accelerator.gradient_accumulation_steps = 3
+    model = GPT2ScratchForCausalLM(GPT2ScratchConfig(n_layer=1, n_head=2, n_embd=32, n_positions=64))
+    optimizer = train_accelerate.build_optimizer(model, train_args, fused=False)
+    scheduler = build_scheduler(optimizer, train_args)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    loader = ShardedTokenLoader(data_dir, "train", batch_size=4, seq_len=32)
+    before = loader.state_dict()
+    with pytest.raises(train_accelerate.StepInterrupted):
+        train_accelerate.train_step(accelerator, model, model, optimizer, scheduler, loader, train_args, 1,
+                                    stop_requested=lambda: True)  # fmt: skip
+    assert all(p.grad is None for p in model.parameters())
+    assert loader.state_dict() == before and accelerator.step == 0
+
+
 def test_an_overflowing_fp16_step_with_fused_adamw_leaves_the_weights_and_the_schedule(corpus, data_dir):
     """fp16 with fused AdamW (CUDA's default): the fused kernel skips an overflowing update itself, so accelerate's
     `step_was_skipped` says False (accelerate issue 4242); the schedule must wait all the same. fp16 needs CUDA in the
