@@ -513,7 +513,8 @@ def gradient_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     """
     if not grads:
         return torch.zeros(())
-    f32, f64 = torch.float32, torch.float64
+    f32 = torch.float32
+    f64 = torch.float64 if grads[0].device.type != "mps" else f32  # Apple's MPS has no float64
     norms = [
         torch.linalg.vector_norm(torch.linalg.vector_norm(g.reshape(-1, g.shape[-1]), dim=-1, dtype=f32), dtype=f64)
         if g.dim() > 1 and g.shape[-1] > 0
