@@ -281,7 +281,8 @@ def _resolve_source(name: str, exclude: Path | None = None) -> _Source:
     supported = "/".join(EXTENSION_BUILDERS)
     expanded = os.path.expanduser(name)
     path = Path(expanded)
-    root = path if not glob.has_magic(expanded) else Path(expanded[: _first_magic(expanded)]).parent
+    # a glob's fixed folder: "data/*/a.jsonl" -> "data" (`Path("data/").parent` would be ".")
+    root = path if not glob.has_magic(expanded) else Path(os.path.dirname(expanded[: _first_magic(expanded)]))
     if exclude is not None and _inside(root, exclude):
         exclude = None  # the corpus lies inside the output folder: only an output folder inside the corpus is skipped
     if path.is_file():

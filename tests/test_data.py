@@ -602,7 +602,7 @@ def test_another_prepared_folder_inside_the_corpus_is_not_read_as_data(tmp_path,
     assert [Path(f["path"]).name for f in read_manifest(tmp_path / "tokens-v2")["source"]["files"]] == [f"a.{kind}"]
 
 
-@pytest.mark.parametrize("dataset", ["data/raw", "data/raw/*.jsonl", "data/raw/a.jsonl"])
+@pytest.mark.parametrize("dataset", ["data/raw", "data/raw/*.jsonl", "data/raw/a.jsonl", "data/*/a.jsonl"])
 def test_a_corpus_inside_the_output_folder_is_read(tmp_path, monkeypatch, dataset):
     """Only an output folder inside the corpus is skipped; a corpus inside the output folder is the corpus."""
     monkeypatch.chdir(tmp_path)
