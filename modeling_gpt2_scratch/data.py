@@ -428,7 +428,12 @@ def _open_split(
             ]
         if source.is_local:
             extra = {
-                "parquet": {"columns": [args.text_column]},  # other columns may differ from file to file
+                "parquet": {  # the text column alone (other columns may differ from file to file), as strings:
+                    # every file's is text (`_check_text_column`), but `datasets` would cast all files to the first
+                    # one's type, and a first file of nulls only gives the null type
+                    "columns": [args.text_column],
+                    "features": Features({args.text_column: Value("string")}),
+                },
                 "csv": {  # the text column alone, as text: a column of "1984", "2001" is text, not numbers
                     "usecols": [args.text_column],
                     "features": Features({args.text_column: Value("string")}),

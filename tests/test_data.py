@@ -682,6 +682,17 @@ def test_a_parquet_text_column_of_numbers_in_a_later_file_errors(tmp_path):
         prepare(tmp_path / "src", tmp_path / "out")
 
 
+def test_a_parquet_file_whose_text_column_is_all_null_may_come_first(tmp_path):
+    """A column of nulls only (what pandas writes for all-None) is text with no documents, in any file order:
+    `datasets` cast the next files' strings to the first one's null type and failed."""
+    (tmp_path / "src").mkdir()
+    pq.write_table(pa.table({"text": pa.array([None, None], pa.null())}), tmp_path / "src" / "a.parquet")
+    pq.write_table(pa.table({"text": ["kept"]}), tmp_path / "src" / "b.parquet")
+    prepare(tmp_path / "src", tmp_path / "out")
+    assert read_split(tmp_path / "out", "train").tolist() == expected_stream(["kept"])
+    assert read_manifest(tmp_path / "out")["stats"]["empty_documents"] == 2
+
+
 def test_csv_cells_that_read_like_missing_values_are_text(tmp_path):
     (tmp_path / "d.csv").write_text("text\nNA\nnull\nn/a\nreal\n")
     prepare(tmp_path / "d.csv", tmp_path / "out")
