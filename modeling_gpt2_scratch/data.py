@@ -1210,9 +1210,10 @@ class ShardedTokenLoader:
     cut into chunks of `B*T` tokens; batch `i` of an epoch of rank `r` is chunk `i * world_size + r`, with `x` its
     `B*T` tokens and `y` the same window shifted by one token (so consecutive chunks overlap by `y`'s last token).
     Round `i` of all ranks thus reads consecutive chunks, and `world_size` ranks together see what one rank with
-    `world_size` times the gradient accumulation sees. An epoch is `(N - 1) // (B*T) // world_size` batches per
-    rank; the remainder (fewer than `world_size*B*T + 1` tokens, at the end of the split) is skipped, then the
-    stream starts over from its first token and `epoch` goes up by one.
+    `world_size` times the gradient accumulation sees, in the first epoch. An epoch is `(N - 1) // (B*T) //
+    world_size` batches per rank; the remainder (fewer than `world_size*B*T + 1` tokens, at the end of the split) is
+    skipped, then the stream starts over from its first token and `epoch` goes up by one. (So after the first wrap
+    the two can differ: one rank skips fewer chunks at the end of an epoch than two do, when the chunk count is odd.)
 
     `state_dict()` is the same on every rank (epoch and batch index), so saving it from the main process only (as
     `accelerator.save_state` does for `register_for_checkpointing` objects) restores every rank. A restored loader
