@@ -1749,17 +1749,24 @@ def test_a_non_finite_gradient_norm_stops_without_saving(corpus, data_dir, tmp_p
     assert {p.name: p.stat().st_mtime_ns for p in list_checkpoints(out)[-1].iterdir()} == good
 
 
-def test_a_step_the_fp16_scaler_skips_leaves_the_schedule_where_it_was(corpus, data_dir, monkeypatch):
-    from accelerate.optimizer import AcceleratedOptimizer
-
+def _train_step_parts(corpus, data_dir, gradient_accumulation_steps: int) -> tuple:
+    """What `train_step` takes, for a tiny model on a CPU accelerator: args, accelerator, model, optimizer,
+    scheduler, loader."""
     train_args = parse_arguments(["--dataset", str(corpus), *TINY])[2]
     accelerator = train_accelerate.build_accelerator(train_args)
-    accelerator.gradient_accumulation_steps = 2
+    accelerator.gradient_accumulation_steps = gradient_accumulation_steps
     model = GPT2ScratchForCausalLM(GPT2ScratchConfig(n_layer=1, n_head=2, n_embd=32, n_positions=64))
     optimizer = train_accelerate.build_optimizer(model, train_args, fused=False)
     scheduler = build_scheduler(optimizer, train_args)
     model, optimizer = accelerator.prepare(model, optimizer)
     loader = ShardedTokenLoader(data_dir, "train", batch_size=4, seq_len=32)
+    return train_args, accelerator, model, optimizer, scheduler, loader
+
+
+def test_a_step_the_fp16_scaler_skips_leaves_the_schedule_where_it_was(corpus, data_dir, monkeypatch):
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    train_args, accelerator, model, optimizer, scheduler, loader = _train_step_parts(corpus, data_dir, 2)
     monkeypatch.setattr(AcceleratedOptimizer, "step_was_skipped", property(lambda self: True))
     train_accelerate.train_step(accelerator, model, model, optimizer, scheduler, loader, train_args, 1)
     assert scheduler.last_epoch == 0
@@ -1771,14 +1778,7 @@ def test_a_step_the_fp16_scaler_skips_leaves_the_schedule_where_it_was(corpus, d
 def test_a_step_interrupted_between_micro_steps_leaves_no_gradients(corpus, data_dir):
     """The docstring's "gradients zeroed": accelerate's `optimizer.zero_grad` does nothing off the step's last
     micro-step, so the partial step's gradients stayed."""
-    train_args = parse_arguments(["--dataset", str(corpus), *TINY])[2]
-    accelerator = train_accelerate.build_accelerator(train_args)
-    accelerator.gradient_accumulation_steps = 3
-    model = GPT2ScratchForCausalLM(GPT2ScratchConfig(n_layer=1, n_head=2, n_embd=32, n_positions=64))
-    optimizer = train_accelerate.build_optimizer(model, train_args, fused=False)
-    scheduler = build_scheduler(optimizer, train_args)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    loader = ShardedTokenLoader(data_dir, "train", batch_size=4, seq_len=32)
+    train_args, accelerator, model, optimizer, scheduler, loader = _train_step_parts(corpus, data_dir, 3)
     before = loader.state_dict()
     with pytest.raises(train_accelerate.StepInterrupted):
         train_accelerate.train_step(accelerator, model, model, optimizer, scheduler, loader, train_args, 1,
