@@ -219,10 +219,20 @@ def validate_repo_id(repo_id: str) -> None:
         raise ValueError(f"Invalid --repo-id {repo_id!r}: use USER/NAME (or ORG/NAME), e.g. alice/gpt2-scratch.")
 
 
+def _is_pull_request(revision: str | None) -> bool:
+    """`refs/pr/N`: an open pull request's ref, not a branch (no branch is made for it; merged, it is `main`)."""
+    return revision is not None and revision.startswith("refs/pr/")
+
+
+def _other_branch(revision: str | None) -> bool:
+    """A branch other than `main`: made if missing, and named in the card's usage snippets."""
+    return revision not in (None, hf_constants.DEFAULT_REVISION) and not _is_pull_request(revision)
+
+
 def describe_revision(revision: str | None) -> str:
     """`branch main`, `branch step-500` or `pull request refs/pr/3`: where a push goes, for messages."""
     revision = revision or hf_constants.DEFAULT_REVISION
-    return f"pull request {revision}" if revision.startswith("refs/pr/") else f"branch {revision}"
+    return f"pull request {revision}" if _is_pull_request(revision) else f"branch {revision}"
 
 
 def validate_revision(revision: str | None) -> None:
@@ -881,9 +891,7 @@ def build_model_card(
     else:
         origin = "trained from scratch"
     description, data_rows = _data_description(data, info.tokens_seen)
-    # a pull request's refs/pr/N is not named: its README is for main, where the pull request is merged
-    on_branch = revision not in (None, hf_constants.DEFAULT_REVISION) and not revision.startswith("refs/pr/")
-    revision_kwarg = f", revision={json.dumps(revision)}" if on_branch else ""  # in the usage snippets
+    revision_kwarg = f", revision={json.dumps(revision)}" if _other_branch(revision) else ""  # in the usage snippets
     source_note = ""
     if source is not None and source.kind == "checkpoint" and source.step is not None:
         source_note = f"This is the training checkpoint at step {source.step:,}."
@@ -1064,7 +1072,7 @@ def upload_folder_to_hub(
             f"first (in its settings on the Hub, or with huggingface_hub.HfApi().update_repo_settings({repo_id!r}, "
             "private=True)), or drop --private to push to the public repository."
         )
-    if revision and revision != hf_constants.DEFAULT_REVISION and not revision.startswith("refs/pr/"):
+    if _other_branch(revision):
         api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)  # the Hub refuses refs/pr/N
     branch = revision or hf_constants.DEFAULT_REVISION
     where = describe_revision(branch)
