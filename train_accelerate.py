@@ -252,6 +252,18 @@ def load_init_from(source: str) -> GPT2ScratchForCausalLM:
         raise OSError(f"--init_from {source}: {' '.join(str(err).split())}") from err
 
 
+def build_seeded_model(
+    model_args: ModelArguments, train_args: TrainArguments, process_index: int
+) -> GPT2ScratchForCausalLM:
+    """`build_model` from `--seed`, the same weights on every process; then the RNG at `--seed` + process index, so
+    each process draws its own dropout masks (nanoGPT's seed offset), not the same positions as every other one. A
+    resume then restores each process's own RNG state (`random_states_<rank>.pkl`)."""
+    set_seed(train_args.seed)
+    model = build_model(model_args, train_args)
+    set_seed(train_args.seed + process_index)
+    return model
+
+
 def build_model(model_args: ModelArguments, train_args: TrainArguments) -> GPT2ScratchForCausalLM:
     """A random GPT-2 of the requested size, or pretrained weights (`--init_from`: `load_init_from`)."""
     if model_args.init_from:
@@ -760,9 +772,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     elif resume_from is None:  # what it deletes must not hold this run's own inputs
         inputs = {"init_from": model_args.init_from, "data_dir": resolve_data_dir(data_args, train_args)}
         check_overwrite_keeps_inputs(train_args.output_dir, inputs | {"dataset": data_args.dataset})
-    set_seed(train_args.seed)
-
-    model = build_model(model_args, train_args)  # before the data: a bad model flag fails at once
+    model = build_seeded_model(model_args, train_args, accelerator.process_index)  # before the data: fails at once
     if resume_from is not None:
         check_checkpoint_fits(resume_from, model.config, accelerator.num_processes)
         changed = data_flag_changes(Path(train_args.output_dir) / RUN_CONFIG_NAME, data_args)

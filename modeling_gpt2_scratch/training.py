@@ -123,7 +123,9 @@ class TrainArguments:
             "checkpoint's."
         },
     )
-    seed: int = field(default=1337, metadata={"help": "Seed for the weights, dropout and samples."})
+    seed: int = field(
+        default=1337, metadata={"help": "Seed for the weights, dropout (seed + process index) and samples."}
+    )
     # batch
     micro_batch_size: int = field(default=16, metadata={"help": "Sequences per forward pass on each process (B)."})
     seq_len: int = field(default=1024, metadata={"help": "Tokens per sequence (T)."})

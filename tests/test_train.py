@@ -1971,6 +1971,21 @@ def test_init_from_a_runs_own_export_continues_from_its_weights(tmp_path, corpus
         assert torch.equal(model.state_dict()[name], tensor), name
 
 
+def test_every_process_starts_from_the_same_weights_and_draws_its_own_dropout_masks():
+    """Every process seeded alike dropped the same positions in each micro-step (two processes were not two
+    independent draws, as one process with twice the accumulation is); nanoGPT offsets each rank's seed."""
+    model_args, _, train_args = parse_arguments(["--dataset", "x.txt", *TINY, "--dropout", "0.5", "--seed", "3"])
+    masks, weights = [], []
+    for rank in (0, 1, 0):
+        model = train_accelerate.build_seeded_model(model_args, train_args, rank)
+        weights.append(model.state_dict())
+        masks.append(torch.nn.functional.dropout(torch.ones(4096), 0.5))
+    for name, tensor in weights[0].items():
+        assert torch.equal(weights[1][name], tensor) and torch.equal(weights[2][name], tensor), name
+    assert torch.equal(masks[0], masks[2])  # seeded: rank 0 draws the same masks again
+    assert not torch.equal(masks[0], masks[1])
+
+
 @pytest.mark.parametrize("name", ["missing", "runs/old/final", "a_file"])
 def test_an_init_from_folder_that_is_not_there_names_the_flag(tmp_path, monkeypatch, name):
     """transformers took a missing path for a Hub id ("Repo id must be in the form ...") and a file for a config
