@@ -998,7 +998,9 @@ def stage_folder(
         logger.info("%s holds an earlier staging: staging again into it", out_dir)
         for path in out_dir.iterdir():
             path.unlink()
-    elif out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    elif out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir} is a file, not a folder: pass a new or empty folder to stage into.")
+    elif out_dir.exists() and any(out_dir.iterdir()):
         raise ValueError(
             f"{out_dir} is not an empty folder, nor one staged by push_to_hub.py: pass a new or empty folder to stage "
             "into, or delete this one."

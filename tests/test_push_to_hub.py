@@ -523,6 +523,14 @@ def test_non_empty_local_dir_is_an_error(tiny_run, tmp_path, capsys):
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
 
 
+def test_a_local_dir_that_is_a_file_is_an_error_that_says_so(tiny_run, tmp_path, capsys):
+    (tmp_path / "out").write_text("not ours")
+    argv = [str(tiny_run.run_dir), "--repo-id", REPO_ID, "--dry-run", "--local-dir", str(tmp_path / "out")]
+    line = _run_main_expect_error(argv, capsys)
+    assert line.endswith(f"{tmp_path / 'out'} is a file, not a folder: pass a new or empty folder to stage into.")
+    assert (tmp_path / "out").read_text() == "not ours"
+
+
 def test_a_local_dir_staged_before_is_staged_again(tiny_run, staged, tmp_path, capsys):
     """A retry after a failed upload (or a push after a --dry-run) reuses its --local-dir; a folder that holds
     anything else besides an earlier staging is left alone."""
