@@ -264,11 +264,23 @@ def build_seeded_model(
     return model
 
 
+@contextlib.contextmanager
+def attn_implementation_errors(name: str):
+    """transformers' error for an attention kernel it does not know (a `ValueError` listing them), or one whose package
+    is not installed (flash-attn, `kernels`: an `ImportError` traceback), as one line naming the flag."""
+    try:
+        yield
+    except (ImportError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"--attn_implementation {name}: {first}") from err
+
+
 def build_model(model_args: ModelArguments, train_args: TrainArguments) -> GPT2ScratchForCausalLM:
     """A random GPT-2 of the requested size, or pretrained weights (`--init_from`: `load_init_from`)."""
     if model_args.init_from:
         model = load_init_from(model_args.init_from)
-        model.set_attn_implementation(model_args.attn_implementation)
+        with attn_implementation_errors(model_args.attn_implementation):
+            model.set_attn_implementation(model_args.attn_implementation)
         for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):  # a training choice, not the checkpoint's
             setattr(model.config, name, model_args.dropout)
         for module in model.modules():
@@ -285,7 +297,8 @@ def build_model(model_args: ModelArguments, train_args: TrainArguments) -> GPT2S
             embd_pdrop=model_args.dropout,
             attn_pdrop=model_args.dropout,
         )
-        model = GPT2ScratchForCausalLM._from_config(config, attn_implementation=model_args.attn_implementation)
+        with attn_implementation_errors(model_args.attn_implementation):
+            model = GPT2ScratchForCausalLM._from_config(config, attn_implementation=model_args.attn_implementation)
     if train_args.seq_len > model.config.n_positions:
         raise ValueError(
             f"--seq_len {train_args.seq_len} is longer than the model's context n_positions="

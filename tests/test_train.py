@@ -1986,6 +1986,27 @@ def test_every_process_starts_from_the_same_weights_and_draws_its_own_dropout_ma
     assert not torch.equal(masks[0], masks[1])
 
 
+@pytest.mark.parametrize("name", ["foo", "flash_attention_2"])
+def test_an_attention_kernel_transformers_cannot_use_is_one_line_naming_the_flag(name, tmp_path, corpus):
+    """flash_attention_2, which --help lists, was an ImportError traceback where flash-attn is not installed; an
+    unknown name was transformers' message without the flag."""
+    import importlib.util
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed")
+    hf_dir = tmp_path / "hf"
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=64)).save_pretrained(hf_dir)
+    for init_from in ([], ["--init_from", str(hf_dir)]):
+        model_args, _, train_args = parse_arguments(
+            ["--dataset", str(corpus), *TINY, "--attn_implementation", name, *init_from]
+        )
+        with pytest.raises(ValueError, match=rf"^--attn_implementation {name}: \S") as err:
+            train_accelerate.build_model(model_args, train_args)
+        assert "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("name", ["missing", "runs/old/final", "a_file"])
 def test_an_init_from_folder_that_is_not_there_names_the_flag(tmp_path, monkeypatch, name):
     """transformers took a missing path for a Hub id ("Repo id must be in the form ...") and a file for a config
