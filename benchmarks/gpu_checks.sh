@@ -6,8 +6,9 @@
 # them; `datasets` is needed only to tokenize). Each part's output goes to $OUT; BENCHMARKS.md's GPU sections came
 # from these commands on H200s (2026-11-26). There, the CUDA parity tests took 60 s, 3 compiled variants at 16x1024
 # with their memory children 146 s, 2 without them 50-70 s, a trainer run of 8 steps 65-80 s (micro-batch 32: step 1
-# compiles for 29-49 s); 3 variants at 64x1024 did not finish in 200 s, nor did `-autotune` variants (inductor's
-# matmul autotuning took 119 s for 9 shapes, and cuBLAS won 8 of them: not worth a lease).
+# compiles for 29-49 s); 3 variants at 64x1024 did not finish in 200 s, nor did `-autotune` variants. Inductor's
+# matmul autotuning alone (2026-11-27) took 190 s for the step's 15 shapes, cuBLAS won 14, and the step ran at 1.00x:
+# not worth a lease.
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 T0=$(date +%s); DEADLINE=$((T0 + ${BUDGET:-540}))
