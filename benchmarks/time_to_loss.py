@@ -1,9 +1,10 @@
 """Time to loss on CPU: the quickstart preset vs `transformers.Trainer` on the same tokens with the same recipe.
 
 Both train a GPT-2 of the quickstart's size on the quickstart's token shards (tiny Shakespeare) with the same batch,
-AdamW settings, warmup + cosine-to-10% schedule, clipping, seed and mixed precision, for at most the same
-wall-clock budget (default 5 minutes, start-up and data preparation excluded for both), then measure the loss on
-the same validation batches:
+AdamW settings, warmup + cosine-to-10% schedule, clipping, seed, mixed precision and torch thread count (our
+trainer's `cpu_threads`: the cores the process may use, where torch's own default may count physical cores only),
+for at most the same wall-clock budget (default 5 minutes, start-up and data preparation excluded for both), then
+measure the loss on the same validation batches:
 
 - ours: `train_accelerate.py --config configs/quickstart.yaml` (a subprocess on the CPU, `ACCELERATE_USE_CPU`, with
   its default speed settings), stopped with SIGTERM so that its last step is the first to end past the budget, as
@@ -53,6 +54,7 @@ from modeling_gpt2_scratch.training import (  # noqa: E402
     parse_arguments,
     resolve_data_dir,
 )
+from train_accelerate import cpu_threads  # noqa: E402
 
 PRESET = REPO / "configs" / "quickstart.yaml"
 
@@ -188,6 +190,7 @@ def trainer_arguments(train_args, accum: int, bf16: bool, output_dir: Path) -> T
 def run_trainer(args, workdir: Path) -> dict:
     model_args, _, train_args = parse_arguments(["--config", str(PRESET), "--dataset", args.dataset, *args.seed])
     accum = gradient_accumulation_steps(train_args, 1)
+    torch.set_num_threads(cpu_threads(train_args, num_processes=1))  # ours' count: torch's default may be fewer
     torch.manual_seed(train_args.seed)
     scratch = GPT2ScratchConfig(  # the quickstart's architecture, then its HF GPT-2 twin (unpadded vocabulary)
         n_layer=model_args.n_layer, n_head=model_args.n_head, n_embd=model_args.n_embd,

@@ -464,6 +464,43 @@ for step in range(1, 100):
     assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()][-1] == 5  # 5 s: past 4.5
 
 
+@pytest.fixture
+def tiny_trainer_run(monkeypatch, tmp_path):
+    """`time_to_loss.run_trainer` on a tiny GPT-2 and 16 random sequences (the preset's batch and schedule), stopped
+    after its first optimizer step; `trainer` replaces `transformers.Trainer`. Returns its result dict."""
+    import time_to_loss
+    from transformers import GPT2Config
+
+    def run(trainer=None) -> dict:
+        x = torch.randint(0, 64, (16, 256), generator=torch.Generator().manual_seed(0))
+        rows = [{"input_ids": r, "labels": r.roll(-1), "shift_labels": r.roll(-1)} for r in x]
+        monkeypatch.setattr(time_to_loss, "ShardDataset", lambda *args: rows)
+        tiny = GPT2Config(
+            n_embd=16, n_layer=1, n_head=2, n_positions=256, vocab_size=64, bos_token_id=0, eos_token_id=0
+        )
+        monkeypatch.setattr(time_to_loss, "hf_config_from_scratch", lambda config: tiny)
+        monkeypatch.setattr(time_to_loss, "val_loss", lambda *args: 0.0)
+        if trainer is not None:
+            monkeypatch.setattr(time_to_loss, "Trainer", trainer)
+        args = argparse.Namespace(
+            dataset="x.txt", data_dir=tmp_path, seed=[], budget_minutes=1e-6, micro_batch_size=8, seq_len=256,
+            eval_batches=1, bf16=False,
+        )  # fmt: skip
+        return time_to_loss.run_trainer(args, tmp_path)
+
+    return run
+
+
+def test_time_to_loss_trainer_runs_with_our_trainers_thread_count(monkeypatch, tiny_trainer_run):
+    """Our trainer sets torch's threads to the cores it may use (`cpu_threads`); torch's own default, which the
+    `Trainer` in this process would keep, can be fewer (physical cores only)."""
+    threads = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)  # record, without changing this process
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert tiny_trainer_run()["steps"] == 1
+    assert threads == [3]  # our trainer's count for 3 usable cores and one process
+
+
 def test_only_the_trainers_exact_defaults_are_labelled_so(tmp_path):
     """On a CPU the trainer does not compile: `hf-defaults-compile` runs its Accelerator and step, not its defaults."""
     args, cpu = TrainArguments(output_dir=str(tmp_path)), torch.device("cpu")
