@@ -501,6 +501,23 @@ def test_time_to_loss_trainer_runs_with_our_trainers_thread_count(monkeypatch, t
     assert threads == [3]  # our trainer's count for 3 usable cores and one process
 
 
+def test_time_to_loss_trainer_seconds_are_its_training_loops(tiny_trainer_run):
+    """As ours' (its last step's `elapsed`, from the loop's start): the Trainer's set-up before `on_train_begin`
+    (data loader, optimizer, `accelerator.prepare`) and its wrap-up after the last step are not training seconds."""
+    import time
+
+    from transformers import Trainer
+
+    class SlowSetUp(Trainer):
+        def get_train_dataloader(self):
+            time.sleep(2.0)
+            return super().get_train_dataloader()
+
+    result = tiny_trainer_run(SlowSetUp)
+    assert result["steps"] == 1
+    assert result["seconds"] < 2.0, result  # one step of a tiny model (0.7 s: its first)
+
+
 def test_only_the_trainers_exact_defaults_are_labelled_so(tmp_path):
     """On a CPU the trainer does not compile: `hf-defaults-compile` runs its Accelerator and step, not its defaults."""
     args, cpu = TrainArguments(output_dir=str(tmp_path)), torch.device("cpu")
