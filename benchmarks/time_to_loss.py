@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+import transformers  # noqa: E402
 from cli import positive_float, positive_int  # noqa: E402  (this folder is on sys.path when run as a script)
 from transformers import (  # noqa: E402
     GPT2LMHeadModel,
@@ -50,6 +51,7 @@ from modeling_gpt2_scratch.data import ShardedTokenLoader, prepare_dataset  # no
 from modeling_gpt2_scratch.training import (  # noqa: E402
     checkpoint_dir,
     cpu_supports_bf16,
+    describe_device,
     gradient_accumulation_steps,
     parse_arguments,
     resolve_data_dir,
@@ -224,7 +226,7 @@ def run_trainer(args, workdir: Path) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", default="../shared/data/tinyshakespeare.txt", help="Text for the quickstart.")
     parser.add_argument("--budget_minutes", type=positive_float, default=5.0, help="Wall-clock budget of each run.")
@@ -236,7 +238,7 @@ def main() -> None:
         help="Give Trainer the training seconds ours took instead of --budget_minutes: which loss each reaches in "
         "the same time (Trainer stops after the first optimizer step past it).",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.seed = [] if args.seed is None else ["--seed", str(args.seed)]  # passed to both runs
     try:  # a bad --dataset or --seed: the library's message on one line
         _, data_args, train_args = parse_arguments(["--config", str(PRESET), "--dataset", args.dataset, *args.seed])
@@ -255,9 +257,12 @@ def main() -> None:
     budget = f"{args.budget_minutes:g}-minute budget"
     if args.same_time:
         budget = f"{args.budget_minutes * 60:.0f}-second budget (ours's time)"
-    print(f"quickstart preset, seed {train_args.seed}, {budget}, "
-          f"torch {torch.__version__}, "
-          f"{os.cpu_count()} cores, bf16={args.bf16}; val loss on {args.eval_batches} x "
+    print(
+        f"\n## Time to loss: {describe_device(torch.device('cpu'))}; torch {torch.__version__}, transformers "
+        f"{transformers.__version__}; {time.strftime('%Y-%m-%d')}\n"
+    )
+    print(f"Command: `python {' '.join(['benchmarks/time_to_loss.py', *(argv or sys.argv[1:])])}`\n")
+    print(f"quickstart preset, seed {train_args.seed}, {budget}, bf16={args.bf16}; val loss on {args.eval_batches} x "
           f"{args.micro_batch_size} x {args.seq_len} val tokens\n")  # fmt: skip
     print("| run | optimizer steps | tokens | train seconds | tokens/s | val loss | val perplexity |")
     print("|---|---:|---:|---:|---:|---:|---:|")

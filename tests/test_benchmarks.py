@@ -442,6 +442,28 @@ def test_time_to_loss_a_missing_dataset_is_a_one_line_error(tmp_path, monkeypatc
         time_to_loss.main()
 
 
+def test_time_to_loss_table_names_the_command_machine_date_and_versions(tmp_path, monkeypatch, capsys):
+    """BENCHMARKS.md pastes the printed table under its command, machine, date and versions: it must print them."""
+    import time
+
+    import time_to_loss
+    import transformers
+
+    from modeling_gpt2_scratch.training import describe_device
+
+    result = {"steps": 2, "tokens": 8192, "seconds": 4.0, "val_loss": 7.0}
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(time_to_loss, "prepare_dataset", lambda *args, **kwargs: None)
+    monkeypatch.setattr(time_to_loss, "run_ours", lambda args, workdir: result)
+    monkeypatch.setattr(time_to_loss, "run_trainer", lambda args, workdir: result)
+    time_to_loss.main(["--dataset", "corpus.txt", "--budget_minutes", "0.5"])
+    out = capsys.readouterr().out
+    assert f"{describe_device(torch.device('cpu'))}; torch {torch.__version__}" in out
+    assert f"transformers {transformers.__version__}; {time.strftime('%Y-%m-%d')}" in out
+    assert "Command: `python benchmarks/time_to_loss.py --dataset corpus.txt --budget_minutes 0.5`" in out
+    assert "| ours: train_accelerate.py (quickstart) | 2 | 8,192 | 4 | 2,048 | 7.0000 | 1096.6 |" in out
+
+
 def test_time_to_loss_stops_ours_after_the_first_step_past_the_budget(tmp_path):
     """As the Trainer's `TimeBudget`: our trainer (here a stand-in logging 1 s steps) ends with the first step that
     ends past the budget, not at the preset's last step."""
