@@ -230,7 +230,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", default="../shared/data/tinyshakespeare.txt", help="Text for the quickstart.")
     parser.add_argument("--budget_minutes", type=positive_float, default=5.0, help="Wall-clock budget of each run.")
-    parser.add_argument("--eval_batches", type=positive_int, default=16, help="Val batches for the final comparison.")
+    parser.add_argument(
+        "--eval_batches", type=positive_int, default=16, help="Val batches to compare on (at most the split's)."
+    )
     parser.add_argument("--seed", type=int, default=None, help="Both runs' seed (default: the preset's).")
     parser.add_argument(
         "--same_time",
@@ -244,9 +246,11 @@ def main(argv: list[str] | None = None) -> None:
         _, data_args, train_args = parse_arguments(["--config", str(PRESET), "--dataset", args.dataset, *args.seed])
         args.data_dir = resolve_data_dir(data_args, train_args)
         prepare_dataset(data_args, output_dir=args.data_dir)
+        args.micro_batch_size, args.seq_len = train_args.micro_batch_size, train_args.seq_len
+        val = ShardedTokenLoader(args.data_dir, "val", args.micro_batch_size, args.seq_len)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"time_to_loss.py: {err}") from None
-    args.micro_batch_size, args.seq_len = train_args.micro_batch_size, train_args.seq_len
+    args.eval_batches = min(args.eval_batches, val.batches_per_epoch)  # one pass at most, as the trainer's evaluate
     args.bf16 = train_args.mixed_precision == "bf16" or (train_args.mixed_precision == "auto" and cpu_supports_bf16())
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     with tempfile.TemporaryDirectory() as tmp:

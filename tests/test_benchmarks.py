@@ -442,7 +442,31 @@ def test_time_to_loss_a_missing_dataset_is_a_one_line_error(tmp_path, monkeypatc
         time_to_loss.main()
 
 
-def test_time_to_loss_table_names_the_command_machine_date_and_versions(tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def stubbed_time_to_loss(tmp_path, monkeypatch):
+    """`time_to_loss.main` with both runs stubbed out (each returns the same result and records the `args` it got)
+    and a prepared val split of 3 batches, in `tmp_path`. Returns the recorded `args`."""
+    import time_to_loss
+
+    class ValSplit:
+        def __init__(self, data_dir, split, batch_size, seq_len):
+            self.batches_per_epoch = 3
+
+    runs = []
+
+    def run(args, workdir):
+        runs.append(args)
+        return {"steps": 2, "tokens": 8192, "seconds": 4.0, "val_loss": 7.0}
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(time_to_loss, "prepare_dataset", lambda *args, **kwargs: None)
+    monkeypatch.setattr(time_to_loss, "ShardedTokenLoader", ValSplit)
+    monkeypatch.setattr(time_to_loss, "run_ours", run)
+    monkeypatch.setattr(time_to_loss, "run_trainer", run)
+    return runs
+
+
+def test_time_to_loss_table_names_the_command_machine_date_and_versions(stubbed_time_to_loss, capsys):
     """BENCHMARKS.md pastes the printed table under its command, machine, date and versions: it must print them."""
     import time
 
@@ -451,17 +475,22 @@ def test_time_to_loss_table_names_the_command_machine_date_and_versions(tmp_path
 
     from modeling_gpt2_scratch.training import describe_device
 
-    result = {"steps": 2, "tokens": 8192, "seconds": 4.0, "val_loss": 7.0}
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(time_to_loss, "prepare_dataset", lambda *args, **kwargs: None)
-    monkeypatch.setattr(time_to_loss, "run_ours", lambda args, workdir: result)
-    monkeypatch.setattr(time_to_loss, "run_trainer", lambda args, workdir: result)
     time_to_loss.main(["--dataset", "corpus.txt", "--budget_minutes", "0.5"])
     out = capsys.readouterr().out
     assert f"{describe_device(torch.device('cpu'))}; torch {torch.__version__}" in out
     assert f"transformers {transformers.__version__}; {time.strftime('%Y-%m-%d')}" in out
     assert "Command: `python benchmarks/time_to_loss.py --dataset corpus.txt --budget_minutes 0.5`" in out
     assert "| ours: train_accelerate.py (quickstart) | 2 | 8,192 | 4 | 2,048 | 7.0000 | 1096.6 |" in out
+
+
+def test_time_to_loss_evaluates_each_val_batch_once(stubbed_time_to_loss, capsys):
+    """As the trainer's `evaluate`: `--eval_batches` beyond the val split's batches reads the split once (the loader
+    would wrap and count its first batches twice), and the table says how many batches it used."""
+    import time_to_loss
+
+    time_to_loss.main(["--dataset", "corpus.txt", "--eval_batches", "20"])
+    assert [args.eval_batches for args in stubbed_time_to_loss] == [3, 3]  # the split's 3 batches, for both runs
+    assert "val loss on 3 x 8 x 256 val tokens" in capsys.readouterr().out
 
 
 def test_time_to_loss_stops_ours_after_the_first_step_past_the_budget(tmp_path):
