@@ -227,7 +227,9 @@ def run_trainer(args, workdir: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     parser.add_argument("--dataset", default="../shared/data/tinyshakespeare.txt", help="Text for the quickstart.")
     parser.add_argument("--budget_minutes", type=positive_float, default=5.0, help="Wall-clock budget of each run.")
     parser.add_argument(

@@ -493,6 +493,18 @@ def test_time_to_loss_evaluates_each_val_batch_once(stubbed_time_to_loss, capsys
     assert "val loss on 3 x 8 x 256 val tokens" in capsys.readouterr().out
 
 
+def test_time_to_loss_help_shows_what_is_compared_and_how_to_run_it(capsys):
+    """As `generate_throughput.py --help`: the module docstring (both sides' settings, example commands)."""
+    import time_to_loss
+
+    with pytest.raises(SystemExit) as exit_info:
+        time_to_loss.main(["--help"])
+    assert exit_info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "start-up and data preparation excluded for both" in out
+    assert "python benchmarks/time_to_loss.py --same_time # Trainer gets the seconds ours took" in out
+
+
 def test_time_to_loss_stops_ours_after_the_first_step_past_the_budget(tmp_path):
     """As the Trainer's `TimeBudget`: our trainer (here a stand-in logging 1 s steps) ends with the first step that
     ends past the budget, not at the preset's last step."""
