@@ -260,7 +260,7 @@ def build_seeded_model(
     resume then restores each process's own RNG state (`random_states_<rank>.pkl`)."""
     set_seed(train_args.seed)
     model = build_model(model_args, train_args)
-    set_seed(train_args.seed + process_index)
+    set_seed((train_args.seed + process_index) % 2**32)
     return model
 
 

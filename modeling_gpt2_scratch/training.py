@@ -237,6 +237,8 @@ class TrainArguments:
                      "weight_decay"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be 0 or more, got {getattr(self, name)}.")
+        if not 0 <= self.seed < 2**32:  # numpy's range (set_seed seeds numpy too); was its error, after the data
+            raise ValueError(f"--seed must be between 0 and {2**32 - 1}, got {self.seed}.")
         if self.loss_chunk_elements < 0:
             raise ValueError(
                 f"--loss_chunk_elements must be 0 (the model's default) or a positive count of logits, got "

@@ -274,6 +274,8 @@ def test_tf32_is_on_unless_switched_off_either_way(flags, tf32):
         ("--beta2", "1", "--beta2 must be in [0, 1), got 1.0."),
         ("--mixed_precision", "fp8", "--mixed_precision must be auto, bf16, fp16 or no, got 'fp8'."),
         ("--compile", "maybe", "--compile must be true, false or auto, got 'maybe'."),
+        ("--seed", "-1", "--seed must be between 0 and 4294967295, got -1."),
+        ("--seed", str(2**32), "--seed must be between 0 and 4294967295, got 4294967296."),
     ],
 )
 def test_bad_training_flags_fail_at_parsing(flag, value, message):
