@@ -52,7 +52,8 @@ _NETWORK_TIMEOUT_S = 10.0  # how long the reachability check waits before declar
 
 
 class EncodingFilesNotFoundError(FileNotFoundError):
-    """GPT-2's BPE ranks are neither in tiktoken's cache nor downloadable (offline, or the site is unreachable)."""
+    """GPT-2's BPE ranks are neither in tiktoken's cache nor downloadable into it (offline, the site is unreachable,
+    or the cache folder cannot be written)."""
 
 
 def _tiktoken_cache_dir() -> str:
@@ -92,18 +93,21 @@ def _offline_mode() -> bool:
     )
 
 
-def _missing_ranks_error(reason: str, damaged: bool = False) -> EncodingFilesNotFoundError:
+def _missing_ranks_error(reason: str, damaged: bool = False, unwritable: bool = False) -> EncodingFilesNotFoundError:
     url = _R50K_BASE_FILES[0][0]
     where = (
         f"is damaged in tiktoken's cache ({_cache_path(url)!r}: not the published file; delete it)"
         if damaged
         else f"is not in tiktoken's cache ({_cache_path(url)!r})"
     )
-    return EncodingFilesNotFoundError(
-        f"Cannot load GPT-2's BPE ranks for tiktoken: {url} {where} and {reason}. Set TIKTOKEN_CACHE_DIR to a "
-        "folder that holds it (in this project: ../shared/tiktoken_cache), or connect to the internet"
-        + (" and unset HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE." if _offline_mode() else ".")
-    )
+    if unwritable:
+        fix = "Set TIKTOKEN_CACHE_DIR to a folder this process can write, or to one that holds the file."
+    else:
+        fix = (
+            "Set TIKTOKEN_CACHE_DIR to a folder that holds it (in this project: ../shared/tiktoken_cache), or connect "
+            "to the internet" + (" and unset HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE." if _offline_mode() else ".")
+        )
+    return EncodingFilesNotFoundError(f"Cannot load GPT-2's BPE ranks for tiktoken: {url} {where} and {reason}. {fix}")
 
 
 @functools.lru_cache(maxsize=1)
@@ -126,7 +130,9 @@ def get_encoding() -> tiktoken.Encoding:
 
     Raises:
         EncodingFilesNotFoundError: (a `FileNotFoundError`) when the ranks are neither cached nor downloadable; the
-            message says to set `TIKTOKEN_CACHE_DIR` or connect to the internet.
+            message says to set `TIKTOKEN_CACHE_DIR` or connect to the internet. Also when tiktoken downloads them
+            but cannot write them into the `TIKTOKEN_CACHE_DIR` set (a read-only folder, a path under a file): the
+            message says to set `TIKTOKEN_CACHE_DIR` to a folder this process can write.
     """
     states = {name: _cache_state(files) for name, files in (("r50k_base", _R50K_BASE_FILES), ("gpt2", _GPT2_FILES))}
     for name, state in states.items():
@@ -143,8 +149,11 @@ def get_encoding() -> tiktoken.Encoding:
     try:
         requests.head(url, timeout=_NETWORK_TIMEOUT_S, allow_redirects=True).raise_for_status()
         return tiktoken.get_encoding("r50k_base")
-    except (requests.RequestException, OSError, ValueError) as err:
+    except (requests.RequestException, ValueError) as err:  # ValueError: the download is not the published file
         raise _missing_ranks_error(f"downloading it failed ({type(err).__name__}: {err})", damaged) from err
+    except OSError as err:  # other than a RequestException (an OSError too): writing into TIKTOKEN_CACHE_DIR
+        reason = f"tiktoken cannot write it into its cache folder ({type(err).__name__}: {err})"
+        raise _missing_ranks_error(reason, damaged, unwritable=True) from err
 
 
 def _split_in_two(ranks: dict[bytes, int], token: bytes) -> tuple[bytes, bytes]:

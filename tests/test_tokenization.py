@@ -8,11 +8,13 @@ from pathlib import Path
 import pytest
 import requests
 import tiktoken.load
+import tiktoken.registry
 import torch
 from transformers import AutoTokenizer, GPT2Tokenizer, PreTrainedTokenizerFast, pipeline
 
 from modeling_gpt2_scratch.tokenization import (
     _GPT2_FILES,
+    _R50K_BASE_FILES,
     EncodingFilesNotFoundError,
     get_encoding,
     get_hf_tokenizer,
@@ -54,7 +56,7 @@ def hf_tokenizer() -> PreTrainedTokenizerFast:
 
 @pytest.fixture
 def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fail the test on any download attempt, and start from an empty `get_encoding` cache."""
+    """Fail the test on any download attempt, and start from empty `get_encoding` and tiktoken registry caches."""
 
     def refuse(*args, **kwargs):
         raise AssertionError("the test tried to reach the network")
@@ -62,6 +64,7 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(requests, "head", refuse)
     monkeypatch.setattr(requests, "get", refuse)
     monkeypatch.setattr(tiktoken.load, "read_file", refuse)
+    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})  # encodings loaded by earlier tests: load them again
     get_encoding.cache_clear()
     yield
     get_encoding.cache_clear()
@@ -234,6 +237,32 @@ def test_get_encoding_unreachable_download_raises_clear_error(tmp_path, monkeypa
         get_encoding()
     assert "TIKTOKEN_CACHE_DIR" in str(excinfo.value)
     assert "connect to the internet" in str(excinfo.value)
+
+
+def test_an_unwritable_cache_folder_is_named_as_such_not_as_a_failed_download(tmp_path, monkeypatch, no_network):
+    """Online, tiktoken downloads the file and then fails to write it into a TIKTOKEN_CACHE_DIR it cannot write: the
+    fix is another cache folder, not a connection."""
+
+    class Reachable:
+        def raise_for_status(self) -> None:
+            pass
+
+    url = _R50K_BASE_FILES[0][0]
+    published = (
+        Path(os.environ.get("TIKTOKEN_CACHE_DIR", SHARED_CACHE)) / hashlib.sha1(url.encode()).hexdigest()
+    ).read_bytes()
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "a_file" / "cache"))  # under a file: not writable
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(requests, "head", lambda url, **kwargs: Reachable())
+    monkeypatch.setattr(tiktoken.load, "read_file", lambda blobpath: published)
+    with pytest.raises(EncodingFilesNotFoundError, match="cannot write") as excinfo:
+        get_encoding()
+    message = str(excinfo.value)
+    assert "TIKTOKEN_CACHE_DIR" in message and str(tmp_path / "a_file") in message
+    assert "downloading it failed" not in message and "connect to the internet" not in message
+    assert "\n" not in message
 
 
 def test_text_generation_pipeline_runs_offline_on_a_saved_model(tmp_path, monkeypatch):
