@@ -30,6 +30,7 @@ from accelerate.utils import DistributedType, set_seed
 from accelerate.utils.memory import should_reduce_batch_size
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers.dynamic_module_utils import custom_object_save
 
 from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
@@ -916,7 +917,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     model.train()
     loop_start, elapsed_before = time.time(), state.elapsed
     first_step, step_seconds = state.step + 1, 0.0
-    with StopSignal() as stop, contextlib.closing(progress):  # an error's line starts below the bar, not on it
+    # an error's line starts below the bar, not on it; a line logged meanwhile ("saved checkpoint") goes through tqdm,
+    # which clears the bar first, instead of after the bar's text on its line
+    with StopSignal() as stop, contextlib.closing(progress), logging_redirect_tqdm(tqdm_class=tqdm):
 
         def stop_requested() -> bool:  # collective: every process asks, and all get the same answer
             if accelerator.num_processes == 1:

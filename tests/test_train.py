@@ -452,6 +452,20 @@ def test_a_checkpoint_is_one_log_line_not_one_per_file(corpus, data_dir, tmp_pat
     assert len(saved) == 1 and saved[0].startswith("saved checkpoint ")
 
 
+def test_a_log_line_during_training_starts_a_line_of_its_own_not_the_progress_bars(corpus, data_dir, tmp_path, capsys):
+    """A line logged while the progress bar is shown went after the bar's text, on its line ("train:  50%|...| 1/2
+    [...]2026-... INFO train_accelerate: saved checkpoint ..."); it goes through tqdm, which clears the bar first."""
+    handler = logging.StreamHandler(sys.stderr)  # what the command line's logging.basicConfig adds, on capsys' stderr
+    logging.getLogger().addHandler(handler)
+    argv = ["--dataset", str(corpus), "--data_dir", str(data_dir), "--output_dir", str(tmp_path / "run"), *TINY]
+    try:
+        assert train_accelerate.main([*argv, "--max_steps", "2", "--save_every", "1", "--eval_every", "0"]) == 0
+    finally:
+        logging.getLogger().removeHandler(handler)
+    saved = [line.split("\r")[-1] for line in capsys.readouterr().err.splitlines() if "saved checkpoint" in line]
+    assert len(saved) == 2 and all(line.startswith("saved checkpoint ") for line in saved), saved
+
+
 def test_metrics_and_summary_record_the_peak_memory(corpus, data_dir, tmp_path):
     out = tmp_path / "run"
     summary = run(corpus, data_dir, out, "--max_steps", "3", "--save_every", "0", "--eval_every", "0")
