@@ -934,19 +934,24 @@ class TrainState:
 class MetricsWriter:
     """Appends one JSON object per logged step to `metrics.jsonl` and draws `loss.png` (main process only).
 
-    On resume, records after the checkpoint's step are dropped first, so the file reads as one uninterrupted run.
+    On resume, records after the checkpoint's step are dropped first, so the file reads as one uninterrupted run, and
+    `loss.png` is redrawn without them; a new run (no `resume_step`) starts without the folder's earlier files.
     """
 
     def __init__(self, output_dir: str | os.PathLike, resume_step: int | None = None) -> None:
         self.path = Path(output_dir) / METRICS_NAME
         self.plot_path = Path(output_dir) / "loss.png"
         if resume_step is not None and self.path.exists():
-            kept = [r for r in self.read() if r["step"] <= resume_step]
+            records = self.read()
+            kept = [r for r in records if r["step"] <= resume_step]
             tmp = self.path.with_suffix(".jsonl.tmp")  # replaced whole: a crash meanwhile keeps the run's history
             tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
             os.replace(tmp, self.path)
-        elif resume_step is None and self.path.exists():
-            self.path.unlink()
+            if len(kept) < len(records) and self.plot_path.exists():  # its curve went past the checkpoint
+                self.plot() if kept else self.plot_path.unlink()
+        elif resume_step is None:
+            self.path.unlink(missing_ok=True)
+            self.plot_path.unlink(missing_ok=True)
 
     def read(self) -> list[dict[str, Any]]:
         """The records so far; a line cut short by a killed process (SIGKILL mid-write) is skipped."""

@@ -32,6 +32,7 @@ from modeling_gpt2_scratch.training import (
     list_checkpoints,
     load_preset,
     parse_arguments,
+    plot_losses,
     resolve_resume,
 )
 
@@ -1108,6 +1109,26 @@ def test_metrics_lines_are_strict_json_with_null_for_a_non_finite_number(tmp_pat
 
     line = (tmp_path / "metrics.jsonl").read_text()
     assert json.loads(line, parse_constant=refuse) == {"step": 1, "train_loss": 5.0, "grad_norm": None, "lr": 1e-4}
+
+
+def test_loss_png_never_shows_steps_that_metrics_jsonl_dropped(tmp_path):
+    """A resume drops the metrics of the steps after its checkpoint, but loss.png kept their curve until the next
+    evaluation (push_to_hub.py publishes that file with the checkpoint); a new start kept the earlier run's curve."""
+    records = [{"step": s, "tokens": 256 * s, "train_loss": 5.0 - s / 10} for s in (1, 2, 3, 4)]
+    records[3]["val_loss"] = 4.8
+    writer = MetricsWriter(tmp_path)
+    for record in records:
+        writer.write(record)
+    writer.plot()  # as the evaluation of step 4 draws it; then a kill, and a resume from step 2's checkpoint
+    MetricsWriter(tmp_path, resume_step=2)
+    plot_losses(records[:2], tmp_path / "expected.png")
+    assert (tmp_path / "loss.png").read_bytes() == (tmp_path / "expected.png").read_bytes()
+    MetricsWriter(tmp_path, resume_step=0)  # nothing left to draw
+    assert not (tmp_path / "loss.png").exists()
+    writer.write(records[0])
+    writer.plot()
+    MetricsWriter(tmp_path)  # a new run in the folder (--overwrite_output_dir)
+    assert not (tmp_path / "loss.png").exists() and not (tmp_path / "metrics.jsonl").exists()
 
 
 def test_a_crash_while_metrics_are_trimmed_on_resume_keeps_them(tmp_path, monkeypatch):
