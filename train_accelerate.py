@@ -986,7 +986,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
                     record["peak_memory_mib"] = round(memory)  # the main process's
                 if accelerator.is_main_process:
                     metrics.write(record)
-                    progress.write(_log_line(record, train_args.max_steps))
+                    write_line(_log_line(record, train_args.max_steps))
                     if "val_loss" in record:
                         metrics.plot()
                 accelerator.log(tracker_values(record), step=state.step)
@@ -994,7 +994,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
                 if accelerator.is_main_process:
                     samples = generate_samples(unwrapped, train_args, device)
                     for i, text in enumerate(samples):
-                        progress.write(f"sample {i} (step {state.step}): {text!r}")
+                        write_line(f"sample {i} (step {state.step}): {text!r}")
                     log_samples(accelerator, samples, state.step)
             if not last:  # a checkpoint of this step (saved below) holds its evaluation and samples, as step + 1 does
                 state.elapsed = elapsed_before + time.time() - loop_start
@@ -1061,6 +1061,13 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
             )
         accelerator.end_training()
         return summary
+
+
+def write_line(text: str) -> None:
+    """A line on stdout, above the progress bar, flushed at once: in a file (nohup, a scheduler's log, `| tee`) stdout
+    is block-buffered, and the step lines came 8 KB at a time, behind the stderr lines logged since."""
+    tqdm.write(text)
+    sys.stdout.flush()
 
 
 def _postfix(record: dict) -> str:

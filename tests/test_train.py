@@ -1,5 +1,6 @@
 """train_accelerate.py: recipe pieces, end-to-end runs on tiny Shakespeare, exact resume, faults, 2 processes."""
 
+import io
 import json
 import logging
 import math
@@ -465,6 +466,24 @@ def test_a_log_line_during_training_starts_a_line_of_its_own_not_the_progress_ba
         logging.getLogger().removeHandler(handler)
     saved = [line.split("\r")[-1] for line in capsys.readouterr().err.splitlines() if "saved checkpoint" in line]
     assert len(saved) == 2 and all(line.startswith("saved checkpoint ") for line in saved), saved
+
+
+def test_the_step_lines_reach_a_file_at_once_not_when_stdouts_buffer_fills(corpus, data_dir, tmp_path, monkeypatch):
+    """Written to a file (nohup, a scheduler's log, `| tee`), stdout is block-buffered: the step and sample lines came
+    8 KB at a time (hundreds of steps), after the stderr lines logged since, and a killed run never wrote them."""
+    written = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(written, encoding="utf-8"))  # buffered, as for a file
+    on_disk_at_save = []
+    real_save = train_accelerate.save_checkpoint
+
+    def save(*args, **kwargs):
+        on_disk_at_save.append(written.getvalue().decode())
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(train_accelerate, "save_checkpoint", save)
+    run(corpus, data_dir, tmp_path / "run", "--max_steps", "2", "--save_every", "1", "--eval_every", "0",
+        "--sample_every", "1", "--num_samples", "1", "--sample_tokens", "2")  # fmt: skip
+    assert "step      1/2 | loss " in on_disk_at_save[0] and "sample 0 (step 1): " in on_disk_at_save[0]
 
 
 def test_metrics_and_summary_record_the_peak_memory(corpus, data_dir, tmp_path):
