@@ -1030,7 +1030,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         logged = metrics.read() if accelerator.is_main_process else []
         train_losses = [r["train_loss"] for r in logged if r.get("train_loss") is not None]
         val_losses = [r["val_loss"] for r in logged if r.get("val_loss") is not None]
-        memory = peak_memory_mib(device)
+        memory = peak_memory_mib(device)  # this process's; a resumed run's earlier processes logged theirs
+        peaks = [r["peak_memory_mib"] for r in logged if r.get("peak_memory_mib") is not None]
+        peaks += [] if memory is None else [round(memory)]
         summary = {
             "steps": state.step,
             "tokens_seen": state.tokens,
@@ -1043,7 +1045,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
             "device_name": describe_device(device),
             "mixed_precision": accelerator.mixed_precision,
             "compile": use_compile,
-            "peak_memory_mib": None if memory is None else round(memory),  # this process's, this run so far
+            "peak_memory_mib": max(peaks, default=None),  # the main process's, over every resume
             "torch_version": torch.__version__,
             "transformers_version": transformers.__version__,
         }

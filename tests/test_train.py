@@ -1377,6 +1377,19 @@ def test_resume_at_max_steps_exports_without_training_or_saving_again(corpus, da
         run(corpus, data_dir, out, "--max_steps", "3", "--resume", "latest")
 
 
+def test_the_summarys_peak_memory_is_the_runs_over_every_resume(corpus, data_dir, tmp_path):
+    """A resumed run's summary gave the peak of its last process alone: one that only exported (a run at --max_steps,
+    after a full disk) said a few hundred MiB for a run that had trained in far more."""
+    out = tmp_path / "run"
+    run(corpus, data_dir, out, "--max_steps", "2", "--save_every", "2", "--eval_every", "0")
+    records = metrics(out)
+    records[0]["peak_memory_mib"] = 10**6  # as an earlier process, on a larger micro-batch, logged it
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = run(corpus, data_dir, out, "--max_steps", "2", "--resume", "latest")
+    assert summary["peak_memory_mib"] == 10**6
+    assert json.loads((out / "run_summary.json").read_text())["peak_memory_mib"] == 10**6
+
+
 def test_an_export_cut_short_never_leaves_a_partial_final_folder(corpus, data_dir, tmp_path, monkeypatch):
     """A crash while `final/` is written (here: re-exported by a resume at --max_steps) left a broken model there,
     which `push_to_hub.py RUN` would publish."""
