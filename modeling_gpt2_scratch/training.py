@@ -214,7 +214,13 @@ class TrainArguments:
     )
     num_samples: int = field(default=4, metadata={"help": "Samples per sampling step."})
     sample_tokens: int = field(default=32, metadata={"help": "New tokens per sample (top-k 50 sampling)."})
-    log_every: int = field(default=10, metadata={"help": "Write a log line and a metrics.jsonl record every N steps."})
+    log_every: int = field(
+        default=10,
+        metadata={
+            "help": "Write a log line and a metrics.jsonl record every N steps (and at the first step, the last and "
+            "each evaluation)."
+        },
+    )
     report_to: str = field(
         default="none",
         metadata={"help": "accelerate trackers: none, all, or a comma list (tensorboard, wandb, trackio, ...)."},
