@@ -426,6 +426,19 @@ def replace_folder(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def delete_folder(folder: Path) -> None:
+    """Delete `folder` after a rename to `.tmp-<name>` (an unfinished one's name, which the next save or export of
+    that name deletes first), so that a crash midway never leaves part of it under its own name: a `final/` without
+    its tokenizer or code, which `from_pretrained` fails on and `push_to_hub.py RUN` would publish."""
+    if folder.is_symlink():  # a link to a folder elsewhere: the link goes, not what it points to
+        folder.unlink()
+        return
+    doomed = folder.with_name(f".tmp-{folder.name}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(folder, doomed)
+    shutil.rmtree(doomed)
+
+
 def save_checkpoint(accelerator: Accelerator, model: GPT2ScratchForCausalLM, train_args: TrainArguments, step: int):
     """`accelerator.save_state` into a temporary folder, then an atomic rename to `checkpoints/step_N`.
 
@@ -888,11 +901,13 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
             shutil.rmtree(output_dir / "checkpoints")
         # the end-of-run files of a run replaced (--overwrite_output_dir), or of one that goes on past its export
         stale = finished_run_files(output_dir) if resume_from is None or state.step < train_args.max_steps else []
+        # first, an older export a re-export's crash kept aside: it would take final/'s free name at the next start
+        # (restore_interrupted_replaces), also beside the .tmp-final that a crash while final/ is deleted leaves
+        if stale:
+            shutil.rmtree(output_dir / ".tmp-old-final", ignore_errors=True)
         for path in stale:
             logger.info("deleting %s: it describes the run %s", path, "replaced" if resume_from is None else "so far")
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        if stale:  # an older export a re-export's crash kept aside: it would take final/'s free name at the next start
-            shutil.rmtree(output_dir / ".tmp-old-final", ignore_errors=True)
+            delete_folder(path) if path.is_dir() else path.unlink()
         write_json_atomic(output_dir / RUN_CONFIG_NAME, run_config)
         logger.info("configuration:\n%s", _format_config(run_config))
     # the main process alone owns metrics.jsonl (it trims or removes the old file here: one writer, no race)

@@ -1936,6 +1936,17 @@ def test_replace_folder_flushes_the_new_name_before_deleting_the_old_folder(tmp_
     assert (final / "f").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["step_0000002"]
 
 
+def test_delete_folder_deletes_a_link_not_the_folder_it_points_to(tmp_path):
+    """Renamed to `.tmp-final`, a `final/` that links elsewhere would have had the next export written through it."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "model.safetensors").write_text("the user's")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "final").symlink_to(elsewhere)
+    train_accelerate.delete_folder(tmp_path / "run" / "final")
+    assert list((tmp_path / "run").iterdir()) == [] and (elsewhere / "model.safetensors").read_text() == "the user's"
+
+
 def test_a_crash_between_replace_folders_two_renames_loses_no_checkpoint(tmp_path, corpus, data_dir, caplog):
     """A crash after `replace_folder` moved the old step_2 aside and before the new one took its name leaves step_2
     under `.tmp-old-` only: `--resume latest` passed over it and the next save deleted it. The next start moves it
@@ -1985,6 +1996,41 @@ def test_an_old_export_kept_aside_goes_with_the_final_it_was_replaced_by(tmp_pat
     source = resolve_source(out)
     assert source.kind == "checkpoint" and source.step == 3, source
     assert not (out / "final").exists() and not (out / ".tmp-old-final").exists()
+
+
+def test_a_crash_while_a_resume_deletes_the_old_export_never_leaves_a_partial_final(
+    tmp_path, corpus, data_dir, monkeypatch
+):
+    """A resume that trains on deletes the run's `final/` before its first step: killed midway, that deletion left a
+    `final/` missing some files (its tokenizer, its code), which `from_pretrained` failed on and `push_to_hub.py RUN`
+    published as the run's export."""
+    from modeling_gpt2_scratch.hub import resolve_source
+
+    out = tmp_path / "run"
+    run(corpus, data_dir, out, "--max_steps", "2", "--save_every", "2", "--eval_every", "0")
+    exported = {p.name: p.read_bytes() for p in (out / "final").iterdir()}
+
+    class Killed(BaseException):
+        pass
+
+    real_rmtree = shutil.rmtree
+
+    def killed_midway(path, *args, **kwargs):  # final/'s files, under whichever name they are deleted
+        if Path(path).parent == out and (Path(path) / "model.safetensors").is_file():
+            (Path(path) / "tokenizer.json").unlink()  # the first file deleted, then the kill
+            raise Killed
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", killed_midway)
+    with pytest.raises(Killed):
+        run(corpus, data_dir, out, "--max_steps", "3", "--save_every", "1", "--eval_every", "0", "--resume", "latest")
+    monkeypatch.undo()
+    assert not (out / "final").exists()  # gone whole (or there whole, had the kill come before the deletion)
+    source = resolve_source(out)
+    assert source.kind == "checkpoint" and source.step == 2, source  # the model final/ held
+    run(corpus, data_dir, out, "--max_steps", "3", "--save_every", "1", "--eval_every", "0", "--resume", "latest")
+    assert sorted(p.name for p in (out / "final").iterdir()) == sorted(exported)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".tmp")) == []
 
 
 def test_restore_interrupted_replaces_moves_back_only_from_the_state_the_crash_leaves(tmp_path, monkeypatch):
