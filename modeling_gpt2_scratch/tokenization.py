@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Literal
@@ -266,8 +267,18 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerBase, folder: str | os.PathLike
 
     Returns:
         The paths written, as `save_pretrained` returns them, then the two files'.
+
+    Raises:
+        OSError: a write that failed, also where the `tokenizers` library (which writes `tokenizer.json`) raised a
+            bare `Exception("No space left on device (os error 28)")`, which callers that handle a full disk missed.
     """
-    saved = tuple(tokenizer.save_pretrained(folder))
+    try:
+        saved = tuple(tokenizer.save_pretrained(folder))
+    except Exception as err:
+        failed = re.fullmatch(r"(.*) \(os error (\d+)\)", str(err))
+        if type(err) is not Exception or failed is None:
+            raise
+        raise OSError(int(failed.group(2)), failed.group(1), str(folder)) from err
     backend = getattr(tokenizer, "backend_tokenizer", None)
     model = json.loads(backend.to_str())["model"] if backend is not None else {}
     if model.get("type") != "BPE":

@@ -1442,6 +1442,34 @@ def test_a_full_disk_during_the_export_is_one_line_and_a_resume_exports_again(
     assert GPT2ScratchForCausalLM.from_pretrained(out / "final").config.n_layer == 2
 
 
+def test_a_full_disk_while_the_export_writes_the_tokenizer_is_one_line_too(
+    corpus, data_dir, tmp_path, monkeypatch, capsys
+):
+    """The `tokenizers` library raises a bare `Exception` for a failed write (found on a full tmpfs): it was a
+    traceback, with the partial `.tmp-final` left on the full disk."""
+    import tokenizers
+
+    out = tmp_path / "run"
+    argv = ["--dataset", str(corpus), "--data_dir", str(data_dir), "--output_dir", str(out), *TINY]
+    argv += ["--max_steps", "2", "--save_every", "2", "--eval_every", "0"]
+
+    def disk_full(self, path, *args, **kwargs):
+        Path(path).write_bytes(b"cut short")
+        raise Exception("No space left on device (os error 28)")  # what tokenizers' Rust code raises
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tokenizers.Tokenizer, "save", disk_full)
+        assert train_accelerate.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err)
+    assert re.fullmatch(r"error: exporting .*final failed \(\[Errno 28\] No space left on device: .*\.tmp-final'\): is "
+                        r"its disk full\? Free space there, then --resume latest \(a run at --max_steps only exports\)\.",
+                        err[-1])  # fmt: skip
+    assert sorted(p.name for p in out.iterdir() if "final" in p.name) == []  # the partial export's space freed
+    assert train_accelerate.main([*argv, "--resume", "latest"]) == 0
+    assert (out / "final" / "tokenizer.json").stat().st_size > 1000
+
+
 def test_a_run_never_mixes_its_checkpoints_with_later_ones_in_its_output_dir(corpus, data_dir, tmp_path):
     out = tmp_path / "run"
     run(corpus, data_dir, out, "--max_steps", "4", "--save_every", "2", "--eval_every", "0", "--keep_last", "2")
