@@ -983,6 +983,7 @@ def stage_folder(
         ValueError: for an unknown `fmt`, an invalid `license`, an `out_dir` that holds anything but an earlier
             staging or is the source's own folder, or a source that is not a gpt2-scratch model.
         FileNotFoundError: for a missing source.
+        OSError: writing the weights or the tokenizer failed (a full disk), naming `out_dir`.
     """
     if fmt not in FORMATS:
         raise ValueError(f"Unknown format {fmt!r}: use one of {', '.join(FORMATS)}.")
@@ -1012,8 +1013,16 @@ def stage_folder(
     info = read_run_info(source.run_dir, step=source.step if checkpoint else None, checkpoint_dir=checkpoint)
     logger.info("Staging %s (%s format) from %s into %s", repo_id, fmt, source.model_dir, out_dir)
     saved = model.to_hf_gpt2().eval() if fmt == "gpt2" else model
-    saved.save_pretrained(out_dir)
-    save_tokenizer(load_tokenizer(source, model_max_length=model.config.n_positions), out_dir)
+    from safetensors import SafetensorError
+
+    try:
+        saved.save_pretrained(out_dir)
+        save_tokenizer(load_tokenizer(source, model_max_length=model.config.n_positions), out_dir)
+    except (OSError, SafetensorError) as err:  # a full disk: "No space left on device (os error 28)"; was a traceback
+        raise OSError(
+            f"Staging into {out_dir} failed ({' '.join(str(err).split())}): is its disk full? Free space there, or "
+            "stage on another disk with --local-dir."
+        ) from err
     _drop_loader_options(out_dir / "tokenizer_config.json")
     if info.loss_curve is not None and info.loss_curve_rows:
         plot_losses(info.loss_curve_rows, out_dir / "loss.png")

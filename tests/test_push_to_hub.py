@@ -626,6 +626,28 @@ def test_a_fine_tuned_run_on_a_local_corpus_says_so_and_shows_file_names_only(ti
     assert "`q` (local)" in card.text and "`shards` (local)" in card.text
 
 
+@pytest.mark.parametrize("fails", ["weights", "tokenizer"])
+def test_a_full_disk_while_staging_is_a_one_line_error_naming_the_folder(
+    tiny_run, tmp_path, monkeypatch, capsys, fails
+):
+    """What safetensors and tokenizers raise on a full disk (seen on a full tmpfs): it was a traceback."""
+    import tokenizers
+    from safetensors import SafetensorError
+
+    def disk_full(*args, **kwargs):
+        if fails == "weights":
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        raise Exception("No space left on device (os error 28)")  # tokenizers' Rust code: a bare Exception
+
+    target = (GPT2ScratchForCausalLM, "save_pretrained") if fails == "weights" else (tokenizers.Tokenizer, "save")
+    monkeypatch.setattr(*target, disk_full)
+    out = tmp_path / "out"
+    line = _run_main_expect_error([str(tiny_run.run_dir), "--repo-id", REPO_ID, "--dry-run", "--local-dir", str(out)],
+                                  capsys)  # fmt: skip
+    assert line.startswith(f"error: Staging into {out} failed (") and "No space left on device" in line, line
+    assert line.endswith("is its disk full? Free space there, or stage on another disk with --local-dir."), line
+
+
 def test_corrupt_weights_are_a_one_line_error(tiny_run, tmp_path, capsys):
     run_dir = tmp_path / "run"
     shutil.copytree(tiny_run.run_dir, run_dir)
