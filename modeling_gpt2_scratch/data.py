@@ -752,10 +752,22 @@ class _ShardWriter:
 
 
 def _write_tokens(path: Path, tokens: np.ndarray) -> None:
-    with open(path, "wb") as f:
-        tokens.astype(TOKEN_DTYPE, copy=False).tofile(f)
-        f.flush()
-        os.fsync(f.fileno())
+    """Writes a shard into the staging folder (`path`'s folder, inside the output folder), flushed to disk.
+
+    Raises:
+        PrepareError: a failed write (a full disk: numpy said only "100000 requested and 53248 written"), naming the
+            output folder.
+    """
+    try:
+        with open(path, "wb") as f:
+            tokens.astype(TOKEN_DTYPE, copy=False).tofile(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        raise PrepareError(
+            f"Writing token shards into {path.parent.parent} failed ({_one_line(err)}): is its disk full? Free space "
+            "there, then prepare again (it starts over)."
+        ) from err
 
 
 def _tokenize_split(

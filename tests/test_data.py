@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -855,6 +856,35 @@ def test_a_tokenizer_process_that_dies_is_an_error_not_a_hang(tmp_path, monkeypa
         signal.signal(signal.SIGALRM, previous)
     assert not (tmp_path / "out" / "manifest.json").exists()
     assert not list((tmp_path / "out").glob(".tmp-prepare*"))  # the staging folder is cleaned up
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, a device every write to fails on")
+def test_a_full_disk_while_preparing_is_one_line_naming_the_folder_and_keeps_its_shards(tmp_path, monkeypatch):
+    """numpy's message alone was the error ("20200 requested and 0 written"; on a full tmpfs too): neither the
+    folder nor the full disk. A rebuild that fails so leaves the folder's earlier shards as they were."""
+    import builtins
+
+    corpus = write_jsonl(tmp_path / "docs.jsonl", [{"text": "the quick brown fox " * 50}] * 100)  # 20k tokens
+    out = tmp_path / "out"
+    prepare(corpus, out, shard_size=100)
+    before = (out / MANIFEST_NAME).read_text()
+
+    def full_disk(file, mode="r", *args, **kwargs):
+        if str(file).endswith(".bin") and "w" in mode:
+            file = "/dev/full"  # ENOSPC on every write, as a full disk
+        return builtins.open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(data, "open", full_disk, raising=False)
+    with pytest.raises(
+        data.PrepareError,
+        match=rf"^Writing token shards into {re.escape(str(out))} failed \(\d+ requested and \d+ written\): is its "
+        r"disk full\? Free space there, then prepare again \(it starts over\)\.$",
+    ):
+        args = DataArguments(dataset=str(corpus), num_proc=1, val_fraction=0.0)
+        prepare_dataset(args, out, overwrite=True)  # a rebuild with other settings, its shard in one write
+    monkeypatch.undo()
+    assert (out / MANIFEST_NAME).read_text() == before and not list(out.glob(".tmp-prepare*"))
+    assert prepare(corpus, out, shard_size=100) == out / MANIFEST_NAME  # reused
 
 
 def test_a_prepared_folder_that_cannot_be_written_is_reused(tmp_path, corpus, monkeypatch):
