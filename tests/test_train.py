@@ -1416,57 +1416,47 @@ def test_an_export_cut_short_never_leaves_a_partial_final_folder(corpus, data_di
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".tmp")) == []
 
 
+def _weights_write_to_a_full_disk(self, save_directory, **kwargs):
+    Path(save_directory).mkdir(exist_ok=True)
+    (Path(save_directory) / "model.safetensors").write_bytes(b"cut short")
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+def _tokenizer_writes_to_a_full_disk(self, path, *args, **kwargs):
+    Path(path).write_bytes(b"cut short")
+    raise Exception("No space left on device (os error 28)")  # what tokenizers' Rust code raises
+
+
+@pytest.mark.parametrize(
+    ("writer", "reason"),
+    [
+        ("weights", r"Error while serializing: I/O error: No space left on device \(os error 28\)"),
+        ("tokenizer", r"\[Errno 28\] No space left on device: .*\.tmp-final'"),
+    ],
+)
 def test_a_full_disk_during_the_export_is_one_line_and_a_resume_exports_again(
-    corpus, data_dir, tmp_path, monkeypatch, capsys
+    writer, reason, corpus, data_dir, tmp_path, monkeypatch, capsys
 ):
-    """It was safetensors' traceback, with the partial `.tmp-final` left on the full disk."""
-    out = tmp_path / "run"
-    argv = ["--dataset", str(corpus), "--data_dir", str(data_dir), "--output_dir", str(out), *TINY]
-    argv += ["--max_steps", "2", "--save_every", "2", "--eval_every", "0"]
-
-    def disk_full(self, save_directory, **kwargs):
-        Path(save_directory).mkdir(exist_ok=True)
-        (Path(save_directory) / "model.safetensors").write_bytes(b"cut short")
-        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
-
-    with monkeypatch.context() as patch:
-        patch.setattr(GPT2ScratchForCausalLM, "save_pretrained", disk_full)
-        assert train_accelerate.main(argv) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert "Traceback" not in "\n".join(err)
-    assert re.fullmatch(r"error: exporting .*final failed \(.*No space left on device \(os error 28\)\): is its disk "
-                        r"full\? Free space there, then --resume latest \(a run at --max_steps only exports\)\.",
-                        err[-1])  # fmt: skip
-    assert sorted(p.name for p in out.iterdir() if "final" in p.name) == []  # the partial export's space freed
-    assert train_accelerate.main([*argv, "--resume", "latest"]) == 0
-    assert GPT2ScratchForCausalLM.from_pretrained(out / "final").config.n_layer == 2
-
-
-def test_a_full_disk_while_the_export_writes_the_tokenizer_is_one_line_too(
-    corpus, data_dir, tmp_path, monkeypatch, capsys
-):
-    """The `tokenizers` library raises a bare `Exception` for a failed write (found on a full tmpfs): it was a
-    traceback, with the partial `.tmp-final` left on the full disk."""
+    """It was a traceback (safetensors', or the `tokenizers` library's bare `Exception`, found on a full tmpfs), with
+    the partial `.tmp-final` left on the full disk."""
     import tokenizers
 
     out = tmp_path / "run"
     argv = ["--dataset", str(corpus), "--data_dir", str(data_dir), "--output_dir", str(out), *TINY]
     argv += ["--max_steps", "2", "--save_every", "2", "--eval_every", "0"]
-
-    def disk_full(self, path, *args, **kwargs):
-        Path(path).write_bytes(b"cut short")
-        raise Exception("No space left on device (os error 28)")  # what tokenizers' Rust code raises
-
     with monkeypatch.context() as patch:
-        patch.setattr(tokenizers.Tokenizer, "save", disk_full)
+        if writer == "weights":
+            patch.setattr(GPT2ScratchForCausalLM, "save_pretrained", _weights_write_to_a_full_disk)
+        else:
+            patch.setattr(tokenizers.Tokenizer, "save", _tokenizer_writes_to_a_full_disk)
         assert train_accelerate.main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert "Traceback" not in "\n".join(err)
-    assert re.fullmatch(r"error: exporting .*final failed \(\[Errno 28\] No space left on device: .*\.tmp-final'\): is "
-                        r"its disk full\? Free space there, then --resume latest \(a run at --max_steps only exports\)\.",
-                        err[-1])  # fmt: skip
+    assert re.fullmatch(rf"error: exporting .*final failed \({reason}\): is its disk full\? Free space there, then "
+                        r"--resume latest \(a run at --max_steps only exports\)\.", err[-1])  # fmt: skip
     assert sorted(p.name for p in out.iterdir() if "final" in p.name) == []  # the partial export's space freed
     assert train_accelerate.main([*argv, "--resume", "latest"]) == 0
+    assert GPT2ScratchForCausalLM.from_pretrained(out / "final").config.n_layer == 2
     assert (out / "final" / "tokenizer.json").stat().st_size > 1000
 
 
