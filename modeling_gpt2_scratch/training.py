@@ -976,7 +976,7 @@ class MetricsWriter:
     def write(self, record: dict[str, Any]) -> None:
         """One line of strict JSON: a non-finite number (the `grad_norm` of a step fp16's scaler skipped, its
         gradients having overflowed) is written as `null`, not as Python's `Infinity`, which JSON has no word for."""
-        with self.path.open("a") as f:
+        with naming_the_file(self.path), self.path.open("a") as f:
             f.write(json.dumps(finite_json(record), allow_nan=False) + "\n")
 
     def plot(self) -> None:
@@ -1022,10 +1022,29 @@ def finite_json(obj: Any) -> Any:
     return obj
 
 
+@contextlib.contextmanager
+def naming_the_file(path: Path):
+    """An `OSError` of a write that names no file (a full disk: a bare `[Errno 28] No space left on device`, the
+    trainer's whole error line) raised again with `path` as its file name."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is not None or err.errno is None:
+            raise
+        raise OSError(err.errno, err.strerror, str(path)) from err
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """`obj` as JSON in `path`, replaced whole: a failed write (a full disk) leaves `path` as it was, frees its
+    temporary file and names `path`."""
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(finite_json(obj), indent=2, default=str, allow_nan=False) + "\n")
+    try:
+        with naming_the_file(path):
+            tmp.write_text(json.dumps(finite_json(obj), indent=2, default=str, allow_nan=False) + "\n")
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 

@@ -1,5 +1,6 @@
 """train_accelerate.py: recipe pieces, end-to-end runs on tiny Shakespeare, exact resume, faults, 2 processes."""
 
+import errno
 import io
 import json
 import logging
@@ -1116,6 +1117,40 @@ def test_resume_skips_a_metrics_line_cut_short_by_a_kill(tmp_path):
     assert writer.read() == records[:2]
     writer.write(records[2])
     assert [r["step"] for r in MetricsWriter(tmp_path, resume_step=3).read()] == [1, 2, 3]
+
+
+def test_a_full_disk_on_the_runs_small_writes_names_the_file_and_keeps_the_last_good_one(tmp_path, monkeypatch):
+    """metrics.jsonl, run_config.json, run_summary.json: the trainer's error line was a bare `[Errno 28] No space
+    left on device`, naming no file."""
+    from modeling_gpt2_scratch.training import write_json_atomic
+
+    write_json_atomic(tmp_path / "run_summary.json", {"steps": 1})
+    real_open = Path.open
+
+    class FullDisk:  # a file on a full disk: part of the text gets written, then ENOSPC, naming no file
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, text):
+            self.f.write(text[:3])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "open", lambda self, *a, **k: FullDisk(real_open(self, *a, **k)))
+    with pytest.raises(OSError) as err:
+        write_json_atomic(tmp_path / "run_summary.json", {"steps": 2})
+    assert str(err.value) == f"[Errno 28] No space left on device: '{tmp_path / 'run_summary.json'}'"
+    with pytest.raises(OSError) as err:
+        MetricsWriter(tmp_path).write({"step": 2, "train_loss": 5.0})
+    assert str(err.value) == f"[Errno 28] No space left on device: '{tmp_path / 'metrics.jsonl'}'"
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "run_summary.json").read_text()) == {"steps": 1}  # the last good one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "run_summary.json"]  # no .tmp left
 
 
 def test_metrics_lines_are_strict_json_with_null_for_a_non_finite_number(tmp_path):
