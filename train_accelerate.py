@@ -40,6 +40,7 @@ from modeling_gpt2_scratch.data import (
     ShardedTokenLoader,
     configure_cli_logging,
     fsync_dir,
+    one_line,
     prepare_dataset,
     read_manifest,
 )
@@ -250,7 +251,7 @@ def load_init_from(source: str) -> GPT2ScratchForCausalLM:
             return GPT2ScratchForCausalLM.from_pretrained(source)
         return GPT2ScratchForCausalLM.from_hf_gpt2(source)
     except OSError as err:  # transformers' message spans lines
-        raise OSError(f"--init_from {source}: {' '.join(str(err).split())}") from err
+        raise OSError(f"--init_from {source}: {one_line(err)}") from err
 
 
 def build_seeded_model(
@@ -272,8 +273,7 @@ def attn_implementation_errors(name: str):
     try:
         yield
     except (ImportError, ValueError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ValueError(f"--attn_implementation {name}: {first}") from err
+        raise ValueError(f"--attn_implementation {name}: {one_line(err) or type(err).__name__}") from err
 
 
 def build_model(model_args: ModelArguments, train_args: TrainArguments) -> GPT2ScratchForCausalLM:

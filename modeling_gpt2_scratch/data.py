@@ -230,7 +230,8 @@ class PrepareError(RuntimeError):
     """Preparing stopped for a reason outside the input (a tokenizer process died); nothing half-done is kept."""
 
 
-def _one_line(text: object) -> str:
+def one_line(text: object) -> str:
+    """`text` (an error, mostly) on one line: its line breaks and runs of spaces as single spaces."""
     return " ".join(str(text).split())
 
 
@@ -388,7 +389,7 @@ def _not_text(column: str, where: str, kind: object) -> ValueError:
 def _hub_unreachable(source: _Source, err: BaseException) -> ValueError:
     return ValueError(
         f"Could not reach the Hugging Face Hub for dataset {source.hub_id!r} (and no local path of that name exists): "
-        f"{_one_line(err)}. Offline, pass local files instead, e.g. {OFFLINE_EXAMPLE} (a .txt/.jsonl/.json/.parquet/"
+        f"{one_line(err)}. Offline, pass local files instead, e.g. {OFFLINE_EXAMPLE} (a .txt/.jsonl/.json/.parquet/"
         ".csv file, a folder or a glob)."
     )
 
@@ -447,7 +448,7 @@ def _open_split(
         )
     except DatasetNotFoundError as err:
         raise FileNotFoundError(
-            f"Dataset {source.name!r} is neither a local path nor a dataset on the Hub ({_one_line(err)}); check the "
+            f"Dataset {source.name!r} is neither a local path nor a dataset on the Hub ({one_line(err)}); check the "
             f"name (gated datasets need `hf auth login`) or pass local files, e.g. {OFFLINE_EXAMPLE}."
         ) from err
     except (ConnectionError, TimeoutError) as err:
@@ -507,7 +508,7 @@ def _read_error(source: _Source, where: str, err: BaseException) -> ValueError:
             "row must have the same columns of the same types: drop the others (keep --text_column), or convert "
             "the files to Parquet (only --text_column is read there)"
         )
-    return ValueError(f"Cannot read {where}: {_one_line(err)}; {fix}.")
+    return ValueError(f"Cannot read {where}: {one_line(err)}; {fix}.")
 
 
 def _undecodable_error(path: Path, offset: int, byte: int) -> ValueError:
@@ -543,11 +544,11 @@ def _iter_rows(ds: IterableDataset, source: _Source, args: DataArguments, where:
     except UnicodeDecodeError as err:
         found = _first_undecodable(p for p in source.files if p.suffix.lower() != ".parquet")
         if found is None:
-            raise ValueError(f"{where} is not valid UTF-8 ({_one_line(err)}); convert it to UTF-8.") from err
+            raise ValueError(f"{where} is not valid UTF-8 ({one_line(err)}); convert it to UTF-8.") from err
         raise _undecodable_error(*found) from err
     except (ConnectionError, TimeoutError, HfHubHTTPError) as err:
         raise ValueError(
-            f"Lost the connection to the Hub while streaming {where} ({_one_line(err)}); run prepare again "
+            f"Lost the connection to the Hub while streaming {where} ({one_line(err)}); run prepare again "
             f"(it starts over), or download the files and pass them locally, e.g. {OFFLINE_EXAMPLE}."
         ) from err
     except (ValueError, KeyError, TypeError, OSError, pa.ArrowException) as err:  # malformed JSON, CSV or Parquet
@@ -765,7 +766,7 @@ def _write_tokens(path: Path, tokens: np.ndarray) -> None:
             os.fsync(f.fileno())
     except OSError as err:
         raise PrepareError(
-            f"Writing token shards into {path.parent.parent} failed ({_one_line(err)}): is its disk full? Free space "
+            f"Writing token shards into {path.parent.parent} failed ({one_line(err)}): is its disk full? Free space "
             "there, then prepare again (it starts over)."
         ) from err
 
@@ -1002,7 +1003,7 @@ def read_manifest(data_dir: str | os.PathLike) -> dict:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise ValueError(
-            f"Cannot read {str(path)!r} ({_one_line(err)}); prepare the folder again with {_REBUILD_FLAGS}."
+            f"Cannot read {str(path)!r} ({one_line(err)}); prepare the folder again with {_REBUILD_FLAGS}."
         ) from err
     if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
         version = manifest.get("format_version") if isinstance(manifest, dict) else None
@@ -1418,12 +1419,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         (args,) = parser.parse_args_into_dataclasses(argv[1:])  # an unknown flag is a ValueError here
     except ValueError as err:
-        print(f"error: {_one_line(err)} (see --help)", file=sys.stderr)
+        print(f"error: {one_line(err)} (see --help)", file=sys.stderr)
         return 2
     try:
         manifest_path = prepare_dataset(args)
     except (ValueError, OSError, PrepareError) as err:  # OSError: e.g. an --output_dir under a file, a full disk
-        print(f"error: {_one_line(err)}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 1 if isinstance(err, PrepareError) else 2
     print(manifest_path)
     return 0

@@ -40,9 +40,11 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.repocard import metadata_load
 from huggingface_hub.utils import filter_repo_objects
 from huggingface_hub.utils import validate_repo_id as hf_validate_repo_id
+from safetensors import SafetensorError
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .configuration_gpt2_scratch import MIN_TRANSFORMERS_VERSION, GPT2ScratchConfig
+from .data import one_line
 from .modeling_gpt2_scratch import GPT2ScratchForCausalLM
 from .tokenization import VOCAB_FILES, get_hf_tokenizer, save_tokenizer
 from .training import (
@@ -400,7 +402,7 @@ def load_model(source: ModelSource) -> GPT2ScratchForCausalLM:
         config = json.loads(config_path.read_text())
     except ValueError as err:  # not JSON (cut short, corrupt), or not UTF-8
         raise ValueError(
-            f"Cannot read {config_path} ({' '.join(str(err).split())}): a truncated or corrupt file? Push another "
+            f"Cannot read {config_path} ({one_line(err)}): a truncated or corrupt file? Push another "
             "checkpoint, or export the run again."
         ) from err
     model_type = config.get("model_type") if isinstance(config, dict) else None
@@ -409,15 +411,13 @@ def load_model(source: ModelSource) -> GPT2ScratchForCausalLM:
             f"{source.model_dir} holds a {model_type!r} model, not a gpt2-scratch one (model_type "
             f"{GPT2ScratchConfig.model_type!r}): pass a run of train_accelerate.py, its final/ folder or a checkpoint."
         )
-    from safetensors import SafetensorError
-
     try:
         if source.kind == "checkpoint":
             return load_checkpoint_model(source.model_dir)
         return load_export_model(source.model_dir)
     except (SafetensorError, RuntimeError, EOFError, pickle.UnpicklingError) as err:  # what a broken file raises
         raise ValueError(
-            f"Cannot load the weights in {source.model_dir} ({' '.join(str(err).split())}): a truncated or "
+            f"Cannot load the weights in {source.model_dir} ({one_line(err)}): a truncated or "
             "corrupt file? Push another checkpoint, or export the run again."
         ) from err
 
@@ -1013,14 +1013,12 @@ def stage_folder(
     info = read_run_info(source.run_dir, step=source.step if checkpoint else None, checkpoint_dir=checkpoint)
     logger.info("Staging %s (%s format) from %s into %s", repo_id, fmt, source.model_dir, out_dir)
     saved = model.to_hf_gpt2().eval() if fmt == "gpt2" else model
-    from safetensors import SafetensorError
-
     try:
         saved.save_pretrained(out_dir)
         save_tokenizer(load_tokenizer(source, model_max_length=model.config.n_positions), out_dir)
     except (OSError, SafetensorError) as err:  # a full disk: "No space left on device (os error 28)"; was a traceback
         raise OSError(
-            f"Staging into {out_dir} failed ({' '.join(str(err).split())}): is its disk full? Free space there, or "
+            f"Staging into {out_dir} failed ({one_line(err)}): is its disk full? Free space there, or "
             "stage on another disk with --local-dir."
         ) from err
     _drop_loader_options(out_dir / "tokenizer_config.json")
@@ -1106,7 +1104,7 @@ def upload_folder_to_hub(
         reasons = [str(err)] + ([str(err.__cause__)] if err.__cause__ is not None else [])
         raise OSError(
             f"Uploading {folder} to {repo_id} ({where}) failed, nothing was committed "
-            f"({' '.join(' '.join(reasons).split())}): push again."
+            f"({one_line(' '.join(reasons))}): push again."
         ) from err
     return str(repo_url), commit.commit_url
 
