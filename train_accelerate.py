@@ -65,6 +65,7 @@ from modeling_gpt2_scratch.training import (
     device_peak_flops,
     finished_run_files,
     flops_per_token,
+    flush_run_folder,
     format_seconds,
     fsync_tree,
     gradient_accumulation_steps,
@@ -443,7 +444,8 @@ def save_checkpoint(accelerator: Accelerator, model: GPT2ScratchForCausalLM, tra
     """`accelerator.save_state` into a temporary folder, then an atomic rename to `checkpoints/step_N`.
 
     A crash mid-save leaves only a `.tmp-*` folder (ignored by `--resume latest`, cleaned at the next save). The
-    files are flushed to disk before the rename, and a checkpoint of the same step is replaced by renames only.
+    files are flushed to disk before the rename, with `metrics.jsonl` and the run folder (`flush_run_folder`), and a
+    checkpoint of the same step is replaced by renames only.
     """
     final = checkpoint_dir(train_args.output_dir, step)
     tmp = final.parent / f".tmp-{final.name}"
@@ -477,6 +479,7 @@ def save_checkpoint(accelerator: Accelerator, model: GPT2ScratchForCausalLM, tra
             f"{_how_to_go_on(train_args)}"
         ) from failure
     if accelerator.is_main_process:
+        flush_run_folder(train_args.output_dir)  # the metrics up to this step, and checkpoints/ itself, on disk first
         replace_folder(tmp, final)  # the same step again (a run branched from an earlier one): never without one
         prune_checkpoints(train_args.output_dir, train_args.keep_last)
         logger.info("saved checkpoint %s", final)

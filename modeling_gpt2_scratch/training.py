@@ -876,6 +876,17 @@ def fsync_tree(path: str | os.PathLike) -> None:
     fsync_dir(root)
 
 
+def flush_run_folder(output_dir: str | os.PathLike) -> None:
+    """Flush `metrics.jsonl` (appended to line by line, unflushed) and the run folder's own entries (`checkpoints/`,
+    `metrics.jsonl`, `run_config.json`) to disk. Called before a checkpoint's rename: a power cut must not keep a
+    checkpoint and lose the metrics of the steps it holds (a resume keeps `metrics.jsonl` up to its step) or the
+    folder's name for `checkpoints/`."""
+    output_dir = Path(output_dir)
+    with contextlib.suppress(FileNotFoundError), open(output_dir / METRICS_NAME, "rb") as f:
+        os.fsync(f.fileno())
+    fsync_dir(output_dir)
+
+
 def restore_interrupted_replaces(output_dir: str | os.PathLike) -> list[Path]:
     """Undo the one moment of a replace that leaves no folder under its name: `replace_folder` (train_accelerate.py)
     moves an existing `final/` or `checkpoints/step_N` to `.tmp-old-<name>` before it renames the new folder in, so
@@ -950,9 +961,8 @@ class MetricsWriter:
         if resume_step is not None and self.path.exists():
             records = self.read()
             kept = [r for r in records if r["step"] <= resume_step]
-            tmp = self.path.with_suffix(".jsonl.tmp")  # replaced whole: a crash meanwhile keeps the run's history
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            os.replace(tmp, self.path)
+            # replaced whole: a crash (or a power cut) meanwhile keeps the run's history
+            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
             if len(kept) < len(records) and self.plot_path.exists():  # its curve went past the checkpoint
                 self.plot() if kept else self.plot_path.unlink()
         elif resume_step is None:
@@ -975,7 +985,8 @@ class MetricsWriter:
 
     def write(self, record: dict[str, Any]) -> None:
         """One line of strict JSON: a non-finite number (the `grad_norm` of a step fp16's scaler skipped, its
-        gradients having overflowed) is written as `null`, not as Python's `Infinity`, which JSON has no word for."""
+        gradients having overflowed) is written as `null`, not as Python's `Infinity`, which JSON has no word for.
+        Not flushed to disk line by line: `flush_run_folder` does it before each checkpoint."""
         with naming_the_file(self.path), self.path.open("a") as f:
             f.write(json.dumps(finite_json(record), allow_nan=False) + "\n")
 
@@ -1034,18 +1045,27 @@ def naming_the_file(path: Path):
         raise OSError(err.errno, err.strerror, str(path)) from err
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """`obj` as JSON in `path`, replaced whole: a failed write (a full disk) leaves `path` as it was, frees its
-    temporary file and names `path`."""
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """`text` in `path`, replaced whole and flushed to disk: a crash or a power cut leaves the old file or the new
+    one, never a part; a failed write (a full disk) leaves `path` as it was, frees its temporary file and names
+    `path`."""
     path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_name(path.name + ".tmp")
     try:
-        with naming_the_file(path):
-            tmp.write_text(json.dumps(finite_json(obj), indent=2, default=str, allow_nan=False) + "\n")
+        with naming_the_file(path), tmp.open("w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())  # the new text on disk before its name is: else a power cut may leave it empty
     except OSError:
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """`obj` as JSON in `path`, as `write_text_atomic` writes it (non-finite numbers as null)."""
+    write_text_atomic(path, json.dumps(finite_json(obj), indent=2, default=str, allow_nan=False) + "\n")
 
 
 def format_seconds(seconds: float) -> str:

@@ -1191,14 +1191,71 @@ def test_a_crash_while_metrics_are_trimmed_on_resume_keeps_them(tmp_path, monkey
     text = "".join(json.dumps({"step": s, "tokens": 256 * s, "train_loss": 5.0}) + "\n" for s in (1, 2, 3))
     path.write_text(text)
 
-    def killed_while_writing(self, data, *args, **kwargs):
-        self.open("w").close()  # truncated, then the process dies before writing
-        raise KeyboardInterrupt
+    real_open = Path.open
 
-    monkeypatch.setattr(Path, "write_text", killed_while_writing)
+    def killed_while_writing(self, mode="r", *args, **kwargs):
+        f = real_open(self, mode, *args, **kwargs)
+        if "w" in mode:  # truncated, then the process dies before writing
+            f.close()
+            raise KeyboardInterrupt
+        return f
+
+    monkeypatch.setattr(Path, "open", killed_while_writing)  # Path.write_text opens through it too
     with pytest.raises(KeyboardInterrupt):
         MetricsWriter(tmp_path, resume_step=2)
     assert path.read_text() == text
+
+
+def _record_flushes(monkeypatch, *modules) -> list[tuple]:
+    """Each `os.fsync` (by file name), `fsync_dir` (of `modules`) and `os.replace`, in order."""
+    events = []
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: events.append(("fsync", Path(os.readlink(f"/proc/self/fd/{fd}")).name))
+    )
+    for module in modules:
+        monkeypatch.setattr(module, "fsync_dir", lambda d: events.append(("fsync_dir", Path(d))))
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", Path(b).name)), real_replace(a, b)))
+    return events
+
+
+def test_the_runs_small_files_are_on_disk_before_their_new_name(tmp_path, monkeypatch):
+    """run_config.json, run_summary.json and a resume's trimmed metrics.jsonl were renamed over the old file
+    unflushed: a power cut soon after could leave an empty file under the name (on XFS, or ext4 without
+    auto_da_alloc)."""
+    from modeling_gpt2_scratch import training
+    from modeling_gpt2_scratch.training import write_json_atomic
+
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "tokens": s}) + "\n" for s in (1, 2)))
+    events = _record_flushes(monkeypatch, training)
+    write_json_atomic(tmp_path / "run_summary.json", {"steps": 2})
+    MetricsWriter(tmp_path, resume_step=1)
+    assert events == [
+        ("fsync", "run_summary.json.tmp"),
+        ("replace", "run_summary.json"),
+        ("fsync_dir", tmp_path),
+        ("fsync", "metrics.jsonl.tmp"),
+        ("replace", "metrics.jsonl"),
+        ("fsync_dir", tmp_path),
+    ]
+
+
+def test_a_checkpoint_is_renamed_in_after_the_metrics_it_holds_are_on_disk(tmp_path, monkeypatch):
+    """metrics.jsonl is appended to unflushed: a power cut after a checkpoint's rename could keep the checkpoint and
+    lose the metrics of its steps, which a resume from it does not write again."""
+    from accelerate import Accelerator
+
+    from modeling_gpt2_scratch import training
+
+    _, _, train_args = parse_arguments(["--dataset", "unused.txt", "--output_dir", str(tmp_path), *TINY])
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(GPT2ScratchForCausalLM(GPT2ScratchConfig(n_layer=1, n_head=2, n_embd=32)))
+    MetricsWriter(tmp_path).write({"step": 2, "tokens": 512, "train_loss": 5.0})
+    events = _record_flushes(monkeypatch, training, train_accelerate)
+    train_accelerate.save_checkpoint(accelerator, model, train_args, step=2)
+    rename = events.index(("replace", "step_0000002"))
+    assert ("fsync", "metrics.jsonl") in events[:rename] and ("fsync_dir", tmp_path) in events[:rename]
+    assert (tmp_path / "checkpoints" / "step_0000002" / "model.safetensors").is_file()
 
 
 def _children(pid: int) -> list[int]:
