@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel, PretrainedConfig
 
 from .configuration_gpt2_scratch import TANH_GELU_NAMES, GPT2ScratchConfig
 
@@ -153,7 +153,12 @@ def scratch_to_hf_state_dict(state_dict: Mapping[str, torch.Tensor], config: GPT
 
 
 def load_hf_gpt2(source: str | Path | GPT2LMHeadModel, **from_pretrained_kwargs) -> GPT2LMHeadModel:
-    """A `GPT2LMHeadModel` from an instance, a local directory or a Hub id (e.g. `"gpt2"`)."""
+    """A `GPT2LMHeadModel` from an instance, a local directory or a Hub id (e.g. `"gpt2"`).
+
+    Raises:
+        ValueError: the checkpoint is not a Hugging Face GPT-2 (its `model_type`), or lacks weights the model needs
+            (`from_pretrained` would have drawn them at random).
+    """
     if isinstance(source, GPT2LMHeadModel):
         return source
     if not isinstance(source, (str, Path)):
@@ -163,7 +168,26 @@ def load_hf_gpt2(source: str | Path | GPT2LMHeadModel, **from_pretrained_kwargs)
     path = Path(source)
     if (path.is_absolute() or str(source).startswith(".")) and not path.exists():
         raise FileNotFoundError(f"GPT-2 checkpoint directory {source} does not exist: pass a folder or a Hub id.")
-    return GPT2LMHeadModel.from_pretrained(str(source), **from_pretrained_kwargs)
+    # GPT2LMHeadModel.from_pretrained takes any config.json and draws the weights it does not find at random
+    model_type = PretrainedConfig.get_config_dict(str(source), **from_pretrained_kwargs)[0].get("model_type")
+    if model_type == GPT2ScratchConfig.model_type:
+        raise ValueError(
+            f"{source} is a gpt2-scratch model already (model_type {model_type!r}), not a Hugging Face GPT-2: load it "
+            f"with GPT2ScratchForCausalLM.from_pretrained({str(source)!r})."
+        )
+    if model_type != "gpt2":
+        raise ValueError(
+            f"{source} is not a Hugging Face GPT-2 checkpoint (its config.json has model_type {model_type!r}): "
+            "from_hf_gpt2 converts GPT2LMHeadModel checkpoints (model_type 'gpt2')."
+        )
+    hf_model, info = GPT2LMHeadModel.from_pretrained(str(source), output_loading_info=True, **from_pretrained_kwargs)
+    not_loaded = sorted({*info["missing_keys"], *(key for key, *_ in info["mismatched_keys"])})
+    if not_loaded:
+        raise ValueError(
+            f"GPT-2 checkpoint {source} lacks weights of the model ({', '.join(not_loaded)}; missing, or of another "
+            "shape): from_pretrained would draw them at random. Pass a complete GPT2LMHeadModel checkpoint (every shard, the LM head if untied)."
+        )
+    return hf_model
 
 
 def _same_attention(source, target) -> None:
@@ -185,6 +209,11 @@ def from_hf_gpt2(
         source: a `GPT2LMHeadModel`, a local directory of one, or a Hub id such as `"gpt2"` (needs the Hub).
         config: the scratch config to load into; default: the checkpoint's architecture (`config_from_hf`).
         pad_vocab: pad the vocabulary to a multiple of 128 (50257 -> 50304) when `config` is None.
+
+    Raises:
+        FileNotFoundError: `source` names a local folder that is not there.
+        ValueError: `source` is not a Hugging Face GPT-2 (another `model_type`, a gpt2-scratch folder), lacks some of
+            its weights, or does not fit `config`.
     """
     from .modeling_gpt2_scratch import GPT2ScratchForCausalLM
 

@@ -1073,6 +1073,39 @@ def test_from_hf_missing_directory_raises(tmp_path):
         GPT2ScratchForCausalLM.from_hf_gpt2(tmp_path / "nope")
 
 
+def test_from_hf_a_folder_of_another_model_is_a_one_line_error_naming_it(tmp_path, pair):
+    """`GPT2LMHeadModel.from_pretrained` takes any config.json and draws the weights it does not find at random: a
+    Llama folder converted silently into a random GPT-2; a gpt2-scratch folder failed on shapes after a load report."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=99
+    )
+    LlamaForCausalLM(llama).save_pretrained(tmp_path / "llama")
+    with pytest.raises(ValueError) as raised:
+        GPT2ScratchForCausalLM.from_hf_gpt2(tmp_path / "llama")
+    message = str(raised.value)
+    assert "\n" not in message and str(tmp_path / "llama") in message and "model_type 'llama'" in message
+    pair[1].save_pretrained(tmp_path / "scratch")
+    with pytest.raises(
+        ValueError, match=re.escape(f"GPT2ScratchForCausalLM.from_pretrained({str(tmp_path / 'scratch')!r})")
+    ):
+        GPT2ScratchForCausalLM.from_hf_gpt2(tmp_path / "scratch")
+
+
+def test_from_hf_a_checkpoint_without_some_weights_is_an_error_naming_them(tmp_path, pair):
+    """Weights missing from the checkpoint (a lost shard, a hand-made file) were drawn at random by `from_pretrained`
+    and converted silently."""
+    from safetensors.torch import load_file, save_file
+
+    hf, _ = pair
+    hf.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if ".h.1." not in k}, tmp_path / "model.safetensors", {"format": "pt"})
+    with pytest.raises(ValueError, match=r"lacks weights of the model \(transformer\.h\.1\.attn\.c_attn\.bias, "):
+        GPT2ScratchForCausalLM.from_hf_gpt2(tmp_path)
+
+
 def test_mismatched_size_lists_what_did_not_match(pair):
     hf, _ = pair
     with pytest.raises(ValueError, match=r"shape mismatches: .*transformer\.wpe\.weight"):
