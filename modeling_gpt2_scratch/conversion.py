@@ -197,6 +197,32 @@ def _same_attention(source, target) -> None:
         target.set_attn_implementation(implementation)
 
 
+def check_config_fits(config: GPT2ScratchConfig, inferred: GPT2ScratchConfig, hf_model: GPT2LMHeadModel) -> None:
+    """Refuse a `config` given to `from_hf_gpt2` that would compute something else with the checkpoint's weights:
+    what the weights' shapes do not show (the heads, LayerNorm's epsilon), real token ids without a trained row, or a
+    tied head where the checkpoint's is its own (tying would overwrite one of the two).
+
+    Raises:
+        ValueError: naming each field that does not fit, the checkpoint's value and the fix.
+    """
+    bad = [
+        f"{name}={getattr(config, name)!r} (checkpoint: {getattr(inferred, name)!r})"
+        for name in ("n_head", "layer_norm_epsilon")
+        if getattr(config, name) != getattr(inferred, name)
+    ]
+    rows = hf_model.get_input_embeddings().weight.shape[0]
+    if config.tokenizer_vocab_size > rows:
+        bad.append(f"tokenizer_vocab_size={config.tokenizer_vocab_size} (checkpoint: {rows} token rows)")
+    head, embedding = hf_model.get_output_embeddings().weight, hf_model.get_input_embeddings().weight
+    if config.tie_word_embeddings and head is not embedding and not torch.equal(head, embedding):
+        bad.append("tie_word_embeddings=True (checkpoint: an LM head of its own)")
+    if bad:
+        raise ValueError(
+            f"The config does not fit the GPT-2 checkpoint: {', '.join(bad)}. Pass a config with the checkpoint's "
+            "values, or config=None to take its architecture."
+        )
+
+
 def from_hf_gpt2(
     source: str | Path | GPT2LMHeadModel,
     config: GPT2ScratchConfig | None = None,
@@ -207,7 +233,8 @@ def from_hf_gpt2(
 
     Args:
         source: a `GPT2LMHeadModel`, a local directory of one, or a Hub id such as `"gpt2"` (needs the Hub).
-        config: the scratch config to load into; default: the checkpoint's architecture (`config_from_hf`).
+        config: the scratch config to load into (e.g. other dropouts, a wider padded vocabulary); it must have the
+            checkpoint's architecture (`check_config_fits`). Default: the checkpoint's (`config_from_hf`).
         pad_vocab: pad the vocabulary to a multiple of 128 (50257 -> 50304) when `config` is None.
 
     Raises:
@@ -218,7 +245,11 @@ def from_hf_gpt2(
     from .modeling_gpt2_scratch import GPT2ScratchForCausalLM
 
     hf_model = load_hf_gpt2(source, **from_pretrained_kwargs)
-    config = config if config is not None else config_from_hf(hf_model.config, pad_vocab=pad_vocab)
+    inferred = config_from_hf(hf_model.config, pad_vocab=pad_vocab)  # refuses the GPT-2 variants not implemented
+    if config is None:
+        config = inferred
+    else:
+        check_config_fits(config, inferred, hf_model)
     model = GPT2ScratchForCausalLM(config).to(hf_model.dtype)
     expected = model.state_dict()
     state_dict = hf_to_scratch_state_dict(hf_model.state_dict(), expected)

@@ -1114,6 +1114,36 @@ def test_mismatched_size_lists_what_did_not_match(pair):
         from_hf_gpt2(hf, config=GPT2ScratchConfig(n_embd=32, n_layer=3, n_head=4, n_positions=64))
 
 
+@pytest.mark.parametrize(
+    "hf_kwargs, config_kwargs, named",
+    [
+        ({"scale_attn_by_inverse_layer_idx": True}, {}, "scale_attn_by_inverse_layer_idx=True"),
+        ({}, {"n_head": 8}, "n_head=8 (checkpoint: 4)"),
+        ({}, {"layer_norm_epsilon": 1e-2}, "layer_norm_epsilon=0.01 (checkpoint: 1e-05)"),
+        ({"vocab_size": 300}, {}, "tokenizer_vocab_size=50257 (checkpoint: 300 token rows)"),
+        ({"tie_word_embeddings": False}, {}, "tie_word_embeddings=True (checkpoint: an LM head of its own)"),
+    ],
+)
+def test_a_config_that_does_not_fit_the_checkpoint_is_an_error_naming_the_field(hf_kwargs, config_kwargs, named):
+    """What the weights' shapes do not show converted silently into another model: a GPT-2 variant the model does not
+    implement (checked only without `config`), other heads or epsilon, real ids given zero rows, or a tied head that
+    overwrote the checkpoint's token embedding with its own head."""
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(**SMALL, **hf_kwargs))
+    with pytest.raises(ValueError, match=re.escape(named)):
+        from_hf_gpt2(hf, config=GPT2ScratchConfig(**{**SMALL, **config_kwargs}))
+
+
+def test_a_config_that_fits_the_checkpoint_converts_it():
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(**SMALL, vocab_size=50304)).eval()  # nanoGPT's padded export: 47 unused rows
+    model = from_hf_gpt2(hf, config=GPT2ScratchConfig(**SMALL, resid_pdrop=0.1)).eval()
+    assert model.config.resid_pdrop == 0.1 and model.config.tokenizer_vocab_size == GPT2_VOCAB
+    ids = random_ids(1, 8)
+    with torch.no_grad():
+        assert (model(ids).logits - hf(ids).logits[..., :GPT2_VOCAB]).abs().max().item() <= 1e-5
+
+
 def test_unexpected_keys_are_listed():
     torch.manual_seed(0)
     deeper = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=3, n_head=4, n_positions=64))
