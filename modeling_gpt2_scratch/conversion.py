@@ -20,6 +20,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PretrainedConfig
 
 from .configuration_gpt2_scratch import TANH_GELU_NAMES, GPT2ScratchConfig
+from .data import one_line
 
 if TYPE_CHECKING:
     from .modeling_gpt2_scratch import GPT2ScratchForCausalLM
@@ -155,9 +156,16 @@ def scratch_to_hf_state_dict(state_dict: Mapping[str, torch.Tensor], config: GPT
 def load_hf_gpt2(source: str | Path | GPT2LMHeadModel, **from_pretrained_kwargs) -> GPT2LMHeadModel:
     """A `GPT2LMHeadModel` from an instance, a local directory or a Hub id (e.g. `"gpt2"`).
 
+    `source` is a local folder where one is there, or where it can only be one: a `Path`, or a name that is not a Hub
+    id (`./x`, `/x`, `~/x`, `a/b/c`). `from_pretrained_kwargs` (`dtype`, `revision`, ...) go to
+    `GPT2LMHeadModel.from_pretrained`, so they need a folder or a Hub id.
+
     Raises:
-        ValueError: the checkpoint is not a Hugging Face GPT-2 (its `model_type`), or lacks weights the model needs
-            (`from_pretrained` would have drawn them at random).
+        FileNotFoundError: `source` can only be a local folder, and is not there.
+        ValueError: `source` is a file; the checkpoint is not a Hugging Face GPT-2 (its `model_type`), or lacks
+            weights the model needs (`from_pretrained` would have drawn them at random).
+        OSError: `source` is no local folder, and loading it from the Hub failed (offline, no such repository), on
+            one line naming it.
     """
     if isinstance(source, GPT2LMHeadModel):
         return source
@@ -165,27 +173,39 @@ def load_hf_gpt2(source: str | Path | GPT2LMHeadModel, **from_pretrained_kwargs)
         raise ValueError(
             f"source must be a Hub id, a local directory or a GPT2LMHeadModel, got {type(source).__name__}."
         )
-    path = Path(source)
-    if (path.is_absolute() or str(source).startswith(".")) and not path.exists():
+    path = Path(source).expanduser()
+    if path.is_file():
+        raise ValueError(f"GPT-2 checkpoint {source} is a file: pass the folder that holds it, or a Hub id.")
+    if not path.exists() and (
+        isinstance(source, Path) or str(source).startswith((".", "/", "~")) or source.count("/") > 1
+    ):
         raise FileNotFoundError(f"GPT-2 checkpoint directory {source} does not exist: pass a folder or a Hub id.")
+    source = str(path) if path.exists() else source  # else a Hub id
+    try:
+        config_dict, _ = PretrainedConfig.get_config_dict(source, **from_pretrained_kwargs)
+    except OSError as err:  # transformers' message can span lines, and the Hub's does not name the id
+        where = "" if path.exists() else "no such local folder, and loading it from the Hub failed: "
+        raise OSError(f"GPT-2 checkpoint {source}: {where}{one_line(err)}") from err
     # GPT2LMHeadModel.from_pretrained takes any config.json and draws the weights it does not find at random
-    model_type = PretrainedConfig.get_config_dict(str(source), **from_pretrained_kwargs)[0].get("model_type")
+    model_type = config_dict.get("model_type")
     if model_type == GPT2ScratchConfig.model_type:
         raise ValueError(
             f"{source} is a gpt2-scratch model already (model_type {model_type!r}), not a Hugging Face GPT-2: load it "
-            f"with GPT2ScratchForCausalLM.from_pretrained({str(source)!r})."
+            f"with GPT2ScratchForCausalLM.from_pretrained({source!r})."
         )
     if model_type != "gpt2":
+        found = f"its config.json has model_type {model_type!r}" if model_type else "no config.json with a model_type"
         raise ValueError(
-            f"{source} is not a Hugging Face GPT-2 checkpoint (its config.json has model_type {model_type!r}): "
-            "from_hf_gpt2 converts GPT2LMHeadModel checkpoints (model_type 'gpt2')."
+            f"{source} is not a Hugging Face GPT-2 checkpoint ({found}): from_hf_gpt2 converts GPT2LMHeadModel "
+            "checkpoints (model_type 'gpt2')."
         )
-    hf_model, info = GPT2LMHeadModel.from_pretrained(str(source), output_loading_info=True, **from_pretrained_kwargs)
+    hf_model, info = GPT2LMHeadModel.from_pretrained(source, output_loading_info=True, **from_pretrained_kwargs)
     not_loaded = sorted({*info["missing_keys"], *(key for key, *_ in info["mismatched_keys"])})
     if not_loaded:
         raise ValueError(
             f"GPT-2 checkpoint {source} lacks weights of the model ({', '.join(not_loaded)}; missing, or of another "
-            "shape): from_pretrained would draw them at random. Pass a complete GPT2LMHeadModel checkpoint (every shard, the LM head if untied)."
+            "shape): from_pretrained would draw them at random. Pass a complete GPT2LMHeadModel checkpoint (every "
+            "shard, the LM head if untied)."
         )
     return hf_model
 

@@ -7,6 +7,7 @@ import logging
 import re
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -1071,6 +1072,49 @@ def test_from_hf_local_directory(tmp_path, pair):
 def test_from_hf_missing_directory_raises(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         GPT2ScratchForCausalLM.from_hf_gpt2(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("source", [Path("nope"), "~/nope", "a/b/c"])
+def test_from_hf_a_folder_that_is_not_there_is_named_where_it_cannot_be_a_hub_id(tmp_path, monkeypatch, source):
+    """A `Path`, `~/x` or `a/b/c` is a local folder: they went to the Hub as ids (`~` was not expanded), and the error
+    was the Hub's, not naming them ("Repo id must be in the form 'repo_name' or 'namespace/repo_name'")."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=re.escape(f"GPT-2 checkpoint directory {source} does not exist")):
+        GPT2ScratchForCausalLM.from_hf_gpt2(source)
+
+
+def test_from_hf_a_home_folder_and_a_file_are_read_as_paths(tmp_path, monkeypatch, pair):
+    hf, model = pair
+    hf.save_pretrained(tmp_path / "gpt2")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    converted = GPT2ScratchForCausalLM.from_hf_gpt2("~/gpt2")
+    assert torch.equal(converted.transformer.h[0].attn.c_attn.weight, model.transformer.h[0].attn.c_attn.weight)
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'gpt2' / 'config.json'} is a file: pass the folder")):
+        GPT2ScratchForCausalLM.from_hf_gpt2(tmp_path / "gpt2" / "config.json")
+
+
+def test_from_hf_a_hub_id_that_cannot_be_loaded_is_one_line_naming_it(tmp_path, monkeypatch):
+    """Offline (or no such repository): the Hub's message spanned lines and did not say which name was tried."""
+    import huggingface_hub
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(OSError) as raised:
+        GPT2ScratchForCausalLM.from_hf_gpt2("no-such-gpt2")
+    message = str(raised.value)
+    assert "\n" not in message
+    assert message.startswith(
+        "GPT-2 checkpoint no-such-gpt2: no such local folder, and loading it from the Hub failed"
+    )
+
+
+def test_from_hf_passes_loading_arguments_to_from_pretrained(tmp_path, pair):
+    hf, model = pair
+    hf.save_pretrained(tmp_path)
+    converted = GPT2ScratchForCausalLM.from_hf_gpt2(tmp_path, dtype=torch.bfloat16)
+    assert converted.dtype == torch.bfloat16
+    assert torch.equal(converted.lm_head.weight, model.lm_head.weight.to(torch.bfloat16))
 
 
 def test_from_hf_a_folder_of_another_model_is_a_one_line_error_naming_it(tmp_path, pair):
