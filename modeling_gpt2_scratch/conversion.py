@@ -162,12 +162,19 @@ def load_hf_gpt2(source: str | Path | GPT2LMHeadModel, **from_pretrained_kwargs)
 
     Raises:
         FileNotFoundError: `source` can only be a local folder, and is not there.
-        ValueError: `source` is a file; the checkpoint is not a Hugging Face GPT-2 (its `model_type`), or lacks
-            weights the model needs (`from_pretrained` would have drawn them at random).
+        ValueError: `source` is a file; `from_pretrained_kwargs` with an instance; the checkpoint is not a Hugging
+            Face GPT-2 (its `model_type`), or lacks weights the model needs (`from_pretrained` would have drawn them
+            at random).
         OSError: `source` is no local folder, and loading it from the Hub failed (offline, no such repository), on
             one line naming it.
     """
     if isinstance(source, GPT2LMHeadModel):
+        if from_pretrained_kwargs:  # they were ignored: `dtype=torch.bfloat16` gave a float32 model
+            raise ValueError(
+                f"from_hf_gpt2 got a GPT2LMHeadModel and from_pretrained arguments ({', '.join(from_pretrained_kwargs)}),"
+                " which only loading a folder or a Hub id takes: convert the model without them (then e.g. "
+                "`.to(torch.bfloat16)`)."
+            )
         return source
     if not isinstance(source, (str, Path)):
         raise ValueError(

@@ -1109,6 +1109,13 @@ def test_from_hf_a_hub_id_that_cannot_be_loaded_is_one_line_naming_it(tmp_path, 
     )
 
 
+def test_from_hf_loading_arguments_with_an_instance_are_an_error(pair):
+    """`from_pretrained` arguments were ignored for a `GPT2LMHeadModel` instance: `dtype=torch.bfloat16` gave float32."""
+    hf, _ = pair
+    with pytest.raises(ValueError, match=r"from_pretrained arguments \(dtype\), which only loading a folder"):
+        GPT2ScratchForCausalLM.from_hf_gpt2(hf, dtype=torch.bfloat16)
+
+
 def test_from_hf_passes_loading_arguments_to_from_pretrained(tmp_path, pair):
     hf, model = pair
     hf.save_pretrained(tmp_path)
