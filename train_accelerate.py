@@ -72,6 +72,7 @@ from modeling_gpt2_scratch.training import (
     gradient_norm,
     list_checkpoints,
     load_checkpoint,
+    match_weights_permissions,
     micro_batch_hint,
     parse_arguments,
     peak_memory_mib,
@@ -467,6 +468,7 @@ def save_checkpoint(accelerator: Accelerator, model: GPT2ScratchForCausalLM, tra
             if unwrapped._auto_class is not None:
                 custom_object_save(unwrapped, tmp, config=unwrapped.config)
             unwrapped.config.save_pretrained(tmp)
+            match_weights_permissions(tmp)
             fsync_tree(tmp)
         except WRITE_ERRORS as err:
             failure = err
@@ -503,6 +505,7 @@ def export_final(accelerator: Accelerator, model: GPT2ScratchForCausalLM, output
         try:
             unwrapped.save_pretrained(tmp, safe_serialization=True)
             save_tokenizer(get_hf_tokenizer(model_max_length=unwrapped.config.n_positions), tmp)
+            match_weights_permissions(tmp)
             fsync_tree(tmp)
         except WRITE_ERRORS as err:  # a full disk; the last checkpoint (and an earlier final/) stay as they were
             shutil.rmtree(tmp, ignore_errors=True)

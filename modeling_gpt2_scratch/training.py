@@ -18,6 +18,7 @@ import math
 import os
 import re
 import shutil
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -862,6 +863,16 @@ def check_checkpoint_fits(checkpoint: str | os.PathLike, config: Any, num_proces
             f"--resume {checkpoint}: the checkpoint's model differs from this run's: {', '.join(differ)}; resume "
             "with the model flags it was trained with."
         )
+
+
+def match_weights_permissions(folder: str | os.PathLike) -> None:
+    """Give the weight files in `folder` (`*.safetensors`) the permissions of its `config.json`, written by `open()`
+    under the umask. safetensors >= 0.8 writes through a temporary file it renames, so its files are 0600 whatever the
+    umask (safetensors#782): another user of a shared machine could not load a run's `final/` or checkpoints."""
+    root = Path(folder)
+    mode = stat.S_IMODE((root / "config.json").stat().st_mode)
+    for weights in root.glob("*.safetensors"):
+        weights.chmod(mode)
 
 
 def fsync_tree(path: str | os.PathLike) -> None:

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -1506,6 +1507,21 @@ def test_an_export_cut_short_never_leaves_a_partial_final_folder(corpus, data_di
     run(corpus, data_dir, out, "--max_steps", "2", "--save_every", "2", "--resume", "latest")
     assert {p.name: p.read_bytes() for p in (out / "final").iterdir()} == before  # the same weights, exported again
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".tmp")) == []
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX permission bits")
+def test_the_exported_and_checkpointed_weights_are_as_readable_as_the_other_files(corpus, data_dir, tmp_path):
+    """safetensors >= 0.8 writes its files 0600 whatever the umask (safetensors#782): under umask 022 the rest of
+    `final/` was 0644 and `model.safetensors` 0600, so another user of a shared machine could not load the model."""
+    out = tmp_path / "run"
+    umask = os.umask(0o022)
+    try:
+        run(corpus, data_dir, out, "--max_steps", "2", "--save_every", "2", "--eval_every", "0")
+    finally:
+        os.umask(umask)
+    for folder in (out / "final", list_checkpoints(out)[-1]):
+        assert stat.S_IMODE((folder / "config.json").stat().st_mode) == 0o644
+        assert stat.S_IMODE((folder / "model.safetensors").stat().st_mode) == 0o644, folder
 
 
 def _weights_write_to_a_full_disk(self, save_directory, **kwargs):
