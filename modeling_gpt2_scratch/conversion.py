@@ -292,7 +292,9 @@ def from_hf_gpt2(
 
 
 def to_hf_gpt2(model: GPT2ScratchForCausalLM) -> GPT2LMHeadModel:
-    """A `transformers.GPT2LMHeadModel` with the same weights as the scratch `model` (same logits over 50257 ids)."""
+    """A `transformers.GPT2LMHeadModel` with the same weights as the scratch `model`, and the same logits: its
+    vocabulary is the model's real tokens (`tokenizer_vocab_size`, GPT-2's 50257), without the padding rows.
+    `from_hf_gpt2` pads them again, with zeros (they carry no probability either way)."""
     hf_model = GPT2LMHeadModel(hf_config_from_scratch(model.config)).to(model.dtype)
     hf_model.load_state_dict(scratch_to_hf_state_dict(model.state_dict(), model.config))
     hf_model.tie_weights()

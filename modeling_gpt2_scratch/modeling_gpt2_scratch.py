@@ -732,7 +732,8 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
         return _conversion().from_hf_gpt2(source, **kwargs)
 
     def to_hf_gpt2(self) -> nn.Module:
-        """A `transformers.GPT2LMHeadModel` with the same weights (and the same logits over GPT-2's 50257 ids)."""
+        """A `transformers.GPT2LMHeadModel` with the same weights and logits, over the real tokens only
+        (`tokenizer_vocab_size`: GPT-2's 50257, or as many as `resize_token_embeddings` made): no padding rows."""
         return _conversion().to_hf_gpt2(self)
 
     def resize_token_embeddings(
