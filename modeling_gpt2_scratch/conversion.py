@@ -49,7 +49,7 @@ def config_from_hf(hf_config: GPT2Config, pad_vocab: bool = True) -> GPT2Scratch
         "scale_attn_weights": (hf_config.scale_attn_weights, True),
         "scale_attn_by_inverse_layer_idx": (hf_config.scale_attn_by_inverse_layer_idx, False),
         "add_cross_attention": (hf_config.add_cross_attention, False),
-    }
+    }  # reorder_and_upcast_attn passes: it computes HF's eager attention in float32 under fp16/bf16, the same function
     if hf_config.activation_function in TANH_GELU_NAMES:  # GPT-2's tanh GELU, under either of its names
         del unsupported["activation_function"]
     bad = [f"{name}={got!r} (need {want!r})" for name, (got, want) in unsupported.items() if got != want]
