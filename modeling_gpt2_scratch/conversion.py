@@ -266,8 +266,9 @@ def from_hf_gpt2(
 
     Raises:
         FileNotFoundError: `source` names a local folder that is not there.
-        ValueError: `source` is not a Hugging Face GPT-2 (another `model_type`, a gpt2-scratch folder), lacks some of
-            its weights, or does not fit `config`.
+        OSError: `source` is no local folder, and loading it from the Hub failed (offline, no such repository).
+        ValueError: `source` is a file, or not a Hugging Face GPT-2 (another `model_type`, a gpt2-scratch folder),
+            lacks some of its weights, or does not fit `config`; `from_pretrained_kwargs` with an instance.
     """
     from .modeling_gpt2_scratch import GPT2ScratchForCausalLM
 
