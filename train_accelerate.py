@@ -239,6 +239,7 @@ def load_init_from(source: str) -> GPT2ScratchForCausalLM:
     Raises:
         FileNotFoundError: `source` is a file, or a path (`./x`, `/x`, `~/x`, `a/b/c`: no Hub id) that is not there.
         OSError: what `transformers` says (offline, no such repository, a folder without weights), on one line.
+        ValueError: a folder that is neither model (another architecture), or a GPT-2 without some of its weights.
     """
     path = Path(os.path.expanduser(source))  # a preset's ~/ (the shell expands the command line's)
     if path.is_file() or (not path.exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1)):
@@ -254,6 +255,8 @@ def load_init_from(source: str) -> GPT2ScratchForCausalLM:
         return GPT2ScratchForCausalLM.from_hf_gpt2(source)
     except OSError as err:  # transformers' message spans lines
         raise OSError(f"--init_from {source}: {one_line(err)}") from err
+    except ValueError as err:  # from_hf_gpt2: not a GPT-2 checkpoint (a Llama's), or one without some weights
+        raise ValueError(f"--init_from {source}: {one_line(err)}") from err
 
 
 def build_seeded_model(

@@ -278,7 +278,7 @@ def from_hf_gpt2(
         config = inferred
     else:
         check_config_fits(config, inferred, hf_model)
-    model = GPT2ScratchForCausalLM(config).to(hf_model.dtype)
+    model = GPT2ScratchForCausalLM(config).to(device=hf_model.device, dtype=hf_model.dtype)  # where the source is
     expected = model.state_dict()
     state_dict = hf_to_scratch_state_dict(hf_model.state_dict(), expected)
     model.load_state_dict(state_dict)  # strict: every key present, checked above with a clearer message
@@ -295,8 +295,9 @@ def from_hf_gpt2(
 def to_hf_gpt2(model: GPT2ScratchForCausalLM) -> GPT2LMHeadModel:
     """A `transformers.GPT2LMHeadModel` with the same weights as the scratch `model`, and the same logits: its
     vocabulary is the model's real tokens (`tokenizer_vocab_size`, GPT-2's 50257), without the padding rows.
-    `from_hf_gpt2` pads them again, with zeros (they carry no probability either way)."""
-    hf_model = GPT2LMHeadModel(hf_config_from_scratch(model.config)).to(model.dtype)
+    `from_hf_gpt2` pads them again, with zeros (they carry no probability either way). Either way the new model is
+    on the device and in the dtype of the one converted."""
+    hf_model = GPT2LMHeadModel(hf_config_from_scratch(model.config)).to(device=model.device, dtype=model.dtype)
     hf_model.load_state_dict(scratch_to_hf_state_dict(model.state_dict(), model.config))
     hf_model.tie_weights()
     _same_attention(model, hf_model)

@@ -68,6 +68,18 @@ def test_float32_logits_loss_and_gradients_match_hf_on_cuda():
     compare_with_hf_grads(grads(model), grads(hf), rtol=1e-3, atol=1e-5)
 
 
+def test_conversion_keeps_the_models_device_on_cuda():
+    """from_hf_gpt2 and to_hf_gpt2 built the new model on the CPU whatever the source's device."""
+    hf, _ = make_pair()
+    ours = GPT2ScratchForCausalLM.from_hf_gpt2(hf)
+    back = ours.to_hf_gpt2()
+    assert {p.device.type for p in ours.parameters()} == {"cuda"}
+    assert {p.device.type for p in back.parameters()} == {"cuda"}
+    ids = random_ids(1, 16)
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, hf(ids).logits)
+
+
 @pytest.mark.parametrize("chunk_rows", [None, 100])  # None: CUDA's one chunk; 100: six chunks of 2 x 300 rows
 def test_fused_loss_on_cuda_matches_the_plain_head(chunk_rows):
     torch.manual_seed(0)

@@ -2273,6 +2273,18 @@ def test_an_init_from_folder_without_weights_is_one_line_naming_the_flag(tmp_pat
     assert "\n" not in str(err.value)
 
 
+def test_an_init_from_folder_of_another_model_is_one_line_naming_the_flag(tmp_path):
+    """from_hf_gpt2's ValueError (not a GPT-2 checkpoint) reached the user without the flag it came from."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2).save_pretrained(
+        tmp_path / "llama"
+    )
+    model_args, _, train_args = parse_arguments(["--dataset", "x.txt", *TINY, "--init_from", str(tmp_path / "llama")])
+    with pytest.raises(ValueError, match=rf"^--init_from {re.escape(str(tmp_path / 'llama'))}: .*model_type 'llama'"):
+        train_accelerate.build_model(model_args, train_args)
+
+
 @pytest.mark.parametrize("major, precision", [(7, "no"), (8, "bf16")], ids=["volta-turing", "ampere"])
 def test_auto_mixed_precision_takes_bf16_on_gpus_with_bf16_tensor_cores_only(monkeypatch, major, precision):
     """A V100 or T4 (compute capability 7) can make bf16 tensors, so `torch.cuda.is_bf16_supported()` says True
