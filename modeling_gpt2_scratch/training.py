@@ -101,7 +101,10 @@ class TrainArguments:
     output_dir: str = field(default="runs/gpt2-124m", metadata={"help": "Run folder: checkpoints, metrics, final/."})
     data_dir: str | None = field(
         default=None,
-        metadata={"help": "Where the token shards go (reused across runs); default: data/<dataset name>."},
+        metadata={
+            "help": "Where the token shards go (reused across runs); default: data/<dataset name>[-<dataset_config>], "
+            "e.g. data/fineweb-edu-sample-10BT."
+        },
     )
     overwrite_data: bool = field(
         default=False,
