@@ -611,28 +611,38 @@ def data_flag_changes(previous_config: Path, data_args: DataArguments) -> list[s
     return flag_changes(previous_config, "data", asdict(data_args), RESUME_DATA_FLAGS, {"dataset": same_dataset})
 
 
-def sigterm_when_the_launcher_dies() -> bool:
-    """Under `accelerate launch` with one process, have Linux send this process SIGTERM when the launcher dies.
+def signal_when_the_launcher_dies() -> signal.Signals | None:
+    """Have Linux signal this process when the launcher that started it dies; returns the signal (None: not set).
 
     accelerate's one-process launcher waits on the trainer and passes no signal on, so a SIGTERM to the launcher
     alone (a scheduler signalling the process it started) ended the launcher and left the trainer running, orphaned,
     until something killed it without a checkpoint. With `PR_SET_PDEATHSIG` the launcher's death is a SIGTERM here,
     which `StopSignal` turns into a checkpoint (Linux sends it again each time the launcher thread it was passed to
-    ends, so it may come twice or more). torchrun (several processes) passes signals on itself. Returns
-    whether it was set.
+    ends, so it may come twice or more).
+
+    torchrun (several processes, `TORCHELASTIC_RUN_ID`) passes a SIGTERM or Ctrl-C on itself and waits for the save.
+    A torchrun that dies without doing so (SIGKILL) takes along the store its processes exchange through at every save
+    (`first_failure`): they trained on, orphaned (writing `metrics.jsonl` beside a resume, holding their devices),
+    until their next checkpoint or export failed with a `DistNetworkError` traceback. They get SIGKILL instead and stop
+    with it, like a kill of the whole job: a resume continues from the last complete checkpoint.
     """
-    launched = "ACCELERATE_DYNAMO_BACKEND" in os.environ and "TORCHELASTIC_RUN_ID" not in os.environ
-    if not (launched and sys.platform == "linux"):
-        return False
+    if sys.platform != "linux":
+        return None
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun's processes: their parent is its agent
+        sig = signal.SIGKILL
+    elif "ACCELERATE_DYNAMO_BACKEND" in os.environ:  # accelerate's one-process launcher
+        sig = signal.SIGTERM
+    else:  # no launcher: the parent is a shell, whose exit must not stop the run
+        return None
     import ctypes
 
     launcher = os.getppid()
     pr_set_pdeathsig = 1
-    if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0) != 0:
-        return False
+    if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(sig), 0, 0, 0) != 0:
+        return None
     if os.getppid() != launcher:  # it died before the request: the signal it would have sent
-        os.kill(os.getpid(), signal.SIGTERM)
-    return True
+        os.kill(os.getpid(), sig)
+    return sig
 
 
 def _how_to_go_on(train_args: TrainArguments) -> str:
@@ -1191,7 +1201,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(name).addFilter(main_process_only)  # e.g. "Reusing the shards in ...": once, not per process
     for name in ("accelerate.accelerator", "accelerate.checkpointing"):  # 7 INFO lines per checkpoint, one per file
         logging.getLogger(name).setLevel(logging.WARNING)  # (ours says "saved checkpoint"); warnings still show
-    sigterm_when_the_launcher_dies()
+    signal_when_the_launcher_dies()
     train_args = None
     try:
         model_args, data_args, train_args = parse_arguments(argv)

@@ -1441,6 +1441,88 @@ def test_sigterm_to_the_one_process_launcher_alone_still_saves_a_checkpoint(corp
     assert len(checkpoints) == 1 and (checkpoints[0] / "model.safetensors").is_file()
 
 
+TORCHRUN_WORKER = """
+import contextlib, os, sys, time
+sys.path.insert(0, {repo!r})
+import train_accelerate
+with contextlib.suppress(SystemExit):
+    train_accelerate.main(["--micro_batch_size", "0"])  # its start-up, then an error for the flag
+print("ready", flush=True)
+time.sleep(120)  # a worker training on
+"""
+
+LAUNCHER = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, {worker!r}], stderr=subprocess.DEVNULL)  # as torchrun starts its processes
+print(child.pid, flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_torchrun_process_stops_when_its_launcher_is_killed(tmp_path):
+    """A SIGKILL to torchrun's agent alone left its processes training on, orphaned, until their next save failed
+    without the agent's store (a DistNetworkError traceback): they now die with it."""
+    worker, launcher = tmp_path / "worker.py", tmp_path / "launcher.py"
+    worker.write_text(TORCHRUN_WORKER.format(repo=str(REPO)))
+    launcher.write_text(LAUNCHER.format(worker=str(worker)))
+    env = os.environ.copy() | {"TORCHELASTIC_RUN_ID": "test", "ACCELERATE_DYNAMO_BACKEND": "NO"}
+    proc = subprocess.Popen(
+        [sys.executable, str(launcher)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        start_new_session=True,
+    )  # fmt: skip
+    trainer = None
+    try:
+        trainer = int(proc.stdout.readline())
+        assert proc.stdout.readline().strip() == "ready"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        deadline = time.time() + 10
+        while b"zombie" not in _status(trainer) and time.time() < deadline:
+            time.sleep(0.1)
+        assert b"zombie" in _status(trainer), "the worker lives on without its launcher"
+    finally:
+        proc.kill()
+        if trainer is not None and b"zombie" not in _status(trainer):
+            os.kill(trainer, signal.SIGKILL)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the worker processes through /proc")
+def test_sigkill_to_the_two_process_launcher_stops_both_processes(corpus, data_dir, tmp_path):
+    """`accelerate launch --multi_gpu` (torchrun) SIGKILLed: both processes stop with it, instead of training on into
+    the run folder (beside a resume) until their next save failed without the launcher's store."""
+    out = tmp_path / "run"
+    args = ["--dataset", str(corpus), "--data_dir", str(data_dir), "--output_dir", str(out), *TINY]
+    args += ["--max_steps", "1000", "--save_every", "500", "--eval_every", "0", "--total_batch_tokens", "512"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    proc = subprocess.Popen(
+        [*launch, str(REPO / "train_accelerate.py"), *args], cwd=REPO, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    workers = []
+    try:
+        _wait_for(out, "metrics.jsonl", proc)
+        workers = [
+            pid for pid in _children(proc.pid) if b"train_accelerate.py" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        ]
+        assert len(workers) == 2, workers
+        proc.kill()
+        proc.wait(timeout=10)
+        deadline = time.time() + 10
+        while any(b"zombie" not in _status(pid) for pid in workers) and time.time() < deadline:
+            time.sleep(0.1)
+        assert all(b"zombie" in _status(pid) for pid in workers), "orphaned processes train on"
+    finally:
+        for pid in workers:
+            if b"zombie" not in _status(pid):
+                os.kill(pid, signal.SIGKILL)
+    logged = (out / "metrics.jsonl").read_text()
+    time.sleep(1)
+    assert (out / "metrics.jsonl").read_text() == logged  # nothing writes into the run any more
+
+
 def _status(pid: int) -> bytes:
     try:
         return Path(f"/proc/{pid}/status").read_bytes().lower()
