@@ -608,6 +608,8 @@ class GPT2ScratchModel(GPT2ScratchPreTrainedModel):
             position_ids: `(B, T)` positions; default: `past + arange(T)`, or from `cache_position` if given.
             use_cache: create a cache when none is given (a `GrowingCache` on a CPU, else a `DynamicCache`) and
                 return it.
+            encoder_hidden_states (keyword, read from `kwargs`): a `ValueError`, as in `GPT2Model` without
+                cross-attention layers: this model has none.
         """
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         output_hidden_states = (
@@ -624,6 +626,12 @@ class GPT2ScratchModel(GPT2ScratchPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         check_input_shape(input_ids, inputs_embeds)
+        if kwargs.get("encoder_hidden_states") is not None:  # else ignored in `**kwargs`, as if there were no encoder
+            raise ValueError(
+                "encoder_hidden_states: this model has no cross-attention layers (GPT-2's add_cross_attention is "
+                "not implemented), so it cannot attend to an encoder's output; for a GPT-2 decoder over an encoder, "
+                "use transformers' GPT2LMHeadModel(GPT2Config(add_cross_attention=True))."
+            )
 
         if inputs_embeds is None:
             inputs_embeds = self.wte(input_ids)  # (B, T, C)

@@ -397,6 +397,21 @@ def test_forward_takes_gpt2s_positional_order(pair):
         model(ids, None, None, None, None, None, ids)  # HF's 7th is encoder_hidden_states: not silently labels
 
 
+@pytest.mark.parametrize("which", ["model", "transformer"])
+def test_encoder_hidden_states_are_a_one_line_error(pair, which):
+    """`GPT2Model` without cross-attention layers refuses `encoder_hidden_states` (a `ValueError`); ours has none
+    either, and took them into `**kwargs` and returned the logits of the tokens alone, as if there were no encoder."""
+    hf, model = pair
+    ours, theirs = (model, hf) if which == "model" else (model.transformer, hf.transformer)
+    ids, encoder_states = random_ids(1, 6), torch.randn(1, 4, SMALL["n_embd"])
+    with pytest.raises(ValueError, match="encoder_hidden_states"):
+        theirs(ids, encoder_hidden_states=encoder_states)
+    with pytest.raises(ValueError, match=r"^encoder_hidden_states: .*no cross-attention.*add_cross_attention=True"):
+        ours(ids, encoder_hidden_states=encoder_states)
+    with torch.no_grad():  # None, as a generic caller passes it, is no encoder: the plain forward
+        torch.testing.assert_close(ours(ids, encoder_hidden_states=None)[0], ours(ids)[0])
+
+
 def test_token_type_ids_match_hf_in_forward_backward_and_generate():
     hf, model = make_pair(seed=4, **SMALL, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     ids, types = random_ids(2, 12), random_ids(2, 12, seed=7) % 3
