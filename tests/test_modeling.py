@@ -1672,6 +1672,34 @@ def test_trainer_evaluation_gets_the_loss_logits_and_metrics(tmp_path):
     assert abs(fused.item() - plain.item()) <= 1e-5
 
 
+def test_trainer_with_gradient_accumulation_logs_the_token_mean_of_the_step(tmp_path):
+    """`Trainer` divides each micro-batch's summed loss by `num_items_in_batch`, the targets of the whole optimizer
+    step, counted over `labels[..., 1:]` for a model whose `loss_type` is `ForCausalLM` (this one, by its class
+    name). `GPT2LMHeadModel` has no `loss_type`, so `Trainer` counts its `labels` whole, one target too many per
+    row that has a label at position 0: its loss and gradients come out (T - 1) / T of the mean on full rows."""
+    from transformers import Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    model = GPT2ScratchForCausalLM(GPT2ScratchConfig(**SMALL))
+    ids = random_ids(4, 12)
+    labels = ids.clone()
+    labels[0, :7], labels[3, :3] = -100, -100  # micro-batches with different numbers of targets
+    with torch.no_grad():
+        expected = model.eval()(ids, labels=labels).loss.item()  # the mean over the step's 4 rows
+    counts = []
+    model.register_forward_hook(
+        lambda _, args, kwargs, out: counts.append(kwargs["num_items_in_batch"]), with_kwargs=True
+    )
+    args = TrainingArguments(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=1,
+                             logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True)  # fmt: skip
+    dataset = [{"input_ids": row, "labels": row_labels} for row, row_labels in zip(ids, labels, strict=True)]
+    trainer = Trainer(model=model, args=args, train_dataset=dataset)
+    trainer.train()
+    assert [int(count) for count in counts] == [int((labels[:, 1:] != -100).sum())] * 2  # 36 targets, at each call
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert logged == pytest.approx([expected], abs=1e-5)
+
+
 # --- resizing the vocabulary -----------------------------------------------------------------------------------------
 
 
