@@ -212,7 +212,9 @@ def build_dataloaders(
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
     )
-    train_loader = ShardedTokenLoader(data_dir, "train", **kwargs)
+    # an epoch of whole optimizer steps: N processes read what one process with N times the accumulation reads
+    accumulation = gradient_accumulation_steps(train_args, accelerator.num_processes)
+    train_loader = ShardedTokenLoader(data_dir, "train", **kwargs, batches_per_step=accumulation)
     has_val = any(entry["tokens"] for entry in read_manifest(data_dir)["splits"].get("val", []))
     val_loader = ShardedTokenLoader(data_dir, "val", **kwargs) if has_val else None
     return train_loader, val_loader

@@ -69,8 +69,8 @@ class ShardDataset(torch.utils.data.Dataset):
     batch keys `forward` does not name, and `GPT2LMHeadModel` would shift the already shifted `labels` again.
     """
 
-    def __init__(self, data_dir: Path, batch_size: int, seq_len: int, num_batches: int):
-        loader = ShardedTokenLoader(data_dir, "train", batch_size, seq_len)
+    def __init__(self, data_dir: Path, batch_size: int, seq_len: int, num_batches: int, batches_per_step: int):
+        loader = ShardedTokenLoader(data_dir, "train", batch_size, seq_len, batches_per_step=batches_per_step)
         xs, ys = zip(*(loader.next_batch() for _ in range(num_batches)), strict=True)
         self.x, self.y = torch.cat(xs), torch.cat(ys)
 
@@ -208,7 +208,7 @@ def run_trainer(args, workdir: Path) -> dict:
     config = hf_config_from_scratch(scratch)
     model = GPT2LMHeadModel(config)
     dataset = ShardDataset(
-        args.data_dir, train_args.micro_batch_size, train_args.seq_len, train_args.max_steps * accum
+        args.data_dir, train_args.micro_batch_size, train_args.seq_len, train_args.max_steps * accum, accum
     )
     budget = TimeBudget(args.budget_minutes * 60)
     trainer = Trainer(

@@ -1222,15 +1222,16 @@ class ShardedTokenLoader:
     The split's shards are one token stream (a batch may span two shards; nothing is dropped at shard ends). It is
     cut into chunks of `B*T` tokens; batch `i` of an epoch of rank `r` is chunk `i * world_size + r`, with `x` its
     `B*T` tokens and `y` the same window shifted by one token (so consecutive chunks overlap by `y`'s last token).
-    Round `i` of all ranks thus reads consecutive chunks, and `world_size` ranks together see what one rank with
-    `world_size` times the gradient accumulation sees, in the first epoch. An epoch is `(N - 1) // (B*T) //
-    world_size` batches per rank; the remainder (fewer than `world_size*B*T + 1` tokens, at the end of the split) is
-    skipped, then the stream starts over from its first token and `epoch` goes up by one. (So after the first wrap
-    the two can differ: one rank skips fewer chunks at the end of an epoch than two do, when the chunk count is odd.)
+    Round `i` of all ranks thus reads consecutive chunks. An epoch is a whole number of optimizer steps of all ranks
+    (`batches_per_step` batches each, the gradient accumulation): the remainder (less than one step's
+    `world_size*batches_per_step*B*T` tokens, at the end of the split) is skipped, then the stream starts over from
+    its first token and `epoch` goes up by one. So `world_size` ranks together see what one rank with `world_size`
+    times the gradient accumulation sees, step for step, in every epoch, and no optimizer step spans two epochs.
 
     `state_dict()` is the same on every rank (epoch and batch index), so saving it from the main process only (as
     `accelerator.save_state` does for `register_for_checkpointing` objects) restores every rank. A restored loader
-    needs the same split, sequence length and world size; another batch size continues from the same token.
+    needs the same split, sequence length and world size; another batch size (or accumulation) continues from the
+    same token.
 
     Args:
         data_dir: a folder written by `prepare_dataset`, or its `manifest.json`.
@@ -1239,10 +1240,12 @@ class ShardedTokenLoader:
         seq_len: `T`, tokens per sequence.
         rank: this process's index among `world_size` (accelerate: `accelerator.process_index`).
         world_size: the number of processes (accelerate: `accelerator.num_processes`).
+        batches_per_step: batches per rank and optimizer step (the gradient accumulation); 1 for evaluation.
 
     Raises:
         FileNotFoundError: no manifest (or a shard is missing).
-        ValueError: unknown split, bad sizes, or a split with fewer than `world_size * B * T + 1` tokens.
+        ValueError: unknown split, bad sizes, or a split with fewer than `world_size * batches_per_step * B * T + 1`
+            tokens (one optimizer step).
     """
 
     def __init__(
@@ -1253,8 +1256,10 @@ class ShardedTokenLoader:
         seq_len: int,
         rank: int = 0,
         world_size: int = 1,
+        batches_per_step: int = 1,
     ) -> None:
-        for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("world_size", world_size)):
+        sizes = ("batch_size", batch_size), ("seq_len", seq_len), ("world_size", world_size)
+        for name, value in (*sizes, ("batches_per_step", batches_per_step)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
         if not isinstance(rank, int) or not 0 <= rank < world_size:
@@ -1270,15 +1275,18 @@ class ShardedTokenLoader:
         self.seq_len = seq_len
         self.rank = rank
         self.world_size = world_size
+        self.batches_per_step = batches_per_step
         self._shards = [self._open_shard(entry) for entry in manifest["splits"][split]]
         self._starts = np.cumsum([0] + [len(s) for s in self._shards])  # token offset of each shard, and the end
         self.num_tokens = int(self._starts[-1])
-        needed = world_size * batch_size * seq_len + 1
+        needed = world_size * batches_per_step * batch_size * seq_len + 1
         if self.num_tokens < needed:
             fix = " (or prepare with a larger --val_fraction)" if split == "val" else " (or prepare more text)"
+            accumulation = f" x batches_per_step {batches_per_step}" if batches_per_step > 1 else ""
+            what = "one optimizer step" if batches_per_step > 1 else "one batch per rank"
             raise ValueError(
                 f"Split {split!r} of {str(self.data_dir)!r} has {self.num_tokens:,} tokens, fewer than the "
-                f"{needed:,} that one batch per rank needs (world_size {world_size} x batch_size {batch_size} x "
+                f"{needed:,} that {what} needs (world_size {world_size}{accumulation} x batch_size {batch_size} x "
                 f"seq_len {seq_len} + 1); lower the batch size or sequence length{fix}."
             )
         self.batches_per_epoch = self._batches_per_epoch(batch_size)
@@ -1286,8 +1294,10 @@ class ShardedTokenLoader:
         self._batch = 0  # batches this rank has taken in the current epoch
 
     def _batches_per_epoch(self, batch_size: int) -> int:
-        """Batches of `batch_size` sequences per rank in one pass over the split (the remainder is skipped)."""
-        return (self.num_tokens - 1) // (batch_size * self.seq_len) // self.world_size
+        """Batches of `batch_size` sequences per rank in one pass over the split: whole optimizer steps of all ranks
+        (the remainder is skipped)."""
+        step_tokens = self.world_size * self.batches_per_step * batch_size * self.seq_len
+        return (self.num_tokens - 1) // step_tokens * self.batches_per_step
 
     def _open_shard(self, entry: dict) -> np.memmap:
         path = self.data_dir / entry["file"]
@@ -1353,7 +1363,8 @@ class ShardedTokenLoader:
 
         A state saved with another batch size (a resume that changes `--micro_batch_size`) continues from the same
         token of the stream, which must start a batch of this size (an optimizer step's end does: its tokens are a
-        whole number of micro-batches of either size); where that is past this size's last batch of the epoch, the
+        whole number of micro-batches of either size); where that is past this loader's last batch of the epoch (its
+        epoch may be shorter: another accumulation, or a state saved before epochs were whole optimizer steps), the
         next epoch starts.
         """
         for key in ("split", "num_tokens", "seq_len", "world_size"):
@@ -1366,7 +1377,8 @@ class ShardedTokenLoader:
         saved_batch_size = state.get("batch_size")
         if not isinstance(saved_batch_size, int) or saved_batch_size < 1:
             raise ValueError(f"Cannot resume the {self.split!r} loader from a corrupt state {state}.")
-        if not 0 <= state["batch_in_epoch"] < self._batches_per_epoch(saved_batch_size) or state["epoch"] < 0:
+        rounds = (self.num_tokens - 1) // (saved_batch_size * self.seq_len) // self.world_size  # in any epoch
+        if not 0 <= state["batch_in_epoch"] < rounds or state["epoch"] < 0:
             raise ValueError(f"Cannot resume the {self.split!r} loader from a corrupt state {state}.")
         epoch, batch = int(state["epoch"]), int(state["batch_in_epoch"])
         if saved_batch_size != self.batch_size:
@@ -1378,8 +1390,8 @@ class ShardedTokenLoader:
                     f"resume with batch_size={saved_batch_size}, or one that divides {sequences}."
                 )
             batch = sequences // self.batch_size
-            if batch >= self.batches_per_epoch:
-                epoch, batch = epoch + 1, 0
+        if batch >= self.batches_per_epoch:
+            epoch, batch = epoch + 1, 0
         self.epoch, self._batch = epoch, batch
 
 

@@ -411,6 +411,43 @@ def test_one_step_of_all_ranks_reads_what_one_rank_reads_in_world_size_batches(s
         )
 
 
+@pytest.mark.parametrize("world_size, batches_per_step", [(2, 1), (2, 3), (3, 2)])
+def test_ranks_read_what_one_rank_with_their_accumulation_reads_step_for_step_across_epochs(
+    stream_dir, world_size, batches_per_step
+):
+    """An epoch is whole optimizer steps, so N ranks skip the same remainder at its end as one rank with N times the
+    accumulation: a 2-process run matched a 1-process one only until the split's first wrap."""
+    B, T = 2, 8  # 62 chunks of 16 tokens: 60 in 10 steps of 6 chunks, 62 in 31 steps of 2
+    alone = ShardedTokenLoader(stream_dir, "train", B, T, batches_per_step=world_size * batches_per_step)
+    ranks = [
+        ShardedTokenLoader(stream_dir, "train", B, T, rank=r, world_size=world_size, batches_per_step=batches_per_step)
+        for r in range(world_size)
+    ]
+    steps = 3 * alone.batches_per_epoch // (world_size * batches_per_step) + 1  # into the fourth epoch
+    for _ in range(steps):
+        together = [row for r in ranks for _ in range(batches_per_step) for row in r.next_batch()[0].tolist()]
+        one = [row for _ in range(world_size * batches_per_step) for row in alone.next_batch()[0].tolist()]
+        assert sorted(together) == sorted(one)
+    assert ranks[0].epoch == alone.epoch == 3
+    assert alone.batches_per_epoch % (world_size * batches_per_step) == 0  # no step spans two epochs
+
+
+def test_a_state_past_a_shorter_epochs_end_starts_the_next_epoch(stream_dir):
+    """A loader whose epoch is whole steps of 3 batches (60 of 62 chunks) restores a state saved at batch 61 (by a
+    loader of 1-batch steps, or before epochs were whole steps) at the next epoch's first batch."""
+    saving = ShardedTokenLoader(stream_dir, "train", 2, 8)
+    for _ in range(61):
+        saving.next_batch()
+    resumed = ShardedTokenLoader(stream_dir, "train", 2, 8, batches_per_step=3)
+    resumed.load_state_dict(saving.state_dict())
+    assert resumed.epoch == 1 and torch.equal(resumed.next_batch()[0], torch.arange(16).view(2, 8))
+
+
+def test_a_train_split_smaller_than_one_optimizer_step_is_an_error(stream_dir):
+    with pytest.raises(ValueError, match=r"fewer than the 1,025 that one optimizer step needs .*batches_per_step 8"):
+        ShardedTokenLoader(stream_dir, "train", 2, 8, world_size=8, batches_per_step=8)
+
+
 def test_resume_gives_the_uninterrupted_batches_across_a_shard_boundary(tmp_path):
     data_dir = write_token_shards(tmp_path / "d", np.arange(300), shard_size=50)
     uninterrupted = ShardedTokenLoader(data_dir, "train", 2, 8)

@@ -751,17 +751,29 @@ def test_compile_and_bf16_on_cpu_lower_the_loss(corpus, data_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process_with_the_same_global_batch(corpus, data_dir, tmp_path):
-    common = ["--dataset", str(corpus), "--data_dir", str(data_dir), *TINY]
-    common += ["--max_steps", "4", "--eval_every", "2", "--save_every", "0", "--total_batch_tokens", "512"]
-    one = cli(*common, "--output_dir", str(tmp_path / "one"), "--eval_batches", "8")  # = 2 processes x 4
+def test_two_processes_match_one_process_with_the_same_global_batch(corpus, tmp_path):
+    """Past the training split's end too: 29 chunks of 4 x 32 tokens, 7 steps of 4 chunks an epoch, whatever the
+    processes (2 processes skipped 1 chunk at each wrap, 1 process none, and step 8 differed)."""
+    small = tmp_path / "small.txt"
+    small.write_text(corpus.read_text()[:16000])  # 4,685 tokens
+    common = ["--dataset", str(small), "--data_dir", str(tmp_path / "data"), *TINY, "--val_fraction", "0.2"]
+    common += ["--max_steps", "9", "--eval_every", "4", "--save_every", "0", "--total_batch_tokens", "512"]
+    one = cli(*common, "--output_dir", str(tmp_path / "one"), "--eval_batches", "6")  # = 2 processes x 3
     assert one.returncode == 0, one.stderr[-3000:]
     # On a machine without GPUs `--multi_gpu` starts torchrun processes that use CPU + gloo (accelerate's
     # MULTI_CPU); `--cpu --num_processes 2` would start a single process unless MPI is configured.
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
     two = subprocess.run(
-        [*launch, str(REPO / "train_accelerate.py"), *common, "--output_dir", str(tmp_path / "two")],
+        [
+            *launch,
+            str(REPO / "train_accelerate.py"),
+            *common,
+            "--output_dir",
+            str(tmp_path / "two"),
+            "--eval_batches",
+            "3",
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -771,7 +783,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(corpus, data
     config = json.loads((tmp_path / "two" / "run_config.json").read_text())["training"]
     assert config["num_processes"] == 2 and config["gradient_accumulation_steps"] == 2
     a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
-    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 10))
+    assert ShardedTokenLoader(tmp_path / "data", "train", 4, 32, batches_per_step=4).batches_per_epoch == 28  # 7 steps
     for ra, rb in zip(a, b, strict=True):
         assert abs(ra["train_loss"] - rb["train_loss"]) <= 1e-5
         assert abs(ra.get("val_loss", 0.0) - rb.get("val_loss", 0.0)) <= 1e-5
