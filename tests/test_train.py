@@ -51,6 +51,14 @@ TINY = [
 ]  # fmt: skip
 
 
+# `accelerate launch` of two processes: on a machine without GPUs `--multi_gpu` starts torchrun processes that use
+# CPU + gloo (accelerate's MULTI_CPU); `--cpu --num_processes 2` would start a single process unless MPI is configured
+TWO_PROCESSES = [
+    sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def corpus(shared_dir) -> Path:
     return shared_dir / "data" / "tinyshakespeare.txt"
@@ -760,13 +768,9 @@ def test_two_processes_match_one_process_with_the_same_global_batch(corpus, tmp_
     common += ["--max_steps", "9", "--eval_every", "4", "--save_every", "0", "--total_batch_tokens", "512"]
     one = cli(*common, "--output_dir", str(tmp_path / "one"), "--eval_batches", "6")  # = 2 processes x 3
     assert one.returncode == 0, one.stderr[-3000:]
-    # On a machine without GPUs `--multi_gpu` starts torchrun processes that use CPU + gloo (accelerate's
-    # MULTI_CPU); `--cpu --num_processes 2` would start a single process unless MPI is configured.
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
     two = subprocess.run(
         [
-            *launch,
+            *TWO_PROCESSES,
             str(REPO / "train_accelerate.py"),
             *common,
             "--output_dir",
@@ -1290,10 +1294,8 @@ def test_sigterm_to_one_of_two_processes_stops_both_with_one_checkpoint(corpus, 
     out = tmp_path / "run"
     args = ["--dataset", str(corpus), "--data_dir", str(data_dir), "--output_dir", str(out), *TINY]
     args += ["--max_steps", "1000", "--save_every", "0", "--eval_every", "0", "--total_batch_tokens", "512"]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
     proc = subprocess.Popen(
-        [*launch, str(REPO / "train_accelerate.py"), *args],
+        [*TWO_PROCESSES, str(REPO / "train_accelerate.py"), *args],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -1326,9 +1328,9 @@ def launch_two(
 ) -> subprocess.CompletedProcess:
     """`accelerate launch` of the trainer (or a `script` that runs it) on 2 CPU processes (torchrun + gloo), its output
     captured."""
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
-    return subprocess.run([*launch, str(script), *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [*TWO_PROCESSES, str(script), *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.mark.parametrize(
@@ -1508,10 +1510,8 @@ def test_sigkill_to_the_two_process_launcher_stops_both_processes(corpus, data_d
     out = tmp_path / "run"
     args = ["--dataset", str(corpus), "--data_dir", str(data_dir), "--output_dir", str(out), *TINY]
     args += ["--max_steps", "1000", "--save_every", "500", "--eval_every", "0", "--total_batch_tokens", "512"]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
     proc = subprocess.Popen(
-        [*launch, str(REPO / "train_accelerate.py"), *args], cwd=REPO, stdout=subprocess.DEVNULL,
+        [*TWO_PROCESSES, str(REPO / "train_accelerate.py"), *args], cwd=REPO, stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
     workers = []
