@@ -840,7 +840,9 @@ def child_memory(runs: list[Run], names: list[str], args) -> dict:
 
     Up to `--memory_jobs` children run at once (their peaks are per process: `max_memory_allocated` on CUDA,
     `VmHWM` on CPU); one that fails among others is run again alone (on an H200, one of four concurrent children
-    once died in compilation and passed alone), and one that fails alone reports the last line of its error.
+    once died in compilation and passed alone), and one that fails alone reports the last line of its error. A
+    child whose variant fails a step (out of memory: the children share the GPU's memory) fails too: the peak it
+    reached by then is not the variant's.
     """
     results = _child_memory([(run, name) for run in runs for name in names], args, args.memory_jobs)
     if args.memory_jobs > 1:
@@ -927,7 +929,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.json:  # child: one run, one variant; report its peak memory
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            time_variants(args, args.runs[0], names, settings, device, train_args)
+            failed = time_variants(args, args.runs[0], names, settings, device, train_args)["failed"]
+            if failed:  # e.g. out of memory beside other children: the peak so far is not the variant's
+                raise SystemExit(f"train_throughput.py: {', '.join(f'{n}: {why}' for n, why in failed.items())}")
             peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else proc_status_mib("VmHWM")
             print(json.dumps({"peak_mib": peak, "baseline_mib": 0.0 if device.type == "cuda" else baseline_rss}))
             return

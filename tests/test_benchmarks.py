@@ -606,6 +606,24 @@ def test_cpu_variants_run_with_the_trainers_thread_count(monkeypatch, capsys):
     assert "| ours-fp32 |" in capsys.readouterr().out
 
 
+def test_a_memory_child_whose_variant_runs_out_of_memory_fails(monkeypatch, capsys):
+    """Memory children share the GPU: one that ran out of memory must fail (and be run again alone), not report the
+    peak it reached before the failure as the variant's."""
+
+    def out_of_memory(*args, **kwargs):
+        def step(x, y):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+        return step
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # leave this process's threads as they are
+    monkeypatch.setattr(train_throughput, "make_step", out_of_memory)
+    argv = ["--json", "--no_memory", "--runs", "quickstart:1x8", "--variants", "ours-fp32", "--malloc", "default"]
+    with pytest.raises(SystemExit, match="ours-fp32: out of memory"):
+        train_throughput.main([*argv, "--warmup", "0", "--steps", "1"])
+    assert "peak_mib" not in capsys.readouterr().out
+
+
 @pytest.fixture
 def large_parent_peak() -> int:
     """This process's resident high-water mark raised above 1.5 GiB (pages touched, then freed); returns the MiB. A
