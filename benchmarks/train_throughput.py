@@ -18,7 +18,7 @@ first four are the default set:
 - `ours-defaults`: the scratch model with exactly `train_accelerate.py`'s default speed settings for this device:
   its own `build_accelerator` (mixed precision), compile / fused AdamW / TF32 / glibc malloc tuning resolved from
   `TrainArguments()` defaults, and its step (`accelerator.accumulate`, `accelerator.backward`, its
-  `clip_gradients`).
+  `clip_gradients`; the loss and the gradient norm read before AdamW, as `train_step` reads them).
 - `hf-defaults`: HF under exactly the trainer's defaults for this device (on CPU: no compile; on CUDA the same as
   `hf-defaults-compile`).
 - `ours-defaults-compile`: ours with the trainer's defaults plus `torch.compile` (on CUDA the same as
@@ -476,20 +476,24 @@ def make_step(
 
     def step(x: torch.Tensor, y: torch.Tensor) -> float:
         with matmul_precision(settings.tf32), attention_backend(settings.sdpa_backend):
-            if settings.accelerator:  # train_accelerate.train()'s loop body, without the logging
+            if settings.accelerator:  # train_accelerate.train_step without accumulation, the logging, the schedule
                 with accelerator.accumulate(model):
                     with record_function(PHASES[0]):
                         loss = loss_of(x, y)
                     with record_function(PHASES[1]):
                         accelerator.backward(loss)
-                    with record_function(PHASES[2]):
-                        if settings.torch_clip:
-                            accelerator.clip_grad_norm_(model.parameters(), train_args.grad_clip)
-                        else:
-                            clip_gradients(accelerator, model, train_args.grad_clip)
-                    with record_function(PHASES[3]):
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=not cudagraphs)
+                # train_step reads the loss (to check it is finite) and then the gradient norm before AdamW: two waits
+                # for the device, after which a GPU idles while the host launches the next kernels
+                value = loss.item()
+                with record_function(PHASES[2]):
+                    if settings.torch_clip:
+                        accelerator.clip_grad_norm_(model.parameters(), train_args.grad_clip).item()
+                    else:
+                        clip_gradients(accelerator, model, train_args.grad_clip).item()
+                with record_function(PHASES[3]):
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=not cudagraphs)
+                return value
             else:
                 with record_function(PHASES[0]):
                     loss = loss_of(x, y)

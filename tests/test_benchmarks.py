@@ -624,6 +624,39 @@ def test_a_memory_child_whose_variant_runs_out_of_memory_fails(monkeypatch, caps
     assert "peak_mib" not in capsys.readouterr().out
 
 
+def test_the_trainer_step_waits_for_the_device_where_train_step_does(tmp_path, monkeypatch):
+    """`ours-defaults` times the trainer's step: `train_step` reads the loss and the gradient norm before AdamW (each
+    a wait for the device, on a GPU), so the benchmark's accelerator step must too, in the same order."""
+    import train_accelerate
+    from modeling_gpt2_scratch.training import build_optimizer, build_scheduler
+
+    events = []
+    for method in ("item", "tolist"):
+        original = getattr(torch.Tensor, method)
+        monkeypatch.setattr(torch.Tensor, method, lambda t, _f=original: events.append("read") or _f(t))
+    adamw_step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda opt, *a, **k: events.append("AdamW") or adamw_step(opt))
+    args, cpu = TrainArguments(output_dir=str(tmp_path), max_steps=10, warmup_steps=2), torch.device("cpu")
+    run = train_throughput.parse_run("quickstart:2x32")
+    x, y = train_throughput.round_batch(run, 0, cpu)
+    settings = train_throughput.variant_settings(["ours-defaults"], cpu, args, malloc="default")["ours-defaults"]
+    accelerator = train_accelerate.build_accelerator(args)
+    step = train_throughput.make_step("ours-defaults", settings, run, cpu, args, accelerator)
+    events.clear()
+    step(x, y)
+    benchmark = list(events)
+
+    model = train_throughput.build_model("ours", run, cpu).train()
+    optimizer = build_optimizer(model, args, fused=settings.fused_adamw)
+    scheduler = build_scheduler(optimizer, args)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    loader = type("OneBatch", (), {"next_batch": lambda self: (x, y)})()
+    events.clear()
+    train_accelerate.train_step(accelerator, model, model, optimizer, scheduler, loader, args, 1)
+    assert events == ["read", "read", "AdamW"]  # the loss, the gradient norm, then the optimizer
+    assert benchmark == events
+
+
 @pytest.fixture
 def large_parent_peak() -> int:
     """This process's resident high-water mark raised above 1.5 GiB (pages touched, then freed); returns the MiB. A
