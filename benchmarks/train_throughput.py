@@ -374,7 +374,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--warmup",
         type=non_negative_int,
         default=3,
-        help="untimed rounds first (compilation happens here: at least 1 with a compiled variant)",
+        help="untimed rounds first (compilation happens here: at least 1 with a compiled variant, 2 with CUDA graphs)",
     )
     parser.add_argument("--steps", type=positive_int, default=7, help="timed rounds (the median is reported)")
     parser.add_argument("--no_memory", action="store_true", help="skip the per-variant peak-memory child runs")
@@ -507,6 +507,15 @@ def make_step(
             return loss.item()
 
     return step
+
+
+def warmup_rounds(settings: Settings, device: torch.device) -> int:
+    """The warm-up steps that leave no compilation for the timed ones: 0 eager, 1 compiled, and 2 where the steps
+    run as CUDA graphs (`compile_forward`'s modes on CUDA): torch's CUDA-graph trees run a compiled graph's first
+    call without a graph and record it in the second."""
+    if not settings.compile:
+        return 0
+    return 2 if device.type == "cuda" and settings.compile_mode in ("reduce-overhead", "max-autotune") else 1
 
 
 def synchronize(device: torch.device) -> None:
@@ -914,11 +923,13 @@ def main(argv: list[str] | None = None) -> None:
         if device.type == "cpu":  # the trainer's thread count (process-wide: every variant, the matmul peak too)
             torch.set_num_threads(cpu_threads(train_args, num_processes=1))
         settings = variant_settings(args.variants, device, train_args, args.malloc)
-        compiled = [name for name, variant in settings.items() if variant.compile]
-        if compiled and args.warmup == 0:  # the first timed round would compile
+        needed = {name: warmup_rounds(variant, device) for name, variant in settings.items()}
+        short = [name for name, rounds in needed.items() if rounds > args.warmup]
+        if short:  # a timed round would compile, or record CUDA graphs
             raise SystemExit(
-                f"train_throughput.py: --warmup 0 would time the compilation of {', '.join(compiled)}: use --warmup 1 "
-                "or more (compilation happens in the warm-up rounds)."
+                f"train_throughput.py: --warmup {args.warmup} would time the compilation of {', '.join(short)}: use "
+                f"--warmup {max(needed.values())} or more (compilation, and the recording of CUDA graphs, happen in "
+                "the warm-up rounds)."
             )
         defaults = trainer_defaults(device, train_args)  # what the variant list calls train_accelerate.py's defaults
         names = list(settings)  # the variants in the order named (once each)

@@ -365,6 +365,17 @@ def test_warmup_0_with_a_compiled_variant_is_a_one_line_error():
         train_throughput.main([*argv, "--no_memory"])
 
 
+def test_cuda_graph_variants_are_recorded_in_the_warm_up(tmp_path):
+    """torch's CUDA-graph trees run a compiled graph's first call without a graph and record it in the second: on
+    CUDA a `-cudagraphs` variant needs two warm-up rounds, or the first timed one records."""
+    args = TrainArguments(output_dir=str(tmp_path))
+    names = ["ours-fp32", "ours-defaults-compile", "ours-defaults-cudagraphs", "hf-bf16-cudagraphs-autotune"]
+    names += ["ours-defaults-autotune"]  # max-autotune-no-cudagraphs: autotuned while compiling
+    for device, rounds in (("cuda", [0, 1, 2, 2, 1]), ("cpu", [0, 1, 1, 1, 1])):  # no CUDA graphs on a CPU
+        settings = train_throughput.variant_settings(names, torch.device(device), args)
+        assert [train_throughput.warmup_rounds(settings[n], torch.device(device)) for n in names] == rounds
+
+
 def test_ckpt_and_loss_chunks_reach_the_model(tmp_path):
     args, cpu = TrainArguments(output_dir=str(tmp_path)), torch.device("cpu")
     run = train_throughput.parse_run("quickstart:2x32")
