@@ -71,8 +71,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--license",
         default=DEFAULT_LICENSE,
-        help="the model card's license id for the weights, without spaces (default: mit; e.g. apache-2.0, cc-by-4.0, "
-        "other): yours to choose, within the training data's terms",
+        help="the model card's license for the weights, one of the Hub's license ids "
+        "(https://huggingface.co/docs/hub/repositories-licenses; default: mit; e.g. apache-2.0, cc-by-4.0), or other "
+        "with --license-name and --license-link: yours to choose, within the training data's terms",
+    )
+    parser.add_argument(
+        "--license-name",
+        "--license_name",
+        default=None,
+        help="with --license other: an id for the license, e.g. my-license-1.0",
+    )
+    parser.add_argument(
+        "--license-link",
+        "--license_link",
+        default=None,
+        help="with --license other: the URL of the license's text",
     )
     parser.add_argument(
         "--local-dir",
@@ -126,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             args.repo_id,
             fmt=args.format,
             license=args.license,
+            license_name=args.license_name,
+            license_link=args.license_link,
             private=args.private,
             revision=args.revision,
             commit_message=args.commit_message,

@@ -80,6 +80,20 @@ STAGED_PATTERNS = (  # the kinds of file stage_folder writes, in either format: 
     "README.md",
     "loss.png",
 )
+HUB_LICENSES_URL = "https://huggingface.co/docs/hub/repositories-licenses"
+HUB_LICENSES = frozenset(  # the license ids the Hub takes in a card's `license` (HUB_LICENSES_URL; huggingface.js's
+    # `License` type, packages/hub/src/types/public.ts); any other license is `other` with a name and a link
+    """
+    apache-2.0 mit openrail bigscience-openrail-m creativeml-openrail-m bigscience-bloom-rail-1.0 bigcode-openrail-m
+    afl-3.0 artistic-2.0 bsl-1.0 bsd bsd-2-clause bsd-3-clause bsd-3-clause-clear c-uda cc cc0-1.0 cc-by-2.0
+    cc-by-2.5 cc-by-3.0 cc-by-4.0 cc-by-sa-3.0 cc-by-sa-4.0 cc-by-nc-2.0 cc-by-nc-3.0 cc-by-nc-4.0 cc-by-nd-4.0
+    cc-by-nc-nd-3.0 cc-by-nc-nd-4.0 cc-by-nc-sa-2.0 cc-by-nc-sa-3.0 cc-by-nc-sa-4.0 cdla-sharing-1.0
+    cdla-permissive-1.0 cdla-permissive-2.0 wtfpl ecl-2.0 epl-1.0 epl-2.0 etalab-2.0 eupl-1.1 agpl-3.0 gfdl gpl
+    gpl-2.0 gpl-3.0 lgpl lgpl-2.1 lgpl-3.0 isc lppl-1.3c ms-pl mpl-2.0 odc-by odbl openrail++ osl-3.0 postgresql
+    ofl-1.1 ncsa unlicense zlib pddl lgpl-lr deepfloyd-if-license llama2 llama3 llama3.1 llama3.2 llama3.3 gemma
+    apple-ascl apple-amlr unknown other
+    """.split()
+)
 NO_TOKEN_MESSAGE = (
     "No Hugging Face token found: run `hf auth login` or set HF_TOKEN to a token with write access "
     "(https://huggingface.co/settings/tokens)."
@@ -264,16 +278,36 @@ def validate_revision(revision: str | None) -> None:
         )
 
 
-def validate_license(license: str) -> None:
-    """Check that `license` can be the card's license id (`mit`, `apache-2.0`, `cc-by-4.0`, `other`, ...): not empty,
-    no whitespace.
+def validate_license(license: str, license_name: str | None = None, license_link: str | None = None) -> None:
+    """Check that `license` is one of the Hub's license ids (`HUB_LICENSES`), which the Hub checks a card's `license`
+    against when the `README.md` is committed; `other` (a license not in the list) with `license_name` (an id of your
+    own, e.g. `my-license-1.0`) and `license_link` (a URL to its text), which the Hub shows instead.
 
     Raises:
-        ValueError: naming the value and the expected form.
+        ValueError: naming the value and the fix.
     """
-    if not license or any(char.isspace() for char in license):
+    if license not in HUB_LICENSES:
+        hint = f"use {license.lower()!r}" if license.lower() in HUB_LICENSES else "use one of the Hub's license ids"
         raise ValueError(
-            f"Invalid --license {license!r}: use a license id without spaces, e.g. mit, apache-2.0, other."
+            f"Invalid --license {license!r}: {hint} (mit, apache-2.0, cc-by-4.0, ...: {HUB_LICENSES_URL}), or "
+            "--license other with --license-name and --license-link for another license."
+        )
+    if license != "other":
+        if license_name is not None or license_link is not None:
+            raise ValueError(
+                f"--license-name and --license-link go with --license other, not --license {license}: drop them, or "
+                "pass --license other."
+            )
+        return
+    if not license_name or not re.fullmatch(r"[a-z0-9][a-z0-9._+-]*", license_name):
+        raise ValueError(
+            f"--license other needs --license-name, an id for the license in lowercase letters, digits and "
+            f"'.-_+' (e.g. my-license-1.0), got {license_name!r}."
+        )
+    if not license_link or not re.fullmatch(r"https?://\S+", license_link):
+        raise ValueError(
+            f"--license other needs --license-link, the URL of the license's text (e.g. "
+            f"https://example.com/my-license), got {license_link!r}."
         )
 
 
@@ -857,12 +891,15 @@ def build_model_card(
     license: str = DEFAULT_LICENSE,
     num_parameters: int | None = None,
     revision: str | None = None,
+    license_name: str | None = None,
+    license_link: str | None = None,
 ) -> ModelCard:
     """The repository's `README.md`: YAML metadata (license, library, pipeline tag, tags, datasets, language) and
     the architecture, data, hyperparameters, results, loss curve, usage and limitations.
 
     `license` is the Hub's license id for the weights (`mit`, as OpenAI's GPT-2 and this code; `apache-2.0`, `other`,
-    ...): the trainer's choice, which also has to fit the training data's terms. `num_parameters`: those of the model
+    ...): the trainer's choice, which also has to fit the training data's terms; `other` with `license_name` and
+    `license_link` (`validate_license`). `num_parameters`: those of the model
     the repository holds (`to_hf_gpt2()`'s for `fmt="gpt2"`, without the padding rows); default: `model`'s.
     `revision`: the branch the repository is pushed to; the usage snippets name it when it is not `main` (nor an open
     pull request's `refs/pr/N`, which is merged into `main`)."""
@@ -879,6 +916,8 @@ def build_model_card(
     card_data = ModelCardData(
         language="en",
         license=license,
+        license_name=license_name,
+        license_link=license_link,
         library_name="transformers",
         pipeline_tag="text-generation",
         tags=tags,
@@ -966,6 +1005,8 @@ def stage_folder(
     fmt: Format = "scratch",
     license: str = DEFAULT_LICENSE,
     revision: str | None = None,
+    license_name: str | None = None,
+    license_link: str | None = None,
 ) -> list[StagedFile]:
     """Write the Hub repository's files into `out_dir` (created; if it exists, it must be empty or hold an earlier
     staging, `staged_before`, which is replaced).
@@ -980,14 +1021,14 @@ def stage_folder(
         The staged files and their sizes.
 
     Raises:
-        ValueError: for an unknown `fmt`, an invalid `license`, an `out_dir` that holds anything but an earlier
+        ValueError: for an unknown `fmt`, an invalid `license` (`validate_license`), an `out_dir` that holds anything but an earlier
             staging or is the source's own folder, or a source that is not a gpt2-scratch model.
         FileNotFoundError: for a missing source.
         OSError: writing the weights or the tokenizer failed (a full disk), naming `out_dir`.
     """
     if fmt not in FORMATS:
         raise ValueError(f"Unknown format {fmt!r}: use one of {', '.join(FORMATS)}.")
-    validate_license(license)
+    validate_license(license, license_name, license_link)
     source = source if isinstance(source, ModelSource) else resolve_source(source)
     out_dir = Path(out_dir).expanduser()
     if out_dir.resolve() == source.model_dir.resolve():  # an earlier staging pushed again: never wipe the source
@@ -1028,7 +1069,16 @@ def stage_folder(
         shutil.copyfile(info.loss_curve, out_dir / "loss.png")
     num_parameters = sum(p.numel() for p in saved.parameters())  # gpt2: GPT-2's 50,257 rows, not the padded ones
     card = build_model_card(
-        model, repo_id, info, fmt=fmt, source=source, license=license, num_parameters=num_parameters, revision=revision
+        model,
+        repo_id,
+        info,
+        fmt=fmt,
+        source=source,
+        license=license,
+        num_parameters=num_parameters,
+        revision=revision,
+        license_name=license_name,
+        license_link=license_link,
     )
     card.save(out_dir / "README.md")
     return list_files(out_dir)
@@ -1135,6 +1185,8 @@ def push_run_to_hub(
     *,
     fmt: Format = "scratch",
     license: str = DEFAULT_LICENSE,
+    license_name: str | None = None,
+    license_link: str | None = None,
     private: bool = False,
     revision: str | None = None,
     commit_message: str | None = None,
@@ -1153,13 +1205,23 @@ def push_run_to_hub(
     """
     validate_repo_id(repo_id)
     validate_revision(revision)
+    validate_license(license, license_name, license_link)
     source = resolve_source(path)
     local_dir = Path(local_dir).expanduser() if local_dir is not None else None  # as the source's path
     if not dry_run:
         token = resolve_token(token)
         _require_online()
     with _staging_dir(local_dir) as staged_dir:
-        files = stage_folder(source, staged_dir, repo_id, fmt=fmt, license=license, revision=revision)
+        files = stage_folder(
+            source,
+            staged_dir,
+            repo_id,
+            fmt=fmt,
+            license=license,
+            revision=revision,
+            license_name=license_name,
+            license_link=license_link,
+        )
         if dry_run:
             return PushResult(files, staged_dir if local_dir is not None else None)
         repo_url, commit_url = upload_folder_to_hub(

@@ -795,6 +795,44 @@ def test_an_empty_license_or_one_with_whitespace_is_an_error(tiny_run, tmp_path,
     assert f"Invalid --license {license_id!r}" in line and "apache-2.0" in line and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("license_id", ["gpl-4.0", "MIT", "proprietary"])
+def test_a_license_the_hub_does_not_list_is_an_error_before_staging(tiny_run, tmp_path, capsys, license_id):
+    """The Hub checks a card's `license` against its list of ids when README.md is committed (after create_repo):
+    an id it does not list is refused here, with `other` as the way to name any other license."""
+    argv = [str(tiny_run.run_dir), "--repo-id", REPO_ID, "--dry-run", "--local-dir", str(tmp_path / "out")]
+    line = _run_main_expect_error([*argv, "--license", license_id], capsys)
+    assert f"Invalid --license {license_id!r}" in line and "--license other with --license-name" in line
+    assert ("use 'mit'" in line) == (license_id == "MIT") and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, error",
+    [
+        ([], "--license other needs --license-name"),
+        (["--license-name", "my license"], "--license other needs --license-name"),
+        (["--license-name", "my-license-1.0"], "--license other needs --license-link"),
+        (["--license-name", "my-license-1.0", "--license-link", "LICENSE"], "--license other needs --license-link"),
+    ],
+)
+def test_license_other_without_a_name_and_a_link_is_an_error(tiny_run, tmp_path, capsys, extra, error):
+    argv = [str(tiny_run.run_dir), "--repo-id", REPO_ID, "--dry-run", "--local-dir", str(tmp_path / "out")]
+    line = _run_main_expect_error([*argv, "--license", "other", *extra], capsys)
+    assert line.startswith(f"error: {error}") and not (tmp_path / "out").exists()
+
+
+def test_license_other_puts_its_name_and_link_in_the_card(tiny_run, tmp_path, capsys):
+    argv = [str(tiny_run.run_dir), "--repo-id", REPO_ID, "--dry-run", "--local-dir", str(tmp_path / "out")]
+    link = "https://example.com/my-license"
+    assert (
+        push_to_hub.main([*argv, "--license", "other", "--license-name", "my-license-1.0", "--license-link", link])
+        == 0
+    )
+    data = ModelCard.load(tmp_path / "out" / "README.md").data
+    assert (data.license, data.license_name, data.license_link) == ("other", "my-license-1.0", link)
+    line = _run_main_expect_error([*argv, "--license", "mit", "--license-name", "my-license-1.0"], capsys)
+    assert "go with --license other" in line
+
+
 def test_no_connection_is_an_error_that_names_the_endpoint(tiny_run, monkeypatch, capsys):
     with socket.socket() as closed:  # a port nothing listens on
         closed.bind(("127.0.0.1", 0))
