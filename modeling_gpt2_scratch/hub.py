@@ -119,6 +119,14 @@ RECIPE_KEYS = (  # the training settings the card's main table shows, in this or
     "fused_adamw",
     "gradient_checkpointing",
 )
+CANONICAL_MODEL_IDS = {  # GPT-2's ids from before the Hub moved its "canonical" repositories under organizations
+    # (2024, transformers PR #28795): the old ids still load (a redirect), the card names the repository itself
+    "gpt2": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-large": "openai-community/gpt2-large",
+    "gpt2-xl": "openai-community/gpt2-xl",
+    "distilgpt2": "distilbert/distilgpt2",
+}
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:[\\/]")  # C:\ or C:/
 DATA_FILE_SUFFIXES = (".txt", ".json", ".jsonl", ".parquet", ".csv", ".tsv", ".arrow", ".gz", ".zst", ".bin")
 
@@ -910,6 +918,8 @@ def build_model_card(
     model_section = _section(info.run_config, "model")
     base_model = model_section.get("init_from")
     local_base = bool(base_model) and _init_from_is_local(model_section, source.run_dir if source else None)
+    if base_model and not local_base:
+        base_model = CANONICAL_MODEL_IDS.get(base_model, base_model)
     tags = ["gpt2", "gpt2-scratch", "text-generation", "pytorch", "causal-lm"]
     if fmt == "scratch":
         tags.append("custom_code")
@@ -923,6 +933,7 @@ def build_model_card(
         tags=tags,
         datasets=[hub_id] if hub_id else None,
         base_model=base_model if base_model and not local_base else None,
+        base_model_relation="finetune" if base_model and not local_base else None,  # all weights trained on
     )
     if base_model:
         shown = f"`{_file_name(base_model)}` (local)" if local_base else f"`{base_model}`"

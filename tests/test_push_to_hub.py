@@ -227,6 +227,7 @@ def test_model_card_holds_metadata_and_run_numbers(staged, tiny_run):
     assert card.data.pipeline_tag == "text-generation"
     assert card.data.language == "en"
     assert card.data.datasets == ["karpathy/tiny_shakespeare"]
+    assert card.data.base_model is None and "base_model_relation" not in card.data.to_dict()  # trained from scratch
     assert {"gpt2", "gpt2-scratch", "custom_code"} <= set(card.data.tags)
     text = card.text
     assert f"{tiny_run.summary['tokens_seen']:,}" in text  # tokens seen
@@ -624,6 +625,20 @@ def test_a_fine_tuned_run_on_a_local_corpus_says_so_and_shows_file_names_only(ti
     assert "a local corpus (`my_corpus`)" in card.text
     assert "Users" not in card.text and "D:/data" not in card.text  # Windows paths become their last name
     assert "`q` (local)" in card.text and "`shards` (local)" in card.text
+
+
+def test_a_run_fine_tuned_from_gpt2s_old_id_names_its_repository_and_the_relation(tiny_run, tmp_path):
+    """`--init_from gpt2` loads through the Hub's redirect; the card's `base_model` is the repository's own id
+    (openai-community/gpt2, since the Hub moved the canonical repositories), with `base_model_relation: finetune`."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run.run_dir, run_dir)
+    config = json.loads((run_dir / "run_config.json").read_text())
+    config["model"] |= {"init_from": "gpt2", "init_from_source": "hub"}
+    (run_dir / "run_config.json").write_text(json.dumps(config))
+    stage_folder(run_dir, tmp_path / "repo", REPO_ID)
+    card = ModelCard.load(tmp_path / "repo" / "README.md")
+    assert card.data.base_model == "openai-community/gpt2" and card.data.base_model_relation == "finetune"
+    assert "fine-tuned from `openai-community/gpt2`" in card.text
 
 
 @pytest.mark.parametrize("fails", ["weights", "tokenizer"])
