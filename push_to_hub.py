@@ -20,6 +20,7 @@ from transformers.utils import logging as transformers_logging
 
 from modeling_gpt2_scratch.data import configure_cli_logging
 from modeling_gpt2_scratch.hub import (
+    DEFAULT_LANGUAGE,
     DEFAULT_LICENSE,
     FORMATS,
     PushResult,
@@ -88,6 +89,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="with --license other: the URL of the license's text",
     )
     parser.add_argument(
+        "--language",
+        default=DEFAULT_LANGUAGE,
+        help="the card's language: the training data's, as ISO 639 codes, comma-separated (default: en, the presets' "
+        "data; e.g. fr, or fr,de), or code, or multilingual",
+    )
+    parser.add_argument(
         "--local-dir",
         "--local_dir",
         default=None,
@@ -141,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             license=args.license,
             license_name=args.license_name,
             license_link=args.license_link,
+            language=args.language,
             private=args.private,
             revision=args.revision,
             commit_message=args.commit_message,

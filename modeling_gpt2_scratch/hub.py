@@ -61,6 +61,7 @@ logger = logging.getLogger(__name__)
 
 Format = Literal["scratch", "gpt2"]
 FORMATS: tuple[str, ...] = ("scratch", "gpt2")
+DEFAULT_LANGUAGE = "en"  # the card's language: the presets' corpora (tiny Shakespeare, FineWeb-Edu) are English
 DEFAULT_LICENSE = "mit"  # the model card's license for the weights: OpenAI's GPT-2 and this code are MIT
 SourceKind = Literal["export", "checkpoint"]
 
@@ -317,6 +318,22 @@ def validate_license(license: str, license_name: str | None = None, license_link
             f"--license other needs --license-link, the URL of the license's text (e.g. "
             f"https://example.com/my-license), got {license_link!r}."
         )
+
+
+def parse_languages(language: str) -> list[str]:
+    """The card's `language` from `--language`: comma-separated ISO 639-1, 639-2 or 639-3 codes (`en`, `fr,de`), or
+    one of the Hub's special values (`code`, `multilingual`), as huggingface_hub's `ModelCardData` documents them.
+
+    Raises:
+        ValueError: naming the value and the expected form.
+    """
+    codes = [code.strip() for code in language.split(",")]
+    if not all(re.fullmatch(r"[a-z]{2,3}", code) or code in ("code", "multilingual") for code in codes):
+        raise ValueError(
+            f"Invalid --language {language!r}: the language(s) of the training data as ISO 639 codes in lowercase, "
+            "comma-separated (e.g. en, or fr,de), or code, or multilingual."
+        )
+    return codes
 
 
 def resolve_token(token: str | None = None) -> str:
@@ -717,7 +734,9 @@ loads it without remote code, and `model.to_hf_gpt2()` converts it to a `transfo
 - A small base model ({{ num_parameters }} parameters, {{ tokens_seen_short }} training tokens): it continues text
   in the style of its training data, often incoherently over long spans, and states falsehoods fluently. It is not
   instruction-tuned, not aligned and not evaluated for safety: do not use its output as fact or advice.
-- It reflects the biases and errors of its training data and is meant for English text.
+- It reflects the biases and errors of its training data
+{%- if english %} and is meant for English text.
+{%- else %}; GPT-2's tokenizer was made for English text, so other languages take more tokens per word.{% endif %}
 - Context of {{ context_length }} tokens; GPT-2's byte-level BPE tokenizer (50,257 tokens, `<|endoftext|>` is the
   bos, eos and pad token).
 - A research and educational artifact: evaluate it on your task before any other use.
@@ -901,13 +920,14 @@ def build_model_card(
     revision: str | None = None,
     license_name: str | None = None,
     license_link: str | None = None,
+    language: str = DEFAULT_LANGUAGE,
 ) -> ModelCard:
     """The repository's `README.md`: YAML metadata (license, library, pipeline tag, tags, datasets, language) and
     the architecture, data, hyperparameters, results, loss curve, usage and limitations.
 
     `license` is the Hub's license id for the weights (`mit`, as OpenAI's GPT-2 and this code; `apache-2.0`, `other`,
     ...): the trainer's choice, which also has to fit the training data's terms; `other` with `license_name` and
-    `license_link` (`validate_license`). `num_parameters`: those of the model
+    `license_link` (`validate_license`). `language`: the training data's, `--language` (`parse_languages`). `num_parameters`: those of the model
     the repository holds (`to_hf_gpt2()`'s for `fmt="gpt2"`, without the padding rows); default: `model`'s.
     `revision`: the branch the repository is pushed to; the usage snippets name it when it is not `main` (nor an open
     pull request's `refs/pr/N`, which is merged into `main`)."""
@@ -923,8 +943,9 @@ def build_model_card(
     tags = ["gpt2", "gpt2-scratch", "text-generation", "pytorch", "causal-lm"]
     if fmt == "scratch":
         tags.append("custom_code")
+    languages = parse_languages(language)
     card_data = ModelCardData(
-        language="en",
+        language=languages[0] if len(languages) == 1 else languages,
         license=license,
         license_name=license_name,
         license_link=license_link,
@@ -970,6 +991,7 @@ def build_model_card(
         revision_kwarg=revision_kwarg,
         tokens_seen_short=_format_count(info.tokens_seen),
         context_length=model.config.n_positions,
+        english=languages == ["en"],
     )
     card.text = card.text.rstrip("\n") + "\n"  # Jinja drops the template's final newline
     return card
@@ -1018,6 +1040,7 @@ def stage_folder(
     revision: str | None = None,
     license_name: str | None = None,
     license_link: str | None = None,
+    language: str = DEFAULT_LANGUAGE,
 ) -> list[StagedFile]:
     """Write the Hub repository's files into `out_dir` (created; if it exists, it must be empty or hold an earlier
     staging, `staged_before`, which is replaced).
@@ -1040,6 +1063,7 @@ def stage_folder(
     if fmt not in FORMATS:
         raise ValueError(f"Unknown format {fmt!r}: use one of {', '.join(FORMATS)}.")
     validate_license(license, license_name, license_link)
+    parse_languages(language)
     source = source if isinstance(source, ModelSource) else resolve_source(source)
     out_dir = Path(out_dir).expanduser()
     if out_dir.resolve() == source.model_dir.resolve():  # an earlier staging pushed again: never wipe the source
@@ -1090,6 +1114,7 @@ def stage_folder(
         revision=revision,
         license_name=license_name,
         license_link=license_link,
+        language=language,
     )
     card.save(out_dir / "README.md")
     return list_files(out_dir)
@@ -1198,6 +1223,7 @@ def push_run_to_hub(
     license: str = DEFAULT_LICENSE,
     license_name: str | None = None,
     license_link: str | None = None,
+    language: str = DEFAULT_LANGUAGE,
     private: bool = False,
     revision: str | None = None,
     commit_message: str | None = None,
@@ -1217,6 +1243,7 @@ def push_run_to_hub(
     validate_repo_id(repo_id)
     validate_revision(revision)
     validate_license(license, license_name, license_link)
+    parse_languages(language)
     source = resolve_source(path)
     local_dir = Path(local_dir).expanduser() if local_dir is not None else None  # as the source's path
     if not dry_run:
@@ -1232,6 +1259,7 @@ def push_run_to_hub(
             revision=revision,
             license_name=license_name,
             license_link=license_link,
+            language=language,
         )
         if dry_run:
             return PushResult(files, staged_dir if local_dir is not None else None)

@@ -226,6 +226,7 @@ def test_model_card_holds_metadata_and_run_numbers(staged, tiny_run):
     assert card.data.library_name == "transformers"
     assert card.data.pipeline_tag == "text-generation"
     assert card.data.language == "en"
+    assert "and is meant for English text." in card.text
     assert card.data.datasets == ["karpathy/tiny_shakespeare"]
     assert card.data.base_model is None and "base_model_relation" not in card.data.to_dict()  # trained from scratch
     assert {"gpt2", "gpt2-scratch", "custom_code"} <= set(card.data.tags)
@@ -846,6 +847,17 @@ def test_license_other_puts_its_name_and_link_in_the_card(tiny_run, tmp_path, ca
     assert (data.license, data.license_name, data.license_link) == ("other", "my-license-1.0", link)
     line = _run_main_expect_error([*argv, "--license", "mit", "--license-name", "my-license-1.0"], capsys)
     assert "go with --license other" in line
+
+
+def test_language_flag_goes_into_the_card(tiny_run, tmp_path, capsys):
+    """The card said `language: en` whatever the corpus: --language names the training data's language(s)."""
+    argv = [str(tiny_run.run_dir), "--repo-id", REPO_ID, "--dry-run", "--local-dir", str(tmp_path / "out")]
+    assert push_to_hub.main([*argv, "--language", "fr,de"]) == 0
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert card.data.language == ["fr", "de"] and "meant for English text" not in card.text
+    assert "made for English text" in card.text  # GPT-2's tokenizer
+    line = _run_main_expect_error([*argv, "--language", "French"], capsys)
+    assert "Invalid --language 'French'" in line and "ISO 639" in line
 
 
 def test_no_connection_is_an_error_that_names_the_endpoint(tiny_run, monkeypatch, capsys):
