@@ -171,9 +171,9 @@ def load_hf_gpt2(source: str | Path | GPT2LMHeadModel, **from_pretrained_kwargs)
     if isinstance(source, GPT2LMHeadModel):
         if from_pretrained_kwargs:  # they were ignored: `dtype=torch.bfloat16` gave a float32 model
             raise ValueError(
-                f"from_hf_gpt2 got a GPT2LMHeadModel and from_pretrained arguments ({', '.join(from_pretrained_kwargs)}),"
-                " which only loading a folder or a Hub id takes: convert the model without them (then e.g. "
-                "`.to(torch.bfloat16)`)."
+                "from_hf_gpt2 got a GPT2LMHeadModel and from_pretrained arguments "
+                f"({', '.join(from_pretrained_kwargs)}), which only loading a folder or a Hub id takes: convert the "
+                "model without them (then e.g. `.to(torch.bfloat16)`)."
             )
         return source
     if not isinstance(source, (str, Path)):

@@ -927,8 +927,9 @@ def build_model_card(
 
     `license` is the Hub's license id for the weights (`mit`, as OpenAI's GPT-2 and this code; `apache-2.0`, `other`,
     ...): the trainer's choice, which also has to fit the training data's terms; `other` with `license_name` and
-    `license_link` (`validate_license`). `language`: the training data's, `--language` (`parse_languages`). `num_parameters`: those of the model
-    the repository holds (`to_hf_gpt2()`'s for `fmt="gpt2"`, without the padding rows); default: `model`'s.
+    `license_link` (`validate_license`). `language`: the training data's, `--language` (`parse_languages`).
+    `num_parameters`: those of the model the repository holds (`to_hf_gpt2()`'s for `fmt="gpt2"`, without the padding
+    rows); default: `model`'s.
     `revision`: the branch the repository is pushed to; the usage snippets name it when it is not `main` (nor an open
     pull request's `refs/pr/N`, which is merged into `main`)."""
     if num_parameters is None:
@@ -1055,8 +1056,9 @@ def stage_folder(
         The staged files and their sizes.
 
     Raises:
-        ValueError: for an unknown `fmt`, an invalid `license` (`validate_license`), an `out_dir` that holds anything but an earlier
-            staging or is the source's own folder, or a source that is not a gpt2-scratch model.
+        ValueError: for an unknown `fmt`, an invalid `license` (`validate_license`) or `language`, an `out_dir` that
+            holds anything but an earlier staging or is the source's own folder, or a source that is not a
+            gpt2-scratch model.
         FileNotFoundError: for a missing source.
         OSError: writing the weights or the tokenizer failed (a full disk), naming `out_dir`.
     """

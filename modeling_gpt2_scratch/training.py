@@ -123,8 +123,9 @@ class TrainArguments:
         metadata={
             "help": "Continue a run: 'latest' (newest checkpoint in output_dir) or a path. Optimizer, schedule and "
             "batch flags given now (max_lr, min_lr_ratio, betas, eps, weight_decay, grad_clip, warmup_steps, "
-            "max_steps, total_batch_tokens, micro_batch_size), --dropout and --seed (the samples') apply from the next "
-            "step; the model's size flags and the data flags that change the token stream must be the checkpoint's."
+            "max_steps, total_batch_tokens, micro_batch_size), --dropout and --seed (the samples') apply from the "
+            "next step; the model's size flags and the data flags that change the token stream must be the "
+            "checkpoint's."
         },
     )
     seed: int = field(

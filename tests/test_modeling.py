@@ -1125,7 +1125,8 @@ def test_from_hf_a_hub_id_that_cannot_be_loaded_is_one_line_naming_it(tmp_path, 
 
 
 def test_from_hf_loading_arguments_with_an_instance_are_an_error(pair):
-    """`from_pretrained` arguments were ignored for a `GPT2LMHeadModel` instance: `dtype=torch.bfloat16` gave float32."""
+    """`from_pretrained` arguments were ignored for a `GPT2LMHeadModel` instance: `dtype=torch.bfloat16` gave
+    float32."""
     hf, _ = pair
     with pytest.raises(ValueError, match=r"from_pretrained arguments \(dtype\), which only loading a folder"):
         GPT2ScratchForCausalLM.from_hf_gpt2(hf, dtype=torch.bfloat16)
@@ -1690,8 +1691,10 @@ def test_trainer_with_gradient_accumulation_logs_the_token_mean_of_the_step(tmp_
     model.register_forward_hook(
         lambda _, args, kwargs, out: counts.append(kwargs["num_items_in_batch"]), with_kwargs=True
     )
-    args = TrainingArguments(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=1,
-                             logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True)  # fmt: skip
+    args = TrainingArguments(
+        tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=1, logging_steps=1,
+        save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
     dataset = [{"input_ids": row, "labels": row_labels} for row, row_labels in zip(ids, labels, strict=True)]
     trainer = Trainer(model=model, args=args, train_dataset=dataset)
     trainer.train()
