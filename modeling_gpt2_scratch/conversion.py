@@ -200,8 +200,9 @@ def load_hf_gpt2(source: str | Path | GPT2LMHeadModel, **from_pretrained_kwargs)
             f"{source} is a gpt2-scratch model already (model_type {model_type!r}), not a Hugging Face GPT-2: load it "
             f"with GPT2ScratchForCausalLM.from_pretrained({source!r})."
         )
-    if model_type != "gpt2":
-        found = f"its config.json has model_type {model_type!r}" if model_type else "no config.json with a model_type"
+    if model_type != "gpt2" and (model_type or not config_dict):  # a config.json without model_type (written before
+        # transformers recorded it) loads as GPT-2's: the weights check below refuses another model's
+        found = f"its config.json has model_type {model_type!r}" if model_type else "no config.json"
         raise ValueError(
             f"{source} is not a Hugging Face GPT-2 checkpoint ({found}): from_hf_gpt2 converts GPT2LMHeadModel "
             "checkpoints (model_type 'gpt2')."

@@ -1160,6 +1160,32 @@ def test_from_hf_a_folder_of_another_model_is_a_one_line_error_naming_it(tmp_pat
         GPT2ScratchForCausalLM.from_hf_gpt2(tmp_path / "scratch")
 
 
+def test_from_hf_a_gpt2_config_without_model_type_converts_and_another_models_does_not(tmp_path, pair):
+    """A config.json written before transformers recorded `model_type` loads with `GPT2LMHeadModel.from_pretrained`
+    and converted before the model_type check; another model's without one is refused by its missing weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf, model = pair
+    hf.save_pretrained(tmp_path / "old")
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    del config["model_type"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    converted = GPT2ScratchForCausalLM.from_hf_gpt2(tmp_path / "old")
+    assert torch.equal(converted.transformer.h[0].attn.c_attn.weight, model.transformer.h[0].attn.c_attn.weight)
+    llama = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=99
+    )
+    LlamaForCausalLM(llama).save_pretrained(tmp_path / "llama")
+    config = json.loads((tmp_path / "llama" / "config.json").read_text())
+    del config["model_type"]
+    (tmp_path / "llama" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="lacks weights of the model"):
+        GPT2ScratchForCausalLM.from_hf_gpt2(tmp_path / "llama")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"is not a Hugging Face GPT-2 checkpoint \(no config.json\)"):
+        GPT2ScratchForCausalLM.from_hf_gpt2(tmp_path / "empty")
+
+
 def test_from_hf_a_checkpoint_without_some_weights_is_an_error_naming_them(tmp_path, pair):
     """Weights missing from the checkpoint (a lost shard, a hand-made file) were drawn at random by `from_pretrained`
     and converted silently."""
