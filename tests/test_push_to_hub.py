@@ -821,6 +821,15 @@ def test_a_license_the_hub_does_not_list_is_an_error_before_staging(tiny_run, tm
     assert ("use 'mit'" in line) == (license_id == "MIT") and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("license_id", ["intel-research", "llama4", "fair-noncommercial-research-license"])
+def test_the_hubs_newer_license_ids_go_into_the_card(tiny_run, tmp_path, license_id):
+    """The Hub's license table (HUB_LICENSES_URL) has ids that huggingface.js's `License` type lacks: Intel's
+    research license (hub-docs#1502), Llama 4's (hub-docs#1692), FAIR's noncommercial research one (hub-docs#1708)."""
+    argv = [str(tiny_run.run_dir), "--repo-id", REPO_ID, "--dry-run", "--local-dir", str(tmp_path / "out")]
+    assert push_to_hub.main([*argv, "--license", license_id]) == 0
+    assert ModelCard.load(tmp_path / "out" / "README.md").data.license == license_id
+
+
 @pytest.mark.parametrize(
     "extra, error",
     [
