@@ -475,6 +475,7 @@ def save_checkpoint(accelerator: Accelerator, model: GPT2ScratchForCausalLM, tra
             unwrapped.config.save_pretrained(tmp)
             match_weights_permissions(tmp)
             fsync_tree(tmp)
+            flush_run_folder(train_args.output_dir)  # the metrics up to this step, and checkpoints/, on disk first
         except WRITE_ERRORS as err:
             failure = err
     reason = first_failure(accelerator, None if failure is None else write_failure_reason(failure), final)
@@ -486,7 +487,6 @@ def save_checkpoint(accelerator: Accelerator, model: GPT2ScratchForCausalLM, tra
             f"{_how_to_go_on(train_args)}"
         ) from failure
     if accelerator.is_main_process:
-        flush_run_folder(train_args.output_dir)  # the metrics up to this step, and checkpoints/ itself, on disk first
         replace_folder(tmp, final)  # the same step again (a run branched from an earlier one): never without one
         prune_checkpoints(train_args.output_dir, train_args.keep_last)
         logger.info("saved checkpoint %s", final)

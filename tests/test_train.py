@@ -1276,6 +1276,32 @@ def test_a_checkpoint_is_renamed_in_after_the_metrics_it_holds_are_on_disk(tmp_p
     assert (tmp_path / "checkpoints" / "step_0000002" / "model.safetensors").is_file()
 
 
+def test_a_failure_to_flush_the_metrics_is_a_failed_save_on_every_process(tmp_path, monkeypatch):
+    """`flush_run_folder` ran on the main process after the failures were gathered (`first_failure`): its OSError (an
+    I/O error at fsync) left the main process with a traceback and the others waiting at the barrier."""
+    import errno
+
+    from accelerate import Accelerator
+
+    _, _, train_args = parse_arguments(["--dataset", "unused.txt", "--output_dir", str(tmp_path), *TINY])
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(GPT2ScratchForCausalLM(GPT2ScratchConfig(n_layer=1, n_head=2, n_embd=32)))
+    MetricsWriter(tmp_path).write({"step": 2, "tokens": 512, "train_loss": 5.0})
+    fsync = os.fsync
+
+    def failing_fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("metrics.jsonl"):
+            raise OSError(errno.EIO, "Input/output error")
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(
+        train_accelerate.TrainingError, match=r"saving checkpoint .*step_0000002 failed \(.*Input/output error"
+    ):
+        train_accelerate.save_checkpoint(accelerator, model, train_args, step=2)
+    assert list((tmp_path / "checkpoints").iterdir()) == []  # the partial save's space freed
+
+
 def _children(pid: int) -> list[int]:
     """All descendants of `pid` (Linux /proc)."""
     found, frontier = [], [pid]
