@@ -1284,10 +1284,11 @@ class ShardedTokenLoader:
             fix = " (or prepare with a larger --val_fraction)" if split == "val" else " (or prepare more text)"
             accumulation = f" x batches_per_step {batches_per_step}" if batches_per_step > 1 else ""
             what = "one optimizer step" if batches_per_step > 1 else "one batch per rank"
+            lower = "the tokens per step (--total_batch_tokens)" if batches_per_step > 1 else "the batch size"
             raise ValueError(
                 f"Split {split!r} of {str(self.data_dir)!r} has {self.num_tokens:,} tokens, fewer than the "
                 f"{needed:,} that {what} needs (world_size {world_size}{accumulation} x batch_size {batch_size} x "
-                f"seq_len {seq_len} + 1); lower the batch size or sequence length{fix}."
+                f"seq_len {seq_len} + 1); lower {lower} or the sequence length{fix}."
             )
         self.batches_per_epoch = self._batches_per_epoch(batch_size)
         self.epoch = 0  # completed passes over the split

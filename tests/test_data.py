@@ -444,7 +444,8 @@ def test_a_state_past_a_shorter_epochs_end_starts_the_next_epoch(stream_dir):
 
 
 def test_a_train_split_smaller_than_one_optimizer_step_is_an_error(stream_dir):
-    with pytest.raises(ValueError, match=r"fewer than the 1,025 that one optimizer step needs .*batches_per_step 8"):
+    with pytest.raises(ValueError, match=r"fewer than the 1,025 that one optimizer step needs .*batches_per_step 8.*"
+                       r"lower the tokens per step \(--total_batch_tokens\)"):  # fmt: skip
         ShardedTokenLoader(stream_dir, "train", 2, 8, world_size=8, batches_per_step=8)
 
 
