@@ -34,6 +34,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers.dynamic_module_utils import custom_object_save
 
 from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
+from modeling_gpt2_scratch.conversion import cannot_be_a_hub_id
 from modeling_gpt2_scratch.data import (
     DataArguments,
     PrepareError,
@@ -244,7 +245,7 @@ def load_init_from(source: str) -> GPT2ScratchForCausalLM:
         ValueError: a folder that is neither model (another architecture), or a GPT-2 without some of its weights.
     """
     path = Path(os.path.expanduser(source))  # a preset's ~/ (the shell expands the command line's)
-    if path.is_file() or (not path.exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1)):
+    if path.is_file() or (not path.exists() and cannot_be_a_hub_id(source)):
         what = "a file" if path.is_file() else "no such folder"
         raise FileNotFoundError(
             f"--init_from {source}: {what}; pass a model folder (a run's final/, a GPT2LMHeadModel folder) or a Hub "

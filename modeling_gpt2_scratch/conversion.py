@@ -153,6 +153,12 @@ def scratch_to_hf_state_dict(state_dict: Mapping[str, torch.Tensor], config: GPT
     return out
 
 
+def cannot_be_a_hub_id(source: str | Path) -> bool:
+    """Whether `source` can only name a local folder: a `Path`, or a name no Hub id has (`./x`, `/x`, `~/x`,
+    `a/b/c`). Such a name that is not there is reported missing, not looked up on the Hub."""
+    return isinstance(source, Path) or source.startswith((".", "/", "~")) or source.count("/") > 1
+
+
 def load_hf_gpt2(source: str | Path | GPT2LMHeadModel, **from_pretrained_kwargs) -> GPT2LMHeadModel:
     """A `GPT2LMHeadModel` from an instance, a local directory or a Hub id (e.g. `"gpt2"`).
 
@@ -183,9 +189,7 @@ def load_hf_gpt2(source: str | Path | GPT2LMHeadModel, **from_pretrained_kwargs)
     path = Path(source).expanduser()
     if path.is_file():
         raise ValueError(f"GPT-2 checkpoint {source} is a file: pass the folder that holds it, or a Hub id.")
-    if not path.exists() and (
-        isinstance(source, Path) or str(source).startswith((".", "/", "~")) or source.count("/") > 1
-    ):
+    if not path.exists() and cannot_be_a_hub_id(source):
         raise FileNotFoundError(f"GPT-2 checkpoint directory {source} does not exist: pass a folder or a Hub id.")
     source = str(path) if path.exists() else source  # else a Hub id
     try:
