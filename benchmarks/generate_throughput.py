@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
             names = [name for name in runs if name not in errors]
             # any call's ids unlike HF's warm-up call's, the warm-up calls' own included
             differs = {name: HF in outputs and not torch.equal(outputs[HF], outputs[name]) for name in names}
-            for round_ in range(args.repeats):
+            for round_ in range(args.repeats if names else 0):  # none left: the mode's rows say why each failed
                 for name in names[round_ % len(names) :] + names[: round_ % len(names)]:  # each goes first in turn
                     seconds, out = timed_generate(*runs[name], prompt, kwargs, device)
                     times[name].append(seconds)

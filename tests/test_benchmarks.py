@@ -298,6 +298,30 @@ def test_generate_throughput_checks_every_call_and_rotates_the_order(capsys, mon
     assert firsts == [calls[0], calls[1], calls[2]]  # HF, then the second model, then the third go first
 
 
+def test_generate_throughput_reports_a_mode_where_every_row_fails(capsys, monkeypatch):
+    """A mode none of the rows can run (static-compile without a C compiler for inductor) is a table of failed rows,
+    not a traceback from the timed rounds."""
+    import generate_throughput
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from modeling_gpt2_scratch import GPT2ScratchForCausalLM
+
+    def tiny_models(device, seed):
+        hf = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2)).eval()
+        return {generate_throughput.HF: hf, "scratch": GPT2ScratchForCausalLM.from_hf_gpt2(hf).eval()}
+
+    def no_compiler(*args):
+        raise RuntimeError("InvalidCxxCompiler: No working C compiler found")
+
+    monkeypatch.setattr(generate_throughput, "build_models", tiny_models)
+    monkeypatch.setattr(generate_throughput, "timed_generate", no_compiler)
+    argv = ["--batch_sizes", "1", "--prompt_len", "4", "--new_tokens", "2", "--modes", "static-compile"]
+    generate_throughput.main([*argv, "--repeats", "2"])
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| static-compile | 1 |")]
+    assert [r.split(" | ")[2] for r in rows] == [generate_throughput.HF, "scratch"]
+    assert all(r.endswith("| failed: RuntimeError: InvalidCxxCompiler: No working C compiler found |") for r in rows)
+
+
 def test_time_to_loss_trainer_gets_the_next_tokens_and_our_schedule(tmp_path, scheduled_lrs):
     """The `Trainer` side must train on `shift_labels` (by default it dropped them, and `GPT2LMHeadModel` shifted the
     already shifted labels again: it learnt the token after next) with our learning rates, step by step."""
