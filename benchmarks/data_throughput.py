@@ -109,15 +109,7 @@ def time_loader(data_dir: Path, batch_size: int, seq_len: int, seconds: float = 
     return n / (time.perf_counter() - start)
 
 
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown"
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shard_size", type=positive_int, default=1_000_000, help="tokens per shard")
     parser.add_argument("--corpus_multiple", type=positive_int, default=10, help="corpus size in shards")
@@ -126,9 +118,12 @@ def main() -> None:
         "--repeats", type=positive_int, default=3, help="prepare runs per row; the fastest is reported"
     )
     parser.add_argument("--shakespeare", type=text_file, default=REPO_ROOT.parent / "shared/data/tinyshakespeare.txt")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO_ROOT))
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(REPO_ROOT.parent / "shared/tiktoken_cache"))
+    import torch
+
+    from modeling_gpt2_scratch.training import describe_device
 
     with tempfile.TemporaryDirectory(prefix="data_throughput_") as tmp:
         tmp = Path(tmp)
@@ -141,8 +136,12 @@ def main() -> None:
         num_proc = max(args.num_proc)
         rows.append((large, num_proc, run_prepare(large, tmp / "out_large", args.shard_size, num_proc, args.repeats)))
 
-        cpu = f"CPU: {cpu_model()}, {os.cpu_count()} cores"
-        print(f"{cpu}; {time.strftime('%Y-%m-%d')}; python {platform.python_version()}")
+        print(
+            f"\n## Data pipeline: {describe_device(torch.device('cpu'))}; python {platform.python_version()}, "
+            f"torch {torch.__version__}; {time.strftime('%Y-%m-%d')}\n"
+        )
+        command = " ".join(["python benchmarks/data_throughput.py", *(sys.argv[1:] if argv is None else argv)])
+        print(f"Command: `{command}`\n")
         print(f"shard_size {args.shard_size:,} tokens ({2 * args.shard_size / 2**20:.1f} MiB buffer)\n")
         print(
             "| num_proc | corpus tokens | documents | wall s | tokens/s | main CPU s | workers CPU s "

@@ -107,7 +107,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.manual_seed(0)
     groups = weight_groups(args.n_layer, args.n_embd, args.vocab_size)
-    print(f"## Decoding matmuls: {describe_device(torch.device('cpu'))}; torch {torch.__version__}\n")
+    print(
+        f"## Decoding matmuls: {describe_device(torch.device('cpu'))}; torch {torch.__version__}; "
+        f"{time.strftime('%Y-%m-%d')}\n"
+    )
     command = " ".join(["python benchmarks/decode_matmul.py", *(sys.argv[1:] if argv is None else argv)])
     print(f"Command: `{command}`\n")
     print(

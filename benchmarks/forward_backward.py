@@ -120,9 +120,14 @@ def main(argv: list[str] | None = None) -> None:
     hf_median = statistics.median(times["HF GPT2LMHeadModel (sdpa)"])
     n_params = sum(p.numel() for p in models["hf"].parameters())
     print(
-        f"forward + backward, fp32 eager, {n_params / 1e6:.0f}M parameters (HF count), batch {args.batch_size} x "
-        f"{args.seq_len}, {device.type}: {describe_device(device)}; torch {torch.__version__}, transformers "
-        f"{transformers.__version__}; median of {args.steps} interleaved rounds after {args.warmup} warm-up; "
+        f"\n## Forward + backward: {describe_device(device)}; torch {torch.__version__}, transformers "
+        f"{transformers.__version__}; {time.strftime('%Y-%m-%d')}\n"
+    )
+    command = " ".join(["python benchmarks/forward_backward.py", *(sys.argv[1:] if argv is None else argv)])
+    print(f"Command: `{command}`\n")
+    print(
+        f"fp32 eager, {n_params / 1e6:.0f}M parameters (HF count), batch {args.batch_size} x {args.seq_len}, "
+        f"{device.type}; median of {args.steps} interleaved rounds after {args.warmup} warm-up; "
         f"first-step losses agree (HF {reference:.5f})\n"
     )
     print("| model | s / step (median) | min | max | tokens/s | throughput vs HF |")

@@ -197,7 +197,10 @@ def main(argv: list[str] | None = None) -> None:
     gelu_torch, gelu_ours = compiled_gelu(args, config, generator)
     rows.append(("tanh-GELU, compiled, forward + backward", gelu_torch, gelu_ours, ""))
 
-    print(f"\n## Step overheads: {describe_device(torch.device('cpu'))}; torch {torch.__version__}\n")
+    print(
+        f"\n## Step overheads: {describe_device(torch.device('cpu'))}; torch {torch.__version__}; "
+        f"{time.strftime('%Y-%m-%d')}\n"
+    )
     print(f"Command: `python benchmarks/step_overheads.py {' '.join(argv if argv is not None else sys.argv[1:])}`")
     print(
         f"\n{args.n_layer} layers, {args.n_embd} wide, vocabulary {args.vocab_size}, {args.tokens} tokens; "

@@ -16,15 +16,19 @@ import os
 import platform
 import re
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import tiktoken
 import tokenizers
+import torch
+import transformers
 from cli import positive_int, text_file  # this folder is on sys.path when run as a script
 
 from modeling_gpt2_scratch.tokenization import get_encoding, get_hf_tokenizer
+from modeling_gpt2_scratch.training import describe_device
 
 DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -73,8 +77,8 @@ def split_corpus(text: str, n_blocks: int) -> dict[str, list[str]]:
     return {"whole corpus": [text], f"{len(paragraphs):,} paragraphs": paragraphs, f"{len(blocks)} blocks": blocks}
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     text = args.corpus.read_text(encoding="utf-8")
     inputs = split_corpus(text, n_blocks=16)
     enc = get_encoding()
@@ -101,11 +105,14 @@ def main() -> None:
             if run_key == key and fn(texts) != expected:
                 raise RuntimeError(f"{name} with {threads} thread(s) on {key} gave different ids from tiktoken")
 
-    print(f"corpus: {args.corpus.name}, {len(text):,} characters")
     print(
-        f"python {platform.python_version()}, tiktoken {tiktoken.__version__}, tokenizers {tokenizers.__version__}, "
-        f"{os.cpu_count()} CPUs, median of {args.repeats} runs\n"
+        f"\n## Tokenizer throughput: {describe_device(torch.device('cpu'))}; python {platform.python_version()}, "
+        f"tiktoken {tiktoken.__version__}, tokenizers {tokenizers.__version__}, transformers "
+        f"{transformers.__version__}, torch {torch.__version__}; {time.strftime('%Y-%m-%d')}\n"
     )
+    command = " ".join(["python benchmarks/tokenizer_throughput.py", *(sys.argv[1:] if argv is None else argv)])
+    print(f"Command: `{command}`\n")
+    print(f"corpus: {args.corpus.name}, {len(text):,} characters; median of {args.repeats} runs\n")
     print("| tokenizer, call | input | tokens | threads | seconds | tokens/s |")
     print("|---|---|---:|---:|---:|---:|")
     for name, threads, fn, key in runs:

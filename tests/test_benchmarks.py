@@ -22,6 +22,17 @@ from modeling_gpt2_scratch.modeling_gpt2_scratch import mkl_packing_available  #
 from modeling_gpt2_scratch.training import TrainArguments  # noqa: E402
 
 
+def assert_names_its_run(out: str, command: str) -> None:
+    """BENCHMARKS.md pastes a printed table under its command, machine, date and torch version: it must print them."""
+    import time
+
+    from modeling_gpt2_scratch.training import describe_device
+
+    assert f"Command: `python benchmarks/{command}`" in out
+    assert describe_device(torch.device("cpu")) in out and f"torch {torch.__version__}" in out
+    assert time.strftime("%Y-%m-%d") in out
+
+
 def test_variant_names_resolve_to_settings(tmp_path):
     args = TrainArguments(output_dir=str(tmp_path))
     names = ["hf-fp32", "ours-defaults", "ours-bf16-compile-fused", "ours-fp32-logits-math", "hf-fp32-malloc"]
@@ -228,10 +239,11 @@ def test_decode_matmul_times_ways_that_agree(capsys):
     """The ways of writing decoding's product agree (the script checks), and each gets a timed cell."""
     import decode_matmul
 
-    decode_matmul.main(
-        ["--rows", "1", "3", "--repeats", "1", "--n_layer", "1", "--n_embd", "32", "--vocab_size", "96"]
-    )
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
+    argv = ["--rows", "1", "3", "--repeats", "1", "--n_layer", "1", "--n_embd", "32", "--vocab_size", "96"]
+    decode_matmul.main(argv)
+    out = capsys.readouterr().out
+    assert_names_its_run(out, f"decode_matmul.py {' '.join(argv)}")
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line]
     ways = ["F.linear", "W @ x.T", "Conv1D"] + (["MKL packed"] if mkl_packing_available() else [])
     assert rows[0] == "| weights | rows | " + " | ".join(ways) + " |"
     cells = [row.strip("| ").split(" | ") for row in rows[1:]]
@@ -248,8 +260,11 @@ def test_step_overheads_times_both_ways_of_each_part(capsys):
     GELUs to float32 rounding) and are timed."""
     import step_overheads
 
-    step_overheads.main(["--n_layer", "1", "--n_embd", "32", "--vocab_size", "96", "--tokens", "8", "--repeats", "1"])
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
+    argv = ["--n_layer", "1", "--n_embd", "32", "--vocab_size", "96", "--tokens", "8", "--repeats", "1"]
+    step_overheads.main(argv)
+    out = capsys.readouterr().out
+    assert_names_its_run(out, f"step_overheads.py {' '.join(argv)}")
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line]
     assert rows[0] == "| part | torch / accelerate | ours | speed-up | relative error (torch / ours) |"
     cells = [row.strip("| ").split(" | ") for row in rows[1:]]
     parts = ["tied embedding gradient", "gradient norm", "clip below the limit", "clip above the limit"]
@@ -709,6 +724,44 @@ def test_data_throughput_reports_the_preparing_process_own_memory(tmp_path, shar
     corpus = data_throughput.write_corpus(tmp_path / "corpus", 1_000, shared_dir / "data" / "tinyshakespeare.txt")
     result = data_throughput.run_prepare(corpus, tmp_path / "out", shard_size=20_000, num_proc=1, repeats=1)
     assert 0 < result["baseline_mib"] <= result["peak_mib"] < large_parent_peak
+
+
+def test_forward_backward_table_names_its_run(capsys):
+    import forward_backward
+
+    argv = ["--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--batch_size", "1", "--seq_len", "8"]
+    argv += ["--warmup", "0", "--steps", "1", "--device", "cpu"]
+    forward_backward.main(argv)
+    out = capsys.readouterr().out
+    assert_names_its_run(out, f"forward_backward.py {' '.join(argv)}")
+    assert re.search(r"\| scratch \(fused chunked loss\) \| \d+\.\d{3} \|", out)
+
+
+def test_tokenizer_throughput_table_names_its_run(tmp_path, capsys):
+    import tokenizer_throughput
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("First Citizen:\nSpeak.\n\nAll:\nSpeak, speak.\n\n" * 20, encoding="utf-8")
+    tokenizer_throughput.main(["--corpus", str(corpus), "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert_names_its_run(out, f"tokenizer_throughput.py --corpus {corpus} --repeats 1")
+    assert "| tiktoken `encode_ordinary`, a loop | whole corpus |" in out
+
+
+def test_data_throughput_table_names_its_run(tmp_path, monkeypatch, capsys):
+    """Its prepares and loader stubbed out: the heading and the rows they give."""
+    import data_throughput
+
+    result = {"seconds": 2.0, "tokens": 1000, "documents": 10, "baseline_mib": 400.0, "peak_mib": 450.0}
+    result |= {"worker_peak_mib": 0.0, "main_cpu_s": 1.5, "worker_cpu_s": 0.0}
+    monkeypatch.setattr(data_throughput, "write_corpus", lambda folder, *args: folder)
+    monkeypatch.setattr(data_throughput, "run_prepare", lambda *args: result)
+    monkeypatch.setattr(data_throughput, "time_loader", lambda *args: 10.0)
+    argv = ["--shard_size", "100", "--num_proc", "1", "--repeats", "1"]
+    data_throughput.main(argv)
+    out = capsys.readouterr().out
+    assert_names_its_run(out, f"data_throughput.py {' '.join(argv)}")
+    assert "| 1 | 1,000 | 10 | 2.00 | 500 | 1.50 | - | 400 | 450 | - |" in out
 
 
 def test_malloc_tuning_reports_the_child_process_own_peak(large_parent_peak):
