@@ -102,8 +102,13 @@ def main(argv: list[str] | None = None) -> None:
             for setting in ("default", "tuned"):
                 cmd = [sys.executable, __file__, "--child", run, setting]
                 cmd += ["--warmup", str(args.warmup), "--steps", str(args.steps)]
-                out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO_ROOT).stdout
-                results.setdefault((run, setting), []).append(json.loads(out.strip().splitlines()[-1]))
+                result = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=REPO_ROOT)
+                if result.returncode:  # its stderr is captured: say why here, on one line
+                    why = (result.stderr.strip().splitlines() or ["no message (killed: out of memory?)"])[-1]
+                    raise SystemExit(
+                        f"malloc_tuning.py: the {setting} run of {run} exited with {result.returncode}: {why}"
+                    )
+                results.setdefault((run, setting), []).append(json.loads(result.stdout.strip().splitlines()[-1]))
     print(
         f"\n## glibc malloc tuning: {describe_device(torch.device('cpu'))}; torch {torch.__version__}; "
         f"{time.strftime('%Y-%m-%d')}\n"

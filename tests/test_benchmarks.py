@@ -764,6 +764,27 @@ def test_data_throughput_table_names_its_run(tmp_path, monkeypatch, capsys):
     assert "| 1 | 1,000 | 10 | 2.00 | 500 | 1.50 | - | 400 | 450 | - |" in out
 
 
+def test_malloc_tuning_a_failed_child_is_a_one_line_error(monkeypatch):
+    """A child that fails (no glibc to tune, out of memory) stops the run with its own last line, not a traceback of
+    `CalledProcessError` that hides it (the child's stderr is captured)."""
+    import malloc_tuning
+
+    def child(cmd, **kwargs):  # as `subprocess.run` would, `check=True` included
+        if "default" in cmd:
+            return subprocess.CompletedProcess(cmd, 0, stdout='{"s_per_step": 1.0}\n', stderr="")
+        err = "this C library has no mallopt (not glibc)\n"  # the child's SystemExit
+        if kwargs.get("check"):
+            raise subprocess.CalledProcessError(1, cmd, output="", stderr=err)
+        return subprocess.CompletedProcess(cmd, 1, stdout="", stderr=err)
+
+    monkeypatch.setattr(malloc_tuning.subprocess, "run", child)
+    with pytest.raises(
+        SystemExit,
+        match=r"^malloc_tuning.py: the tuned run of quickstart:1x8 exited with 1: this C library has no mallopt",
+    ):
+        malloc_tuning.main(["--runs", "quickstart:1x8", "--repeats", "1"])
+
+
 def test_malloc_tuning_reports_the_child_process_own_peak(large_parent_peak):
     cmd = [sys.executable, str(BENCHMARKS / "malloc_tuning.py"), "--child", "quickstart:1x8", "default"]
     result = subprocess.run([*cmd, "--warmup", "0", "--steps", "1"], capture_output=True, text=True, timeout=300)
