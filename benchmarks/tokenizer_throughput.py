@@ -8,7 +8,8 @@ only), as paragraphs (chunks that end at a blank line, `\\n\\n`: 7,224 of about 
 and as 16 blocks of whole paragraphs (about 70 kB each, like long documents). Token counts differ slightly between
 them because a chunk's trailing `\\n\\n` is one token where the whole corpus has two. Every method's ids are checked
 against tiktoken's `encode_ordinary` before timing; each time is the median of `--repeats` runs after a warm-up run.
-Prints a markdown table.
+The parallel rows run 2 threads on both sides: tiktoken's `num_threads=2`, and `RAYON_NUM_THREADS=2` for the Rust
+tokenizer's pool (which otherwise takes every core). Prints a markdown table.
 """
 
 import argparse
@@ -31,6 +32,7 @@ from modeling_gpt2_scratch.tokenization import get_encoding, get_hf_tokenizer
 from modeling_gpt2_scratch.training import describe_device
 
 DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+THREADS = 2  # the parallel rows': tiktoken's `num_threads`, and the Rust tokenizer's pool (`RAYON_NUM_THREADS`)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -79,6 +81,7 @@ def split_corpus(text: str, n_blocks: int) -> dict[str, list[str]]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    os.environ["RAYON_NUM_THREADS"] = str(THREADS)  # read when the pool starts: at the first parallel batch
     text = args.corpus.read_text(encoding="utf-8")
     inputs = split_corpus(text, n_blocks=16)
     enc = get_encoding()
@@ -88,11 +91,15 @@ def main(argv: list[str] | None = None) -> None:
     # (tokenizer and call, threads, function of a list of texts); the whole corpus only goes through tiktoken's loop
     methods: list[tuple[str, int, Callable[[list[str]], list[list[int]]]]] = [
         ("tiktoken `encode_ordinary`, a loop", 1, lambda texts: [enc.encode_ordinary(t) for t in texts]),
-        ("tiktoken `encode_ordinary_batch`", 2, lambda texts: enc.encode_ordinary_batch(texts, num_threads=2)),
+        (
+            "tiktoken `encode_ordinary_batch`",
+            THREADS,
+            lambda texts: enc.encode_ordinary_batch(texts, num_threads=THREADS),
+        ),
         ("HF fast tokenizer, one batch", 1, lambda texts: hf_batch(tokenizer, texts, parallel=False)),
-        ("HF fast tokenizer, one batch", 2, lambda texts: hf_batch(tokenizer, texts, parallel=True)),
+        ("HF fast tokenizer, one batch", THREADS, lambda texts: hf_batch(tokenizer, texts, parallel=True)),
         ("its `tokenizers` backend, `encode_batch`", 1, lambda texts: backend_batch(tokenizer, texts, False)),
-        ("its `tokenizers` backend, `encode_batch`", 2, lambda texts: backend_batch(tokenizer, texts, True)),
+        ("its `tokenizers` backend, `encode_batch`", THREADS, lambda texts: backend_batch(tokenizer, texts, True)),
     ]
     runs = [(name, threads, fn, key) for key in inputs for name, threads, fn in methods]
     runs = [run for run in runs if run[3] != "whole corpus" or run[0].endswith("a loop")]

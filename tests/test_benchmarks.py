@@ -737,7 +737,7 @@ def test_forward_backward_table_names_its_run(capsys):
     assert re.search(r"\| scratch \(fused chunked loss\) \| \d+\.\d{3} \|", out)
 
 
-def test_tokenizer_throughput_table_names_its_run(tmp_path, capsys):
+def test_tokenizer_throughput_table_names_its_run(tmp_path, capsys, monkeypatch):
     import tokenizer_throughput
 
     corpus = tmp_path / "corpus.txt"
@@ -746,6 +746,20 @@ def test_tokenizer_throughput_table_names_its_run(tmp_path, capsys):
     out = capsys.readouterr().out
     assert_names_its_run(out, f"tokenizer_throughput.py --corpus {corpus} --repeats 1")
     assert "| tiktoken `encode_ordinary`, a loop | whole corpus |" in out
+
+
+def test_tokenizer_throughput_parallel_rows_run_the_threads_they_print(tmp_path, capsys, monkeypatch):
+    """tiktoken's batch gets `num_threads=2`; the Rust tokenizer's pool (rayon) takes every core unless
+    `RAYON_NUM_THREADS` says otherwise, so on a larger machine its "2 threads" rows ran on all of them."""
+    import tokenizer_throughput
+
+    monkeypatch.setenv("RAYON_NUM_THREADS", "16")  # restored after the test
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("First Citizen:\nSpeak.\n\n" * 20, encoding="utf-8")
+    tokenizer_throughput.main(["--corpus", str(corpus), "--repeats", "1"])
+    rows = [row.split(" | ") for row in capsys.readouterr().out.splitlines() if row.startswith("| ")]
+    threads = {int(row[3]) for row in rows[1:]}  # under the header
+    assert threads - {1} == {int(os.environ["RAYON_NUM_THREADS"])}
 
 
 def test_data_throughput_table_names_its_run(tmp_path, monkeypatch, capsys):
