@@ -17,9 +17,9 @@ the same numbers:
 
 Two groups of weights, fp32, random: the 48 block matrices of 124M (`c_attn`, `attn.c_proj`, `c_fc`, `mlp.c_proj`
 x 12 layers; 340 MB, so they stream from memory as in decoding), and the tied LM head `(50304, 768)`. Each cell is
-the fastest of `--repeats` passes over the group, in ms, after one warm-up pass; the ways run interleaved. Checks
-that the three ways agree to float32 rounding. BENCHMARKS.md (machine B, generation) holds a run and what it
-means for the model.
+the fastest of `--repeats` passes over the group, in ms, after one warm-up pass; the ways run interleaved. Checks,
+on each group's first matrix at each row count, that the ways agree to float32 rounding. BENCHMARKS.md (machine B,
+generation) holds a run and what it means for the model.
 """
 
 from __future__ import annotations
