@@ -26,6 +26,14 @@ def non_negative_int(text: str) -> int:
     return _number(int, text, 0, "an integer >= 0")
 
 
+def random_seed(text: str) -> int:
+    """A seed the trainer takes too: 0 <= seed < 2**32 (numpy's range, as `--seed` of train_accelerate.py)."""
+    value = _number(int, text, 0, f"an integer from 0 to {2**32 - 1}")
+    if value >= 2**32:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer from 0 to {2**32 - 1}")
+    return value
+
+
 def positive_float(text: str) -> float:
     """A number > 0 (a time budget)."""
     value = _number(float, text, 0.0, "a number > 0")

@@ -25,7 +25,7 @@ import transformers
 from transformers import GPT2Config, GPT2LMHeadModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cli import non_negative_int, positive_int, torch_device  # noqa: E402  (this folder is on sys.path as a script)
+from cli import non_negative_int, positive_int, random_seed, torch_device  # noqa: E402  (on sys.path as a script)
 
 from modeling_gpt2_scratch import GPT2ScratchForCausalLM  # noqa: E402
 from modeling_gpt2_scratch.training import describe_device  # noqa: E402
@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=positive_int, default=7, help="timed rounds (the median is reported)")
     parser.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no_plain_head", action="store_true", help="skip the scratch plain-head row")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=random_seed, default=0)
     args = parser.parse_args(argv)
     if args.n_embd % args.n_head:
         parser.error(f"--n_embd {args.n_embd} is not a multiple of --n_head {args.n_head}: heads split it evenly")

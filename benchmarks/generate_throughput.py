@@ -38,7 +38,7 @@ import transformers
 from transformers import CompileConfig, DynamicCache, GPT2Config, GPT2LMHeadModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cli import positive_int, torch_device  # noqa: E402  (this folder is on sys.path when run as a script)
+from cli import positive_int, random_seed, torch_device  # noqa: E402  (on sys.path when run as a script)
 
 from modeling_gpt2_scratch import GPT2ScratchForCausalLM  # noqa: E402
 from modeling_gpt2_scratch.modeling_gpt2_scratch import GrowingCache, mkl_packing_available  # noqa: E402
@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--repeats", type=positive_int, default=3, help="timed calls per model (the median is reported)"
     )
     parser.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=random_seed, default=0)
     args = parser.parse_args(argv)
     if args.prompt_len + args.new_tokens > CONTEXT:
         parser.error(

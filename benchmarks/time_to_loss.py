@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from cli import positive_float, positive_int  # noqa: E402  (this folder is on sys.path when run as a script)
+from cli import positive_float, positive_int, random_seed  # noqa: E402  (on sys.path when run as a script)
 from transformers import (  # noqa: E402
     GPT2LMHeadModel,
     Trainer,
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--eval_batches", type=positive_int, default=16, help="Val batches to compare on (at most the split's)."
     )
-    parser.add_argument("--seed", type=int, default=None, help="Both runs' seed (default: the preset's).")
+    parser.add_argument("--seed", type=random_seed, default=None, help="Both runs' seed (default: the preset's).")
     parser.add_argument(
         "--same_time",
         action="store_true",

@@ -385,6 +385,8 @@ def test_bad_numbers_are_one_line_usage_errors(capsys):
         (generate_throughput.parse_args, ["--device", "gpu"], "argument --device: 'gpu' is not a torch device"),
         (forward_backward.parse_args, ["--device", "cuda:x"], "argument --device: 'cuda:x' is not a torch device"),
         (tokenizer_throughput.parse_args, ["--corpus", "no/such.txt"], "--corpus: 'no/such.txt': no such file"),
+        (generate_throughput.parse_args, ["--seed", str(2**70)], f"--seed: '{2**70}' is not an integer from 0 to"),
+        (forward_backward.parse_args, ["--seed", "-1"], "argument --seed: '-1' is not an integer from 0 to 42949"),
     ]
     if not torch.cuda.is_available():
         bad.append((generate_throughput.parse_args, ["--device", "cuda"], "'cuda': this machine has no such device"))
