@@ -396,7 +396,8 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         grad_hidden, grad_weight, normalizer = ctx.saved_tensors
-        scale = grad_output / normalizer
+        # no target at all: the loss is 0 / 0 (nan, as F.cross_entropy's mean) and the gradients zero, as there
+        scale = torch.where(normalizer == 0, 0.0, grad_output / normalizer)
         grad_h = (grad_hidden * scale).to(ctx.hidden_dtype) if grad_hidden is not None else None
         grad_w = (grad_weight * scale).to(ctx.weight_dtype) if grad_weight is not None else None
         if ctx.tied_gradient is not None and grad_w is not None:

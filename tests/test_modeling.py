@@ -1608,6 +1608,23 @@ def test_fused_loss_is_the_default_in_training_mode_only(pair):
         model.eval()
 
 
+def test_fused_loss_of_a_batch_without_targets_is_nan_with_zero_gradients_as_hf():
+    """Every label -100 (e.g. fine-tuning rows whose answers were all cut off): HF's mean loss is nan (0 / 0) and its
+    gradients are zero. The fused loss multiplied its zero gradients by 1 / 0: nan in every weight after the step."""
+    hf, model = make_pair(seed=3, **SMALL, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    hf.train()
+    model.train()
+    ids = random_ids(2, 12)
+    labels = torch.full_like(ids, -100)
+    reference, fused = hf(ids, labels=labels).loss, model(ids, labels=labels, skip_logits=True).loss
+    reference.backward()
+    fused.backward()
+    assert reference.isnan() and fused.isnan()
+    assert all(param.grad.abs().max() == 0 for param in hf.parameters())
+    for name, param in model.named_parameters():
+        assert param.grad.abs().max() == 0, name
+
+
 def test_fused_loss_honours_num_items_in_batch_and_shift_labels():
     torch.manual_seed(0)
     model = GPT2ScratchForCausalLM(GPT2ScratchConfig(**SMALL)).train()
