@@ -401,7 +401,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_h = (grad_hidden * scale).to(ctx.hidden_dtype) if grad_hidden is not None else None
         grad_w = (grad_weight * scale).to(ctx.weight_dtype) if grad_weight is not None else None
         if ctx.tied_gradient is not None and grad_w is not None:
-            ctx.tied_gradient["weight"] = grad_w  # the tensor autograd holds: `TiedEmbedding.backward` adds to it
+            ctx.tied_gradient["weight"], grad_w = grad_w, None  # `TiedEmbedding.backward` adds its rows, returns it
         return grad_h, grad_w, None, None, None, None, None, None, None
 
 
@@ -411,11 +411,12 @@ class TiedEmbedding(torch.autograd.Function):
     With the head tied to the token embedding, autograd gets two gradients of the one weight: the head's, and the
     lookup's, as dense though only the looked-up rows are non-zero. Zeroing that `vocab x n_embd` tensor and adding
     it to the head's cost 25 ms a 124M step on 2 CPU cores, against 0.6 ms for the rows alone (BENCHMARKS.md). Here
-    `LinearCrossEntropy` also leaves the weight gradient it returns in `tied_gradient` (a dict this forward made).
-    Autograd runs this backward after that one (the head's input depends on the lookup) and before it writes `.grad`
-    (which waits for both), so the rows are added with `index_add_` to the very tensor autograd holds, and this
-    backward returns no gradient of its own: `.grad` gets the same sum, rounded in another order. Without the head's
-    gradient (not computed in this backward) it returns the dense gradient as `F.embedding` does.
+    `LinearCrossEntropy` leaves its weight gradient in `tied_gradient` (a dict this forward made) instead of
+    returning it. Autograd runs this backward after that one (the head's input depends on the lookup), so the rows
+    are added to it with `index_add_` and this backward returns the sum: `.grad` gets the same sum, rounded in
+    another order. (Added in place to a gradient the head returned, they were lost when autograd had already summed
+    it with another forward's, as for two losses added before one backward.) Without the head's gradient (not
+    computed in this backward) it returns the dense gradient as `F.embedding` does.
     """
 
     @staticmethod
@@ -431,8 +432,7 @@ class TiedEmbedding(torch.autograd.Function):
         head_gradient = ctx.tied_gradient.pop("weight", None)  # dropped here: autograd can then move it into .grad
         if head_gradient is None:
             return None, rows.new_zeros(ctx.weight_shape).index_add_(0, input_ids.reshape(-1), rows), None
-        head_gradient.index_add_(0, input_ids.reshape(-1), rows.to(head_gradient.dtype))
-        return None, None, None
+        return None, head_gradient.index_add_(0, input_ids.reshape(-1), rows.to(head_gradient.dtype)), None
 
 
 class GrowingLayer(DynamicLayer):
