@@ -988,6 +988,13 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
         hidden_states = outputs.last_hidden_state
         real_vocab = self.config.tokenizer_vocab_size
         if fused_loss:
+            given, name = (labels, "labels") if shift_labels is None else (shift_labels, "shift_labels")
+            B, T = hidden_states.shape[:2]
+            if given.numel() != B * T:  # else the chunks pair the targets with other positions, silently
+                raise ValueError(
+                    f"{name} of shape {tuple(given.shape)} holds {given.numel()} targets for the {B * T} positions "
+                    f"of the input, of shape {(B, T)}: pass {name} of the input's shape."
+                )
             if shift_labels is None:  # position t predicts token t+1; the last position has no target
                 shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
             shift_labels = shift_labels.reshape(-1).to(hidden_states.device)

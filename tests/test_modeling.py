@@ -1645,6 +1645,23 @@ def test_fused_loss_of_a_batch_without_targets_is_nan_with_zero_gradients_as_hf(
         assert param.grad.abs().max() == 0, name
 
 
+@pytest.mark.parametrize("key", ["labels", "shift_labels"])
+@pytest.mark.parametrize("shape", [(2, 8), (1, 10)])  # shorter rows, fewer rows
+def test_fused_loss_with_fewer_targets_than_positions_is_a_one_line_error(pair, key, shape):
+    """HF's GPT-2 (and our plain head) raise "Expected input batch_size (20) to match target batch_size (16)"; the
+    fused loss took the first 16 positions' hidden states for the 16 targets and gave a loss (10.81), misaligned."""
+    hf, model = pair
+    ids = random_ids(2, 10)
+    with pytest.raises(ValueError, match="Expected input batch_size"):
+        hf(ids, labels=ids[: shape[0], : shape[1]])
+    model.train()
+    try:
+        with pytest.raises(ValueError, match=rf"^{key} of shape \({shape[0]}, {shape[1]}\) .* of shape \(2, 10\)"):
+            model(ids, skip_logits=True, **{key: ids[: shape[0], : shape[1]]})
+    finally:
+        model.eval()
+
+
 def test_fused_loss_honours_num_items_in_batch_and_shift_labels():
     torch.manual_seed(0)
     model = GPT2ScratchForCausalLM(GPT2ScratchConfig(**SMALL)).train()
