@@ -395,6 +395,11 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
+        if torch.is_grad_enabled():  # `create_graph=True`: the stored gradients have no derivatives of their own
+            raise ValueError(
+                "The fused LM-head loss cannot differentiate twice (create_graph=True); pass skip_logits=False to "
+                "the forward for a loss with second derivatives."
+            )
         grad_hidden, grad_weight, normalizer = ctx.saved_tensors
         # no target at all: the loss is 0 / 0 (nan, as F.cross_entropy's mean) and the gradients zero, as there
         scale = torch.where(normalizer == 0, 0.0, grad_output / normalizer)
@@ -945,7 +950,8 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
             skip_logits: compute the loss chunk by chunk without materialising the logits (`LinearCrossEntropy`)
                 and return `logits=None`. Default: in training mode when labels are given (what `Trainer` and
                 `train_accelerate.py` need), unless `return_dict=False` (a tuple holds the logits at index 1, as
-                `GPT2LMHeadModel`'s); pass `False` to get the logits too. Where `lm_head` has to be called
+                `GPT2LMHeadModel`'s); pass `False` to get the logits too, or second derivatives (its backward
+                refuses `create_graph=True`). Where `lm_head` has to be called
                 as a module (a PEFT/LoRA layer in its place, or forward hooks), it is, and the logits are returned;
                 so under `torch.func` transforms (`torch.func.grad`, `vmap`).
             Other arguments: see `GPT2ScratchModel.forward`.
