@@ -772,6 +772,16 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
             self.config.tokenizer_vocab_size = new_num_tokens
         return embeddings
 
+    def _get_resized_lm_head(self, *args, **kwargs) -> nn.Linear:
+        """`PreTrainedModel`'s new head for an untied model, as this file's `Linear` (it makes an `nn.Linear`, which
+        never decodes with packed weights: see `packed_decoding`), holding the same parameters."""
+        head = super()._get_resized_lm_head(*args, **kwargs)
+        if type(head) is nn.Linear:
+            ours = Linear(head.in_features, head.out_features, bias=head.bias is not None, device="meta")
+            ours.weight, ours.bias = head.weight, head.bias
+            head = ours
+        return head
+
     @torch.no_grad()
     def _init_new_token_rows(self, weight: torch.Tensor, start: int, stop: int, mean_resizing: bool) -> None:
         """Rows `start:stop` of an embedding or head weight, drawn as `transformers` draws added tokens' rows."""

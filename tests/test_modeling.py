@@ -824,6 +824,18 @@ def test_packed_decoding_step_matches_f_linear_and_follows_weight_changes(packs_
 
 
 @needs_mkl
+def test_an_untied_head_resized_still_decodes_with_packed_weights(packs_made):
+    """`resize_token_embeddings` makes a new head for an untied model: transformers' is a plain `nn.Linear`, which
+    never packs, so `generate()` multiplied the largest weight by `F.linear` (8 of the 9 linears were packed)."""
+    torch.manual_seed(0)
+    model = GPT2ScratchForCausalLM(GPT2ScratchConfig(**SMALL, tie_word_embeddings=False)).eval()
+    model.resize_token_embeddings(GPT2_VOCAB + 3)
+    assert type(model.lm_head) is modeling.Linear
+    model.generate(random_ids(4, 6), max_new_tokens=3, do_sample=False)
+    assert (GPT2_VOCAB + 3, SMALL["n_embd"], 4) in packs_made
+
+
+@needs_mkl
 def test_packed_decoding_of_a_model_made_under_inference_mode(packs_made):
     with torch.inference_mode():  # its weights are inference tensors: no version counter to key the packs on
         hf, model = make_pair()
