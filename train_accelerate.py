@@ -419,6 +419,53 @@ def first_failure(accelerator: Accelerator, failure: str | None, target: Path) -
     return next((text for text in (store.get(key).decode() for key in keys) if text), None)
 
 
+# flags that may differ from machine to machine: paths (a folder's mount point, each machine's own data folder) and
+# this machine's own resources; `--resume` and `--init_from` are compared as given or not
+PER_MACHINE_FLAGS = (
+    "config", "output_dir", "data_dir", "dataset", "num_proc", "cpu_threads", "malloc_tuning", "overwrite_data",
+)  # fmt: skip
+PATH_FLAGS = ("resume", "init_from")
+
+
+def check_same_flags(accelerator: Accelerator, *arguments) -> None:
+    """Refuse processes started with other flags (another command on one machine): they must take the same steps.
+
+    Another `--max_lr` trained on without a word, each machine moving its own copy of the weights (DDP averages the
+    gradients, never the weights); another `--max_steps` or `--total_batch_tokens` ran into a collective the others
+    never made (a crash, or a hang until the process group's timeout). Every process sends its flags through
+    torch.distributed's store, as `first_failure` does, and all raise the same error, which the main process prints.
+
+    Raises:
+        ValueError: the first flag that differs, with the main process's value and another's.
+    """
+    if accelerator.num_processes == 1:
+        return
+    import torch.distributed as dist
+
+    flags = {
+        name: (value is not None) if name in PATH_FLAGS else value
+        for section in arguments
+        for name, value in asdict(section).items()
+        if name not in PER_MACHINE_FLAGS
+    }
+    raw = {name: value for section in arguments for name, value in asdict(section).items()}
+    store = dist.distributed_c10d._get_default_store()
+    prefix = "gpt2_scratch/flags"
+    store.set(f"{prefix}/{accelerator.process_index}", json.dumps([flags, raw]))
+    keys = [f"{prefix}/{rank}" for rank in range(accelerator.num_processes)]
+    store.wait(keys)
+    (main_flags, main_raw), *others = (json.loads(store.get(key)) for key in keys)
+    for rank, (other_flags, other_raw) in enumerate(others, start=1):
+        differ = [name for name in main_flags if other_flags.get(name) != main_flags[name]]
+        if differ:
+            name = differ[0]
+            raise ValueError(
+                f"the processes run with other flags: --{name} {other_raw[name]} on process {rank}, "
+                f"{main_raw[name]} on the main process; start every machine with the same flags (only paths, "
+                "--num_proc, --cpu_threads, --malloc_tuning and --overwrite_data may differ)."
+            )
+
+
 def replace_folder(tmp: Path, final: Path) -> None:
     """Put the complete folder `tmp` at `final` by renames alone: an existing `final` moves to `.tmp-old-<name>` first
     and is deleted last, so a crash leaves one of the two whole (the `.tmp-` names are cleaned by the next save; an old
@@ -795,6 +842,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     """The whole run: set up, loop (log, evaluate, sample, checkpoint), export; returns the run summary."""
     start_time = time.time()
     accelerator = build_accelerator(train_args)
+    check_same_flags(accelerator, model_args, data_args, train_args)  # before anything acts on them
     device = accelerator.device
     if train_args.tf32:
         torch.set_float32_matmul_precision("high")

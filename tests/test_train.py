@@ -1,5 +1,6 @@
 """train_accelerate.py: recipe pieces, end-to-end runs on tiny Shakespeare, exact resume, faults, 2 processes."""
 
+import contextlib
 import errno
 import io
 import json
@@ -9,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -1357,6 +1359,66 @@ def launch_two(
     return subprocess.run(
         [*TWO_PROCESSES, str(script), *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
     )
+
+
+# two machines of one process each, simulated on this one (`launch_two_machines`): each a launcher of its own,
+# joined at the main machine's address as `accelerate config` sets it up for several machines
+TWO_MACHINES = [
+    sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2", "--num_processes", "2",
+    "--main_process_ip", "127.0.0.1", "--mixed_precision", "no", "--dynamo_backend", "no",
+]  # fmt: skip
+
+
+def launch_two_machines(
+    args: list[str], per_machine: tuple[list[str], list[str]], timeout: float = 180
+) -> list[subprocess.CompletedProcess]:
+    """The trainer on two machines (ranks 0 and 1), started together: `args` on both, `per_machine[r]` on machine r
+    alone (its own `--data_dir`, say). Each launcher's output is captured; a hang kills both."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    launchers = [
+        subprocess.Popen(
+            [*TWO_MACHINES, "--machine_rank", str(rank), "--main_process_port", str(port)]
+            + [str(REPO / "train_accelerate.py"), *args, *own],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,  # its own process group, to clean up after a hang
+        )
+        for rank, own in enumerate(per_machine)
+    ]
+    deadline, results = time.monotonic() + timeout, []
+    try:
+        for launcher in launchers:
+            stdout, stderr = launcher.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            results.append(subprocess.CompletedProcess(launcher.args, launcher.returncode, stdout, stderr))
+    except subprocess.TimeoutExpired:
+        for launcher in launchers:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(launcher.pid, signal.SIGKILL)
+        raise AssertionError("the two machines hung") from None
+    return results
+
+
+@pytest.mark.slow
+def test_two_machines_started_with_other_flags_stop_with_one_error_line(corpus, data_dir, tmp_path):
+    """Another --max_lr on machine 1 trained on without a word: DDP averages the gradients, not the weights, so each
+    machine moved its own copy of the model at its own rate, and the export was machine 0's alone. (Another
+    --max_steps or --total_batch_tokens crashed in a collective, with gloo's traceback.)"""
+    out = tmp_path / "run"
+    args = ["--dataset", str(corpus), "--data_dir", str(data_dir), "--output_dir", str(out), *TINY]
+    args += ["--total_batch_tokens", "512", "--max_steps", "2", "--eval_every", "0"]
+    results = launch_two_machines(args, ([], ["--max_lr", "1e-2"]))
+    assert results[0].returncode != 0 and results[1].returncode != 0, results[0].stderr[-3000:]
+    errors = [line for r in results for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [
+        "error: the processes run with other flags: --max_lr 0.01 on process 1, 0.003 on the main process; start "
+        "every machine with the same flags (only paths, --num_proc, --cpu_threads, --malloc_tuning and "
+        "--overwrite_data may differ)."
+    ], results[0].stderr[-3000:]
+    assert not (out / "metrics.jsonl").exists()  # stopped before training
 
 
 @pytest.mark.parametrize(
