@@ -11,6 +11,7 @@ checkpoints, metrics.jsonl / loss.png / trackers, and a Hub-ready `final/` folde
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -398,6 +399,9 @@ def write_failure_reason(err: BaseException) -> str:
     return (str(err).splitlines() or [type(err).__name__])[0][:200]
 
 
+_EXCHANGES = itertools.count()  # `first_failure`'s calls, made in the same order by every process
+
+
 def first_failure(accelerator: Accelerator, failure: str | None, target: Path) -> str | None:
     """The failure of the first process that had one (or None), on every process: a write of `target` (a folder a run
     writes once) that failed on one process stops them all with its message, where a barrier would have left the
@@ -412,7 +416,9 @@ def first_failure(accelerator: Accelerator, failure: str | None, target: Path) -
     import torch.distributed as dist
 
     store = dist.distributed_c10d._get_default_store()
-    prefix = f"gpt2_scratch/write_failure/{target}"
+    # named by the call's number, the same on every process, not by the path: a shared --output_dir may be mounted at
+    # another path on each machine, and keys named by it were keys the other machines never set (a hang)
+    prefix = f"gpt2_scratch/write_failure/{next(_EXCHANGES)}-{target.name}"
     store.set(f"{prefix}/{accelerator.process_index}", failure or "")
     keys = [f"{prefix}/{rank}" for rank in range(accelerator.num_processes)]
     store.wait(keys)  # every process's answer (a barrier as well)

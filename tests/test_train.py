@@ -1421,6 +1421,25 @@ def test_two_machines_started_with_other_flags_stop_with_one_error_line(corpus, 
     assert not (out / "metrics.jsonl").exists()  # stopped before training
 
 
+@pytest.mark.slow
+def test_two_machines_may_reach_the_shared_output_dir_by_other_paths(corpus, data_dir, tmp_path):
+    """The shared folder mounted elsewhere on machine 1 (a link here): the processes told each other how their writes
+    went under keys named by the folder's path, each waited for a key the other never set, and both hung before the
+    first step."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (tmp_path / "mount").symlink_to(out)
+    args = ["--dataset", str(corpus), "--data_dir", str(data_dir), *TINY, "--total_batch_tokens", "512"]
+    args += ["--max_steps", "2", "--save_every", "2", "--eval_every", "0"]
+    results = launch_two_machines(args, (["--output_dir", str(out)], ["--output_dir", str(tmp_path / "mount")]), 120)
+    assert [r.returncode for r in results] == [0, 0], results[0].stderr[-3000:]
+    assert sorted(p.name for p in (out / "checkpoints" / "step_0000002").glob("random_states_*")) == [
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    ]
+    assert (out / "final" / "model.safetensors").is_file()
+
+
 @pytest.mark.parametrize(
     "flag, value, message",
     [
