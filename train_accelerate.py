@@ -472,6 +472,50 @@ def check_same_flags(accelerator: Accelerator, *arguments) -> None:
             )
 
 
+def check_shared_output_dir(accelerator: Accelerator, output_dir: Path) -> None:
+    """Refuse machines whose `--output_dir` is not one shared folder (it may be mounted at another path on each).
+
+    Every process adds its RNG state to each checkpoint, which the main process renames: a machine with a folder of
+    its own trained on without a word, its RNG states left in unfinished saves there, and no checkpoint could be
+    resumed. The main process leaves a file of a new name in its folder, and every other machine looks for it in its
+    own. One machine (all of its processes see its folders): nothing to check.
+
+    Raises:
+        ValueError: on every process, naming the first process that did not find the file, and both folders.
+    """
+    if accelerator.num_processes == int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)):
+        return
+    import uuid
+
+    import torch.distributed as dist
+
+    store = dist.distributed_c10d._get_default_store()
+    key, failure = "gpt2_scratch/shared_output_dir", None
+    if accelerator.is_main_process:
+        marker = output_dir / f".tmp-shared-{uuid.uuid4().hex}"
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+        except OSError as err:  # a folder it may not write: the main process's message, not the others'
+            failure = f"--output_dir {output_dir}: cannot write there ({err.strerror or err})."
+        store.set(key, json.dumps([str(output_dir), marker.name]))
+    else:
+        store.wait([key])
+        main_output_dir, name = json.loads(store.get(key))
+        marker = output_dir / name
+        if not marker.is_file():
+            failure = (
+                f"--output_dir {output_dir} of process {accelerator.process_index} is not the main process's "
+                f"{main_output_dir}: every machine must reach one shared folder (a network file system), where each "
+                "process adds its RNG state to the checkpoints."
+            )
+    failure = first_failure(accelerator, failure, marker)  # after every process looked
+    if accelerator.is_main_process:
+        marker.unlink(missing_ok=True)
+    if failure is not None:
+        raise ValueError(failure)
+
+
 def replace_folder(tmp: Path, final: Path) -> None:
     """Put the complete folder `tmp` at `final` by renames alone: an existing `final` moves to `.tmp-old-<name>` first
     and is deleted last, so a crash leaves one of the two whole (the `.tmp-` names are cleaned by the next save; an old
@@ -868,6 +912,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     failure = first_failure(accelerator, failure, Path(train_args.output_dir) / ".tmp-old-restore")  # a barrier too
     if failure is not None:  # on every process, where a barrier would have left the others waiting
         raise ValueError(failure)
+    check_shared_output_dir(accelerator, Path(train_args.output_dir))
     resume_from = resolve_resume(train_args.resume, train_args.output_dir) if train_args.resume else None
     if resume_from is None and not train_args.overwrite_output_dir:
         check_no_checkpoints_ahead(train_args.output_dir, 0)

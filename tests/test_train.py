@@ -1440,6 +1440,24 @@ def test_two_machines_may_reach_the_shared_output_dir_by_other_paths(corpus, dat
     assert (out / "final" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
+def test_two_machines_without_one_shared_output_dir_stop_with_one_error_line(corpus, data_dir, tmp_path):
+    """Machine 1's --output_dir not the main machine's folder (not shared) trained on without a word: its RNG states
+    went to a folder of its own, so no checkpoint could be resumed (a misleading "saved by 1 process" on machine 0,
+    no checkpoint at all on machine 1), and machine 1's unfinished saves piled up there."""
+    args = ["--dataset", str(corpus), "--data_dir", str(data_dir), *TINY, "--total_batch_tokens", "512"]
+    args += ["--max_steps", "2", "--save_every", "2", "--eval_every", "0"]
+    mine, theirs = tmp_path / "machine0" / "run", tmp_path / "machine1" / "run"
+    results = launch_two_machines(args, (["--output_dir", str(mine)], ["--output_dir", str(theirs)]))
+    assert results[0].returncode != 0 and results[1].returncode != 0, results[0].stderr[-3000:]
+    errors = [line for r in results for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [
+        f"error: --output_dir {theirs} of process 1 is not the main process's {mine}: every machine must reach one "
+        "shared folder (a network file system), where each process adds its RNG state to the checkpoints."
+    ], results[0].stderr[-3000:]
+    assert not (mine / "checkpoints").exists() and not (mine / "metrics.jsonl").exists()
+
+
 @pytest.mark.parametrize(
     "flag, value, message",
     [
