@@ -1403,6 +1403,34 @@ def launch_two_machines(
 
 
 @pytest.mark.slow
+def test_two_machines_with_their_own_data_dirs_match_one_process_with_twice_the_accumulation(
+    corpus, data_dir, tmp_path
+):
+    """README: many machines, each preparing the data in its own --data_dir and writing to one shared --output_dir,
+    train as one process with the same total batch does."""
+    args = [*TINY, "--total_batch_tokens", "512", "--max_steps", "3", "--eval_every", "3", "--save_every", "0"]
+    one = run(corpus, data_dir, tmp_path / "one", *args, "--eval_batches", "4")  # 4 micro-steps, 2 x 2 evaluated
+    nodes = [tmp_path / f"node{rank}" / "data" for rank in (0, 1)]
+    results = launch_two_machines(
+        ["--dataset", str(corpus), "--output_dir", str(tmp_path / "two"), *args, "--eval_batches", "2"],
+        (["--data_dir", str(nodes[0])], ["--data_dir", str(nodes[1])]),
+    )
+    assert [r.returncode for r in results] == [0, 0], results[0].stderr[-3000:] + results[1].stderr[-3000:]
+    assert all((node / "manifest.json").is_file() for node in nodes)  # each machine prepared its own
+    config = json.loads((tmp_path / "two" / "run_config.json").read_text())["training"]
+    assert config["num_processes"] == 2 and config["gradient_accumulation_steps"] == 2
+    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
+    for ra, rb in zip(a, b, strict=True):
+        assert abs(ra["train_loss"] - rb["train_loss"]) <= 1e-5
+        assert abs(ra.get("val_loss", 0.0) - rb.get("val_loss", 0.0)) <= 1e-5
+    assert one["final_val_loss"] is not None
+    w1, w2 = _weights(tmp_path / "one" / "final"), _weights(tmp_path / "two" / "final")
+    for key in w1:
+        torch.testing.assert_close(w2[key], w1[key], rtol=0, atol=1e-5, msg=key)
+
+
+@pytest.mark.slow
 def test_two_machines_started_with_other_flags_stop_with_one_error_line(corpus, data_dir, tmp_path):
     """Another --max_lr on machine 1 trained on without a word: DDP averages the gradients, not the weights, so each
     machine moved its own copy of the model at its own rate, and the export was machine 0's alone. (Another
