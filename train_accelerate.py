@@ -204,7 +204,8 @@ def build_dataloaders(
 
     Every process calls `prepare_dataset`: the first to take the folder's lock tokenizes, the others wait on the lock
     and then reuse its shards. No collective waits meanwhile, so an hours-long first prepare cannot run into the
-    process group's timeout (10 minutes for NCCL), as a barrier would.
+    process group's timeout (10 minutes for NCCL), as a barrier would. Across machines it can: the first collective
+    after it (DDP's, in `accelerator.prepare`) waits for the slowest machine's prepare (README: prepare beforehand).
     """
     data_dir = resolve_data_dir(data_args, train_args)
     prepare_dataset(data_args, output_dir=data_dir, overwrite=train_args.overwrite_data)
