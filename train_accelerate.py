@@ -473,13 +473,16 @@ def check_same_flags(accelerator: Accelerator, *arguments) -> None:
             )
 
 
+SHARED_FOLDER_WAIT = 10.0  # seconds another machine looks for the main process's file (a network FS may be late)
+
+
 def check_shared_output_dir(accelerator: Accelerator, output_dir: Path) -> None:
     """Refuse machines whose `--output_dir` is not one shared folder (it may be mounted at another path on each).
 
     Every process adds its RNG state to each checkpoint, which the main process renames: a machine with a folder of
     its own trained on without a word, its RNG states left in unfinished saves there, and no checkpoint could be
     resumed. The main process leaves a file of a new name in its folder, and every other machine looks for it in its
-    own. One machine (all of its processes see its folders): nothing to check.
+    own for up to `SHARED_FOLDER_WAIT` seconds. One machine (all of its processes see its folders): nothing to check.
 
     Raises:
         ValueError: on every process, naming the first process that did not find the file, and both folders.
@@ -504,6 +507,9 @@ def check_shared_output_dir(accelerator: Accelerator, output_dir: Path) -> None:
         store.wait([key])
         main_output_dir, name = json.loads(store.get(key))
         marker = output_dir / name
+        deadline = time.monotonic() + SHARED_FOLDER_WAIT
+        while not marker.is_file() and time.monotonic() < deadline:  # a network file system may show it late
+            time.sleep(0.5)
         if not marker.is_file():
             failure = (
                 f"--output_dir {output_dir} of process {accelerator.process_index} is not the main process's "
