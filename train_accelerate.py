@@ -400,7 +400,10 @@ def write_failure_reason(err: BaseException) -> str:
     return (str(err).splitlines() or [type(err).__name__])[0][:200]
 
 
-_EXCHANGES = itertools.count()  # `first_failure`'s calls, made in the same order by every process
+# the store exchanges of this process (`first_failure`, `check_same_flags`, `check_shared_output_dir`), made in the
+# same order by every process: their keys are numbered by it, so a second run in the same processes never reads
+# the answers of the first
+_EXCHANGES = itertools.count()
 
 
 def first_failure(accelerator: Accelerator, failure: str | None, target: Path) -> str | None:
@@ -457,7 +460,7 @@ def check_same_flags(accelerator: Accelerator, *arguments) -> None:
     }
     raw = {name: value for section in arguments for name, value in asdict(section).items()}
     store = dist.distributed_c10d._get_default_store()
-    prefix = "gpt2_scratch/flags"
+    prefix = f"gpt2_scratch/flags/{next(_EXCHANGES)}"
     store.set(f"{prefix}/{accelerator.process_index}", json.dumps([flags, raw]))
     keys = [f"{prefix}/{rank}" for rank in range(accelerator.num_processes)]
     store.wait(keys)
@@ -494,7 +497,7 @@ def check_shared_output_dir(accelerator: Accelerator, output_dir: Path) -> None:
     import torch.distributed as dist
 
     store = dist.distributed_c10d._get_default_store()
-    key, failure = "gpt2_scratch/shared_output_dir", None
+    key, failure = f"gpt2_scratch/shared_output_dir/{next(_EXCHANGES)}", None
     if accelerator.is_main_process:
         marker = output_dir / f".tmp-shared-{uuid.uuid4().hex}"
         try:

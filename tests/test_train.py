@@ -1486,6 +1486,47 @@ def test_two_machines_without_one_shared_output_dir_stop_with_one_error_line(cor
     assert not (mine / "checkpoints").exists() and not (mine / "metrics.jsonl").exists()
 
 
+TWO_RUNS_IN_ONE_PROCESS = """
+import os, sys, time
+from dataclasses import dataclass
+from pathlib import Path
+sys.path.insert(0, {repo!r})
+import train_accelerate
+from accelerate import Accelerator
+@dataclass
+class Flags:
+    max_lr: float
+accelerator = Accelerator(cpu=True)  # a gloo group of CPU processes, as the trainer makes it
+os.environ["LOCAL_WORLD_SIZE"] = "1"  # as if each process were a machine of its own
+train_accelerate.SHARED_FOLDER_WAIT = 1.0
+for run, max_lr in enumerate((1e-3, 2e-3)):  # two runs, every process with the same flags and the same folder
+    if accelerator.is_main_process:
+        time.sleep(3)  # the other process asks first
+    train_accelerate.check_{what}(accelerator, {argument})
+print("both runs accepted", file=sys.stderr)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "what, argument",
+    [("same_flags", "Flags(max_lr)"), ("shared_output_dir", "Path({folder!r})")],
+    ids=["flags", "shared_output_dir"],
+)
+def test_two_processes_check_a_second_run_in_the_same_processes_against_its_own_answers(tmp_path, what, argument):
+    """A script that trains twice in one launch (a sweep, a run then its resume): the exchange's store keys had fixed
+    names, so a process that asked first in the second run read the main process's answer of the first: its flags
+    ("--max_lr 0.002 on process 1, 0.001 on the main process", a run whose processes agreed refused), or its marker's
+    name (deleted since: not found, then `first_failure` keys named by another marker than the main process's, a
+    hang)."""
+    script = tmp_path / "two_runs.py"
+    argument = argument.format(folder=str(tmp_path / "run"))
+    script.write_text(TWO_RUNS_IN_ONE_PROCESS.format(repo=str(REPO), what=what, argument=argument))
+    result = launch_two(script=script, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("both runs accepted") == 2
+
+
 @pytest.mark.parametrize(
     "flag, value, message",
     [
