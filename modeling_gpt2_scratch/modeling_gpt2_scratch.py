@@ -406,7 +406,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_h = (grad_hidden * scale).to(ctx.hidden_dtype) if grad_hidden is not None else None
         grad_w = (grad_weight * scale).to(ctx.weight_dtype) if grad_weight is not None else None
         if ctx.tied_gradient is not None and grad_w is not None:
-            ctx.tied_gradient["weight"], grad_w = grad_w, None  # `TiedEmbedding.backward` adds its rows, returns it
+            # `TiedEmbedding.backward` adds its rows and returns it, in this backward only (the graph task's id)
+            ctx.tied_gradient["weight"], grad_w = (torch._C._current_graph_task_id(), grad_w), None
         return grad_h, grad_w, None, None, None, None, None, None, None
 
 
@@ -434,8 +435,10 @@ class TiedEmbedding(torch.autograd.Function):
     def backward(ctx, grad_output):
         (input_ids,) = ctx.saved_tensors
         rows = grad_output.reshape(-1, grad_output.shape[-1])
-        head_gradient = ctx.tied_gradient.pop("weight", None)  # dropped here: autograd can then move it into .grad
-        if head_gradient is None:
+        # dropped here: autograd can then move it into .grad; one an earlier backward left (it stopped short of this
+        # one, `retain_graph=True`) is not this backward's
+        task, head_gradient = ctx.tied_gradient.pop("weight", (None, None))
+        if head_gradient is None or task != torch._C._current_graph_task_id():
             return None, rows.new_zeros(ctx.weight_shape).index_add_(0, input_ids.reshape(-1), rows), None
         return None, head_gradient.index_add_(0, input_ids.reshape(-1), rows.to(head_gradient.dtype)), None
 

@@ -1003,6 +1003,25 @@ def test_tied_embedding_rows_of_two_forwards_summed_into_one_backward_reach_the_
     )
 
 
+def test_tied_embedding_takes_no_head_gradient_of_an_earlier_backward(monkeypatch):
+    """A first backward through the loss that stops short of the lookup (`autograd.grad` of one block's weight,
+    `retain_graph=True`) left the head's gradient for the lookup's backward, and a later backward that never went
+    through the head (from the embeddings' output) added it to `wte.grad` (off by 0.10)."""
+    torch.manual_seed(0)
+    model = GPT2ScratchForCausalLM(GPT2ScratchConfig(**SMALL)).train()
+    ids = random_ids(2, 16)
+
+    def run():
+        out = model(ids, labels=ids, output_hidden_states=True)
+        torch.autograd.grad(out.loss, [model.transformer.h[0].mlp.c_fc.weight], retain_graph=True)
+        out.hidden_states[0].square().sum().backward()
+
+    plain = _plain_embedding_grads(model, monkeypatch, run)["transformer.wte.weight"]
+    model.zero_grad(set_to_none=True)
+    run()
+    torch.testing.assert_close(model.transformer.wte.weight.grad, plain, rtol=0, atol=0)
+
+
 def test_tied_embedding_without_the_head_gradient_returns_its_own(monkeypatch):
     """A backward that does not reach the LM head (here: from the embeddings' output) still gets the lookup's."""
     torch.manual_seed(0)
