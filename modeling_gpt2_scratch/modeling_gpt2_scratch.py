@@ -962,7 +962,8 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
                 as `transformers`' `slice_logits_to_keep`.
             skip_logits: compute the loss chunk by chunk without materialising the logits (`LinearCrossEntropy`)
                 and return `logits=None`. Default: in training mode when labels are given (what `Trainer` and
-                `train_accelerate.py` need), unless `return_dict=False` (a tuple holds the logits at index 1, as
+                `train_accelerate.py` need), unless `logits_to_keep` is given (HF's loss is then the kept logits')
+                or `return_dict=False` (a tuple holds the logits at index 1, as
                 `GPT2LMHeadModel`'s); pass `False` to get the logits too, or second derivatives (its backward
                 refuses `create_graph=True`). Where `lm_head` has to be called
                 as a module (a PEFT/LoRA layer in its place, or forward hooks), it is, and the logits are returned;
@@ -973,7 +974,9 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
         shift_labels = kwargs.pop("shift_labels", None)
         has_labels = labels is not None or shift_labels is not None
         if skip_logits is None:  # a tuple's positions are HF's only with logits in them: `loss, logits = out[:2]`
-            skip_logits = self.training and has_labels and return_dict
+            # with `logits_to_keep`, HF's loss is the kept logits' (the fused loss takes every position's)
+            keeps_all = isinstance(logits_to_keep, int) and logits_to_keep == 0
+            skip_logits = self.training and has_labels and return_dict and keeps_all
         if skip_logits and not has_labels:
             raise ValueError("skip_logits=True needs labels or shift_labels (it only computes the loss).")
         if (input_ids is None) != (inputs_embeds is None):  # else the base model's error

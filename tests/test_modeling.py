@@ -1659,6 +1659,15 @@ def test_fused_loss_is_the_default_in_training_mode_only(pair):
         model.eval()
 
 
+def test_training_loss_of_the_kept_positions_with_logits_to_keep_is_hf_s():
+    """`logits_to_keep=4` with labels of those 4 positions in training mode: HF's loss over the kept logits. The fused
+    loss, the default there, ignored `logits_to_keep` and refused labels of fewer positions than the input's."""
+    hf, model = make_pair(seed=0, **SMALL, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    ids = random_ids(2, 10)
+    reference = hf.train()(ids, labels=ids[:, -4:], logits_to_keep=4).loss
+    torch.testing.assert_close(model.train()(ids, labels=ids[:, -4:], logits_to_keep=4).loss, reference)
+
+
 def test_fused_loss_of_a_batch_without_targets_is_nan_with_zero_gradients_as_hf():
     """Every label -100 (e.g. fine-tuning rows whose answers were all cut off): HF's mean loss is nan (0 / 0) and its
     gradients are zero. The fused loss multiplied its zero gradients by 1 / 0: nan in every weight after the step."""
