@@ -469,14 +469,20 @@ def check_same_flags(accelerator: Accelerator, *arguments) -> None:
         differ = [name for name in main_flags if other_flags.get(name) != main_flags[name]]
         if differ:
             name = differ[0]
+            if name in PATH_FLAGS:  # compared as given or not (a path may differ)
+                theirs, main = ("given" if flags[name] else "not given" for flags in (other_flags, main_flags))
+            else:
+                theirs, main = other_raw[name], main_raw[name]
             raise ValueError(
-                f"the processes run with other flags: --{name} {other_raw[name]} on process {rank}, "
-                f"{main_raw[name]} on the main process; start every machine with the same flags (only paths, "
+                f"the processes run with other flags: --{name} {theirs} on process {rank}, "
+                f"{main} on the main process; start every machine with the same flags (only paths, "
                 "--num_proc, --cpu_threads, --malloc_tuning and --overwrite_data may differ)."
             )
 
 
-SHARED_FOLDER_WAIT = 10.0  # seconds another machine looks for the main process's file (a network FS may be late)
+# seconds another machine looks for the main process's file: NFS may answer from a cached directory for up to
+# acdirmin, 30 s by default (say, after the machine found --output_dir missing at the start of a new run)
+SHARED_FOLDER_WAIT = 40.0
 
 
 def check_shared_output_dir(accelerator: Accelerator, output_dir: Path) -> None:
@@ -512,7 +518,9 @@ def check_shared_output_dir(accelerator: Accelerator, output_dir: Path) -> None:
         marker = output_dir / name
         deadline = time.monotonic() + SHARED_FOLDER_WAIT
         while not marker.is_file() and time.monotonic() < deadline:  # a network file system may show it late
-            time.sleep(0.5)
+            time.sleep(1.0)
+            with contextlib.suppress(OSError):
+                os.listdir(output_dir)  # opening the folder asks an NFS server for its attributes again
         if not marker.is_file():
             failure = (
                 f"--output_dir {output_dir} of process {accelerator.process_index} is not the main process's "

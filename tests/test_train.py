@@ -1370,17 +1370,17 @@ TWO_MACHINES = [
 
 
 def launch_two_machines(
-    args: list[str], per_machine: tuple[list[str], list[str]], timeout: float = 180
+    args: list[str], per_machine: tuple[list[str], list[str]], timeout: float = 180, script: Path | None = None
 ) -> list[subprocess.CompletedProcess]:
-    """The trainer on two machines (ranks 0 and 1), started together: `args` on both, `per_machine[r]` on machine r
-    alone (its own `--data_dir`, say). Each launcher's output is captured; a hang kills both."""
+    """The trainer (or `script`) on two machines (ranks 0 and 1), started together: `args` on both, `per_machine[r]`
+    on machine r alone (its own `--data_dir`, say). Each launcher's output is captured; a hang kills both."""
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
     launchers = [
         subprocess.Popen(
             [*TWO_MACHINES, "--machine_rank", str(rank), "--main_process_port", str(port)]
-            + [str(REPO / "train_accelerate.py"), *args, *own],
+            + [str(script or REPO / "train_accelerate.py"), *args, *own],
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -1431,20 +1431,26 @@ def test_two_machines_with_their_own_data_dirs_match_one_process_with_twice_the_
 
 
 @pytest.mark.slow
-def test_two_machines_started_with_other_flags_stop_with_one_error_line(corpus, data_dir, tmp_path):
+@pytest.mark.parametrize(
+    "flags, differ",
+    [
+        (["--max_lr", "1e-2"], "--max_lr 0.01 on process 1, 0.003 on the main process"),
+        (["--resume", "latest"], "--resume given on process 1, not given on the main process"),  # a path may differ
+    ],
+)
+def test_two_machines_started_with_other_flags_stop_with_one_error_line(corpus, data_dir, tmp_path, flags, differ):
     """Another --max_lr on machine 1 trained on without a word: DDP averages the gradients, not the weights, so each
     machine moved its own copy of the model at its own rate, and the export was machine 0's alone. (Another
     --max_steps or --total_batch_tokens crashed in a collective, with gloo's traceback.)"""
     out = tmp_path / "run"
     args = ["--dataset", str(corpus), "--data_dir", str(data_dir), "--output_dir", str(out), *TINY]
     args += ["--total_batch_tokens", "512", "--max_steps", "2", "--eval_every", "0"]
-    results = launch_two_machines(args, ([], ["--max_lr", "1e-2"]))
+    results = launch_two_machines(args, ([], flags))
     assert results[0].returncode != 0 and results[1].returncode != 0, results[0].stderr[-3000:]
     errors = [line for r in results for line in r.stderr.splitlines() if line.startswith("error: ")]
     assert errors == [
-        "error: the processes run with other flags: --max_lr 0.01 on process 1, 0.003 on the main process; start "
-        "every machine with the same flags (only paths, --num_proc, --cpu_threads, --malloc_tuning and "
-        "--overwrite_data may differ)."
+        f"error: the processes run with other flags: {differ}; start every machine with the same flags (only paths, "
+        "--num_proc, --cpu_threads, --malloc_tuning and --overwrite_data may differ)."
     ], results[0].stderr[-3000:]
     assert not (out / "metrics.jsonl").exists()  # stopped before training
 
@@ -1468,15 +1474,27 @@ def test_two_machines_may_reach_the_shared_output_dir_by_other_paths(corpus, dat
     assert (out / "final" / "model.safetensors").is_file()
 
 
+SHORT_SHARED_FOLDER_WAIT = """
+import sys
+sys.path.insert(0, {repo!r})
+import train_accelerate
+train_accelerate.SHARED_FOLDER_WAIT = 2.0
+sys.exit(train_accelerate.main())
+"""
+
+
 @pytest.mark.slow
 def test_two_machines_without_one_shared_output_dir_stop_with_one_error_line(corpus, data_dir, tmp_path):
     """Machine 1's --output_dir not the main machine's folder (not shared) trained on without a word: its RNG states
     went to a folder of its own, so no checkpoint could be resumed (a misleading "saved by 1 process" on machine 0,
-    no checkpoint at all on machine 1), and machine 1's unfinished saves piled up there."""
+    no checkpoint at all on machine 1), and machine 1's unfinished saves piled up there. (Machine 1 looks for the
+    main process's file for 2 s here, not the 40 s a network file system gets.)"""
+    script = tmp_path / "short_wait.py"
+    script.write_text(SHORT_SHARED_FOLDER_WAIT.format(repo=str(REPO)))
     args = ["--dataset", str(corpus), "--data_dir", str(data_dir), *TINY, "--total_batch_tokens", "512"]
     args += ["--max_steps", "2", "--save_every", "2", "--eval_every", "0"]
     mine, theirs = tmp_path / "machine0" / "run", tmp_path / "machine1" / "run"
-    results = launch_two_machines(args, (["--output_dir", str(mine)], ["--output_dir", str(theirs)]))
+    results = launch_two_machines(args, (["--output_dir", str(mine)], ["--output_dir", str(theirs)]), script=script)
     assert results[0].returncode != 0 and results[1].returncode != 0, results[0].stderr[-3000:]
     errors = [line for r in results for line in r.stderr.splitlines() if line.startswith("error: ")]
     assert errors == [
