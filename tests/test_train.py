@@ -1402,6 +1402,12 @@ def launch_two_machines(
     return results
 
 
+def error_lines_of_both_failed(results: list[subprocess.CompletedProcess]) -> list[str]:
+    """The `error: ` lines of two machines' launchers, after checking that both failed."""
+    assert results[0].returncode != 0 and results[1].returncode != 0, results[0].stderr[-3000:]
+    return [line for r in results for line in r.stderr.splitlines() if line.startswith("error: ")]
+
+
 @pytest.mark.slow
 def test_two_machines_with_their_own_data_dirs_match_one_process_with_twice_the_accumulation(
     corpus, data_dir, tmp_path
@@ -1446,8 +1452,7 @@ def test_two_machines_started_with_other_flags_stop_with_one_error_line(corpus, 
     args = ["--dataset", str(corpus), "--data_dir", str(data_dir), "--output_dir", str(out), *TINY]
     args += ["--total_batch_tokens", "512", "--max_steps", "2", "--eval_every", "0"]
     results = launch_two_machines(args, ([], flags))
-    assert results[0].returncode != 0 and results[1].returncode != 0, results[0].stderr[-3000:]
-    errors = [line for r in results for line in r.stderr.splitlines() if line.startswith("error: ")]
+    errors = error_lines_of_both_failed(results)
     assert errors == [
         f"error: the processes run with other flags: {differ}; start every machine with the same flags (only paths, "
         "--num_proc, --cpu_threads, --malloc_tuning and --overwrite_data may differ)."
@@ -1495,8 +1500,7 @@ def test_two_machines_without_one_shared_output_dir_stop_with_one_error_line(cor
     args += ["--max_steps", "2", "--save_every", "2", "--eval_every", "0"]
     mine, theirs = tmp_path / "machine0" / "run", tmp_path / "machine1" / "run"
     results = launch_two_machines(args, (["--output_dir", str(mine)], ["--output_dir", str(theirs)]), script=script)
-    assert results[0].returncode != 0 and results[1].returncode != 0, results[0].stderr[-3000:]
-    errors = [line for r in results for line in r.stderr.splitlines() if line.startswith("error: ")]
+    errors = error_lines_of_both_failed(results)
     assert errors == [
         f"error: --output_dir {theirs} of process 1 is not the main process's {mine}: every machine must reach one "
         "shared folder (a network file system), where each process adds its RNG state to the checkpoints."
@@ -1518,28 +1522,24 @@ accelerator = Accelerator(cpu=True)  # a gloo group of CPU processes, as the tra
 os.environ["LOCAL_WORLD_SIZE"] = "1"  # as if each process were a machine of its own
 train_accelerate.SHARED_FOLDER_WAIT = 1.0
 for run, max_lr in enumerate((1e-3, 2e-3)):  # two runs, every process with the same flags and the same folder
-    if accelerator.is_main_process:
-        time.sleep(3)  # the other process asks first
-    train_accelerate.check_{what}(accelerator, {argument})
+    for check, argument in ((train_accelerate.check_same_flags, Flags(max_lr)),
+                            (train_accelerate.check_shared_output_dir, Path({folder!r}))):
+        if accelerator.is_main_process:
+            time.sleep(1.5)  # the other process asks first
+        check(accelerator, argument)
 print("both runs accepted", file=sys.stderr)
 """
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "what, argument",
-    [("same_flags", "Flags(max_lr)"), ("shared_output_dir", "Path({folder!r})")],
-    ids=["flags", "shared_output_dir"],
-)
-def test_two_processes_check_a_second_run_in_the_same_processes_against_its_own_answers(tmp_path, what, argument):
+def test_two_processes_check_a_second_run_in_the_same_processes_against_its_own_answers(tmp_path):
     """A script that trains twice in one launch (a sweep, a run then its resume): the exchange's store keys had fixed
     names, so a process that asked first in the second run read the main process's answer of the first: its flags
     ("--max_lr 0.002 on process 1, 0.001 on the main process", a run whose processes agreed refused), or its marker's
     name (deleted since: not found, then `first_failure` keys named by another marker than the main process's, a
     hang)."""
     script = tmp_path / "two_runs.py"
-    argument = argument.format(folder=str(tmp_path / "run"))
-    script.write_text(TWO_RUNS_IN_ONE_PROCESS.format(repo=str(REPO), what=what, argument=argument))
+    script.write_text(TWO_RUNS_IN_ONE_PROCESS.format(repo=str(REPO), folder=str(tmp_path / "run")))
     result = launch_two(script=script, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("both runs accepted") == 2
