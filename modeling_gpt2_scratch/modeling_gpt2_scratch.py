@@ -963,11 +963,10 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
             skip_logits: compute the loss chunk by chunk without materialising the logits (`LinearCrossEntropy`)
                 and return `logits=None`. Default: in training mode when labels are given (what `Trainer` and
                 `train_accelerate.py` need), unless `logits_to_keep` is given (HF's loss is then the kept logits')
-                or `return_dict=False` (a tuple holds the logits at index 1, as
-                `GPT2LMHeadModel`'s); pass `False` to get the logits too, or second derivatives (its backward
-                refuses `create_graph=True`). Where `lm_head` has to be called
-                as a module (a PEFT/LoRA layer in its place, or forward hooks), it is, and the logits are returned;
-                so under `torch.func` transforms (`torch.func.grad`, `vmap`).
+                or `return_dict=False` (a tuple holds the logits at index 1, as `GPT2LMHeadModel`'s); pass `False`
+                to get the logits too, or second derivatives (its backward refuses `create_graph=True`). Where
+                `lm_head` has to be called as a module (a PEFT/LoRA layer in its place, or forward hooks), it is,
+                and the logits are returned; so under `torch.func` transforms (`torch.func.grad`, `vmap`).
             Other arguments: see `GPT2ScratchModel.forward`.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
