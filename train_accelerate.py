@@ -511,23 +511,23 @@ def check_shared_output_dir(accelerator: Accelerator, output_dir: Path) -> None:
             marker.touch()
         except OSError as err:  # a folder it may not write: the main process's message, not the others'
             failure = f"--output_dir {output_dir}: cannot write there ({err.strerror or err})."
-        store.set(key, json.dumps([str(output_dir), marker.name]))
+        store.set(key, json.dumps([str(output_dir), "" if failure else marker.name]))
     else:
         store.wait([key])
         main_output_dir, name = json.loads(store.get(key))
-        marker = output_dir / name
+        marker = output_dir / name  # no name: the main process failed, and says why below
         deadline = time.monotonic() + SHARED_FOLDER_WAIT
-        while not marker.is_file() and time.monotonic() < deadline:  # a network file system may show it late
+        while name and not marker.is_file() and time.monotonic() < deadline:  # a network file system may be late
             time.sleep(1.0)
             with contextlib.suppress(OSError):
                 os.listdir(output_dir)  # opening the folder asks an NFS server for its attributes again
-        if not marker.is_file():
+        if name and not marker.is_file():
             failure = (
                 f"--output_dir {output_dir} of process {accelerator.process_index} is not the main process's "
                 f"{main_output_dir}: every machine must reach one shared folder (a network file system), where each "
                 "process adds its RNG state to the checkpoints."
             )
-    failure = first_failure(accelerator, failure, marker)  # after every process looked
+    failure = first_failure(accelerator, failure, output_dir / ".tmp-shared")  # after every process looked
     if accelerator.is_main_process:
         marker.unlink(missing_ok=True)
     if failure is not None:

@@ -1508,6 +1508,35 @@ def test_two_machines_without_one_shared_output_dir_stop_with_one_error_line(cor
     assert not (mine / "checkpoints").exists() and not (mine / "metrics.jsonl").exists()
 
 
+MAIN_PROCESS_CANNOT_WRITE = """
+import os, pathlib, sys
+sys.path.insert(0, {repo!r})
+import train_accelerate
+real_touch = pathlib.Path.touch
+def touch(self, *args, **kwargs):
+    if self.name.startswith(".tmp-shared-") and os.environ["RANK"] == "0":
+        raise PermissionError(13, "Permission denied")
+    return real_touch(self, *args, **kwargs)
+pathlib.Path.touch = touch
+sys.exit(train_accelerate.main())
+"""
+
+
+@pytest.mark.slow
+def test_two_machines_stop_at_once_when_the_main_process_cannot_leave_its_file(corpus, data_dir, tmp_path):
+    """Machine 1 looked for the file the main process had failed to write for the whole wait a network file system
+    gets (40 s), then both stopped with the main process's message; now machine 1 knows at once."""
+    script = tmp_path / "cannot_write.py"
+    script.write_text(MAIN_PROCESS_CANNOT_WRITE.format(repo=str(REPO)))
+    out = tmp_path / "run"
+    args = ["--dataset", str(corpus), "--data_dir", str(data_dir), "--output_dir", str(out), *TINY]
+    args += ["--total_batch_tokens", "512", "--max_steps", "2", "--eval_every", "0"]
+    started = time.monotonic()
+    errors = error_lines_of_both_failed(launch_two_machines(args, ([], []), script=script))
+    assert errors == [f"error: --output_dir {out}: cannot write there (Permission denied)."]
+    assert time.monotonic() - started < train_accelerate.SHARED_FOLDER_WAIT
+
+
 TWO_RUNS_IN_ONE_PROCESS = """
 import os, sys, time
 from dataclasses import dataclass
