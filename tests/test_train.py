@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 import train_accelerate
 from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
-from modeling_gpt2_scratch.data import ShardedTokenLoader
+from modeling_gpt2_scratch.data import ShardedTokenLoader, read_manifest
 from modeling_gpt2_scratch.training import (
     MetricsWriter,
     TrainArguments,
@@ -1535,6 +1535,49 @@ def test_two_machines_stop_at_once_when_the_main_process_cannot_leave_its_file(c
     errors = error_lines_of_both_failed(launch_two_machines(args, ([], []), script=script))
     assert errors == [f"error: --output_dir {out}: cannot write there (Permission denied)."]
     assert time.monotonic() - started < train_accelerate.SHARED_FOLDER_WAIT
+
+
+@pytest.mark.slow
+def test_a_setup_error_of_one_machine_stops_the_other_with_its_one_error_line(corpus, data_dir, tmp_path):
+    """--dataset is a path of each machine: machine 1's not there stopped machine 1 with its error, and machine 0,
+    already waiting in DDP's first collective, died with gloo's traceback ("Connection closed by peer"), its error
+    nowhere in its own log (with NCCL it may wait out the process group's timeout)."""
+    out, missing = tmp_path / "run", tmp_path / "machine1" / "corpus.txt"
+    args = ["--output_dir", str(out), *TINY, "--total_batch_tokens", "512", "--max_steps", "2", "--eval_every", "0"]
+    own = (["--dataset", str(corpus), "--data_dir", str(data_dir)], ["--dataset", str(missing)])
+    results = launch_two_machines(args, (own[0], [*own[1], "--data_dir", str(tmp_path / "machine1" / "data")]), 90)
+    errors = error_lines_of_both_failed(results)
+    assert errors == [
+        f"error: on process 1: Dataset path '{missing}' not found; pass an existing .txt/.jsonl/.json/.parquet/.csv "
+        "file, a folder or a glob of them, or a Hub dataset id such as karpathy/tiny_shakespeare."
+    ], results[0].stderr[-3000:]
+    assert "[rank0]: Traceback" not in results[0].stderr
+    assert not (out / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_two_machines_with_other_corpora_stop_with_one_error_line(corpus, data_dir, tmp_path):
+    """The same flags, but machine 1's --dataset another file (a path of each machine): each machine trained on its
+    own corpus without a word."""
+    other = tmp_path / "machine1" / "corpus.txt"
+    other.parent.mkdir()
+    other.write_text(corpus.read_text()[:100_000])
+    args = ["--output_dir", str(tmp_path / "run"), *TINY, "--total_batch_tokens", "512", "--max_steps", "2"]
+    own = (["--dataset", str(corpus), "--data_dir", str(data_dir)], ["--dataset", str(other)])
+    results = launch_two_machines(args, (own[0], [*own[1], "--data_dir", str(other.parent / "data")]), 90)
+    errors = error_lines_of_both_failed(results)
+
+    def prepared(folder: Path) -> str:
+        manifest = read_manifest(folder)
+        train, val = (sum(entry["tokens"] for entry in manifest["splits"][split]) for split in ("train", "val"))
+        return f"{train:,} train and {val:,} val tokens (source {manifest['source']['fingerprint'][:12]})"
+
+    assert errors == [
+        f"error: the machines prepared other data: --dataset {other} gave process 1 {prepared(other.parent / 'data')},"
+        f" the main process's --dataset {corpus} gave {prepared(data_dir)}; pass the same corpus on every machine "
+        "(each may hold its copy at another path)."
+    ], results[0].stderr[-3000:]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 TWO_RUNS_IN_ONE_PROCESS = """
