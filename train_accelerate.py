@@ -204,8 +204,8 @@ def build_dataloaders(
 
     Every process calls `prepare_dataset`: the first to take the folder's lock tokenizes, the others wait on the lock
     and then reuse its shards. No collective waits meanwhile, so an hours-long first prepare cannot run into the
-    process group's timeout (10 minutes for NCCL), as a barrier would. Across machines it can: the first collective
-    after it (DDP's, in `accelerator.prepare`) waits for the slowest machine's prepare (README: prepare beforehand).
+    process group's timeout (10 minutes for NCCL), as a barrier would. Across machines it can: `train` waits for the
+    slowest machine's prepare after it, within that timeout (`stop_together`; README: prepare beforehand).
     """
     data_dir = resolve_data_dir(data_args, train_args)
     prepare_dataset(data_args, output_dir=data_dir, overwrite=train_args.overwrite_data)
@@ -532,6 +532,72 @@ def check_shared_output_dir(accelerator: Accelerator, output_dir: Path) -> None:
         marker.unlink(missing_ok=True)
     if failure is not None:
         raise ValueError(failure)
+
+
+# what `main` prints on one line
+USER_ERRORS = (ValueError, OSError, TrainingError, PrepareError)
+
+
+@contextlib.contextmanager
+def stop_together(accelerator: Accelerator, step: str):
+    """Run the setup `step` on every process, and stop them all if it fails on any, with the first failure's message.
+
+    A failure of one machine alone (its --dataset not there, its --data_dir not writable, an --init_from it cannot
+    read) stopped that machine with its error, and left the others in DDP's first collective: gloo's traceback on
+    them ("Connection closed by peer"), NCCL's wait until the process group's timeout. Every process posts its
+    failure, or none, to torch.distributed's store (`first_failure`) after the step: a process whose step takes
+    longer (a first prepare of the data) is waited for as long as that collective waited, the store's timeout being
+    the process group's. An error of another process than the main one is named by it ("on process 1: ..."). A
+    process killed outright (SIGKILL, the OOM killer) posts nothing: the others wait out that timeout, where gloo's
+    collective had seen its connection close at once.
+    """
+    failure = None
+    try:
+        yield
+    except BaseException as err:  # a Ctrl-C too: the others must not wait for it
+        failure = err
+    text = None
+    if failure is not None:
+        text = str(failure) or type(failure).__name__
+        text = text if accelerator.is_main_process else f"on process {accelerator.process_index}: {text}"
+    reason = first_failure(accelerator, text, Path(step))
+    if failure is None:
+        if reason is not None:
+            raise ValueError(reason)
+        return
+    if reason == text and text != str(failure) and isinstance(failure, USER_ERRORS):
+        raise ValueError(reason) from failure  # the same line on every process: printed once
+    raise failure
+
+
+def check_same_data(accelerator: Accelerator, data_args: DataArguments, data_dir: Path) -> None:
+    """Refuse machines that prepared other data: `--dataset` is a path of each machine, so the same flags may name
+    another corpus on each, and each machine trained on its own without a word. Compares the token counts and the
+    source's fingerprint (its files' contents, wherever they lie) of each machine's manifest, through the store.
+
+    Raises:
+        ValueError: on every process, naming the first process whose data differ from the main process's.
+    """
+    if accelerator.num_processes == int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)):
+        return  # one machine: the same command, the same files
+    import torch.distributed as dist
+
+    manifest = read_manifest(data_dir)
+    train, val = (sum(entry["tokens"] for entry in manifest["splits"].get(split, [])) for split in ("train", "val"))
+    prepared = f"{train:,} train and {val:,} val tokens (source {manifest['source']['fingerprint'][:12]})"
+    store = dist.distributed_c10d._get_default_store()
+    prefix = f"gpt2_scratch/data/{next(_EXCHANGES)}"
+    store.set(f"{prefix}/{accelerator.process_index}", json.dumps([data_args.dataset, prepared]))
+    keys = [f"{prefix}/{rank}" for rank in range(accelerator.num_processes)]
+    store.wait(keys)
+    (main_dataset, main_prepared), *others = (json.loads(store.get(key)) for key in keys)
+    for rank, (dataset, other) in enumerate(others, start=1):
+        if other != main_prepared:
+            raise ValueError(
+                f"the machines prepared other data: --dataset {dataset} gave process {rank} {other}, the main "
+                f"process's --dataset {main_dataset} gave {main_prepared}; pass the same corpus on every machine "
+                "(each may hold its copy at another path)."
+            )
 
 
 def replace_folder(tmp: Path, final: Path) -> None:
@@ -931,23 +997,26 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     if failure is not None:  # on every process, where a barrier would have left the others waiting
         raise ValueError(failure)
     check_shared_output_dir(accelerator, Path(train_args.output_dir))
-    resume_from = resolve_resume(train_args.resume, train_args.output_dir) if train_args.resume else None
-    if resume_from is None and not train_args.overwrite_output_dir:
-        check_no_checkpoints_ahead(train_args.output_dir, 0)
-        check_no_finished_run(train_args.output_dir)
-    elif resume_from is None:  # what it deletes must not hold this run's own inputs
-        inputs = {"init_from": model_args.init_from, "data_dir": resolve_data_dir(data_args, train_args)}
-        check_overwrite_keeps_inputs(train_args.output_dir, inputs | {"dataset": data_args.dataset})
-    model = build_seeded_model(model_args, train_args, accelerator.process_index)  # before the data: fails at once
-    if resume_from is not None:
-        check_checkpoint_fits(resume_from, model.config, accelerator.num_processes)
-        changed = data_flag_changes(Path(train_args.output_dir) / RUN_CONFIG_NAME, data_args)
-        if changed:  # before any data is prepared: --overwrite_data would otherwise rebuild the shards for nothing
-            raise ValueError(
-                f"--resume {resume_from}: the run trained on other data ({'; '.join(changed)}); resume with the run's "
-                "data flags (its run_config.json), or start a new run in another --output_dir."
-            )
-    train_loader, val_loader = build_dataloaders(accelerator, data_args, train_args)
+    # before DDP's first collective (`accelerator.prepare`): a failure of one machine alone stops them all
+    with stop_together(accelerator, "setup"):
+        resume_from = resolve_resume(train_args.resume, train_args.output_dir) if train_args.resume else None
+        if resume_from is None and not train_args.overwrite_output_dir:
+            check_no_checkpoints_ahead(train_args.output_dir, 0)
+            check_no_finished_run(train_args.output_dir)
+        elif resume_from is None:  # what it deletes must not hold this run's own inputs
+            inputs = {"init_from": model_args.init_from, "data_dir": resolve_data_dir(data_args, train_args)}
+            check_overwrite_keeps_inputs(train_args.output_dir, inputs | {"dataset": data_args.dataset})
+        model = build_seeded_model(model_args, train_args, accelerator.process_index)  # before the data: fails at once
+        if resume_from is not None:
+            check_checkpoint_fits(resume_from, model.config, accelerator.num_processes)
+            changed = data_flag_changes(Path(train_args.output_dir) / RUN_CONFIG_NAME, data_args)
+            if changed:  # before any data is prepared: --overwrite_data would otherwise rebuild the shards for nothing
+                raise ValueError(
+                    f"--resume {resume_from}: the run trained on other data ({'; '.join(changed)}); resume with the "
+                    "run's data flags (its run_config.json), or start a new run in another --output_dir."
+                )
+        train_loader, val_loader = build_dataloaders(accelerator, data_args, train_args)
+    check_same_data(accelerator, data_args, resolve_data_dir(data_args, train_args))
     if val_loader is None and train_args.eval_every > 0:
         logger.info("no validation split (--val_fraction 0, or a dataset without one): no evaluations, no val loss.")
     if val_loader is not None and train_args.eval_batches > val_loader.batches_per_epoch:
@@ -1326,7 +1395,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model_args, data_args, train_args = parse_arguments(argv)
         train(model_args, data_args, train_args)
-    except (ValueError, OSError, TrainingError, PrepareError) as err:  # OSError: e.g. a folder it cannot write
+    except USER_ERRORS as err:  # OSError: e.g. a folder it cannot write
         if not shown_by_another_process(str(err)):
             print(f"error: {err}", file=sys.stderr)
         return 1 if isinstance(err, (TrainingError, PrepareError)) else 2
