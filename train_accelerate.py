@@ -400,33 +400,43 @@ def write_failure_reason(err: BaseException) -> str:
     return (str(err).splitlines() or [type(err).__name__])[0][:200]
 
 
-# the store exchanges of this process (`first_failure`, `check_same_flags`, `check_shared_output_dir`), made in the
-# same order by every process: their keys are numbered by it, so a second run in the same processes never reads
-# the answers of the first
+# the store exchanges of this process (`exchange`), made in the same order by every process: their keys are numbered
+# by it, so a second run in the same processes never reads the answers of the first
 _EXCHANGES = itertools.count()
+
+
+def exchange(accelerator: Accelerator, topic: str, value: str) -> list[str]:
+    """Every process's `value`, in process order, on every process (a barrier as well).
+
+    Through torch.distributed's store (the launcher's rendezvous), like `shown_by_another_process`, and not by a
+    collective: gloo's worker thread frees a gather's tensors only later, taking the GIL, and a gather late in a run
+    deadlocked its process group's teardown at exit (the main thread, holding the GIL, joins that thread). Keys are
+    named by the exchange's number, the same on every process, not by a path: a shared --output_dir may be mounted at
+    another path on each machine, and keys named by it were keys the other machines never set (a hang).
+    """
+    import torch.distributed as dist
+
+    store = dist.distributed_c10d._get_default_store()
+    prefix = f"gpt2_scratch/{topic}/{next(_EXCHANGES)}"
+    store.set(f"{prefix}/{accelerator.process_index}", value)
+    keys = [f"{prefix}/{rank}" for rank in range(accelerator.num_processes)]
+    store.wait(keys)  # within the store's timeout, the process group's
+    return [store.get(key).decode() for key in keys]
+
+
+def several_machines(accelerator: Accelerator) -> bool:
+    """Whether the processes span machines (torchrun's `LOCAL_WORLD_SIZE`, this machine's, below their number)."""
+    return accelerator.num_processes > int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
 
 
 def first_failure(accelerator: Accelerator, failure: str | None, target: Path) -> str | None:
     """The failure of the first process that had one (or None), on every process: a write of `target` (a folder a run
     writes once) that failed on one process stops them all with its message, where a barrier would have left the
-    others waiting.
-
-    Exchanged through torch.distributed's store (the launcher's rendezvous), like `shown_by_another_process`, and not
-    by a collective: gloo's worker thread frees a gather's tensors only later, taking the GIL, and a gather late in a
-    run deadlocked its process group's teardown at exit (the main thread, holding the GIL, joins that thread).
+    others waiting (`exchange`).
     """
     if accelerator.num_processes == 1:
         return failure
-    import torch.distributed as dist
-
-    store = dist.distributed_c10d._get_default_store()
-    # named by the call's number, the same on every process, not by the path: a shared --output_dir may be mounted at
-    # another path on each machine, and keys named by it were keys the other machines never set (a hang)
-    prefix = f"gpt2_scratch/write_failure/{next(_EXCHANGES)}-{target.name}"
-    store.set(f"{prefix}/{accelerator.process_index}", failure or "")
-    keys = [f"{prefix}/{rank}" for rank in range(accelerator.num_processes)]
-    store.wait(keys)  # every process's answer (a barrier as well)
-    return next((text for text in (store.get(key).decode() for key in keys) if text), None)
+    return next((text for text in exchange(accelerator, f"write_failure/{target.name}", failure or "") if text), None)
 
 
 # flags that may differ from machine to machine: paths (a folder's mount point, each machine's own data folder) and
@@ -450,8 +460,6 @@ def check_same_flags(accelerator: Accelerator, *arguments) -> None:
     """
     if accelerator.num_processes == 1:
         return
-    import torch.distributed as dist
-
     flags = {
         name: (value is not None) if name in PATH_FLAGS else value
         for section in arguments
@@ -459,12 +467,7 @@ def check_same_flags(accelerator: Accelerator, *arguments) -> None:
         if name not in PER_MACHINE_FLAGS
     }
     raw = {name: value for section in arguments for name, value in asdict(section).items()}
-    store = dist.distributed_c10d._get_default_store()
-    prefix = f"gpt2_scratch/flags/{next(_EXCHANGES)}"
-    store.set(f"{prefix}/{accelerator.process_index}", json.dumps([flags, raw]))
-    keys = [f"{prefix}/{rank}" for rank in range(accelerator.num_processes)]
-    store.wait(keys)
-    (main_flags, main_raw), *others = (json.loads(store.get(key)) for key in keys)
+    (main_flags, main_raw), *others = map(json.loads, exchange(accelerator, "flags", json.dumps([flags, raw])))
     for rank, (other_flags, other_raw) in enumerate(others, start=1):
         differ = [name for name in main_flags if other_flags.get(name) != main_flags[name]]
         if differ:
@@ -496,25 +499,22 @@ def check_shared_output_dir(accelerator: Accelerator, output_dir: Path) -> None:
     Raises:
         ValueError: on every process, naming the first process that did not find the file, and both folders.
     """
-    if accelerator.num_processes == int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)):
+    if not several_machines(accelerator):
         return
     import uuid
 
-    import torch.distributed as dist
-
-    store = dist.distributed_c10d._get_default_store()
-    key, failure = f"gpt2_scratch/shared_output_dir/{next(_EXCHANGES)}", None
+    failure, name = None, ""
     if accelerator.is_main_process:
         marker = output_dir / f".tmp-shared-{uuid.uuid4().hex}"
         try:
             output_dir.mkdir(parents=True, exist_ok=True)
             marker.touch()
+            name = marker.name
         except OSError as err:  # a folder it may not write: the main process's message, not the others'
             failure = f"--output_dir {output_dir}: cannot write there ({err.strerror or err})."
-        store.set(key, json.dumps([str(output_dir), "" if failure else marker.name]))
-    else:
-        store.wait([key])
-        main_output_dir, name = json.loads(store.get(key))
+    main_answer = exchange(accelerator, "shared_output_dir", json.dumps([str(output_dir), name]))[0]
+    main_output_dir, name = json.loads(main_answer)
+    if not accelerator.is_main_process:
         marker = output_dir / name  # no name: the main process failed, and says why below
         deadline = time.monotonic() + SHARED_FOLDER_WAIT
         while name and not marker.is_file() and time.monotonic() < deadline:  # a network file system may be late
@@ -578,19 +578,13 @@ def check_same_data(accelerator: Accelerator, data_args: DataArguments, data_dir
     Raises:
         ValueError: on every process, naming the first process whose data differ from the main process's.
     """
-    if accelerator.num_processes == int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)):
+    if not several_machines(accelerator):
         return  # one machine: the same command, the same files
-    import torch.distributed as dist
-
     manifest = read_manifest(data_dir)
     train, val = (sum(entry["tokens"] for entry in manifest["splits"].get(split, [])) for split in ("train", "val"))
     prepared = f"{train:,} train and {val:,} val tokens (source {manifest['source']['fingerprint'][:12]})"
-    store = dist.distributed_c10d._get_default_store()
-    prefix = f"gpt2_scratch/data/{next(_EXCHANGES)}"
-    store.set(f"{prefix}/{accelerator.process_index}", json.dumps([data_args.dataset, prepared]))
-    keys = [f"{prefix}/{rank}" for rank in range(accelerator.num_processes)]
-    store.wait(keys)
-    (main_dataset, main_prepared), *others = (json.loads(store.get(key)) for key in keys)
+    answers = exchange(accelerator, "data", json.dumps([data_args.dataset, prepared]))
+    (main_dataset, main_prepared), *others = map(json.loads, answers)
     for rank, (dataset, other) in enumerate(others, start=1):
         if other != main_prepared:
             raise ValueError(
