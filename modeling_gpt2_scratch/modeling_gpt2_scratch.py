@@ -477,6 +477,22 @@ class GrowingLayer(DynamicLayer):
             return True
         return bool(past) and (self.keys.dtype, self.values.dtype) != (key_states.dtype, value_states.dtype)
 
+    def _check_continues(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Refuse, before anything is written, new states that cannot follow the cached ones: another batch size,
+        number of heads or head size, or another device. `DynamicLayer`'s `torch.cat` fails there with the cache
+        intact (a `RuntimeError`); a write into the rooms would broadcast a batch of 1 over every row of a batch of 4,
+        or copy to the rooms' device, and leave the cache one position longer and wrong."""
+        for name, past, new in (("keys", self.keys, key_states), ("values", self.values, value_states)):
+            if past.dim() == 1:  # `lazy_initialization`'s empty placeholder: nothing cached yet
+                continue
+            if past.shape[:-2] != new.shape[:-2] or past.shape[-1] != new.shape[-1] or past.device != new.device:
+                raise RuntimeError(
+                    f"New {name} of shape {tuple(new.shape)} on {new.device} cannot follow the cache's, of shape "
+                    f"{tuple(past.shape)} on {past.device} (batch, heads, seq_len, head_dim): a cache continues the "
+                    "batch it was filled with; start a new one for another batch (or keep some of its rows with "
+                    "cache.batch_select_indices)."
+                )
+
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -484,6 +500,7 @@ class GrowingLayer(DynamicLayer):
             return super().update(key_states, value_states, *args, **kwargs)  # concatenate, as DynamicLayer does
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        self._check_continues(key_states, value_states)
         start, n = self.get_seq_length(), key_states.shape[-2]
         writable = self._in_rooms() and not (self._rooms[0].is_inference() and not torch.is_inference_mode_enabled())
         if not (writable and start + n <= self._rooms[0].shape[-2]):  # first step, full, replaced, or read-only

@@ -497,6 +497,34 @@ def test_growing_cache_after_crop_reorder_and_batch_select_matches_dynamic_cache
     assert caches[0].get_seq_length() == caches[1].get_seq_length() == 7
 
 
+@pytest.mark.parametrize(
+    "shape, device",
+    [((1, 4, 1, 8), "cpu"), ((4, 1, 1, 8), "cpu"), ((4, 4, 1, 1), "cpu"), ((4, 4, 1, 8), "meta")],
+    ids=["batch", "heads", "head_dim", "device"],
+)
+def test_growing_cache_refuses_states_that_cannot_follow_its_own_and_keeps_them_as_dynamic_cache_does(shape, device):
+    """Decoding a batch of 1 on a cache filled at batch 4: `DynamicCache`'s `torch.cat` fails with the cache intact;
+    the growing cache broadcast the new keys over the 4 rows of its buffer first (one position longer, every row
+    overwritten), and failed later in the attention."""
+    from transformers import DynamicCache
+
+    config = GPT2ScratchConfig(**SMALL)  # 4 heads of 8
+    past = torch.randn(4, 4, 6, 8, generator=torch.Generator().manual_seed(0))
+    errors = []
+    for cache in (modeling.GrowingCache(config), DynamicCache(config=config)):
+        cache.update(past, past + 1, layer_idx=0)
+        new = torch.zeros(shape, device=device)
+        with pytest.raises(RuntimeError) as error:
+            cache.update(new, new, layer_idx=0)
+        errors.append(error)
+        assert cache.get_seq_length() == 6
+        assert torch.equal(cache.layers[0].keys, past) and torch.equal(cache.layers[0].values, past + 1)
+    assert errors[0].type is errors[1].type  # what a user of `DynamicCache` catches
+    assert f"New keys of shape {shape} on {device} cannot follow the cache's, of shape (4, 4, 6, 8)" in str(
+        errors[0].value
+    )
+
+
 def test_growing_cache_under_autograd_gives_dynamic_cache_gradients():
     from transformers import DynamicCache
 
