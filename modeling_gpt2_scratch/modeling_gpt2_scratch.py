@@ -285,6 +285,15 @@ def _conversion():
         ) from err
 
 
+def in_compiled_autograd() -> bool:
+    """Whether a backward runs under compiled autograd (`torch._dynamo.compiled_autograd`: traced by dynamo, or run
+    by the graph it captured). That graph is captured before any backward runs, with a gradient for every input
+    that needs one: the `TiedEmbedding` handoff (the head's weight gradient returned as None, then by the lookup's
+    backward) gave `add(None, tensor)` there. Under it the head and the lookup return their own gradients and the
+    graph sums them, as with `add_embedding_gradient_in_place = False`."""
+    return torch.compiler.is_compiling() or torch._dynamo.compiled_autograd.in_compiled_autograd_region
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """Cross-entropy of `hidden @ weight.T` without holding the `(N, V)` logits: chunk by chunk of rows.
 
@@ -405,7 +414,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         scale = torch.where(normalizer == 0, 0.0, grad_output / normalizer)
         grad_h = (grad_hidden * scale).to(ctx.hidden_dtype) if grad_hidden is not None else None
         grad_w = (grad_weight * scale).to(ctx.weight_dtype) if grad_weight is not None else None
-        if ctx.tied_gradient is not None and grad_w is not None:
+        if ctx.tied_gradient is not None and grad_w is not None and not in_compiled_autograd():
             # `TiedEmbedding.backward` adds its rows and returns it, in this backward only (the graph task's id)
             ctx.tied_gradient["weight"], grad_w = (torch._C._current_graph_task_id(), grad_w), None
         return grad_h, grad_w, None, None, None, None, None, None, None
@@ -436,8 +445,8 @@ class TiedEmbedding(torch.autograd.Function):
         (input_ids,) = ctx.saved_tensors
         rows = grad_output.reshape(-1, grad_output.shape[-1])
         # dropped here: autograd can then move it into .grad; one an earlier backward left (it stopped short of this
-        # one, `retain_graph=True`) is not this backward's
-        task, head_gradient = ctx.tied_gradient.pop("weight", (None, None))
+        # one, `retain_graph=True`) is not this backward's; under compiled autograd the head returned its own
+        task, head_gradient = (None, None) if in_compiled_autograd() else ctx.tied_gradient.pop("weight", (None, None))
         if head_gradient is None or task != torch._C._current_graph_task_id():
             return None, rows.new_zeros(ctx.weight_shape).index_add_(0, input_ids.reshape(-1), rows), None
         return None, head_gradient.index_add_(0, input_ids.reshape(-1), rows.to(head_gradient.dtype)), None

@@ -1067,6 +1067,44 @@ def test_tied_embedding_without_the_head_gradient_returns_its_own(monkeypatch):
     torch.testing.assert_close(model.transformer.wte.weight.grad, plain, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("enable", ["config", "context"])
+def test_tied_embedding_under_compiled_autograd_gives_eager_gradients(monkeypatch, enable):
+    """An eager training forward (fused loss, `TiedEmbedding`), its backward under compiled autograd: the graph it
+    captures expects the head's weight gradient, which the handoff returned as None (`TypeError: add(): argument
+    'input' (position 1) must be Tensor, not NoneType`). Through the documented flag (a compiled function that calls
+    `backward`), and through the context with a compiler that runs the captured graph as it is (the backwards run
+    in Python, not traced by dynamo)."""
+    torch.manual_seed(0)
+    model = GPT2ScratchForCausalLM(GPT2ScratchConfig(**SMALL, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    model.train()
+    ids = random_ids(2, 16)
+
+    def grads(backward) -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        loss = model(ids, labels=ids).loss
+        assert "TiedEmbeddingBackward" in _graph_functions(loss)
+        backward(loss)
+        return {name: param.grad.clone() for name, param in model.named_parameters()}
+
+    if enable == "config":
+        monkeypatch.setattr(torch._dynamo.config, "compiled_autograd", True)
+        compiled_backward = torch.compile(lambda loss: loss.backward(), backend="eager")
+    else:
+
+        def compiled_backward(loss):
+            with torch._dynamo.compiled_autograd._enable(lambda graph: graph):
+                loss.backward()
+
+    torch._dynamo.reset()
+    try:
+        got = grads(compiled_backward)
+    finally:
+        torch._dynamo.reset()  # also drops compiled autograd's cached graphs
+    want = grads(lambda loss: loss.backward())
+    for name, grad in want.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-6, atol=1e-7, msg=name)  # the rows summed in another order
+
+
 def test_tied_embedding_only_where_exact():
     torch.manual_seed(0)
     ids = random_ids(2, 8)
