@@ -703,6 +703,29 @@ def test_batched_left_padded_greedy_matches_hf(pair):
     assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("beams", [1, 3])
+def test_generate_continues_from_the_cache_of_an_earlier_generate_as_hf(pair, beams):
+    """A conversation: the cache one `generate()` returned (a `GrowingCache`, its rooms partly filled) is passed to
+    the next with the reply and a new left-padded turn; with beams, generate repeats its rows for the beams first."""
+    hf, model = pair
+    ids = random_ids(3, 10, seed=5)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = mask[2, :7] = 0
+    ids = ids.masked_fill(mask == 0, 50256)
+    kwargs = dict(do_sample=False, num_beams=beams, pad_token_id=50256)
+
+    def converse(module) -> tuple[torch.Tensor, Cache]:
+        first = module.generate(ids, attention_mask=mask, max_new_tokens=6, return_dict_in_generate=True, **kwargs)
+        turn = torch.cat([first.sequences, random_ids(3, 3, seed=9)], dim=1)
+        turn_mask = torch.cat([mask, torch.ones(3, turn.shape[1] - ids.shape[1], dtype=mask.dtype)], dim=1)
+        cache = first.past_key_values
+        return module.generate(turn, attention_mask=turn_mask, cache=cache, max_new_tokens=6, **kwargs), cache
+
+    (want, _), (got, cache) = converse(hf), converse(model)
+    assert isinstance(cache, modeling.GrowingCache)
+    assert torch.equal(got, want)
+
+
 def test_static_cache_generate_matches_dynamic(pair):
     _, model = pair
     prompt = random_ids(1, 8)
