@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -405,21 +406,142 @@ def write_failure_reason(err: BaseException) -> str:
 _EXCHANGES = itertools.count()
 
 
-def exchange(accelerator: Accelerator, topic: str, value: str) -> list[str]:
+# a setup step across machines (`stop_together`): every process adds 1 to its heartbeat key in the store each
+# HEARTBEAT_S seconds, and one that the others wait for and that has not for SILENT_S seconds was killed outright
+# (SIGKILL, the OOM killer: it could tell no one), where they would have waited out the process group's timeout
+HEARTBEAT_S = 2.0
+SILENT_S = 30.0  # 15 heartbeats: a thread on a loaded machine is late by seconds, not by half a minute
+POLL_S = 1.0  # how often a process that waits looks at the others' answers and heartbeats
+
+
+def process_name(rank: int) -> str:
+    return "the main process" if rank == 0 else f"process {rank}"
+
+
+class Heartbeats:
+    """The heartbeats of the processes at one setup `step` across machines, in torch.distributed's store.
+
+    `with heartbeats.beating():` around the step, then `heartbeats.exchange` (through `first_failure`) to wait for the
+    others. No collective, for `exchange`'s reason: a daemon thread adds to this process's count in the store, which
+    it shares with the main thread (the store's client takes one request at a time; the wait polls, so none holds it
+    long). Each process compares the counts on its own clock: the machines' clocks need not agree.
+    """
+
+    def __init__(self, accelerator: Accelerator, step: str) -> None:
+        import torch.distributed as dist
+
+        self.accelerator, self.step = accelerator, step
+        self.store = dist.distributed_c10d._get_default_store()
+        self.prefix = f"gpt2_scratch/alive/{step}/{next(_EXCHANGES)}"
+
+    def _key(self, rank: int) -> str:
+        return f"{self.prefix}/{rank}"
+
+    @contextlib.contextmanager
+    def beating(self):
+        """Keep this process's heartbeat going while the `with` body runs."""
+        import torch.distributed as dist
+
+        done = threading.Event()
+
+        def beat() -> None:
+            while True:
+                try:
+                    self.store.add(self._key(self.accelerator.process_index), 1)
+                except dist.DistError:  # the store went with the main machine: the wait after the step says so
+                    return
+                if done.wait(HEARTBEAT_S):
+                    return
+
+        thread = threading.Thread(target=beat, name="setup-heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+
+    def exchange(self, keys: list[str], value: str) -> list[str]:
+        """`exchange`'s answers under `keys`, this process's `value` among them, waiting as `wait` does. A process that
+        gives up leaves its reason as its answer, for a process still at its step to read when it comes to answer.
+
+        Raises:
+            ValueError: `wait`'s, or the store gone (the main machine's launcher stopped, and its processes with it).
+        """
+        import torch.distributed as dist
+
+        index = self.accelerator.process_index
+        mine = keys[index]
+        try:
+            self.store.set(mine, value)
+            self.wait(keys)
+            return [self.store.get(key).decode() for key in keys]
+        except ValueError as err:
+            with contextlib.suppress(dist.DistError):
+                self.store.set(mine, str(err) if index == 0 else f"on process {index}: {err}")
+            raise
+        except dist.DistError as err:
+            reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
+            raise ValueError(
+                f"lost the main machine during {self.step} ({reason}): it stopped (its log says why: it may have "
+                "stopped waiting for this machine, or been killed outright); start every machine again."
+            ) from None
+
+    def wait(self, keys: list[str]) -> None:
+        """Wait until every process has answered under `keys`, looking every POLL_S seconds.
+
+        Raises:
+            ValueError: a process that has not answered and whose heartbeat stopped SILENT_S seconds ago (killed
+                outright), or one that has not answered within the store's timeout (the process group's: a first
+                preparation of its data, say, much longer than the other machines').
+        """
+        deadline = time.monotonic() + self.store.timeout.total_seconds()
+        heard: dict[int, tuple[int, float]] = {}  # a process's last heartbeat count, and when it was first seen
+        while True:
+            waiting_for = [rank for rank, key in enumerate(keys) if not self.store.check([key])]
+            if not waiting_for:
+                return
+            now = time.monotonic()
+            for rank in waiting_for:
+                count = self.store.add(self._key(rank), 0)
+                if rank not in heard or heard[rank][0] != count:
+                    heard[rank] = (count, now)
+                elif now - heard[rank][1] > SILENT_S:
+                    raise ValueError(
+                        f"{process_name(rank)} stopped answering during {self.step} (no heartbeat for "
+                        f"{SILENT_S:g} s): killed outright (by the OOM killer, say, while it prepared its data)? See "
+                        "its machine's log, then start every machine again."
+                    )
+            if now > deadline:
+                timeout = self.store.timeout.total_seconds()
+                within = f"{timeout / 60:g} minutes" if timeout >= 60 else f"{timeout:g} s"
+                raise ValueError(
+                    f"{process_name(waiting_for[0])} has not finished its {self.step} within {within}, the process "
+                    "group's timeout (a first preparation of its data?): prepare the data on each machine beforehand "
+                    "(python -m modeling_gpt2_scratch.data prepare with the run's data flags, --output_dir the folder "
+                    "its log names), then start every machine again."
+                )
+            time.sleep(POLL_S)
+
+
+def exchange(accelerator: Accelerator, topic: str, value: str, heartbeats: Heartbeats | None = None) -> list[str]:
     """Every process's `value`, in process order, on every process (a barrier as well).
 
     Through torch.distributed's store (the launcher's rendezvous), like `shown_by_another_process`, and not by a
     collective: gloo's worker thread frees a gather's tensors only later, taking the GIL, and a gather late in a run
     deadlocked its process group's teardown at exit (the main thread, holding the GIL, joins that thread). Keys are
     named by the exchange's number, the same on every process, not by a path: a shared --output_dir may be mounted at
-    another path on each machine, and keys named by it were keys the other machines never set (a hang).
+    another path on each machine, and keys named by it were keys the other machines never set (a hang). With
+    `heartbeats` (a setup step across machines) the wait gives up early, with one line: `Heartbeats.wait`.
     """
     import torch.distributed as dist
 
     store = dist.distributed_c10d._get_default_store()
     prefix = f"gpt2_scratch/{topic}/{next(_EXCHANGES)}"
-    store.set(f"{prefix}/{accelerator.process_index}", value)
     keys = [f"{prefix}/{rank}" for rank in range(accelerator.num_processes)]
+    if heartbeats is not None:
+        return heartbeats.exchange(keys, value)
+    store.set(keys[accelerator.process_index], value)
     store.wait(keys)  # within the store's timeout, the process group's
     return [store.get(key).decode() for key in keys]
 
@@ -429,14 +551,17 @@ def several_machines(accelerator: Accelerator) -> bool:
     return accelerator.num_processes > int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
 
 
-def first_failure(accelerator: Accelerator, failure: str | None, target: Path) -> str | None:
+def first_failure(
+    accelerator: Accelerator, failure: str | None, target: Path, heartbeats: Heartbeats | None = None
+) -> str | None:
     """The failure of the first process that had one (or None), on every process: a write of `target` (a folder a run
     writes once) that failed on one process stops them all with its message, where a barrier would have left the
     others waiting (`exchange`).
     """
     if accelerator.num_processes == 1:
         return failure
-    return next((text for text in exchange(accelerator, f"write_failure/{target.name}", failure or "") if text), None)
+    answers = exchange(accelerator, f"write_failure/{target.name}", failure or "", heartbeats)
+    return next((text for text in answers if text), None)
 
 
 # flags that may differ from machine to machine: paths (a folder's mount point, each machine's own data folder) and
@@ -547,20 +672,32 @@ def stop_together(accelerator: Accelerator, step: str):
     them ("Connection closed by peer"), NCCL's wait until the process group's timeout. Every process posts its
     failure, or none, to torch.distributed's store (`first_failure`) after the step: a process whose step takes
     longer (a first prepare of the data) is waited for as long as that collective waited, the store's timeout being
-    the process group's. An error of another process than the main one is named by it ("on process 1: ..."). A
-    process killed outright (SIGKILL, the OOM killer) posts nothing: the others wait out that timeout, where gloo's
-    collective had seen its connection close at once.
+    the process group's. An error of another process than the main one is named by it ("on process 1: ...").
+
+    Across machines, every process also keeps a heartbeat in the store during the step (`Heartbeats`), and those that
+    wait give up with one line: on a process silent for `SILENT_S` seconds (killed outright, by SIGKILL or the OOM
+    killer, it posts nothing, and they waited out that timeout, 30 minutes on gloo), on the main machine gone (the
+    store with it: a `DistNetworkError` traceback), and on a process not done within the store's timeout (a first
+    prepare of its data much longer than the others': a `DistStoreError` traceback). The slow process reads why when
+    it comes to answer. On one machine the launcher stops every process when one dies, and the wait is as it was.
     """
+    heartbeats = Heartbeats(accelerator, step) if several_machines(accelerator) else None
     failure = None
     try:
-        yield
+        with heartbeats.beating() if heartbeats else contextlib.nullcontext():
+            yield
     except BaseException as err:  # a Ctrl-C too: the others must not wait for it
         failure = err
     text = None
     if failure is not None:
         text = str(failure) or type(failure).__name__
         text = text if accelerator.is_main_process else f"on process {accelerator.process_index}: {text}"
-    reason = first_failure(accelerator, text, Path(step))
+    try:
+        reason = first_failure(accelerator, text, Path(step), heartbeats)
+    except ValueError:  # another machine silent or gone (`Heartbeats`): this process's own failure comes first
+        if failure is None:
+            raise
+        raise failure from None
     if failure is None:
         if reason is not None:
             raise ValueError(reason)

@@ -1580,6 +1580,97 @@ def test_two_machines_with_other_corpora_stop_with_one_error_line(corpus, data_d
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+SLOW_PREPARE_ON_MACHINE_1 = """
+import contextlib, datetime, os, sys, time
+sys.path.insert(0, {repo!r})
+import torch.distributed as dist
+import train_accelerate
+real_check, real_prepare = train_accelerate.check_shared_output_dir, train_accelerate.prepare_dataset
+def check_shared_output_dir(*args):  # the process group's timeout from the setup on: 4 s, not gloo's 30 minutes
+    real_check(*args)
+    dist.distributed_c10d._get_default_store().set_timeout(datetime.timedelta(seconds=4))
+def prepare_dataset(*args, **kwargs):  # machine 1 prepares until the main machine has stopped waiting and gone
+    if os.environ["RANK"] == "1":
+        store = dist.distributed_c10d._get_default_store()
+        with contextlib.suppress(dist.DistError):
+            while True:
+                store.check(["gpt2_scratch/nothing"])
+                time.sleep(0.5)
+    return real_prepare(*args, **kwargs)
+train_accelerate.check_shared_output_dir, train_accelerate.prepare_dataset = check_shared_output_dir, prepare_dataset
+sys.exit(train_accelerate.main())
+"""
+
+
+@pytest.mark.slow
+def test_two_machines_stop_with_one_error_line_when_one_prepares_past_the_timeout(corpus, data_dir, tmp_path):
+    """Machine 1's first prepare of its data outlasting the process group's timeout (4 s here) stopped machine 0 with
+    a `DistStoreError` traceback, and machine 1, when done, with a `DistNetworkError` one (the store gone with
+    machine 0): now one line each, machine 0's saying what to do."""
+    script = tmp_path / "slow_prepare.py"
+    script.write_text(SLOW_PREPARE_ON_MACHINE_1.format(repo=str(REPO)))
+    out = tmp_path / "run"
+    args = ["--dataset", str(corpus), "--data_dir", str(data_dir), "--output_dir", str(out), *TINY]
+    args += ["--total_batch_tokens", "512", "--max_steps", "2", "--eval_every", "0"]
+    results = launch_two_machines(args, ([], []), 120, script=script)
+    errors = error_lines_of_both_failed(results)
+    assert len(errors) == 2 and errors[0] == (
+        "error: process 1 has not finished its setup within 4 s, the process group's timeout (a first preparation of "
+        "its data?): prepare the data on each machine beforehand (python -m modeling_gpt2_scratch.data prepare with "
+        "the run's data flags, --output_dir the folder its log names), then start every machine again."
+    ), results[0].stderr[-3000:]
+    assert errors[1].startswith("error: lost the main machine during setup ("), errors
+    assert "[rank0]: Traceback" not in results[0].stderr and "[rank1]: Traceback" not in results[1].stderr
+    assert not (out / "metrics.jsonl").exists()
+
+
+KILLED_DURING_SETUP = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+import train_accelerate
+train_accelerate.SILENT_S = 4.0  # not 30 s
+real_prepare = train_accelerate.prepare_dataset
+def prepare_dataset(*args, **kwargs):  # the OOM killer, say, while it prepares the data
+    if os.environ["RANK"] == "{rank}":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_prepare(*args, **kwargs)
+train_accelerate.prepare_dataset = prepare_dataset
+sys.exit(train_accelerate.main())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "killed, error",
+    [
+        (
+            1,
+            "error: process 1 stopped answering during setup (no heartbeat for 4 s): killed outright (by the OOM "
+            "killer, say, while it prepared its data)? See its machine's log, then start every machine again.",
+        ),
+        (0, "error: lost the main machine during setup ("),  # its launcher stopped, and the store with it
+    ],
+    ids=["machine_1", "main_machine"],
+)
+def test_two_machines_stop_soon_with_one_error_line_when_a_process_is_killed_during_setup(
+    corpus, data_dir, tmp_path, killed, error
+):
+    """A process killed outright (SIGKILL: it posts no error) during its prepare of the data left the other machine
+    waiting out the process group's timeout (30 minutes on gloo) when it was machine 1's, and stopped it with a
+    `DistNetworkError` traceback when it was the main machine's (the store gone with its launcher). Now one line
+    each, within the heartbeats' silence (4 s here, 30 s by default)."""
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_DURING_SETUP.format(repo=str(REPO), rank=killed))
+    out = tmp_path / "run"
+    args = ["--dataset", str(corpus), "--data_dir", str(data_dir), "--output_dir", str(out), *TINY]
+    args += ["--total_batch_tokens", "512", "--max_steps", "2", "--eval_every", "0"]
+    results = launch_two_machines(args, ([], []), 120, script=script)
+    errors = error_lines_of_both_failed(results)
+    assert len(errors) == 1 and errors[0].startswith(error), results[1 - killed].stderr[-3000:]
+    assert f"[rank{1 - killed}]: Traceback" not in results[1 - killed].stderr
+    assert not (out / "metrics.jsonl").exists()
+
+
 TWO_RUNS_IN_ONE_PROCESS = """
 import os, sys, time
 from dataclasses import dataclass
