@@ -206,10 +206,24 @@ def build_dataloaders(
     Every process calls `prepare_dataset`: the first to take the folder's lock tokenizes, the others wait on the lock
     and then reuse its shards. No collective waits meanwhile, so an hours-long first prepare cannot run into the
     process group's timeout (10 minutes for NCCL), as a barrier would. Across machines it can: `train` waits for the
-    slowest machine's prepare after it, within that timeout (`stop_together`; README: prepare beforehand).
+    slowest machine's prepare after it, within that timeout (`stop_together`; README: prepare beforehand). Each
+    machine's first process says when its machine starts and is done (`main_process_only`).
     """
     data_dir = resolve_data_dir(data_args, train_args)
+    machines = several_machines(accelerator)
+    if machines:
+        logger.info(
+            "preparing the data in %s on this machine (or reusing them)", data_dir, extra={"every_machine": True}
+        )
+    started = time.monotonic()
     prepare_dataset(data_args, output_dir=data_dir, overwrite=train_args.overwrite_data)
+    if machines:
+        logger.info(
+            "the data in %s are ready on this machine (%s); waiting for every machine's setup",
+            data_dir,
+            format_seconds(time.monotonic() - started),
+            extra={"every_machine": True},
+        )
     kwargs = dict(
         batch_size=train_args.micro_batch_size,
         seq_len=train_args.seq_len,
@@ -1505,11 +1519,16 @@ def shown_by_another_process(message: str) -> bool:
 
 def main_process_only(record: logging.LogRecord) -> bool:
     """A `logging` filter for the trainer's loggers (its own, the data's and the tokenizer's): under several processes
-    only the main one logs what they all would (a resume, a stop, a flag's warning, the shards reused), as
-    accelerate's `get_logger` does. Errors, and records logged with `extra={"every_process": True}` (the stop signal
-    a process received itself), pass on every process."""
+    only the main one logs what they all would (a resume, a stop, a flag's warning), as accelerate's `get_logger`
+    does. Errors, and records logged with `extra={"every_process": True}` (the stop signal a process received
+    itself), pass on every process. The data's records (its prepare's progress, the shards reused), and those logged
+    with `extra={"every_machine": True}`, pass on each machine's first process (`LOCAL_RANK` 0): every machine
+    prepares its own data, and the other machines' terminals showed nothing while they did (on one machine, that
+    process is the main one)."""
     if record.levelno >= logging.ERROR or getattr(record, "every_process", False):
         return True
+    if record.name == "modeling_gpt2_scratch.data" or getattr(record, "every_machine", False):
+        return os.environ.get("LOCAL_RANK", "0") == "0"  # each machine prepares its own data: its first process
     return os.environ.get("RANK", "0") == "0"  # torchrun's, per process
 
 

@@ -1671,6 +1671,25 @@ def test_two_machines_stop_soon_with_one_error_line_when_a_process_is_killed_dur
     assert not (out / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
+def test_each_machine_logs_its_own_data_preparation(corpus, data_dir, tmp_path):
+    """Only the main process logged: machine 1's terminal showed nothing while it prepared its data, which may take
+    hours on a new machine. Now each machine's first process says what its machine prepares, how it goes, and when it
+    is done."""
+    own = tmp_path / "machine1" / "data"
+    args = ["--dataset", str(corpus), "--output_dir", str(tmp_path / "run"), *TINY, "--total_batch_tokens", "512"]
+    args += ["--max_steps", "1", "--eval_every", "0", "--save_every", "0"]
+    results = launch_two_machines(args, (["--data_dir", str(data_dir)], ["--data_dir", str(own)]))
+    assert [r.returncode for r in results] == [0, 0], results[0].stderr[-3000:] + results[1].stderr[-3000:]
+    machine0, machine1 = (r.stderr for r in results)
+    assert f"train_accelerate: preparing the data in {own} on this machine (or reusing them)" in machine1
+    assert f"modeling_gpt2_scratch.data: Prepared {own}: " in machine1  # its prepare's own lines
+    assert f"train_accelerate: the data in {own} are ready on this machine (" in machine1
+    assert f"modeling_gpt2_scratch.data: Reusing the shards in {data_dir}" in machine0 and str(own) not in machine0
+    trainer = [line.split("train_accelerate: ")[1] for line in machine1.splitlines() if "train_accelerate: " in line]
+    assert len(trainer) == 2 and all("on this machine" in line for line in trainer)  # the rest: the main process's
+
+
 TWO_RUNS_IN_ONE_PROCESS = """
 import os, sys, time
 from dataclasses import dataclass
