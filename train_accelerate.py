@@ -477,7 +477,8 @@ class Heartbeats:
 
     def exchange(self, keys: list[str], value: str) -> list[str]:
         """`exchange`'s answers under `keys`, this process's `value` among them, waiting as `wait` does. A process that
-        gives up leaves its reason as its answer, for a process still at its step to read when it comes to answer.
+        gives up, with no failure of its own, leaves its reason as its answer, for a process still at its step to read
+        when it comes to answer.
 
         Raises:
             ValueError: `wait`'s, or the store gone (the main machine's launcher stopped, and its processes with it).
@@ -491,8 +492,9 @@ class Heartbeats:
             self.wait(keys)
             return [self.store.get(key).decode() for key in keys]
         except ValueError as err:
-            with contextlib.suppress(dist.DistError):
-                self.store.set(mine, str(err) if index == 0 else f"on process {index}: {err}")
+            if not value:  # this process's own failure, if it had one, stays its answer
+                with contextlib.suppress(dist.DistError):
+                    self.store.set(mine, str(err) if index == 0 else f"on process {index}: {err}")
             raise
         except dist.DistError as err:
             reason = (str(err).splitlines() or [type(err).__name__])[0][:200]

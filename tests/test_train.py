@@ -1580,8 +1580,9 @@ def test_two_machines_with_other_corpora_stop_with_one_error_line(corpus, data_d
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-SLOW_PREPARE_ON_MACHINE_1 = """
+SLOW_PREPARE = """
 import contextlib, datetime, os, sys, time
+from pathlib import Path
 sys.path.insert(0, {repo!r})
 import torch.distributed as dist
 import train_accelerate
@@ -1589,39 +1590,83 @@ real_check, real_prepare = train_accelerate.check_shared_output_dir, train_accel
 def check_shared_output_dir(*args):  # the process group's timeout from the setup on: 4 s, not gloo's 30 minutes
     real_check(*args)
     dist.distributed_c10d._get_default_store().set_timeout(datetime.timedelta(seconds=4))
-def prepare_dataset(*args, **kwargs):  # machine 1 prepares until the main machine has stopped waiting and gone
-    if os.environ["RANK"] == "1":
+def prepare_dataset(*args, **kwargs):  # the slow machine prepares until the other has stopped waiting and gone
+    if os.environ["RANK"] == "{slow}":
         store = dist.distributed_c10d._get_default_store()
-        with contextlib.suppress(dist.DistError):
-            while True:
+        with contextlib.suppress(dist.DistError):  # the main machine gone, and the store with it
+            while not Path({stopped!r}).exists():  # machine 1 gone
                 store.check(["gpt2_scratch/nothing"])
                 time.sleep(0.5)
     return real_prepare(*args, **kwargs)
 train_accelerate.check_shared_output_dir, train_accelerate.prepare_dataset = check_shared_output_dir, prepare_dataset
-sys.exit(train_accelerate.main())
+try:
+    sys.exit(train_accelerate.main())
+finally:
+    if os.environ["RANK"] == "1":
+        Path({stopped!r}).touch()
 """
+NOT_FINISHED = (
+    "{who} has not finished its setup within 4 s, the process group's timeout (a first preparation of its data?): "
+    "prepare the data on each machine beforehand (python -m modeling_gpt2_scratch.data prepare with the run's data "
+    "flags, --output_dir the folder its log names), then start every machine again."
+)
 
 
 @pytest.mark.slow
-def test_two_machines_stop_with_one_error_line_when_one_prepares_past_the_timeout(corpus, data_dir, tmp_path):
-    """Machine 1's first prepare of its data outlasting the process group's timeout (4 s here) stopped machine 0 with
-    a `DistStoreError` traceback, and machine 1, when done, with a `DistNetworkError` one (the store gone with
-    machine 0): now one line each, machine 0's saying what to do."""
+@pytest.mark.parametrize(
+    "slow, errors",
+    [
+        (1, [f"error: {NOT_FINISHED.format(who='process 1')}", "error: lost the main machine during setup ("]),
+        (
+            0,  # machine 1 leaves why it stopped waiting as its answer, which the main process reads when done
+            [
+                f"error: on process 1: {NOT_FINISHED.format(who='the main process')}",
+                f"error: {NOT_FINISHED.format(who='the main process')}",
+            ],
+        ),
+    ],
+    ids=["machine_1", "main_machine"],
+)
+def test_two_machines_stop_with_one_error_line_when_one_prepares_past_the_timeout(
+    corpus, data_dir, tmp_path, slow, errors
+):
+    """One machine's first prepare of its data outlasting the process group's timeout (4 s here) stopped the other
+    with a `DistStoreError` traceback, and the slow one, when done, with a `DistNetworkError` one (the store gone with
+    the main machine) or, the main machine being the slow one, another `DistStoreError` at its next exchange: now one
+    line each, saying what to do."""
     script = tmp_path / "slow_prepare.py"
-    script.write_text(SLOW_PREPARE_ON_MACHINE_1.format(repo=str(REPO)))
+    script.write_text(SLOW_PREPARE.format(repo=str(REPO), slow=slow, stopped=str(tmp_path / "machine1-stopped")))
     out = tmp_path / "run"
     args = ["--dataset", str(corpus), "--data_dir", str(data_dir), "--output_dir", str(out), *TINY]
     args += ["--total_batch_tokens", "512", "--max_steps", "2", "--eval_every", "0"]
     results = launch_two_machines(args, ([], []), 120, script=script)
-    errors = error_lines_of_both_failed(results)
-    assert len(errors) == 2 and errors[0] == (
-        "error: process 1 has not finished its setup within 4 s, the process group's timeout (a first preparation of "
-        "its data?): prepare the data on each machine beforehand (python -m modeling_gpt2_scratch.data prepare with "
-        "the run's data flags, --output_dir the folder its log names), then start every machine again."
-    ), results[0].stderr[-3000:]
-    assert errors[1].startswith("error: lost the main machine during setup ("), errors
+    lines = error_lines_of_both_failed(results)
+    assert len(lines) == 2 and lines[0] == errors[0] and lines[1].startswith(errors[1]), lines
     assert "[rank0]: Traceback" not in results[0].stderr and "[rank1]: Traceback" not in results[1].stderr
     assert not (out / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_a_setup_error_of_one_machine_reaches_the_main_machine_that_prepares_past_the_timeout(
+    corpus, data_dir, tmp_path
+):
+    """Machine 1 fails its setup (its corpus not there) while the main machine prepares past the process group's
+    timeout (4 s here): machine 1 stops with its own error, and the main machine, when done, with that error, not
+    with machine 1's having stopped waiting."""
+    script = tmp_path / "slow_prepare.py"
+    script.write_text(SLOW_PREPARE.format(repo=str(REPO), slow=0, stopped=str(tmp_path / "machine1-stopped")))
+    out, missing = tmp_path / "run", tmp_path / "machine1" / "corpus.txt"
+    args = ["--output_dir", str(out), *TINY, "--total_batch_tokens", "512", "--max_steps", "2", "--eval_every", "0"]
+    own = (["--dataset", str(corpus), "--data_dir", str(data_dir)], ["--dataset", str(missing)])
+    results = launch_two_machines(
+        args, (own[0], [*own[1], "--data_dir", str(tmp_path / "machine1" / "data")]), 120, script=script
+    )
+    error = (
+        f"Dataset path '{missing}' not found; pass an existing .txt/.jsonl/.json/.parquet/.csv file, a folder or a "
+        "glob of them, or a Hub dataset id such as karpathy/tiny_shakespeare."
+    )
+    assert error_lines_of_both_failed(results) == [f"error: on process 1: {error}", f"error: {error}"]
+    assert "[rank0]: Traceback" not in results[0].stderr and "[rank1]: Traceback" not in results[1].stderr
 
 
 KILLED_DURING_SETUP = """
