@@ -23,12 +23,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 import transformers
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
 from accelerate.utils.memory import should_reduce_batch_size
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
@@ -195,6 +196,8 @@ def build_accelerator(train_args: TrainArguments) -> Accelerator:
         log_with=(report_to[0] if report_to == ["all"] else report_to) or None,
         project_dir=train_args.output_dir,
         dynamo_backend="no",  # `prepare` compiles nothing: `compile_forward` does, per --compile, and it is recorded
+        # the process group's timeout, and its store's (`exchange`); torch's own is 10 minutes for NCCL, 30 for gloo
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=train_args.ddp_timeout))],
     )
 
 
@@ -205,7 +208,7 @@ def build_dataloaders(
 
     Every process calls `prepare_dataset`: the first to take the folder's lock tokenizes, the others wait on the lock
     and then reuse its shards. No collective waits meanwhile, so an hours-long first prepare cannot run into the
-    process group's timeout (10 minutes for NCCL), as a barrier would. Across machines it can: `train` waits for the
+    process group's timeout (`--ddp_timeout`), as a barrier would. Across machines it can: `train` waits for the
     slowest machine's prepare after it, within that timeout (`stop_together`; README: prepare beforehand). Each
     machine's first process says when its machine starts and is done (`main_process_only`).
     """
@@ -532,10 +535,10 @@ class Heartbeats:
                 timeout = self.store.timeout.total_seconds()
                 within = f"{timeout / 60:g} minutes" if timeout >= 60 else f"{timeout:g} s"
                 raise ValueError(
-                    f"{process_name(waiting_for[0])} has not finished its {self.step} within {within}, the process "
-                    "group's timeout (a first preparation of its data?): prepare the data on each machine beforehand "
-                    "(python -m modeling_gpt2_scratch.data prepare with the run's data flags, --output_dir the folder "
-                    "its log names), then start every machine again."
+                    f"{process_name(waiting_for[0])} has not finished its {self.step} within {within} (--ddp_timeout: "
+                    "a first preparation of its data?): prepare the data on each machine beforehand (python -m "
+                    "modeling_gpt2_scratch.data prepare with the run's data flags, --output_dir the folder its log "
+                    "names), or raise --ddp_timeout, then start every machine again."
                 )
             time.sleep(POLL_S)
 
@@ -692,7 +695,7 @@ def stop_together(accelerator: Accelerator, step: str):
 
     Across machines, every process also keeps a heartbeat in the store during the step (`Heartbeats`), and those that
     wait give up with one line: on a process silent for `SILENT_S` seconds (killed outright, by SIGKILL or the OOM
-    killer, it posts nothing, and they waited out that timeout, 30 minutes on gloo), on the main machine gone (the
+    killer, it posts nothing, and they waited out that timeout, 30 minutes by default), on the main machine gone (the
     store with it: a `DistNetworkError` traceback), and on a process not done within the store's timeout (a first
     prepare of its data much longer than the others': a `DistStoreError` traceback). The slow process reads why when
     it comes to answer. On one machine the launcher stops every process when one dies, and the wait is as it was.

@@ -207,6 +207,14 @@ class TrainArguments:
             "1.05x faster 124M steps on an H200 for 2.5 GB more memory)."
         },
     )
+    ddp_timeout: int = field(
+        default=1800,
+        metadata={
+            "help": "Seconds the processes of a run on several processes or machines wait for one another "
+            "(torch.distributed's timeout, as Trainer's --ddp_timeout): in a collective, and at the start for the "
+            "slowest machine's data preparation."
+        },
+    )
     # evaluation, samples, logging
     eval_every: int = field(
         default=250, metadata={"help": "Evaluate the val loss every N steps (0: only at the end)."}
@@ -241,7 +249,7 @@ class TrainArguments:
             ValueError: one line naming the flag, the value and what it accepts.
         """
         for name in ("micro_batch_size", "seq_len", "total_batch_tokens", "max_steps", "eval_batches", "num_samples",
-                     "sample_tokens", "log_every", "keep_last"):  # fmt: skip
+                     "sample_tokens", "log_every", "keep_last", "ddp_timeout"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be a positive integer, got {getattr(self, name)}.")
         for name in ("warmup_steps", "eval_every", "sample_every", "save_every", "cpu_threads", "grad_clip",

@@ -1606,9 +1606,9 @@ finally:
         Path({stopped!r}).touch()
 """
 NOT_FINISHED = (
-    "{who} has not finished its setup within 4 s, the process group's timeout (a first preparation of its data?): "
-    "prepare the data on each machine beforehand (python -m modeling_gpt2_scratch.data prepare with the run's data "
-    "flags, --output_dir the folder its log names), then start every machine again."
+    "{who} has not finished its setup within 4 s (--ddp_timeout: a first preparation of its data?): prepare the data "
+    "on each machine beforehand (python -m modeling_gpt2_scratch.data prepare with the run's data flags, --output_dir "
+    "the folder its log names), or raise --ddp_timeout, then start every machine again."
 )
 
 
@@ -1770,6 +1770,32 @@ def test_two_processes_check_a_second_run_in_the_same_processes_against_its_own_
     result = launch_two(script=script, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("both runs accepted") == 2
+
+
+REPORT_TIMEOUTS = """
+import sys
+sys.path.insert(0, {repo!r})
+import torch.distributed as dist
+import train_accelerate
+def check_same_flags(accelerator, *arguments):  # right after the process group is made: its timeouts, then stop
+    gloo = dist.distributed_c10d._get_default_group()._get_backend(accelerator.device)
+    print("timeouts", gloo.options._timeout.total_seconds(), dist.distributed_c10d._get_default_store().timeout
+          .total_seconds(), file=sys.stderr)
+    raise SystemExit(0)
+train_accelerate.check_same_flags = check_same_flags
+sys.exit(train_accelerate.main())
+"""
+
+
+def test_ddp_timeout_is_the_process_groups_and_its_stores(corpus, tmp_path):
+    """--ddp_timeout (Trainer's flag) sets how long the processes wait for one another: in gloo's collectives and in
+    the store's exchanges (the wait for the slowest machine's setup)."""
+    script = tmp_path / "report_timeouts.py"
+    script.write_text(REPORT_TIMEOUTS.format(repo=str(REPO)))
+    result = launch_two("--dataset", str(corpus), "--output_dir", str(tmp_path / "run"), *TINY, "--ddp_timeout",
+                        "123", script=script, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("timeouts 123.0 123.0") == 2, result.stderr[-3000:]
 
 
 @pytest.mark.parametrize(
