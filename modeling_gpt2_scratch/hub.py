@@ -1085,7 +1085,13 @@ def stage_folder(
             f"{out_dir} is not an empty folder, nor one staged by push_to_hub.py: pass a new or empty folder to stage "
             "into, or delete this one."
         )
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # read-only storage, a file on its path: was a bare "[Errno 30] Read-only file system"
+        raise OSError(
+            f"Cannot stage into {out_dir} ({err.strerror or one_line(err)}): pass a folder you can write to with "
+            "--local-dir."
+        ) from err
 
     model = load_model(source)
     checkpoint = source.model_dir if source.kind == "checkpoint" else None

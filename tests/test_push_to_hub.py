@@ -533,6 +533,16 @@ def test_a_local_dir_that_is_a_file_is_an_error_that_says_so(tiny_run, tmp_path,
     assert (tmp_path / "out").read_text() == "not ours"
 
 
+def test_a_local_dir_that_cannot_be_created_is_an_error_naming_it_and_the_flag(tiny_run, tmp_path, capsys):
+    """Read-only storage, or a file on its path: was a bare "error: [Errno 20] Not a directory: '...'"."""
+    (tmp_path / "file").write_text("not ours")
+    out = tmp_path / "file" / "out"
+    argv = [str(tiny_run.run_dir), "--repo-id", REPO_ID, "--dry-run", "--local-dir", str(out)]
+    line = _run_main_expect_error(argv, capsys)
+    fix = "pass a folder you can write to with --local-dir."
+    assert line == f"error: Cannot stage into {out} (Not a directory): {fix}"
+
+
 def test_a_local_dir_staged_before_is_staged_again(tiny_run, staged, tmp_path, capsys):
     """A retry after a failed upload (or a push after a --dry-run) reuses its --local-dir; a folder that holds
     anything else besides an earlier staging is left alone."""
