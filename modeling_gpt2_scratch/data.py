@@ -1043,6 +1043,13 @@ def _check_args(args: DataArguments) -> None:
         raise ValueError("--text_column must name a column, got an empty string.")
 
 
+def _cannot_write(out: Path, err: OSError) -> str:
+    return (
+        f"Cannot write the shards to {str(out)!r} ({err.strerror or one_line(err)}); pass a folder you can write to "
+        "(--output_dir; trainer: --data_dir)."
+    )
+
+
 def prepare_dataset(
     args: DataArguments, output_dir: str | os.PathLike | None = None, overwrite: bool | None = None
 ) -> Path:
@@ -1090,7 +1097,10 @@ def prepare_dataset(
         return out / MANIFEST_NAME
     if out.exists() and not out.is_dir():
         raise ValueError(f"{str(out)!r} is a file; pass a folder (--output_dir; trainer: --data_dir).")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # read-only storage, a file on its path: was a bare "[Errno 30] Read-only file system"
+        raise ValueError(_cannot_write(out, err)) from err
     manifest_path = out / MANIFEST_NAME
 
     with _folder_lock(out):
@@ -1131,7 +1141,10 @@ def prepare_dataset(
                 logger.warning("Overwriting %s (it was prepared with %s)", out, reason)
 
         staging = out / f"{_TMP_PREFIX}-{os.getpid()}"
-        staging.mkdir()
+        try:
+            staging.mkdir()
+        except OSError as err:  # a read-only folder with nothing to reuse
+            raise ValueError(_cannot_write(out, err)) from err
         try:
             splits, stats = _build_shards(source, args, staging)
             manifest = {

@@ -1,5 +1,6 @@
 """The data pipeline: sources -> uint16 shards + manifest -> ShardedTokenLoader batches."""
 
+import errno
 import json
 import os
 import re
@@ -279,6 +280,26 @@ def test_an_output_folder_that_is_a_file_names_both_flags(tmp_path, corpus):
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(ValueError, match=r"'\S*file' is a file; pass a folder \(--output_dir; trainer: --data_dir\)"):
         prepare(corpus, tmp_path / "file")
+
+
+def test_an_output_folder_that_cannot_be_written_names_it_and_both_flags(tmp_path, corpus, monkeypatch):
+    """Read-only storage, a file on its path: was a bare "[Errno 30] Read-only file system: '...'", naming no flag; a
+    read-only folder with nothing to reuse, the same from the staging folder."""
+    (tmp_path / "file").write_text("not a folder")
+    fix = r"pass a folder you can write to \(--output_dir; trainer: --data_dir\)\.$"
+    with pytest.raises(ValueError, match=r"^Cannot write the shards to '\S*file/out' \(Not a directory\); " + fix):
+        prepare(corpus, tmp_path / "file" / "out")
+    (tmp_path / "empty").mkdir()
+    real_mkdir = Path.mkdir
+
+    def read_only_mkdir(self, *args, **kwargs):
+        if self.parent == tmp_path / "empty":
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only_mkdir)
+    with pytest.raises(ValueError, match=r"^Cannot write the shards to '\S*empty' \(Read-only file system\); " + fix):
+        prepare(corpus, tmp_path / "empty")
 
 
 def test_a_folder_prepared_with_another_tokenizer_errors(tmp_path, corpus):
