@@ -59,9 +59,11 @@ from modeling_gpt2_scratch.training import (
     apply_optimizer_flags,
     build_optimizer,
     build_scheduler,
+    cannot_write_output_dir,
     check_checkpoint_fits,
     check_no_checkpoints_ahead,
     check_no_finished_run,
+    check_output_dir_writable,
     check_overwrite_keeps_inputs,
     checkpoint_dir,
     cpu_supports_bf16,
@@ -655,7 +657,7 @@ def check_shared_output_dir(accelerator: Accelerator, output_dir: Path) -> None:
             marker.touch()
             name = marker.name
         except OSError as err:  # a folder it may not write: the main process's message, not the others'
-            failure = f"--output_dir {output_dir}: cannot write there ({err.strerror or err})."
+            failure = cannot_write_output_dir(output_dir, err)
     main_answer = exchange(accelerator, "shared_output_dir", json.dumps([str(output_dir), name]))[0]
     main_output_dir, name = json.loads(main_answer)
     if not accelerator.is_main_process:
@@ -1138,8 +1140,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     if Path(train_args.output_dir).exists() and not Path(train_args.output_dir).is_dir():  # every process alike
         raise ValueError(f"--output_dir {train_args.output_dir} is a file: pass a folder for the run (new or not).")
     failure = None
-    if accelerator.is_main_process:  # before anything reads the run folder
+    if accelerator.is_main_process:  # before anything reads the run folder, or prepares the data
         try:
+            check_output_dir_writable(train_args.output_dir)
             restore_interrupted_replaces(train_args.output_dir)
         except ValueError as err:
             failure = str(err)

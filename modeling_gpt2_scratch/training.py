@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import stat
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -800,6 +801,33 @@ def check_no_checkpoints_ahead(output_dir: str | os.PathLike, step: int) -> None
 
 
 FINISHED_RUN_FILES = ("final", RUN_SUMMARY_NAME)  # what a run leaves when it ends: its export and its summary
+
+
+def cannot_write_output_dir(output_dir: str | os.PathLike, err: OSError) -> str:
+    """The one line for an `--output_dir` the run cannot write to."""
+    return f"--output_dir {output_dir}: cannot write there ({err.strerror or err}); pass a folder you can write to."
+
+
+def check_output_dir_writable(output_dir: str | os.PathLike) -> None:
+    """Refuse an `--output_dir` the run cannot write to (read-only storage, a file on its path), before any data is
+    prepared: the run failed after the data, with a bare "[Errno 30] Read-only file system". The folders created to
+    find out are removed again, so a run that fails later on leaves none behind.
+
+    Raises:
+        ValueError: naming the folder and the reason.
+    """
+    folder = Path(output_dir)
+    created = [path for path in (folder, *folder.parents) if not path.exists()]  # deepest first
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".tmp-writable-"):
+            pass
+    except OSError as err:
+        raise ValueError(cannot_write_output_dir(output_dir, err)) from err
+    finally:
+        for path in created:
+            with contextlib.suppress(OSError):
+                path.rmdir()
 
 
 def finished_run_files(output_dir: str | os.PathLike) -> list[Path]:

@@ -29,6 +29,7 @@ from modeling_gpt2_scratch.training import (
     MetricsWriter,
     TrainArguments,
     build_scheduler,
+    check_output_dir_writable,
     check_overwrite_keeps_inputs,
     decay_parameter_groups,
     gpu_peak_bf16_flops,
@@ -308,6 +309,28 @@ def test_a_bad_flag_stops_the_cli_before_the_data_is_prepared(corpus, tmp_path):
     assert result.stderr.strip().splitlines()[-1] == "error: --micro_batch_size must be a positive integer, got 0."
     assert "Traceback" not in result.stderr
     assert not data.exists() and not (tmp_path / "run").exists()
+
+
+def test_an_output_dir_that_cannot_be_written_stops_the_cli_before_the_data_is_prepared(corpus, tmp_path):
+    """Read-only storage, or a file on its path: the run prepared the data, built the model, then stopped with a bare
+    "error: [Errno 30] Read-only file system: '...'", naming no flag."""
+    (tmp_path / "file").write_text("not a folder")
+    data, out = tmp_path / "shards", tmp_path / "file" / "run"
+    result = cli("--dataset", str(corpus), "--data_dir", str(data), "--output_dir", str(out), *TINY, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: --output_dir {out}: cannot write there (Not a directory); pass a folder you can write to."
+    )
+    assert not data.exists()
+
+
+def test_the_output_dir_check_leaves_no_folder_behind(tmp_path):
+    """A run that fails after the check (its corpus not there, say) leaves no empty run folder."""
+    check_output_dir_writable(tmp_path / "runs" / "new")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "kept").mkdir()
+    check_output_dir_writable(tmp_path / "kept")
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"] and list((tmp_path / "kept").iterdir()) == []
 
 
 def test_resume_with_nothing_to_resume(corpus, data_dir, tmp_path):
@@ -1533,7 +1556,9 @@ def test_two_machines_stop_at_once_when_the_main_process_cannot_leave_its_file(c
     args += ["--total_batch_tokens", "512", "--max_steps", "2", "--eval_every", "0"]
     started = time.monotonic()
     errors = error_lines_of_both_failed(launch_two_machines(args, ([], []), script=script))
-    assert errors == [f"error: --output_dir {out}: cannot write there (Permission denied)."]
+    assert errors == [
+        f"error: --output_dir {out}: cannot write there (Permission denied); pass a folder you can write to."
+    ]
     assert time.monotonic() - started < train_accelerate.SHARED_FOLDER_WAIT
 
 
