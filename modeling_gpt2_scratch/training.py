@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
+import difflib
 import glob
 import json
 import logging
@@ -22,7 +23,7 @@ import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import yaml
@@ -373,6 +374,11 @@ def _preset_value(path: str, action: argparse.Action, value: Any) -> Any:
 def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainArguments]:
     """Parse the command line: the `--config` preset's values first, then the flags given, which win."""
     parser = HfArgumentParser(ALL_ARGUMENT_CLASSES, description="Pretrain GPT-2 from scratch with accelerate.")
+
+    def one_line_error(message: str) -> NoReturn:  # argparse's printed its 40-line usage above it, then exited
+        raise ValueError(f"{message} (see --help)")
+
+    parser.error = one_line_error  # a flag's bad value or choice, a missing --dataset: one line, as `main` prints
     for action in parser._actions:  # HfArgumentParser's --no_X of a flag that defaults to true
         if isinstance(action, argparse._StoreFalseAction) and action.option_strings[0].startswith("--no_"):
             action.help = f"The same as --{action.dest} false."  # not --X's help again, with "(default: False)"
@@ -388,7 +394,14 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, Data
         for action in parser._actions:  # a preset value satisfies a required flag
             if action.dest in preset:
                 action.required = False
-    model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, train_args, unknown = parser.parse_args_into_dataclasses(
+        args=argv, return_remaining_strings=True
+    )
+    if unknown:  # was "Some specified arguments are not used by the HfArgumentParser: [...]"
+        flags = [option for action in parser._actions for option in action.option_strings]
+        guess = difflib.get_close_matches(unknown[0].split("=")[0], flags, n=1)
+        hint = f": did you mean {guess[0]}?" if guess and unknown[0].startswith("-") else ""
+        raise ValueError(f"unrecognized arguments: {' '.join(unknown)}{hint} (see --help)")
     return model_args, data_args, train_args
 
 

@@ -301,6 +301,32 @@ def test_bad_training_flags_fail_at_parsing(flag, value, message):
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--max_stpes", "10"], "unrecognized arguments: --max_stpes 10: did you mean --max_steps? (see --help)"),
+        (["--max-stpes=10"], "unrecognized arguments: --max-stpes=10: did you mean --max-steps? (see --help)"),
+        (["runs/x"], "unrecognized arguments: runs/x (see --help)"),
+        (["--max_steps", "abc"], "argument --max_steps/--max-steps: invalid int value: 'abc' (see --help)"),
+        (["--dataset"], "argument --dataset: expected one argument (see --help)"),
+    ],
+)
+def test_a_mistyped_flag_or_value_is_one_line_naming_it(argv, message):
+    """A typo'd flag was "Some specified arguments are not used by the HfArgumentParser: [...]", no way on; a value
+    argparse refuses came below its 40-line usage block (`SystemExit`)."""
+    with pytest.raises(ValueError) as err:
+        parse_arguments(["--config", str(REPO / "configs/quickstart.yaml"), *argv])
+    assert str(err.value) == message
+
+
+def test_a_missing_dataset_is_one_line_on_the_command_line():
+    result = cli("--max_steps", "2", timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: the following arguments are required: --dataset (see --help)"
+    ]
+
+
 def test_a_bad_flag_stops_the_cli_before_the_data_is_prepared(corpus, tmp_path):
     data = tmp_path / "shards"
     result = cli("--dataset", str(corpus), "--data_dir", str(data), "--output_dir", str(tmp_path / "run"), *TINY,
