@@ -1,6 +1,5 @@
 """Tokens per second of tiktoken and of the exported Hugging Face tokenizer on tiny Shakespeare.
 
-    pip install -e .   # or prefix the command with PYTHONPATH=.
     TIKTOKEN_CACHE_DIR=../shared/tiktoken_cache python benchmarks/tokenizer_throughput.py
 
 The corpus goes in three ways, each concatenating back to the exact corpus: whole (one 1.1 MB string, tiktoken
@@ -26,10 +25,12 @@ import tiktoken
 import tokenizers
 import torch
 import transformers
-from cli import positive_int, text_file  # this folder is on sys.path when run as a script
 
-from modeling_gpt2_scratch.tokenization import get_encoding, get_hf_tokenizer
-from modeling_gpt2_scratch.training import describe_device
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cli import positive_int, text_file  # noqa: E402  (this folder is on sys.path when run as a script)
+
+from modeling_gpt2_scratch.tokenization import get_encoding, get_hf_tokenizer  # noqa: E402
+from modeling_gpt2_scratch.training import describe_device  # noqa: E402
 
 DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 THREADS = 2  # the parallel rows': tiktoken's `num_threads`, and the Rust tokenizer's pool (`RAYON_NUM_THREADS`)

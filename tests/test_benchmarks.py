@@ -739,6 +739,15 @@ def test_forward_backward_table_names_its_run(capsys):
     assert re.search(r"\| scratch \(fused chunked loss\) \| \d+\.\d{3} \|", out)
 
 
+def test_tokenizer_throughput_runs_as_a_script_without_an_install():
+    """As the other scripts: `python benchmarks/tokenizer_throughput.py` stopped with "No module named
+    'modeling_gpt2_scratch'" after `pip install -r requirements.txt` (README's install), without `pip install -e .`."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    cmd = [sys.executable, str(BENCHMARKS / "tokenizer_throughput.py"), "--help"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=BENCHMARKS, env=env)
+    assert result.returncode == 0 and "--repeats" in result.stdout, result.stderr[-2000:]
+
+
 def test_tokenizer_throughput_table_names_its_run(tmp_path, capsys, monkeypatch):
     import tokenizer_throughput
 
