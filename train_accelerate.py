@@ -303,7 +303,10 @@ def attn_implementation_errors(name: str):
     try:
         yield
     except (ImportError, ValueError) as err:
-        raise ValueError(f"--attn_implementation {name}: {one_line(err) or type(err).__name__}") from err
+        message = f"--attn_implementation {name}: {one_line(err) or type(err).__name__}"
+        if isinstance(err, ImportError):  # transformers' message names the package, not the way on
+            message += f"{'' if message.endswith('.') else '.'} Install it, or pass sdpa (the default) or eager."
+        raise ValueError(message) from err
 
 
 def build_model(model_args: ModelArguments, train_args: TrainArguments) -> GPT2ScratchForCausalLM:
