@@ -160,7 +160,9 @@ class TrainArguments:
     # speed
     mixed_precision: str = field(
         default="auto",
-        metadata={"help": "bf16, fp16 (CUDA), no, or auto: bf16 where the device supports it (CUDA, CPUs with bf16)."},
+        metadata={
+            "help": "bf16, fp16 (CUDA), no, or auto: bf16 where the device has it (CUDA Ampere+, CPUs with bf16)."
+        },
     )
     compile: str = field(
         default="auto", metadata={"help": "torch.compile the model: true, false, or auto (on for CUDA only)."}
