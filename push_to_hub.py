@@ -18,7 +18,7 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
 from transformers.utils import logging as transformers_logging
 
-from modeling_gpt2_scratch.data import configure_cli_logging
+from modeling_gpt2_scratch.data import configure_cli_logging, one_line_parse_errors, unrecognized_arguments
 from modeling_gpt2_scratch.hub import (
     DEFAULT_LANGUAGE,
     DEFAULT_LICENSE,
@@ -102,7 +102,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "are replaced (default: a temp folder)",
     )
     parser.add_argument("--dry-run", "--dry_run", action="store_true", help="stage and list the files, upload nothing")
-    return parser.parse_args(argv)
+    one_line_parse_errors(parser)  # not below the usage block
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        raise ValueError(f"{unrecognized_arguments(parser, unknown)} (see --help)")
+    return args
 
 
 def _format_size(size: int) -> str:
@@ -133,9 +137,13 @@ def report(result: PushResult, args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command; returns the exit status (errors: one line on stderr, status 1; argparse usage errors: 2)."""
+    """Run the command; returns the exit status (errors: one line on stderr, status 1; the command line's: 2)."""
     configure_cli_logging("%(message)s", "modeling_gpt2_scratch")
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except ValueError as err:  # a mistyped flag, a bad --format, no --repo-id
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     hub_bars_on = not are_progress_bars_disabled()
     transformers_logging.disable_progress_bar()  # per-shard save/load bars for a one-file model: noise...
     if hub_bars_on:

@@ -65,10 +65,12 @@ Decisions:
 
 from __future__ import annotations
 
+import argparse
 import codecs
 import collections
 import concurrent.futures
 import contextlib
+import difflib
 import fnmatch
 import glob
 import hashlib
@@ -1415,6 +1417,25 @@ class ShardedTokenLoader:
 _USAGE = "usage: python -m modeling_gpt2_scratch.data prepare --dataset SOURCE --output_dir DIR [options]"
 
 
+def unrecognized_arguments(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
+    """argparse's "unrecognized arguments: ..." for a command line, naming the flag closest to the first one (a typo:
+    `--max_stpes` -> `--max_steps`)."""
+    flags = [option for action in parser._actions for option in action.option_strings]
+    first = unknown[0].split("=")[0]
+    guess = difflib.get_close_matches(first, flags, n=1) if first.startswith("-") else []
+    return f"unrecognized arguments: {' '.join(unknown)}" + (f": did you mean {guess[0]}?" if guess else "")
+
+
+def one_line_parse_errors(parser: argparse.ArgumentParser) -> None:
+    """Make `parser`'s own errors (a bad value or choice, a missing flag) a `ValueError` of one line, which the
+    command prints as `error: ...`, instead of argparse's usage block (dozens of lines) above it and its exit."""
+
+    def error(message: str):
+        raise ValueError(f"{message} (see --help)")
+
+    parser.error = error
+
+
 def configure_cli_logging(fmt: str, *own: str) -> None:
     """A command line's logging: INFO from its own loggers (`own`, and their children), WARNING and above from every
     other library. A library's INFO lines (matplotlib building its font cache on a fresh machine, one line per HTTP
@@ -1442,10 +1463,13 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m modeling_gpt2_scratch.data prepare",
         description=PREPARE_DESCRIPTION,
     )
+    one_line_parse_errors(parser)
     try:
-        (args,) = parser.parse_args_into_dataclasses(argv[1:])  # an unknown flag is a ValueError here
+        args, unknown = parser.parse_args_into_dataclasses(argv[1:], return_remaining_strings=True)
+        if unknown:
+            raise ValueError(f"{unrecognized_arguments(parser, unknown)} (see --help)")
     except ValueError as err:
-        print(f"error: {one_line(err)} (see --help)", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     try:
         manifest_path = prepare_dataset(args)

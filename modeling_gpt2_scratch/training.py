@@ -11,7 +11,6 @@ import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
-import difflib
 import glob
 import json
 import logging
@@ -23,7 +22,7 @@ import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 import yaml
@@ -31,7 +30,7 @@ from accelerate.utils import SCALER_NAME
 from transformers import HfArgumentParser
 from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup_lr_rate
 
-from .data import DataArguments, fsync_dir
+from .data import DataArguments, fsync_dir, one_line_parse_errors, unrecognized_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -376,11 +375,7 @@ def _preset_value(path: str, action: argparse.Action, value: Any) -> Any:
 def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainArguments]:
     """Parse the command line: the `--config` preset's values first, then the flags given, which win."""
     parser = HfArgumentParser(ALL_ARGUMENT_CLASSES, description="Pretrain GPT-2 from scratch with accelerate.")
-
-    def one_line_error(message: str) -> NoReturn:  # argparse's printed its 40-line usage above it, then exited
-        raise ValueError(f"{message} (see --help)")
-
-    parser.error = one_line_error  # a flag's bad value or choice, a missing --dataset: one line, as `main` prints
+    one_line_parse_errors(parser)  # a flag's bad value or choice, a missing --dataset: not below the 40-line usage
     for action in parser._actions:  # HfArgumentParser's --no_X of a flag that defaults to true
         if isinstance(action, argparse._StoreFalseAction) and action.option_strings[0].startswith("--no_"):
             action.help = f"The same as --{action.dest} false."  # not --X's help again, with "(default: False)"
@@ -400,10 +395,7 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, Data
         args=argv, return_remaining_strings=True
     )
     if unknown:  # was "Some specified arguments are not used by the HfArgumentParser: [...]"
-        flags = [option for action in parser._actions for option in action.option_strings]
-        guess = difflib.get_close_matches(unknown[0].split("=")[0], flags, n=1)
-        hint = f": did you mean {guess[0]}?" if guess and unknown[0].startswith("-") else ""
-        raise ValueError(f"unrecognized arguments: {' '.join(unknown)}{hint} (see --help)")
+        raise ValueError(f"{unrecognized_arguments(parser, unknown)} (see --help)")
     return model_args, data_args, train_args
 
 

@@ -629,6 +629,20 @@ def test_the_cli_prints_one_line_and_exits_2(tmp_path, capsys):
     assert status == 2 and err.count("\n") == 1 and "--val_fracton" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--shard_sise", "5"], "unrecognized arguments: --shard_sise 5: did you mean --shard_size? (see --help)"),
+        (["--shard_size", "abc"], "argument --shard_size/--shard-size: invalid int value: 'abc' (see --help)"),
+    ],
+)
+def test_a_mistyped_flag_or_value_of_the_cli_is_one_line_naming_it(tmp_path, capsys, flags, message):
+    """A typo'd flag was "Some specified arguments are not used by the HfArgumentParser: [...]"; a value argparse
+    refuses came below its usage block, with argparse's exit."""
+    status = main(["prepare", "--dataset", str(tmp_path / "a.txt"), "--output_dir", str(tmp_path / "o"), *flags])
+    assert (status, capsys.readouterr().err) == (2, f"error: {message}\n")
+
+
 def test_the_cli_prepares_a_folder(tmp_path, corpus, capsys):
     status = main(["prepare", "--dataset", str(corpus), "--output_dir", str(tmp_path / "out"), "--num_proc", "1"])
     assert status == 0 and capsys.readouterr().out.strip() == str(tmp_path / "out" / MANIFEST_NAME)

@@ -468,6 +468,21 @@ def _run_main_expect_error(argv: list[str], capsys) -> str:
     return lines[0]
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--repo-id", REPO_ID, "--dryrun"], "unrecognized arguments: --dryrun: did you mean --dry_run?"),
+        (["--repo-id", REPO_ID, "--format", "hf"], "argument --format: invalid choice: 'hf' (choose from"),
+        ([], "the following arguments are required: --repo-id/--repo_id"),
+    ],
+)
+def test_a_mistyped_flag_or_value_is_one_line_naming_it(tmp_path, capsys, flags, message):
+    """They came below argparse's usage block; a typo'd flag named no flag to use instead."""
+    assert push_to_hub.main([str(tmp_path), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.endswith(" (see --help)\n") and err.count("\n") == 1, err
+
+
 def test_missing_folder_is_an_error(tmp_path, capsys):
     line = _run_main_expect_error([str(tmp_path / "nope"), "--repo-id", REPO_ID, "--dry-run"], capsys)
     assert "does not exist" in line and "nope" in line
