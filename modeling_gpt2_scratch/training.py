@@ -88,6 +88,12 @@ class ModelArguments:
         },
     )
 
+    def __post_init__(self) -> None:
+        """Reject a `--dropout` no dropout layer takes, naming the flag: the config named its own field
+        (`resid_pdrop`), and an `--init_from` model, whose layers are set directly, failed at its first forward."""
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}.")
+
 
 @dataclass
 class TrainArguments:

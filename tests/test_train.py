@@ -290,6 +290,7 @@ def test_tf32_is_on_unless_switched_off_either_way(flags, tf32):
         ("--mixed_precision", "fp8", "--mixed_precision must be auto, bf16, fp16 or no, got 'fp8'."),
         ("--compile", "maybe", "--compile must be true, false or auto, got 'maybe'."),
         ("--seed", "-1", "--seed must be between 0 and 4294967295, got -1."),
+        ("--dropout", "1.5", "--dropout must be in [0, 1), got 1.5."),
         ("--seed", str(2**32), "--seed must be between 0 and 4294967295, got 4294967296."),
     ],
 )
