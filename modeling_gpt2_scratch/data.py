@@ -38,7 +38,8 @@ Decisions:
   inside the corpus folder) and empty ones (0 bytes, or a Parquet file of no rows). Names are literal: `[`, `*`
   in a file's name are not patterns. Only `text_column` is read from Parquet, and it must hold strings in every
   file (`datasets` would cast numbers to text); CSV cells are never read as missing ("NA", "null" are text).
-  `datasets` reads every column of JSON files, so their other columns must be the same in every row and file.
+  `datasets` reads every column of JSON files, so their other columns must be the same in every row and file;
+  JSON rows are read as they are (a text column that holds a number in some row is an error, never JSON text).
 * **Validation split.** With `val_split` (Hub datasets), that split. Otherwise the last `val_fraction` of the train
   token stream, cut inside the stream (possibly inside a document), so a corpus of one document (tiny Shakespeare)
   splits too. Local files form one stream: `split`, `val_split` and `dataset_config` apply to Hub datasets only
@@ -84,7 +85,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -442,6 +443,7 @@ def _open_split(
                     "features": Features({args.text_column: Value("string")}),
                     "keep_default_na": False,  # a document reading "NA" or "null" is text, not missing
                 },
+                "json": _plain_json_options(),
             }.get(source.builder, {})
             files = [glob.escape(str(p)) for p in source.files]
             return load_dataset(source.builder, data_files=files, split="train", streaming=True, **extra)
@@ -460,6 +462,20 @@ def _open_split(
     except (ValueError, KeyError, TypeError, pa.ArrowException) as err:  # unknown split/config, unreadable file...
         which = f"split {split!r} of " if not source.is_local else ""
         raise _read_error(source, which + source.describe(args), err) from err
+
+
+def _plain_json_options() -> dict[str, Any]:
+    """The json builder's options (datasets >= 5) that read rows as they are, where datasets' versions have them.
+
+    `on_mixed_types="use_json"` (the default) turns a column whose values change type into JSON text: after the
+    first 10 MB of the first file, every text of that batch was tokenized with its JSON quotes (`"a document"`)
+    and a number in the text column as the text `7`. `parse_agent_traces` rewrites files whose columns look like
+    chat logs (`id`, `source`, `model`, `system_prompt`, `messages`) into other columns, dropping the text column.
+    """
+    from datasets.packaged_modules.json.json import JsonConfig
+
+    names = {option.name for option in fields(JsonConfig)}
+    return {key: value for key, value in {"on_mixed_types": None, "parse_agent_traces": False}.items() if key in names}
 
 
 def _txt_runs(files: Iterable[Path]) -> Iterator[tuple[bool, list[Path]]]:
@@ -504,7 +520,7 @@ def _read_error(source: _Source, where: str, err: BaseException) -> ValueError:
         if source.is_local
         else "check --dataset, --dataset_config, --split and --val_split"
     )
-    if source.builder == "json" and "cast" in str(err).lower():
+    if source.builder == "json" and ("cast" in str(err).lower() or ") changed from " in str(err)):
         fix = (
             "`datasets` reads every JSON column, with the names and types of the first rows, so every file and "
             "row must have the same columns of the same types: drop the others (keep --text_column), or convert "

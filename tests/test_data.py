@@ -727,6 +727,31 @@ def test_json_files_whose_other_columns_differ_error_in_one_line_with_the_fix(tm
     _one_line_error(excinfo)
 
 
+@pytest.mark.parametrize("odd", [7, {"k": "v"}, ["a", "b"]], ids=["number", "object", "list"])
+def test_a_json_text_column_that_changes_type_in_a_later_file_errors_naming_it(tmp_path, odd):
+    """datasets 5's json builder turned such a column into JSON text, in every row of that file's batch: the
+    documents were tokenized with their quotes (`"second"`) and the number as the text `7`."""
+    (tmp_path / "src").mkdir()
+    write_jsonl(tmp_path / "src" / "a.jsonl", [{"text": "first"}])
+    write_jsonl(tmp_path / "src" / "b.jsonl", [{"text": "second"}, {"text": odd}])
+    with pytest.raises(
+        ValueError, match=r"^Cannot read local file \S*b\.jsonl: .*Column\(/text\) changed from"
+    ) as exc:
+        prepare(tmp_path / "src", tmp_path / "out")
+    assert "same columns of the same types" in _one_line_error(exc)
+    assert not (tmp_path / "out" / MANIFEST_NAME).exists()
+
+
+def test_json_rows_that_look_like_chat_logs_keep_their_text_column(tmp_path):
+    """datasets 5 rewrote such files as agent traces (other columns, no `text`): 'Column 'text' not found'."""
+    rows = [
+        {"id": str(i), "source": "s", "model": "m", "system_prompt": "p", "messages": [{"role": "user"}], "text": t}
+        for i, t in enumerate(["first chat", "second chat"])
+    ]
+    prepare(write_jsonl(tmp_path / "chats.jsonl", rows), tmp_path / "out")
+    assert read_split(tmp_path / "out", "train").tolist() == expected_stream(["first chat", "second chat"])
+
+
 def test_csv_text_that_reads_like_numbers_is_text(tmp_path):
     """pandas infers a column of 1984, 2001 as integers (per chunk of rows); the text column is read as text."""
     (tmp_path / "d.csv").write_text("id,text,score\n1,1984,0.5\n2,2001,0.25\n3,007,1\n")
