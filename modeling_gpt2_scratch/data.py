@@ -55,7 +55,8 @@ Decisions:
 * **Atomic writes.** Shards are written into a temporary folder inside the output folder; the old manifest is
   removed before any shard is replaced, and the new one is written (temp file + `os.replace`) last. An interrupted
   prepare leaves no manifest, never one that points at incomplete shards, and the next prepare starts over.
-  Concurrent prepares of one folder wait for each other (a `flock` on `.prepare.lock`).
+  Concurrent prepares of one folder wait for each other (a `flock` on `.prepare.lock`, which the tokenizer
+  processes do not hold: a prepare killed outright, SIGKILL, frees the folder; on Linux they die with it).
 * **Memory** is one shard's buffer plus the documents in flight (at most `2 * num_proc` tasks of about 4M
   characters), whatever the corpus size (but a `.json` file holding one array, which `datasets` reads whole: use
   `.jsonl` for a large corpus). A `.txt` file (one document) over 64 KiB is read line by line and tokenized in
@@ -82,6 +83,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -121,6 +123,7 @@ UNSET_WORDS = ("", "none", "null")  # what unsets an optional data flag on the c
 _SHARD_NAME = re.compile(r"(train|val)_\d{6}\.bin")
 _TMP_PREFIX = ".tmp-prepare"
 _LOCK_NAME = ".prepare.lock"
+_HELD_LOCKS: set[int] = set()  # file descriptors of the folder locks this process holds
 _ROWS_PER_READ = 1000  # rows pulled from `datasets` at a time
 _DOCS_PER_TASK = 1024  # documents per tokenization task ...
 _CHARS_PER_TASK = 4_000_000  # ... or fewer, when they reach this many characters
@@ -687,6 +690,30 @@ def _encode_documents(documents: list[tuple[str, bool]]) -> np.ndarray:
     return np.array(ids, dtype=TOKEN_DTYPE)
 
 
+def _tokenizer_process_init() -> None:
+    """First thing in each tokenizer process: let go of the folder lock it inherited, and die with its parent.
+
+    A forked process holds copies of its parent's file descriptors, the `.prepare.lock` one among them, and `flock`
+    is released only when every copy is closed. A prepare killed outright (SIGKILL, the out-of-memory killer) left its
+    tokenizer processes behind, blocked on their queues for ever and holding the lock: the next prepare of the folder
+    (a new run, every process of it) waited for it without a word. On Linux they are also killed with their parent
+    (`PR_SET_PDEATHSIG`), rather than linger with their documents in memory.
+    """
+    for fd in _HELD_LOCKS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCKS.clear()
+    if sys.platform == "linux":
+        import ctypes
+
+        parent = os.getppid()
+        pr_set_pdeathsig = 1
+        with contextlib.suppress(OSError, AttributeError):  # no prctl to call: the processes only lack that
+            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the request
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _document_batches(documents: Iterator[tuple[str, bool]]) -> Iterator[list[tuple[str, bool]]]:
     batch: list[tuple[str, bool]] = []
     chars = 0
@@ -711,7 +738,8 @@ def _encode_stream(batches: Iterator[list[str]], num_proc: int) -> Iterator[np.n
             yield _encode_documents(batch)
         return
     context = multiprocessing.get_context()
-    with concurrent.futures.ProcessPoolExecutor(num_proc, mp_context=context) as pool:
+    pool = concurrent.futures.ProcessPoolExecutor(num_proc, mp_context=context, initializer=_tokenizer_process_init)
+    with pool:
         pending: collections.deque = collections.deque()
         try:
             for batch in batches:
@@ -996,9 +1024,11 @@ def _folder_lock(out: Path) -> Iterator[None]:
             return
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        _HELD_LOCKS.add(lock.fileno())  # not to be held by the tokenizer processes (`_tokenizer_process_init`)
         try:
             yield
         finally:
+            _HELD_LOCKS.discard(lock.fileno())
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 

@@ -5,6 +5,9 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import datasets
@@ -954,6 +957,74 @@ def test_a_tokenizer_process_that_dies_is_an_error_not_a_hang(tmp_path, monkeypa
         signal.signal(signal.SIGALRM, previous)
     assert not (tmp_path / "out" / "manifest.json").exists()
     assert not list((tmp_path / "out").glob(".tmp-prepare*"))  # the staging folder is cleaned up
+
+
+SLOW_PREPARE = """
+import os, sys, time
+from pathlib import Path
+from modeling_gpt2_scratch import data
+
+def encode_slowly(documents):  # in each tokenizer process: say which one, then take (nearly) for ever
+    (Path(sys.argv[3]) / str(os.getpid())).touch()
+    time.sleep(600)
+
+data._encode_documents = encode_slowly
+data._DOCS_PER_TASK = 1
+data.prepare_dataset(data.DataArguments(dataset=sys.argv[1], num_proc=2, val_fraction=0.0), sys.argv[2])
+"""
+
+
+def _a_slow_tokenizer(pid: int) -> bool:
+    """Whether `pid` is still one of SLOW_PREPARE's tokenizer processes (not gone, not a zombie, not reused)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state != "Z" and "encode_slowly" in Path(f"/proc/{pid}/cmdline").read_text()
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_a_prepare_killed_outright_leaves_no_process_holding_its_folder(tmp_path, corpus):
+    """Its tokenizer processes, forked with the folder lock's file descriptor, lived on (blocked on their queues)
+    holding the lock: the next prepare of the folder, every process of a new run, waited for ever without a word."""
+    import fcntl
+
+    workers, out = tmp_path / "workers", tmp_path / "out"
+    workers.mkdir()
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    killed = subprocess.Popen([sys.executable, "-c", SLOW_PREPARE, str(corpus), str(out), str(workers)], env=env)
+    pids: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(pids) < 2:
+            assert killed.poll() is None and time.monotonic() < deadline, "the tokenizer processes did not start"
+            time.sleep(0.1)
+            pids = [int(p.name) for p in workers.iterdir()]
+        killed.kill()  # SIGKILL, as the out-of-memory killer sends
+        killed.wait()
+        deadline = time.monotonic() + 10
+        with open(out / ".prepare.lock") as lock:
+            while True:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    assert time.monotonic() < deadline, "the killed prepare's folder lock is still held"
+                    time.sleep(0.1)
+            fcntl.flock(lock, fcntl.LOCK_UN)
+        while any(_a_slow_tokenizer(pid) for pid in pids):
+            assert time.monotonic() < deadline, "the killed prepare's tokenizer processes live on"
+            time.sleep(0.1)
+        assert prepare(corpus, out) == out / MANIFEST_NAME
+        assert read_split(out, "train").tolist() == expected_stream(
+            [r["text"] for r in map(json.loads, corpus.open())]
+        )
+    finally:
+        killed.kill()
+        for pid in pids:
+            if _a_slow_tokenizer(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, a device every write to fails on")
