@@ -551,17 +551,40 @@ def _unreadable_file(source: _Source, args: DataArguments, err: BaseException) -
     for path in source.files:
         try:
             alone = _open_split(_Source(name=str(path), files=(path,), builder=source.builder), "train", args)
-            for _ in alone.iter(batch_size=_ROWS_PER_READ):
-                pass
+            with _quiet_readers():
+                for _ in alone.iter(batch_size=_ROWS_PER_READ):
+                    pass
         except (ValueError, KeyError, TypeError, OSError, pa.ArrowException):
             return path
     return None
 
 
+class _RaisedAnyway(logging.Filter):
+    """Drops the ERROR lines that `datasets`' file readers log just before they raise the error those lines describe:
+    the error reaches the user on one line (`_read_error`), where the command lines printed it above that, twice."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+
+@contextlib.contextmanager
+def _quiet_readers() -> Iterator[None]:
+    loggers = [logging.getLogger(f"datasets.packaged_modules.{name}.{name}") for name in ("json", "csv", "parquet")]
+    quiet = _RaisedAnyway()
+    for reader in loggers:
+        reader.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for reader in loggers:
+            reader.removeFilter(quiet)
+
+
 def _iter_rows(ds: IterableDataset, source: _Source, args: DataArguments, where: str) -> Iterator[dict]:
     """`ds.iter(...)` batches, with the errors of reading the source turned into one-line messages naming the file."""
     try:
-        yield from ds.iter(batch_size=_ROWS_PER_READ)
+        with _quiet_readers():
+            yield from ds.iter(batch_size=_ROWS_PER_READ)
     except UnicodeDecodeError as err:
         found = _first_undecodable(p for p in source.files if p.suffix.lower() != ".parquet")
         if found is None:

@@ -646,6 +646,21 @@ def test_a_mistyped_flag_or_value_of_the_cli_is_one_line_naming_it(tmp_path, cap
     assert (status, capsys.readouterr().err) == (2, f"error: {message}\n")
 
 
+def test_the_cli_prints_a_malformed_json_file_on_one_line(tmp_path):
+    """`datasets`' json reader logs the error it then raises: the command printed that line twice above its own."""
+    (tmp_path / "src").mkdir()
+    write_jsonl(tmp_path / "src" / "a.jsonl", [{"text": "fine"}])
+    (tmp_path / "src" / "b.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    args = ["prepare", "--dataset", str(tmp_path / "src"), "--output_dir", str(tmp_path / "out"), "--num_proc", "1"]
+    done = subprocess.run(
+        [sys.executable, "-m", "modeling_gpt2_scratch.data", *args], env=env, capture_output=True, text=True
+    )
+    errors = [line for line in done.stderr.splitlines() if " INFO " not in line]
+    assert done.returncode == 2 and len(errors) == 1, done.stderr
+    assert re.match(r"error: Cannot read local file \S*b\.jsonl: JSON parse error", errors[0])
+
+
 def test_the_cli_prepares_a_folder(tmp_path, corpus, capsys):
     status = main(["prepare", "--dataset", str(corpus), "--output_dir", str(tmp_path / "out"), "--num_proc", "1"])
     assert status == 0 and capsys.readouterr().out.strip() == str(tmp_path / "out" / MANIFEST_NAME)
