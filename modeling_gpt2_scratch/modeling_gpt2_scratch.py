@@ -995,7 +995,8 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
                 or `return_dict=False` (a tuple holds the logits at index 1, as `GPT2LMHeadModel`'s); pass `False`
                 to get the logits too, or second derivatives (its backward refuses `create_graph=True`). Where
                 `lm_head` has to be called as a module (a PEFT/LoRA layer in its place, or forward hooks), it is,
-                and the logits are returned; so under `torch.func` transforms (`torch.func.grad`, `vmap`).
+                and the logits are returned; so under `torch.func` transforms (`torch.func.grad`, `vmap`) and
+                `torch.export` (its graph then holds the plain head and `transformers`' loss, as `GPT2LMHeadModel`'s).
             Other arguments: see `GPT2ScratchModel.forward`.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
@@ -1012,11 +1013,13 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
         check_label_ids(labels, self.config.tokenizer_vocab_size, "labels")
         check_label_ids(shift_labels, self.config.tokenizer_vocab_size, "shift_labels")
         # the fused loss reads `lm_head.weight`; a wrapped head (PEFT/LoRA, hooks) is called as usual instead, and
-        # so it is under `torch.func` transforms (`grad`, `vmap`), which cannot run its `autograd.Function`
+        # so it is under `torch.func` transforms (`grad`, `vmap`), which cannot run its `autograd.Function`, and under
+        # `torch.export`, whose default (non-strict) tracing runs that function's forward with autograd recording
         fused_loss = (
             skip_logits
             and called_plainly(self.lm_head, Linear, nn.Linear)
             and (torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active())
+            and not torch.compiler.is_exporting()
         )
         tied_gradient = self._tied_embedding_gradient(input_ids, inputs_embeds, token_type_ids, fused_loss)
         if tied_gradient is not None:

@@ -1014,6 +1014,25 @@ def test_torch_func_grad_of_the_training_loss_matches_hf():
     torch.testing.assert_close(ours["transformer.h.0.mlp.c_fc.weight"], theirs["transformer.h.0.mlp.c_fc.weight"].t())
 
 
+def test_torch_export_of_the_training_loss_matches_hf():
+    """`torch.export` (non-strict, its default) of the training forward with labels failed inside the fused loss's
+    `autograd.Function` ("mul(): functions with out=... arguments don't support automatic differentiation"), where
+    `GPT2LMHeadModel` exports: it takes the plain head there, and the exported graph gives HF's loss and gradients."""
+    hf, model = make_pair(
+        n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    )
+    ids = random_ids(2, 8)
+    kwargs = {"labels": ids, "use_cache": False}
+    exported = torch.export.export(model.train(), (ids,), kwargs=kwargs).module()
+    loss = exported(ids, **kwargs)["loss"]
+    loss.backward()
+    expected = hf.train()(ids, **kwargs).loss
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    grad = dict(exported.named_parameters())["transformer.wte.weight"].grad
+    torch.testing.assert_close(grad[:GPT2_VOCAB], hf.transformer.wte.weight.grad)
+
+
 def test_tied_embedding_adds_its_rows_to_the_head_gradient_over_accumulated_micro_batches(monkeypatch):
     torch.manual_seed(0)
     model = GPT2ScratchForCausalLM(GPT2ScratchConfig(**SMALL, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
