@@ -130,9 +130,9 @@ class TrainArguments:
         metadata={
             "help": "Continue a run: 'latest' (newest checkpoint in output_dir) or a path. Optimizer, schedule and "
             "batch flags given now (max_lr, min_lr_ratio, betas, eps, weight_decay, grad_clip, warmup_steps, "
-            "max_steps, total_batch_tokens, micro_batch_size), --dropout and --seed (the samples') apply from the "
-            "next step; the model's size flags and the data flags that change the token stream must be the "
-            "checkpoint's."
+            "max_steps, total_batch_tokens, micro_batch_size, fused_adamw), --dropout and --seed (the samples') apply "
+            "from the next step; the model's size flags and the data flags that change the token stream must be "
+            "the checkpoint's."
         },
     )
     seed: int = field(
@@ -518,8 +518,21 @@ def apply_optimizer_flags(
     `accelerator.load_state` brings back the checkpoint's learning rate, betas, eps and weight decay, so without this
     flags changed on resume would be ignored. With the same flags nothing changes: the lr is recomputed exactly as
     the scheduler computes it (`max_lr * schedule(step)`), so resume stays bitwise exact.
+
+    `load_state_dict` also takes the checkpoint's kernel choice (`fused`, `foreach`) with its groups; the optimizer
+    was built with this run's (`--fused_adamw`, in `defaults`), so where they differ the state is loaded again under
+    it, and torch puts the step counts where that kernel wants them.
     """
     changes = []
+    built = {key: optimizer.defaults.get(key) for key in ("fused", "foreach")}
+    if any(group.get(key) != value for group in optimizer.param_groups for key, value in built.items()):
+        was, now = bool(optimizer.param_groups[0].get("fused")), bool(built["fused"])
+        state = optimizer.state_dict()
+        for group in state["param_groups"]:
+            group.update(built)
+        optimizer.load_state_dict(state)
+        if was != now:
+            changes.append(f"--fused_adamw {str(was).lower()} -> {str(now).lower()}")
     wanted = {"betas": (train_args.beta1, train_args.beta2), "eps": train_args.eps}
     for index, group in enumerate(optimizer.param_groups):
         decay = {"weight_decay": train_args.weight_decay} if index == 0 else {}  # group 1: biases, LayerNorm

@@ -2250,6 +2250,22 @@ def test_resume_applies_changed_optimizer_flags_and_says_so(corpus, data_dir, tm
     assert [r["lr"] for r in metrics(out) if r["step"] > 4] == pytest.approx(expected[4:], rel=1e-12)
 
 
+def test_resume_applies_a_changed_fused_adamw_flag_and_says_so(corpus, data_dir, tmp_path, monkeypatch, caplog):
+    """`Optimizer.load_state_dict` takes the checkpoint's param groups whole, their `fused` too: `--fused_adamw false`
+    on resume kept the fused kernel (and under fp16 a scaler built for one kernel met the other's groups)."""
+    made = []
+    build = train_accelerate.build_optimizer
+    monkeypatch.setattr(train_accelerate, "build_optimizer", lambda *a, **k: made.append(build(*a, **k)) or made[-1])
+    out = tmp_path / "run"
+    run(corpus, data_dir, out, "--max_steps", "1", "--save_every", "1", "--eval_every", "0", "--fused_adamw", "true")
+    with caplog.at_level("INFO", logger="train_accelerate"):
+        run(corpus, data_dir, out, "--max_steps", "2", "--resume", "latest", "--fused_adamw", "false")
+    assert [bool(group["fused"]) for group in made[-1].param_groups] == [False, False]
+    assert "--fused_adamw true -> false" in caplog.text
+    assert made[-1].state  # the checkpoint's moments went on with the other kernel
+    assert all(state["step"].item() == 2 for state in made[-1].state.values())
+
+
 def test_a_resume_across_fp16_starts_or_drops_the_loss_scale(tmp_path):
     """Only fp16 has a gradient scaler and saves its state (`scaler.pt`): resumed in fp16, a bf16 or fp32
     checkpoint failed in `load_state` with a FileNotFoundError traceback. The scaler of a CUDA fp16 run is stood in
