@@ -130,6 +130,7 @@ CANONICAL_MODEL_IDS = {  # GPT-2's ids from before the Hub moved its "canonical"
     "distilgpt2": "distilbert/distilgpt2",
 }
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:[\\/]")  # C:\ or C:/
+TRAINER_TMP_PATTERN = re.compile(r"\.tmp-(old-)?(final|step_\d+)")  # a save before its rename; a replaced one aside
 DATA_FILE_SUFFIXES = (".txt", ".json", ".jsonl", ".parquet", ".csv", ".tsv", ".arrow", ".gz", ".zst", ".bin")
 
 
@@ -194,6 +195,25 @@ def _run_dir_of(model_dir: Path) -> Path | None:
     return next((folder for folder in candidates if _looks_like_run(folder)), None)
 
 
+def _refuse_trainer_tmp(folder: Path) -> None:
+    """Refuse the trainer's temporary folders, as `--resume` does: `.tmp-<name>`, a save of `final/` or
+    `checkpoints/step_N` before its rename (any file may be cut short), and `.tmp-old-<name>`, the one a replacing
+    save set aside. Either holds config.json and weights, and was published with the run's final numbers."""
+    match = TRAINER_TMP_PATTERN.fullmatch(folder.name)
+    if match is None:
+        return
+    target = folder.with_name(match.group(2))
+    if match.group(1):
+        raise ValueError(
+            f"{folder} is a {target.name} that a replacing save set aside, not one to publish: pass {target}, or the "
+            "run folder (a crashed replace's old copy moves back there when push_to_hub.py reads the run)."
+        )
+    raise ValueError(
+        f"{folder} is an unfinished save (the run stopped while writing it), not a checkpoint or export: pass the "
+        f"run folder (its final/, else its latest complete checkpoint) or a checkpoints/step_N folder."
+    )
+
+
 def resolve_source(path: str | Path) -> ModelSource:
     """Find the model to publish in a run folder, a `final/` export or a training checkpoint.
 
@@ -203,10 +223,12 @@ def resolve_source(path: str | Path) -> ModelSource:
 
     Raises:
         FileNotFoundError: if `path` does not exist or is not a folder.
-        ValueError: if `path` is neither a run, an export nor a checkpoint (no `config.json` + weights), or a
-            folder to move back could not be moved.
+        ValueError: if `path` is neither a run, an export nor a checkpoint (no `config.json` + weights), is one of
+            the trainer's temporary folders (`.tmp-step_N`, `.tmp-final`, `.tmp-old-<name>`), or a folder to move
+            back could not be moved.
     """
     folder = Path(path).expanduser()
+    _refuse_trainer_tmp(folder)
     # a crash mid-replace may have left final/ (or a checkpoint) as .tmp-old-<name>: in RUN, or RUN/final itself
     run = folder.parent if folder.name == "final" and not folder.exists() else folder
     restore_interrupted_replaces(run.resolve())

@@ -494,6 +494,26 @@ def test_folder_that_is_not_a_run_is_an_error(tmp_path, capsys):
     assert "is not a gpt2-scratch run" in line
 
 
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("checkpoints/.tmp-step_0000006", "is an unfinished save"),
+        (".tmp-final", "is an unfinished save"),
+        ("checkpoints/.tmp-old-step_0000004", "is a step_0000004 that a replacing save set aside"),
+    ],
+)
+def test_a_trainers_temporary_folder_is_an_error_before_staging(tiny_run, tmp_path, capsys, name, message):
+    """A save cut short before its rename holds config.json and weights, as `--resume` refuses it: it was staged
+    as the run's final model, with the run's last numbers in its card."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run.run_dir, run_dir, ignore=shutil.ignore_patterns("checkpoints"))
+    model_dir = tiny_run.run_dir / ("final" if name.endswith("final") else f"checkpoints/step_{CHECKPOINT_STEP:07d}")
+    shutil.copytree(model_dir, run_dir / name)
+    argv = [str(run_dir / name), "--repo-id", REPO_ID, "--dry-run", "--local-dir", str(tmp_path / "out")]
+    line = _run_main_expect_error(argv, capsys)
+    assert line.startswith(f"error: {run_dir / name} {message}") and not (tmp_path / "out").exists(), line
+
+
 @pytest.mark.parametrize("repo_id", ["no-namespace", "alice/bad..name", "alice/a/b", "-alice/x", "alice/x y"])
 def test_invalid_repo_id_is_an_error(tiny_run, repo_id, capsys):
     line = _run_main_expect_error([str(tiny_run.run_dir), f"--repo-id={repo_id}", "--dry-run"], capsys)
