@@ -178,6 +178,13 @@ def _checkpoint_step(folder: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def _saved_step(checkpoint: Path) -> int | None:
+    """A checkpoint's step: from its folder name `step_N`, else (a copy renamed, e.g. `RUN/best`) from the trainer
+    state saved in it (`read_trainer_state`); None when neither says."""
+    step = _checkpoint_step(checkpoint)
+    return step if step is not None else read_trainer_state(checkpoint).get("step")
+
+
 def _latest_checkpoint(run_dir: Path) -> Path | None:
     checkpoints = [
         path
@@ -241,7 +248,7 @@ def resolve_source(path: str | Path) -> ModelSource:
         return ModelSource(folder / "final", "export", run_dir=folder)
     if _is_model_folder(folder):
         if _is_checkpoint(folder):
-            return ModelSource(folder, "checkpoint", run_dir=_run_dir_of(folder), step=_checkpoint_step(folder))
+            return ModelSource(folder, "checkpoint", run_dir=_run_dir_of(folder), step=_saved_step(folder))
         return ModelSource(folder, "export", run_dir=_run_dir_of(folder))
     latest = _latest_checkpoint(folder)
     if latest is not None:
@@ -551,6 +558,9 @@ class RunInfo:
     loss_curve_rows: list[dict[str, Any]] = field(default_factory=list)  # a checkpoint's: redraw up to its step
 
 
+RUN_FACTS = ("num_processes", "device", "device_name", "mixed_precision", "torch_version", "transformers_version")
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
@@ -607,24 +617,29 @@ def read_run_info(run_dir: Path | None, step: int | None = None, checkpoint_dir:
 
     With `step` (a checkpoint), the numbers describe that step, not the end of the run: the tokens and training time
     of the checkpoint's own trainer state (`checkpoint_dir`, `read_trainer_state`), exact also between two logged
-    steps, else those `metrics.jsonl` logged at the step.
+    steps, else those `metrics.jsonl` logged at the step. A checkpoint (`checkpoint_dir`) of unknown `step` gets the
+    run's configuration and hardware only: the run's numbers and loss curve, which may go past it, stay unknown.
     """
     if run_dir is None:
         return RunInfo()
     info = RunInfo(run_config=_read_json(run_dir / RUN_CONFIG_NAME))
     summary = _read_json(run_dir / RUN_SUMMARY_NAME)
     rows = _read_metrics(run_dir / METRICS_NAME)
+    unknown_step = checkpoint_dir is not None and step is None
+    if unknown_step:  # the run's numbers are not the checkpoint's: its hardware and software only
+        summary = {key: value for key, value in summary.items() if key in RUN_FACTS}
+        rows = []
     if step is not None:
         went_on = any(row["step"] > step for row in rows)
         rows = [row for row in rows if row["step"] <= step]
         if went_on:  # the run's loss.png goes past the checkpoint: its curve is drawn again, up to its step
             info.loss_curve_rows = [row for row in rows if isinstance(row.get("tokens"), int)]
-    for name in ("num_processes", "device", "device_name", "mixed_precision", "torch_version", "transformers_version"):
+    for name in RUN_FACTS:
         setattr(info, name, summary.get(name))
     if info.mixed_precision is None:
         info.mixed_precision = _section(info.run_config, "training").get("mixed_precision")
     loss_curve = run_dir / "loss.png"
-    info.loss_curve = loss_curve if loss_curve.is_file() else None
+    info.loss_curve = loss_curve if loss_curve.is_file() and not unknown_step else None
 
     summary_applies = step is None or summary.get("steps") == step
     if summary_applies and summary:

@@ -803,6 +803,28 @@ def test_a_checkpoint_between_logged_steps_takes_its_numbers_from_its_trainer_st
     assert "| training time | 2m 03s |" in text
 
 
+@pytest.mark.parametrize("saved_state", [True, False], ids=["with-trainer-state", "without"])
+def test_a_checkpoint_renamed_inside_the_run_gets_its_own_numbers_not_the_runs(tiny_run, tmp_path, saved_state):
+    """`RUN/best`, a copy of `checkpoints/step_4`: no `step_N` name to tell its step, and its card showed the end of
+    the run's numbers (8 steps, validation loss 7.2345) and loss curve."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run.run_dir, run_dir, ignore=shutil.ignore_patterns("checkpoints"))
+    shutil.copytree(tiny_run.checkpoint_dir, run_dir / "best")
+    if saved_state:
+        state = TrainState(step=CHECKPOINT_STEP, tokens=CHECKPOINT_STEP * BATCH_TOKENS, elapsed=3703.0)
+        torch.save(state.state_dict(), run_dir / "best" / "custom_checkpoint_0.pkl")
+    files = {f.path for f in stage_folder(run_dir / "best", tmp_path / "repo", REPO_ID)}
+    text = ModelCard.load(tmp_path / "repo" / "README.md").text
+    assert "7.2345" not in text and "| optimizer steps | 8 |" not in text
+    assert "| hardware | 2 x NVIDIA H100 80GB HBM3 |" in text  # the run's, whatever the step
+    if saved_state:
+        assert f"checkpoint at step {CHECKPOINT_STEP}" in text and "| final validation loss | 9.2000" in text
+        assert f"| tokens seen | {CHECKPOINT_STEP * BATCH_TOKENS:,} |" in text and "loss.png" in files
+    else:
+        assert "| optimizer steps | unknown |" in text and "| final validation loss | unknown |" in text
+        assert "loss.png" not in files and "![" not in text
+
+
 def test_staged_patterns_cover_every_file_staging_writes(staged, tiny_run, tmp_path):
     """`STAGED_PATTERNS` (what a push may delete) is derived from what staging writes: both formats, and the shards
     and index that `save_pretrained` writes for a larger model."""
