@@ -229,6 +229,23 @@ def _same_attention(source, target) -> None:
         target.set_attn_implementation(implementation)
 
 
+def check_tied_head(model: torch.nn.Module, name: str) -> None:
+    """Refuse a `model` whose config ties its LM head to its token embedding while its head is a tensor of its own
+    with other values (set by hand, e.g. `model.lm_head.weight = nn.Parameter(...)`): it computes with that head, and
+    the converted model, tied as the config says, would hold one of the two in place of the other.
+
+    Raises:
+        ValueError: naming the model and the two fixes.
+    """
+    head, embedding = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+    if model.config.tie_word_embeddings and head is not embedding and not torch.equal(head, embedding):
+        raise ValueError(
+            f"The {name} has tie_word_embeddings=True in its config but an LM head of its own (not its token "
+            "embedding): converting it would tie the two and change its logits. Set `model.config."
+            "tie_word_embeddings = False` to keep both, or call `model.tie_weights()` to use the embedding as head."
+        )
+
+
 def check_config_fits(config: GPT2ScratchConfig, inferred: GPT2ScratchConfig, hf_model: GPT2LMHeadModel) -> None:
     """Refuse a `config` given to `from_hf_gpt2` that would compute something else with the checkpoint's weights:
     what the weights' shapes do not show (the heads, LayerNorm's epsilon), real token ids without a trained row, or a
@@ -273,12 +290,14 @@ def from_hf_gpt2(
         FileNotFoundError: `source` names a local folder that is not there.
         OSError: `source` is no local folder, and loading it from the Hub failed (offline, no such repository).
         ValueError: `source` is a file, or not a Hugging Face GPT-2 (another `model_type`, a gpt2-scratch folder),
-            lacks some of its weights, or does not fit `config`; `from_pretrained_kwargs` with an instance.
+            lacks some of its weights, does not fit `config`, or ties its LM head in its config while the head is a
+            tensor of its own (`check_tied_head`); `from_pretrained_kwargs` with an instance.
     """
     from .modeling_gpt2_scratch import GPT2ScratchForCausalLM
 
     hf_model = load_hf_gpt2(source, **from_pretrained_kwargs)
     inferred = config_from_hf(hf_model.config, pad_vocab=pad_vocab)  # refuses the GPT-2 variants not implemented
+    check_tied_head(hf_model, "GPT2LMHeadModel")
     if config is None:
         config = inferred
     else:
@@ -301,7 +320,12 @@ def to_hf_gpt2(model: GPT2ScratchForCausalLM) -> GPT2LMHeadModel:
     """A `transformers.GPT2LMHeadModel` with the same weights as the scratch `model`, and the same logits: its
     vocabulary is the model's real tokens (`tokenizer_vocab_size`, GPT-2's 50257), without the padding rows.
     `from_hf_gpt2` pads them again, with zeros (they carry no probability either way). Either way the new model is
-    on the device and in the dtype of the one converted."""
+    on the device and in the dtype of the one converted.
+
+    Raises:
+        ValueError: the model's config ties its LM head, but the head is a tensor of its own (`check_tied_head`).
+    """
+    check_tied_head(model, "GPT2ScratchForCausalLM")
     hf_model = GPT2LMHeadModel(hf_config_from_scratch(model.config)).to(device=model.device, dtype=model.dtype)
     hf_model.load_state_dict(scratch_to_hf_state_dict(model.state_dict(), model.config))
     hf_model.tie_weights()

@@ -1419,6 +1419,27 @@ def test_untied_checkpoints_convert_both_ways():
         assert (back(ids).logits - hf(ids).logits).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("direction", ["from_hf", "to_hf"])
+def test_a_head_of_its_own_under_a_tied_config_is_refused_both_ways(direction):
+    """A model whose config ties the head while its head is a tensor of its own (set by hand) computes with that
+    head: converted, the tied copy held one of the two in place of the other, and its logits changed silently."""
+    torch.manual_seed(0)
+    source = (
+        GPT2LMHeadModel(GPT2Config(**SMALL))
+        if direction == "from_hf"
+        else GPT2ScratchForCausalLM(GPT2ScratchConfig(**SMALL))
+    )
+    source.lm_head.weight = torch.nn.Parameter(torch.randn_like(source.lm_head.weight) * 0.02)
+    convert = GPT2ScratchForCausalLM.from_hf_gpt2 if direction == "from_hf" else GPT2ScratchForCausalLM.to_hf_gpt2
+    with pytest.raises(ValueError, match=r"tie_word_embeddings=True in its config but an LM head of its own"):
+        convert(source)
+    source.config.tie_word_embeddings = False  # the fix the message names: both kept, the same logits
+    converted = convert(source).eval()
+    ids = random_ids(1, 8)
+    with torch.no_grad():
+        assert (converted(ids).logits - source.eval()(ids).logits).abs().max().item() <= 1e-5
+
+
 def test_pytorch_tanh_gelu_checkpoints_convert():
     torch.manual_seed(0)
     hf = GPT2LMHeadModel(GPT2Config(**SMALL, activation_function="gelu_pytorch_tanh")).eval()
