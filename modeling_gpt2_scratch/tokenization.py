@@ -204,7 +204,9 @@ def get_hf_tokenizer(
 
     It is built from GPT-2's vocabulary and merges, recovered from tiktoken's ranks (`gpt2_vocab_and_merges`), so
     `tokenizer(text).input_ids == get_encoding().encode_ordinary(text)` for text without `<|endoftext|>` in it, and
-    `decode` inverts `encode` exactly (no clean-up of spaces). Being GPT-2's class, it saves `tokenizer_class:
+    `decode` inverts `encode` exactly (no clean-up of spaces). The one exception is text with a lone surrogate
+    (`"\\ud800"`, not valid Unicode): tiktoken encodes it as U+FFFD, the `tokenizers` library (GPT-2's own tokenizer
+    too) raises a `TypeError` ("TextEncodeInput must be ..."). Being GPT-2's class, it saves `tokenizer_class:
     GPT2Tokenizer`, which `AutoTokenizer` of transformers 4.x opens too (as `GPT2TokenizerFast`), and it honours
     `add_prefix_space=True` (`AutoTokenizer.from_pretrained(dir, add_prefix_space=True)`, for `is_split_into_words`).
 
