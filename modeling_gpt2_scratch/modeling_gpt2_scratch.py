@@ -11,6 +11,12 @@ This file travels to the Hub with the model: it imports nothing but `torch`, `tr
 
 from __future__ import annotations
 
+# First: importing the config checks the transformers version, so an older one stops with its one-line error, not
+# with an ImportError from the imports below (under 4.x no `transformers.initialization`, under 5.18 no
+# `slice_logits_to_keep`), where this file is imported without the config (`config=` a plain `PretrainedConfig`).
+from .configuration_gpt2_scratch import GPT2ScratchConfig
+
+# isort: split
 import importlib
 import math
 from collections.abc import Callable, Iterator
@@ -31,8 +37,6 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
 from transformers.utils import logging
 from transformers.utils.deprecation import deprecate_kwarg
-
-from .configuration_gpt2_scratch import GPT2ScratchConfig
 
 logger = logging.get_logger(__name__)
 

@@ -1582,6 +1582,34 @@ def test_remote_code_under_an_older_transformers_stops_with_the_version_error(tm
 
 
 @pytest.mark.slow
+def test_the_model_file_imported_first_stops_with_the_version_error_too(tmp_path, pair, run_without_repo):
+    """`config=` a plain `PretrainedConfig` makes `from_pretrained` import the model file first, and an older
+    transformers lacks what its imports name (faked: 5.18's missing `slice_logits_to_keep`; 4.x lacks
+    `initialization`): the model file imports the config, and so checks the version, before anything else."""
+    pair[1].save_pretrained(tmp_path / "ckpt")
+    result = run_without_repo(
+        f"""
+        import transformers
+        import transformers.modeling_utils
+        from transformers import AutoModelForCausalLM, PretrainedConfig
+        transformers.__version__ = "5.18.0"
+        del transformers.modeling_utils.slice_logits_to_keep
+        ckpt = {str(tmp_path / "ckpt")!r}
+        config = PretrainedConfig.from_pretrained(ckpt)
+        try:
+            AutoModelForCausalLM.from_pretrained(ckpt, config=config, trust_remote_code=True)
+        except ImportError as err:
+            print(err)
+        """
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith(
+        f"needs transformers>={MIN_TRANSFORMERS_VERSION}, but transformers 5.18.0 is installed: upgrade it with "
+        "`pip install -U transformers`."
+    )
+
+
+@pytest.mark.slow
 def test_checkpoint_loads_with_remote_code_in_fresh_offline_process(tmp_path, pair, run_without_repo):
     _, model = pair
     ckpt = tmp_path / "ckpt"
