@@ -42,6 +42,18 @@ def test_the_requirements_pin_admits_no_transformers_older_than_the_model_codes_
     assert len(pinned) == 1 and Version(MIN_TRANSFORMERS_VERSION) <= pinned[0]
 
 
+def test_the_requirements_pin_admits_no_torch_that_transformers_refuses():
+    """transformers disables a torch older than its own floor (5.24: `requires PyTorch >= 2.6`, checked with 2.4.1):
+    a lower pin would let `pip install .` set up a torch that the model cannot run with."""
+    from transformers.dependency_versions_table import deps
+
+    def floor(requirement: Requirement) -> Version:
+        return max(Version(spec.version) for spec in requirement.specifier if spec.operator == ">=")
+
+    torch = next(Requirement(line) for line in _requirements("requirements-runtime.txt") if line.startswith("torch"))
+    assert floor(torch) >= floor(Requirement(deps["torch"]))
+
+
 @pytest.mark.parametrize(
     "module, argv",
     [
