@@ -301,6 +301,13 @@ def in_compiled_autograd() -> bool:
     return getattr(getattr(torch._dynamo, "compiled_autograd", None), "in_compiled_autograd_region", False)
 
 
+def is_exporting() -> bool:
+    """`torch.compiler.is_exporting()`, or False on a torch without it (it is from about the time of 2.6-2.7, and
+    `transformers`' floor is 2.6): there `torch.export` of the training loss fails, as it did on every torch before
+    the fused loss stepped aside under export."""
+    return getattr(torch.compiler, "is_exporting", lambda: False)()
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """Cross-entropy of `hidden @ weight.T` without holding the `(N, V)` logits: chunk by chunk of rows.
 
@@ -1023,7 +1030,7 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
             skip_logits
             and called_plainly(self.lm_head, Linear, nn.Linear)
             and (torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active())
-            and not torch.compiler.is_exporting()
+            and not is_exporting()
         )
         tied_gradient = self._tied_embedding_gradient(input_ids, inputs_embeds, token_type_ids, fused_loss)
         if tied_gradient is not None:
