@@ -43,6 +43,7 @@ from modeling_gpt2_scratch.data import (
     PrepareError,
     ShardedTokenLoader,
     configure_cli_logging,
+    die_with_parent,
     fsync_dir,
     one_line,
     prepare_dataset,
@@ -973,15 +974,7 @@ def signal_when_the_launcher_dies() -> signal.Signals | None:
         sig = signal.SIGTERM
     else:  # no launcher: the parent is a shell, whose exit must not stop the run
         return None
-    import ctypes
-
-    launcher = os.getppid()
-    pr_set_pdeathsig = 1
-    if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(sig), 0, 0, 0) != 0:
-        return None
-    if os.getppid() != launcher:  # it died before the request: the signal it would have sent
-        os.kill(os.getpid(), sig)
-    return sig
+    return sig if die_with_parent(sig) else None
 
 
 def _how_to_go_on(train_args: TrainArguments) -> str:

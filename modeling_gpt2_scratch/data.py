@@ -726,15 +726,26 @@ def _tokenizer_process_init() -> None:
         with contextlib.suppress(OSError):
             os.close(fd)
     _HELD_LOCKS.clear()
-    if sys.platform == "linux":
-        import ctypes
+    die_with_parent(signal.SIGKILL)
 
-        parent = os.getppid()
-        pr_set_pdeathsig = 1
-        with contextlib.suppress(OSError, AttributeError):  # no prctl to call: the processes only lack that
-            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before the request
-            os.kill(os.getpid(), signal.SIGKILL)
+
+def die_with_parent(sig: signal.Signals) -> bool:
+    """Have Linux send `sig` to this process when its parent dies (`PR_SET_PDEATHSIG`), at once where the parent died
+    before the request; False where that cannot be set (not Linux, no `prctl` to call)."""
+    if sys.platform != "linux":
+        return False
+    import ctypes
+
+    parent = os.getppid()
+    pr_set_pdeathsig = 1
+    try:
+        if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(sig), 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != parent:  # it died before the request: the signal it would have sent
+        os.kill(os.getpid(), sig)
+    return True
 
 
 def _document_batches(documents: Iterator[tuple[str, bool]]) -> Iterator[list[tuple[str, bool]]]:
