@@ -1558,53 +1558,47 @@ def test_a_patch_release_minimum_compares_whole_versions(monkeypatch):
 
 
 @pytest.mark.slow
-def test_remote_code_under_an_older_transformers_stops_with_the_version_error(tmp_path, pair, run_without_repo):
-    """What a user with transformers 4.57 sees (4.x cannot be installed here: its version is faked): the one-line
-    error from the config file, which `from_pretrained` imports first; before, `ImportError: cannot import name
-    'initialization' from 'transformers'` from deep inside the model file."""
-    pair[1].save_pretrained(tmp_path / "ckpt")
-    result = run_without_repo(
-        f"""
-        import transformers
-        from transformers import AutoModelForCausalLM
-        transformers.__version__ = "4.57.6"
-        try:
-            AutoModelForCausalLM.from_pretrained({str(tmp_path / "ckpt")!r}, trust_remote_code=True)
-        except ImportError as err:
-            print(err)
-        """
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().endswith(
-        f"needs transformers>={MIN_TRANSFORMERS_VERSION}, but transformers 4.57.6 is installed: upgrade it with "
-        "`pip install -U transformers`."
-    )
-
-
-@pytest.mark.slow
-def test_the_model_file_imported_first_stops_with_the_version_error_too(tmp_path, pair, run_without_repo):
-    """`config=` a plain `PretrainedConfig` makes `from_pretrained` import the model file first, and an older
-    transformers lacks what its imports name (faked: 5.18's missing `slice_logits_to_keep`; 4.x lacks
-    `initialization`): the model file imports the config, and so checks the version, before anything else."""
+@pytest.mark.parametrize(
+    "version, fake, load",
+    [
+        # what a user with transformers 4.57 sees (4.x cannot be installed here: its version is faked): the error
+        # from the config file, which `from_pretrained` imports first; before, `ImportError: cannot import name
+        # 'initialization' from 'transformers'` from deep inside the model file
+        ("4.57.6", "", "AutoModelForCausalLM.from_pretrained(ckpt, trust_remote_code=True)"),
+        # `config=` a plain `PretrainedConfig` makes `from_pretrained` import the model file first, and an older
+        # transformers lacks what its imports name (faked: 5.18's missing `slice_logits_to_keep`; 4.x lacks
+        # `initialization`): the model file imports the config, and so checks the version, before anything else
+        (
+            "5.18.0",
+            "del transformers.modeling_utils.slice_logits_to_keep",
+            "AutoModelForCausalLM.from_pretrained(ckpt, config=PretrainedConfig.from_pretrained(ckpt), "
+            "trust_remote_code=True)",
+        ),
+    ],
+    ids=["config_first", "model_file_first"],
+)
+def test_remote_code_under_an_older_transformers_stops_with_the_version_error(
+    tmp_path, pair, run_without_repo, version, fake, load
+):
+    """An older transformers gets the one-line version error, whichever of the two files it imports first."""
     pair[1].save_pretrained(tmp_path / "ckpt")
     result = run_without_repo(
         f"""
         import transformers
         import transformers.modeling_utils
         from transformers import AutoModelForCausalLM, PretrainedConfig
-        transformers.__version__ = "5.18.0"
-        del transformers.modeling_utils.slice_logits_to_keep
+        transformers.__version__ = {version!r}
+        {fake}
         ckpt = {str(tmp_path / "ckpt")!r}
-        config = PretrainedConfig.from_pretrained(ckpt)
         try:
-            AutoModelForCausalLM.from_pretrained(ckpt, config=config, trust_remote_code=True)
+            {load}
         except ImportError as err:
             print(err)
         """
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith(
-        f"needs transformers>={MIN_TRANSFORMERS_VERSION}, but transformers 5.18.0 is installed: upgrade it with "
+        f"needs transformers>={MIN_TRANSFORMERS_VERSION}, but transformers {version} is installed: upgrade it with "
         "`pip install -U transformers`."
     )
 
