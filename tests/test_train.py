@@ -1448,7 +1448,8 @@ def launch_two_machines(
         for launcher in launchers:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(launcher.pid, signal.SIGKILL)
-        raise AssertionError("the two machines hung") from None
+        tails = [f"machine {rank}: {launcher.communicate()[1][-2000:]}" for rank, launcher in enumerate(launchers)]
+        raise AssertionError("the two machines hung; their stderr:\n" + "\n".join(tails)) from None
     return results
 
 
@@ -1722,11 +1723,16 @@ def test_a_setup_error_of_one_machine_reaches_the_main_machine_that_prepares_pas
 
 
 KILLED_DURING_SETUP = """
-import os, signal, sys
+import datetime, os, signal, sys
 sys.path.insert(0, {repo!r})
+import torch.distributed as dist
 import train_accelerate
 train_accelerate.SILENT_S = 4.0  # not 30 s
-real_prepare = train_accelerate.prepare_dataset
+real_check, real_prepare = train_accelerate.check_shared_output_dir, train_accelerate.prepare_dataset
+def check_shared_output_dir(*args):  # from the setup on, a store call that gets no answer fails in 20 s, not 30 min
+    real_check(*args)
+    dist.distributed_c10d._get_default_store().set_timeout(datetime.timedelta(seconds=20))
+train_accelerate.check_shared_output_dir = check_shared_output_dir
 def prepare_dataset(*args, **kwargs):  # the OOM killer, say, while it prepares the data
     if os.environ["RANK"] == "{rank}":
         os.kill(os.getpid(), signal.SIGKILL)
