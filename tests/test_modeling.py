@@ -788,14 +788,20 @@ def test_prompt_lookup_decoding_with_bad_words_matches_hf(pair):
 def test_continuous_batching_and_the_paged_cache_generate_what_generate_does(pair):
     """The attention passes its kwargs to `cache.update`, as HF's GPT-2 does: the paged cache needs them."""
     from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
     _, model = pair
     prompt = random_ids(3, 8)
     expected = model.generate(prompt, max_new_tokens=6, do_sample=False)
-    paged = model.generate(prompt, max_new_tokens=6, do_sample=False, cache_implementation="paged")
+    small = ContinuousBatchingConfig(num_blocks=4, max_batch_tokens=64)  # by default 90% of free RAM, 9 s to fill
+    paged = model.generate(
+        prompt, max_new_tokens=6, do_sample=False, cache_implementation="paged", continuous_batching_config=small
+    )
     assert torch.equal(paged.reshape(expected.shape), expected)  # (1, 3, 14): what HF's GPT-2 returns too
     config = GenerationConfig(max_new_tokens=6, do_sample=False, eos_token_id=-1, pad_token_id=50256)
-    batch = model.generate_batch(inputs=prompt.tolist(), generation_config=config, progress_bar=False)
+    batch = model.generate_batch(
+        inputs=prompt.tolist(), generation_config=config, progress_bar=False, continuous_batching_config=small
+    )
     assert [batch[key].generated_tokens for key in sorted(batch)] == expected[:, 8:].tolist()
 
 
