@@ -599,7 +599,8 @@ class WorkerSteps:
     """One variant's training steps in a worker process (`--worker`) with its own glibc malloc setting.
 
     The worker builds the variant as `LocalSteps` does and runs one step per request, timed there; this process
-    keeps the order of the rounds, so steps in different workers still run one at a time, interleaved.
+    keeps the order of the rounds, so steps in different workers still run one at a time, interleaved. The workers
+    start together (each spends seconds importing and building), and `ready` waits for one's first reply.
     """
 
     def __init__(self, args, run: Run, name: str, malloc_tuning: bool):
@@ -607,7 +608,12 @@ class WorkerSteps:
         cmd += ["--malloc", "tuned" if malloc_tuning else "default", "--profile", str(args.profile)]
         self.name = name
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+        self.malloc_tuned: bool | None = None
+
+    def ready(self) -> WorkerSteps:
+        """Waits until the worker has built its variant (its first reply says whether its malloc is tuned)."""
         self.malloc_tuned = self._reply()["malloc_tuned"]
+        return self
 
     def _reply(self) -> dict:
         for line in self.proc.stdout:
@@ -641,9 +647,9 @@ class WorkerSteps:
         return self._call({"profile": True})["text"]
 
     def close(self) -> None:
+        """Ends the worker (its stdin closes); `time_variants` then waits for every worker's exit at once."""
         with contextlib.suppress(OSError):
             self.proc.stdin.close()
-        self.proc.wait()
 
 
 def serve(args, run: Run, names: list[str], settings: dict[str, Settings], device, train_args, malloc_tuned: bool):
@@ -691,11 +697,17 @@ def time_variants(args, run: Run, names: list[str], settings: dict[str, Settings
         owner = dict.fromkeys(names, executors[0])
         malloc_tuned = {}
     else:
-        executors, owner, malloc_tuned = [], {}, {}
-        for name in names:  # one worker per variant: every timed step comes after a switch of process alike
-            worker = WorkerSteps(args, run, name, settings[name].malloc_tuning)
-            executors.append(worker)
-            owner[name], malloc_tuned[name] = worker, worker.malloc_tuned
+        # one worker per variant (every timed step comes after a switch of process alike), all started at once
+        executors = [WorkerSteps(args, run, name, settings[name].malloc_tuning) for name in names]
+        owner, malloc_tuned = {}, {}
+        try:
+            for name, worker in zip(names, executors, strict=True):
+                owner[name], malloc_tuned[name] = worker, worker.ready().malloc_tuned
+        except BaseException:
+            for worker in executors:  # the others, still building, would wait on their stdin for ever
+                worker.proc.kill()
+                worker.proc.wait()
+            raise
     times: dict[str, dict[int, float]] = {name: {} for name in names}  # seconds per timed round
     first_loss: dict[str, float] = {}
     failed: dict[str, str] = {}
@@ -718,6 +730,9 @@ def time_variants(args, run: Run, names: list[str], settings: dict[str, Settings
     finally:
         for executor in executors:
             executor.close()
+        for executor in executors:  # each worker takes a second or more to exit: they do so side by side
+            if isinstance(executor, WorkerSteps):
+                executor.proc.wait()
     for text in profiles:
         print(text, end="")
     return {"times": times, "first_loss": first_loss, "failed": failed, "malloc_tuned": malloc_tuned}
