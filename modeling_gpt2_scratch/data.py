@@ -798,7 +798,14 @@ class _ShardWriter:
     def __init__(self, directory: Path, prefix: str, shard_size: int) -> None:
         self.directory = directory
         self.prefix = prefix
-        self.buffer = np.empty(shard_size, dtype=TOKEN_DTYPE)
+        try:  # pages are only taken as tokens arrive: a shard larger than the corpus costs the corpus
+            self.buffer = np.empty(shard_size, dtype=TOKEN_DTYPE)
+        except (MemoryError, ValueError):  # ValueError: larger than numpy's largest array
+            size = shard_size * TOKEN_DTYPE.itemsize
+            raise ValueError(
+                f"--shard_size {shard_size:,}: one shard ({size / 2**30:,.0f} GiB) cannot be held in memory while it "
+                "is written; pass a smaller --shard_size (the default, 100,000,000 tokens, takes 200 MB)."
+            ) from None
         self.filled = 0
         self.shards: list[tuple[str, int]] = []
         self.tokens = 0

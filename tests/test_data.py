@@ -646,6 +646,19 @@ def test_a_mistyped_flag_or_value_of_the_cli_is_one_line_naming_it(tmp_path, cap
     assert (status, capsys.readouterr().err) == (2, f"error: {message}\n")
 
 
+def test_a_shard_size_too_large_to_hold_is_one_line_naming_the_flag(tmp_path, capsys):
+    """The shard buffer's allocation failed with numpy's `_ArrayMemoryError` traceback."""
+    (tmp_path / "a.txt").write_text("hello")
+    flags = ["prepare", "--dataset", str(tmp_path / "a.txt"), "--output_dir", str(tmp_path / "o")]
+    assert main([*flags, "--shard_size", str(2**60)]) == 2  # 2 EiB: more than any address space
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --shard_size {2**60:,}: one shard (2,147,483,648 GiB) cannot be held in memory")
+    assert err.count("\n") == 1 and "pass a smaller --shard_size" in err
+    assert not (tmp_path / "o" / MANIFEST_NAME).exists()
+    assert main([*flags, "--shard_size", str(10**9)]) == 0  # 2 GB asked: pages are only taken as tokens arrive
+    assert read_split(tmp_path / "o", "train").tolist() == expected_stream(["hello"])
+
+
 def test_the_cli_prints_a_malformed_json_file_on_one_line(tmp_path):
     """`datasets`' json reader logs the error it then raises: the command printed that line twice above its own."""
     (tmp_path / "src").mkdir()
