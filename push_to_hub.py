@@ -12,6 +12,7 @@ The token comes from HF_TOKEN or `hf auth login`; it is never printed. The work 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from huggingface_hub import constants as hf_constants
@@ -168,10 +169,20 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(err, TransportError):  # no answer: say where it was sent
             endpoint = hf_constants.ENDPOINT
             message = f"Cannot reach the Hub at {endpoint} ({message}): check the network, and HF_ENDPOINT if set."
+        elif getattr(getattr(err, "response", None), "status_code", None) == 401:  # a wrong or revoked token
+            message += f" - the Hub refused the token: {token_fix()}"
         print(f"error: {message}", file=sys.stderr)
         return 1
     print(report(result, args))
     return 0
+
+
+def token_fix() -> str:
+    """What to do about a token the Hub refused, from where it came (`huggingface_hub.get_token`'s order)."""
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        if os.environ.get(name):
+            return f"set {name} to a valid token with write access, or unset it to use the one `hf auth login` saves."
+    return "run `hf auth login` with a valid token that has write access, or set HF_TOKEN to one."
 
 
 if __name__ == "__main__":

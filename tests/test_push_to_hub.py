@@ -543,6 +543,31 @@ def test_no_token_is_an_error_that_says_how_to_log_in(tiny_run, tmp_path, monkey
     assert "hf auth login" in line and "HF_TOKEN" in line
 
 
+@pytest.mark.parametrize("where", ["HF_TOKEN", "hf auth login"])
+def test_a_token_the_hub_refuses_is_one_line_saying_where_it_came_from(tiny_run, tmp_path, monkeypatch, capsys, where):
+    """A 401 printed the HTTP client's message alone, with no word of which token was sent or how to fix it."""
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_XET", True)
+    if where == "HF_TOKEN":
+        monkeypatch.setenv("HF_TOKEN", "hf_revoked")
+    else:  # the file `hf auth login` writes
+        (tmp_path / "token").write_text("hf_revoked")
+        monkeypatch.setattr(hf_constants, "HF_TOKEN_PATH", str(tmp_path / "token"))
+    with HubStub(TOKEN) as hub:
+        monkeypatch.setattr(hf_constants, "ENDPOINT", hub.url)
+        line = _run_main_expect_error([str(tiny_run.run_dir), "--repo-id", REPO_ID], capsys)
+    assert "401 Unauthorized" in line and "the Hub refused the token: " in line and "hf_revoked" not in line
+    if where == "HF_TOKEN":
+        assert line.endswith(
+            "set HF_TOKEN to a valid token with write access, or unset it to use the one `hf auth login` saves."
+        )
+    else:
+        assert line.endswith("run `hf auth login` with a valid token that has write access, or set HF_TOKEN to one.")
+    assert REPO_ID not in hub.repos  # nothing was created
+
+
 def test_offline_mode_is_an_error_before_staging(tiny_run, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
