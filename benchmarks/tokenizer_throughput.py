@@ -19,9 +19,9 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from importlib.metadata import version  # tiktoken 0.7 (the floor) has no __version__
 from pathlib import Path
 
-import tiktoken
 import tokenizers
 import torch
 import transformers
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print(
         f"\n## Tokenizer throughput: {describe_device(torch.device('cpu'))}; python {platform.python_version()}, "
-        f"tiktoken {tiktoken.__version__}, tokenizers {tokenizers.__version__}, transformers "
+        f"tiktoken {version('tiktoken')}, tokenizers {tokenizers.__version__}, transformers "
         f"{transformers.__version__}, torch {torch.__version__}; {time.strftime('%Y-%m-%d')}\n"
     )
     command = " ".join(["python benchmarks/tokenizer_throughput.py", *(sys.argv[1:] if argv is None else argv)])
