@@ -735,17 +735,21 @@ def stop_together(accelerator: Accelerator, step: str):
 def check_same_data(accelerator: Accelerator, data_args: DataArguments, data_dir: Path) -> None:
     """Refuse machines that prepared other data: `--dataset` is a path of each machine, so the same flags may name
     another corpus on each, and each machine trained on its own without a word. Compares the token counts and the
-    source's fingerprint (its files' contents, wherever they lie) of each machine's manifest, through the store.
+    source's fingerprint (its files' contents, wherever they lie) of each machine's manifest, through the store, with
+    heartbeats as in the setup (`Heartbeats`): a process killed since the setup was waited for until the timeout.
 
     Raises:
-        ValueError: on every process, naming the first process whose data differ from the main process's.
+        ValueError: on every process, naming the first process whose data differ from the main process's; on the
+            others, a process silent for `SILENT_S` seconds, or the main machine gone.
     """
     if not several_machines(accelerator):
         return  # one machine: the same command, the same files
-    manifest = read_manifest(data_dir)
-    train, val = (sum(entry["tokens"] for entry in manifest["splits"].get(split, [])) for split in ("train", "val"))
-    prepared = f"{train:,} train and {val:,} val tokens (source {manifest['source']['fingerprint'][:12]})"
-    answers = exchange(accelerator, "data", json.dumps([data_args.dataset, prepared]))
+    heartbeats = Heartbeats(accelerator, "the data check")  # a process killed since the setup is not waited out
+    with heartbeats.beating():
+        manifest = read_manifest(data_dir)
+        train, val = (sum(e["tokens"] for e in manifest["splits"].get(split, [])) for split in ("train", "val"))
+        prepared = f"{train:,} train and {val:,} val tokens (source {manifest['source']['fingerprint'][:12]})"
+        answers = exchange(accelerator, "data", json.dumps([data_args.dataset, prepared]), heartbeats)
     (main_dataset, main_prepared), *others = map(json.loads, answers)
     for rank, (dataset, other) in enumerate(others, start=1):
         if other != main_prepared:

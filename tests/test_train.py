@@ -1732,42 +1732,45 @@ sys.path.insert(0, {repo!r})
 import torch.distributed as dist
 import train_accelerate
 train_accelerate.SILENT_S = 4.0  # not 30 s
-real_check, real_prepare = train_accelerate.check_shared_output_dir, train_accelerate.prepare_dataset
+real_check, real_target = train_accelerate.check_shared_output_dir, train_accelerate.{target}
 def check_shared_output_dir(*args):  # from the setup on, a store call that gets no answer fails in 20 s, not 30 min
     real_check(*args)
     dist.distributed_c10d._get_default_store().set_timeout(datetime.timedelta(seconds=20))
 train_accelerate.check_shared_output_dir = check_shared_output_dir
-def prepare_dataset(*args, **kwargs):  # the OOM killer, say, while it prepares the data
+def target(*args, **kwargs):  # the OOM killer, say, while it prepares the data (or just after)
     if os.environ["RANK"] == "{rank}":
         os.kill(os.getpid(), signal.SIGKILL)
-    return real_prepare(*args, **kwargs)
-train_accelerate.prepare_dataset = prepare_dataset
+    return real_target(*args, **kwargs)
+train_accelerate.{target} = target
 sys.exit(train_accelerate.main())
 """
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "killed, error",
+    "killed, target, error",
     [
         (
             1,
+            "prepare_dataset",
             "error: process 1 stopped answering during setup (no heartbeat for 4 s): killed outright (by the OOM "
             "killer, say, while it prepared its data)? See its machine's log, then start every machine again.",
         ),
-        (0, "error: lost the main machine during setup ("),  # its launcher stopped, and the store with it
+        (0, "prepare_dataset", "error: lost the main machine during setup ("),  # its launcher went, and the store
+        (1, "check_same_data", "error: process 1 stopped answering during the data check (no heartbeat for 4 s)"),
     ],
-    ids=["machine_1", "main_machine"],
+    ids=["machine_1", "main_machine", "machine_1_after_setup"],
 )
 def test_two_machines_stop_soon_with_one_error_line_when_a_process_is_killed_during_setup(
-    corpus, data_dir, tmp_path, killed, error
+    corpus, data_dir, tmp_path, killed, target, error
 ):
     """A process killed outright (SIGKILL: it posts no error) during its prepare of the data left the other machine
     waiting out the process group's timeout (30 minutes on gloo) when it was machine 1's, and stopped it with a
     `DistNetworkError` traceback when it was the main machine's (the store gone with its launcher). Now one line
-    each, within the heartbeats' silence (4 s here, 30 s by default)."""
+    each, within the heartbeats' silence (4 s here, 30 s by default). The check that every machine prepared the same
+    data, just after the setup, waited out the timeout too."""
     script = tmp_path / "killed.py"
-    script.write_text(KILLED_DURING_SETUP.format(repo=str(REPO), rank=killed))
+    script.write_text(KILLED_DURING_SETUP.format(repo=str(REPO), rank=killed, target=target))
     out = tmp_path / "run"
     args = ["--dataset", str(corpus), "--data_dir", str(data_dir), "--output_dir", str(out), *TINY]
     args += ["--total_batch_tokens", "512", "--max_steps", "2", "--eval_every", "0"]
