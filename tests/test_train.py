@@ -1838,14 +1838,15 @@ def test_two_processes_check_a_second_run_in_the_same_processes_against_its_own_
 
 
 REPORT_TIMEOUTS = """
-import sys
+import os, sys
 sys.path.insert(0, {repo!r})
 import torch.distributed as dist
 import train_accelerate
 def check_same_flags(accelerator, *arguments):  # right after the process group is made: its timeouts, then stop
     gloo = dist.distributed_c10d._get_default_group()._get_backend(accelerator.device)
-    print("timeouts", gloo.options._timeout.total_seconds(), dist.distributed_c10d._get_default_store().timeout
-          .total_seconds(), file=sys.stderr)
+    store = dist.distributed_c10d._get_default_store()
+    line = f"timeouts {{gloo.options._timeout.total_seconds()}} {{store.timeout.total_seconds()}}\\n"
+    os.write(2, line.encode())  # one write: print's pieces of the two processes interleaved ("timeoutstimeouts 123.0")
     raise SystemExit(0)
 train_accelerate.check_same_flags = check_same_flags
 sys.exit(train_accelerate.main())
