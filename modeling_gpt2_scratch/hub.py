@@ -36,7 +36,7 @@ import torch
 import yaml
 from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub import constants as hf_constants
-from huggingface_hub.errors import HFValidationError
+from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
 from huggingface_hub.repocard import metadata_load
 from huggingface_hub.utils import filter_repo_objects
 from huggingface_hub.utils import validate_repo_id as hf_validate_repo_id
@@ -1198,7 +1198,8 @@ def upload_folder_to_hub(
         The repository's URL and the commit's URL.
 
     Raises:
-        ValueError: for an invalid repo id, no token, offline mode, or `private` with an existing public repository.
+        ValueError: for an invalid repo id, no token, offline mode, `private` with an existing public repository, or
+            `refs/pr/N` of a repository that does not exist (none is created).
         OSError: when a file's upload fails (nothing is committed); the Hub's HTTP errors (`HfHubHTTPError`).
     """
     validate_repo_id(repo_id)
@@ -1206,7 +1207,17 @@ def upload_folder_to_hub(
     token = resolve_token(token)
     _require_online()
     api = HfApi(endpoint=endpoint, token=token, library_name="gpt2-scratch")
-    repo_url = api.create_repo(repo_id, private=private or None, repo_type="model", exist_ok=True)
+    if _is_pull_request(revision):  # a pull request of a repository that exists: none is created for it
+        try:
+            api.repo_info(repo_id, repo_type="model")
+        except RepositoryNotFoundError:  # the real Hub: 401 or 404, as for a private one this token cannot see
+            raise ValueError(
+                f"--revision {revision}: there is no repository {repo_id} (that this token can see), so no pull "
+                "request of it; nothing was created. Push to the repository's main branch (no --revision) first."
+            ) from None
+        repo_url = f"{api.endpoint}/{repo_id}"
+    else:
+        repo_url = api.create_repo(repo_id, private=private or None, repo_type="model", exist_ok=True)
     if private and not api.repo_info(repo_id, repo_type="model").private:
         raise ValueError(
             f"{repo_id} already exists and is public, and --private was given: nothing was uploaded. Make it private "

@@ -283,13 +283,15 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         return None if length > limit else self.rfile.read(length)
 
-    def _reply(self, status: int, payload: dict) -> None:
+    def _reply(self, status: int, payload: dict, error_code: str | None = None) -> None:
         data = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         if status >= 400 and "error" in payload:
             self.send_header("X-Error-Message", payload["error"])
+        if error_code is not None:  # the Hub's X-Error-Code, which huggingface_hub turns into its error classes
+            self.send_header("X-Error-Code", error_code)
         self.end_headers()
         self.wfile.write(data)
 
@@ -312,7 +314,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._reply(401, {"error": "Invalid credentials in Authorization header"})
         params = {key: unquote(value) for key, value in match.groupdict().items() if value is not None}
         if "repo" in params and params["repo"] not in hub.repos:
-            return self._reply(404, {"error": f"Repository {params['repo']} not found"})
+            return self._reply(404, {"error": f"Repository {params['repo']} not found"}, "RepoNotFound")
         raw = name in ("lfs_upload", "commit")  # content and ndjson; the other endpoints take JSON
         parsed = body if raw else (json.loads(body) if body else {})
         with hub._lock:

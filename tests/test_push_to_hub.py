@@ -984,6 +984,21 @@ def test_a_push_to_a_pull_requests_ref_creates_no_branch(staged, monkeypatch, ca
     assert hub.files(REPO_ID) == {} and not [r for r in hub.requests if "/branch/" in r.target]
 
 
+@pytest.mark.parametrize("status", [401, 404])  # the Hub answers 401 where it hides whether a repository exists
+def test_a_push_to_a_pull_request_of_no_repository_creates_nothing(staged, monkeypatch, capsys, status):
+    """`create_repo` ran first and made an empty public repository, then the upload to its `refs/pr/1` failed."""
+    monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    with HubStub(TOKEN) as hub:
+        if status == 401:  # as the real Hub answers a missing (or hidden) repository's info
+            monkeypatch.setattr(
+                hub, "repo_info", lambda body, repo, revision=None: (401, {"error": "Repository Not Found"})
+            )
+        with pytest.raises(ValueError, match=r"^--revision refs/pr/1: there is no repository alice/tiny-gpt2-scratch"):
+            upload_folder_to_hub(staged, REPO_ID, token=TOKEN, endpoint=hub.url, revision="refs/pr/1")
+    assert hub.repos == {} and not [r for r in hub.requests if r.method == "POST"]
+
+
 def test_local_dir_expands_the_home_folder(tiny_run, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
