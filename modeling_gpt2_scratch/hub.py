@@ -8,9 +8,9 @@
    `config.json` with `auto_map` and the two code files, `generation_config.json`), the tokenizer, `loss.png` when
    the run has one, and a `README.md` model card built from the run's `run_config.json`, `run_summary.json` and
    `metrics.jsonl`. `fmt="gpt2"` writes a plain `transformers` `GPT2LMHeadModel` instead (no remote code).
-3. `upload_folder_to_hub(folder, repo_id, ...)`: `create_repo(exist_ok=True)`, `create_branch` for a revision other
-   than `main` (not for a pull request's `refs/pr/N`), and `upload_folder`, with the token of `HF_TOKEN` or
-   `hf auth login`.
+3. `upload_folder_to_hub(folder, repo_id, ...)`: `create_repo(exist_ok=True)` (for a pull request's `refs/pr/N`, a
+   check that the repository exists instead), `create_branch` for a revision other than `main` (not for `refs/pr/N`),
+   and `upload_folder`, with the token of `HF_TOKEN` or `hf auth login`.
 
 `push_run_to_hub` chains the three. The token is only ever handed to `huggingface_hub`, which sends it in the
 `Authorization` header; it is never logged, printed or written into the staged files.
