@@ -736,7 +736,8 @@ def check_same_data(accelerator: Accelerator, data_args: DataArguments, data_dir
     """Refuse machines that prepared other data: `--dataset` is a path of each machine, so the same flags may name
     another corpus on each, and each machine trained on its own without a word. Compares the token counts and the
     source's fingerprint (its files' contents, wherever they lie) of each machine's manifest, through the store, with
-    heartbeats as in the setup (`Heartbeats`): a process killed since the setup was waited for until the timeout.
+    heartbeats as in the setup (`Heartbeats`), so that a process killed since the setup is not waited for until the
+    timeout.
 
     Raises:
         ValueError: on every process, naming the first process whose data differ from the main process's; on the
