@@ -985,7 +985,7 @@ def test_a_push_to_a_pull_requests_ref_creates_no_branch(staged, monkeypatch, ca
 
 
 @pytest.mark.parametrize("status", [401, 404])  # the Hub answers 401 where it hides whether a repository exists
-def test_a_push_to_a_pull_request_of_no_repository_creates_nothing(staged, monkeypatch, capsys, status):
+def test_a_push_to_a_pull_request_of_no_repository_creates_nothing(staged, monkeypatch, status):
     """`create_repo` ran first and made an empty public repository, then the upload to its `refs/pr/1` failed."""
     monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_XET", True)
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
