@@ -1125,6 +1125,14 @@ def log_samples(accelerator: Accelerator, samples: list[str], step: int) -> None
             tracker.log({"samples": text}, step=step)
 
 
+def check_output_dir_not_a_file(output_dir: str) -> None:
+    """Refuse an `--output_dir` that is a file, on every process. One `stat` (`is_file`): meanwhile the main process
+    may create the folder and remove it again (`check_output_dir_writable`), and `exists() and not is_dir()` saw it
+    in between on another process ("is a file", once in a CI run of two processes)."""
+    if Path(output_dir).is_file():
+        raise ValueError(f"--output_dir {output_dir} is a file: pass a folder for the run (new or not).")
+
+
 def train(model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments) -> dict:
     """The whole run: set up, loop (log, evaluate, sample, checkpoint), export; returns the run summary."""
     start_time = time.time()
@@ -1138,8 +1146,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     if malloc_tuning_on(train_args, device) and not tune_cpu_malloc():
         logger.warning("--malloc_tuning: this C library has no mallopt (not glibc); left as it is.")
     accelerator.gradient_accumulation_steps = gradient_accumulation_steps(train_args, accelerator.num_processes)
-    if Path(train_args.output_dir).exists() and not Path(train_args.output_dir).is_dir():  # every process alike
-        raise ValueError(f"--output_dir {train_args.output_dir} is a file: pass a folder for the run (new or not).")
+    check_output_dir_not_a_file(train_args.output_dir)  # every process alike
     failure = None
     if accelerator.is_main_process:  # before anything reads the run folder, or prepares the data
         try:

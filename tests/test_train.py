@@ -14,6 +14,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -1909,6 +1910,31 @@ def test_a_save_that_fails_on_the_main_process_alone_stops_both_processes_in_one
     assert re.fullmatch(r"error: saving checkpoint .*step_0000002 failed \(.*unexpected pos.*\): is its disk full\? "
                         r".*then start the run again \(it has no checkpoint yet\)\.", errors[0])  # fmt: skip
     assert list((out / "checkpoints").iterdir()) == []  # the partial save's space freed
+
+
+def test_the_output_dir_check_never_takes_a_folder_being_made_and_removed_for_a_file(tmp_path):
+    """Process 1 checked with `exists() and not is_dir()` while the main process made the folder and removed it again
+    (its writability check): between the two calls the folder was gone, and process 1 stopped with "is a file"."""
+    folder, stop = tmp_path / "run", threading.Event()
+
+    def make_and_remove() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                folder.mkdir()
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+    thread = threading.Thread(target=make_and_remove)
+    thread.start()
+    try:
+        for _ in range(20_000):  # the old check failed about 1 in 60 here
+            train_accelerate.check_output_dir_not_a_file(str(folder))
+    finally:
+        stop.set()
+        thread.join()
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(ValueError, match=r"^--output_dir \S+file is a file: pass a folder for the run"):
+        train_accelerate.check_output_dir_not_a_file(str(tmp_path / "file"))
 
 
 def test_an_output_dir_that_is_a_file_is_one_error_line_under_two_processes(corpus, data_dir, tmp_path):
