@@ -64,6 +64,7 @@ from modeling_gpt2_scratch.training import (
     check_checkpoint_fits,
     check_no_checkpoints_ahead,
     check_no_finished_run,
+    check_output_dir_not_a_file,
     check_output_dir_writable,
     check_overwrite_keeps_inputs,
     checkpoint_dir,
@@ -1123,14 +1124,6 @@ def log_samples(accelerator: Accelerator, samples: list[str], step: int) -> None
     for tracker in accelerator.trackers:
         if tracker.name not in _NO_TEXT_TRACKERS:
             tracker.log({"samples": text}, step=step)
-
-
-def check_output_dir_not_a_file(output_dir: str) -> None:
-    """Refuse an `--output_dir` that is a file, on every process. One `stat` (`is_file`): meanwhile the main process
-    may create the folder and remove it again (`check_output_dir_writable`), and `exists() and not is_dir()` saw it
-    in between on another process ("is a file", once in a CI run of two processes)."""
-    if Path(output_dir).is_file():
-        raise ValueError(f"--output_dir {output_dir} is a file: pass a folder for the run (new or not).")
 
 
 def train(model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments) -> dict:

@@ -834,6 +834,14 @@ def cannot_write_output_dir(output_dir: str | os.PathLike, err: OSError) -> str:
     return f"--output_dir {output_dir}: cannot write there ({err.strerror or err}); pass a folder you can write to."
 
 
+def check_output_dir_not_a_file(output_dir: str | os.PathLike) -> None:
+    """Refuse an `--output_dir` that is a file, on every process. One `stat` (`is_file`): meanwhile the main process
+    may create the folder and remove it again (`check_output_dir_writable`), and `exists() and not is_dir()` saw it
+    in between on another process ("is a file", once in a CI run of two processes)."""
+    if Path(output_dir).is_file():
+        raise ValueError(f"--output_dir {output_dir} is a file: pass a folder for the run (new or not).")
+
+
 def check_output_dir_writable(output_dir: str | os.PathLike) -> None:
     """Refuse an `--output_dir` the run cannot write to (read-only storage, a file on its path), before any data is
     prepared: the run failed after the data, with a bare "[Errno 30] Read-only file system". The folders created to
