@@ -676,6 +676,40 @@ def test_a_memory_child_whose_variant_runs_out_of_memory_fails(monkeypatch, caps
     assert "peak_mib" not in capsys.readouterr().out
 
 
+def test_the_memory_children_start_after_this_process_freed_its_variants(monkeypatch, capsys):
+    """On a GPU the memory children share its memory with this process: the timed variants' models must be gone and
+    the allocator's cache emptied first (an hf-fp32 child at 64x1024 ran out of memory alone on an H200 beside the
+    parent's ~100 GB cache)."""
+    import gc
+    import weakref
+
+    built, alive_at_children, emptied = [], [], []
+    build_model = train_throughput.build_model
+    monkeypatch.setattr(
+        train_throughput, "build_model", lambda *a: built.append(weakref.ref(m := build_model(*a))) or m
+    )
+
+    def child_memory(runs, names, args):
+        alive_at_children.extend(ref() is not None for ref in built)
+        return {(run.name, name): {"peak_mib": 1.0, "baseline_mib": 0.0} for run in runs for name in names}
+
+    monkeypatch.setattr(train_throughput, "child_memory", child_memory)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    was_enabled = gc.isenabled()
+    gc.disable()  # only an explicit collection frees cycles: none runs by chance between the timing and the children
+    try:
+        argv = ["--runs", "quickstart:1x8", "--variants", "ours-defaults", "hf-fp32", "--processes", "one"]
+        train_throughput.main([*argv, "--warmup", "0", "--steps", "1", "--malloc", "default", "--peak_size", "64"])
+    finally:
+        if was_enabled:
+            gc.enable()
+    assert len(built) == 2 and alive_at_children == [False, False]
+    assert "| ours-defaults |" in capsys.readouterr().out
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    train_throughput.release_memory(torch.device("cuda"))
+    assert emptied == [True]
+
+
 def test_the_trainer_step_waits_for_the_device_where_train_step_does(tmp_path, monkeypatch):
     """`ours-defaults` times the trainer's step: `train_step` reads the loss and the gradient norm before AdamW (each
     a wait for the device, on a GPU), so the benchmark's accelerator step must too, in the same order."""
