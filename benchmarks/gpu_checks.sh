@@ -35,14 +35,16 @@ timeout "$(left 110)" python3 benchmarks/train_throughput.py --runs 124m:16x1024
 
 if [ -n "$DATA_DIR" ] && [ -n "$TEXT" ]; then
   # micro-batch 32 needs a validation split of at least 32 x 1024 + 1 tokens: tiny Shakespeare's 0.1 has 33,803.
+  # 262,144-token steps: tiny Shakespeare's training split (304,223 tokens at --val_fraction 0.1) holds less than the
+  # preset's 524,289 that one step needs since every epoch is a whole number of steps (6fe4b08); the trainer refuses.
   # --overwrite_output_dir: a rerun on the same (warm) machine finds the last run's final/ in /tmp, an error otherwise
   for run in "16 default" "16 reduce-overhead" "32 default"; do
     set -- $run
-    mark "the trainer, 124M defaults at micro-batch $1, --compile_mode $2, 8 steps of 524,288 tokens"
+    mark "the trainer, 124M defaults at micro-batch $1, --compile_mode $2, 8 steps of 262,144 tokens"
     timeout "$(left 90)" accelerate launch train_accelerate.py --dataset "$TEXT" --data_dir "$DATA_DIR" \
       --val_fraction 0.1 --output_dir /tmp/gpu_checks_mb$1_$2 --overwrite_output_dir true --micro_batch_size $1 \
-      --compile_mode $2 --max_steps 8 --warmup_steps 4 --eval_every 0 --eval_batches 1 --sample_every 0 \
-      --save_every 0 --log_every 1 > "$OUT/train_mb$1_$2.log" 2>&1
+      --total_batch_tokens 262144 --compile_mode $2 --max_steps 8 --warmup_steps 4 --eval_every 0 --eval_batches 1 \
+      --sample_every 0 --save_every 0 --log_every 1 > "$OUT/train_mb$1_$2.log" 2>&1
     echo "rc=$?" >> "$OUT/train_mb$1_$2.log"
     cp /tmp/gpu_checks_mb$1_$2/metrics.jsonl "$OUT/metrics_mb$1_$2.jsonl" 2>/dev/null
   done
@@ -54,7 +56,8 @@ if [ -n "$DATA_DIR" ] && [ -n "$TEXT" ]; then
     --log_every 1)
   { timeout "$(left 80)" accelerate launch train_accelerate.py "${COMMON[@]}" --overwrite_output_dir true \
       --max_steps 2 --mixed_precision bf16; echo "rc=$?"
-    timeout "$(left 60)" accelerate launch train_accelerate.py "${COMMON[@]}" --resume latest --max_steps 3 \
+    # fp16's first step compiles anew (31-33 s on an H200); then the final evaluation and saves: 60 s cut it off
+    timeout "$(left 110)" accelerate launch train_accelerate.py "${COMMON[@]}" --resume latest --max_steps 3 \
       --mixed_precision fp16; echo "rc=$?"
     timeout "$(left 60)" accelerate launch train_accelerate.py "${COMMON[@]}" --resume latest --max_steps 4 \
       --mixed_precision bf16; echo "rc=$?"
@@ -75,7 +78,9 @@ mark "gradient checkpointing at 64x1024: memory saved and time paid (measured on
 timeout "$(left 150)" python3 benchmarks/train_throughput.py --runs 124m:64x1024 --warmup 2 --steps 3 \
   --variants ours-defaults ours-defaults-ckpt 2>&1 | tee "$OUT/ckpt64.md"
 # BENCHMARKS.md's hf-fp32 peak at 64x1024 (22,800 MiB, marked †) came from a memory child whose step had failed;
-# since cdee846 such a child fails: its own peak, alone on the GPU (an out-of-memory line on an 80 GB card is a result)
+# since cdee846 such a child fails: its own peak, alone on the GPU (an out-of-memory line on an 80 GB card is a result).
+# On 2026-11-28 it ran out of memory on an H200 too, beside the ~100 GB the parent's allocator still held after
+# timing the variant; since then the parent frees that first (release_memory).
 mark "hf-fp32 peak memory at 124m:64x1024, alone"
 timeout "$(left 120)" python3 benchmarks/train_throughput.py --runs 124m:64x1024 --variants hf-fp32 --warmup 1 \
   --steps 1 --memory_jobs 1 2>&1 | tee "$OUT/hf_fp32_64_memory.md"
