@@ -90,16 +90,24 @@ def test_variant_names_resolve_to_settings(tmp_path):
 
 
 def test_variants_agree_on_the_first_loss_and_report_missing_kernels(tmp_path):
-    """A run of the script (in its own process: it sets process-wide state) on a tiny shape, with profiles."""
-    variants = ["hf-fp32", "ours-fp32", "ours-fp32-logits", "ours-defaults", "ours-fp32-math", "ours-fp32-efficient"]
-    variants += ["hf-fp32-ckpt", "ours-fp32-ckpt"]
-    cmd = [sys.executable, str(BENCHMARKS / "train_throughput.py"), "--runs", "quickstart:2x32", "--variants"]
-    cmd += [*variants, "--warmup", "1", "--steps", "1", "--no_memory", "--profile", "3"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    out = result.stdout
+    """Runs of the script (in processes of their own: it sets process-wide state) on a tiny shape, side by side: the
+    trainer's defaults beside HF's in worker processes (their malloc settings differ), with profiles; the other
+    variants all in one process (one malloc setting)."""
+    script = [sys.executable, str(BENCHMARKS / "train_throughput.py"), "--runs", "quickstart:2x32"]
+    timing = ["--warmup", "1", "--steps", "1", "--no_memory"]
+    workers = ["hf-fp32", "ours-defaults"]
+    in_one = ["hf-fp32", "ours-fp32", "ours-fp32-logits", "ours-fp32-math", "ours-fp32-efficient"]
+    in_one += ["hf-fp32-ckpt", "ours-fp32-ckpt"]
+    runs = [  # both at once: each spends most of its time importing and starting processes
+        subprocess.Popen([*script, "--variants", *variants, *timing, *extra], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+        for variants, extra in ((workers, ["--profile", "3"]), (in_one, ["--processes", "one", "--malloc", "default"]))
+    ]  # fmt: skip
+    (out, err), (one_out, one_err) = (run.communicate(timeout=300) for run in runs)
+    assert runs[0].returncode == 0, err[-2000:]
+    assert runs[1].returncode == 0, one_err[-2000:]
     # --profile: per variant, ms per phase and op kind, and the floor (matmul + sdpa + clip + AdamW) under the step
-    for name in ("hf-fp32", "ours-fp32"):
+    for name in workers:
         header, _, row = re.search(rf"(\| variant \|.*)\n(.*)\n(\| {name} \|.*)", out).groups()
         columns, values = ([c.strip() for c in line.strip("|").split("|")] for line in (header, row))
         cells = dict(zip(columns, values, strict=True))
@@ -110,22 +118,27 @@ def test_variants_agree_on_the_first_loss_and_report_missing_kernels(tmp_path):
         assert f"#### {name}: top 3 ops by self time" in out
     assert "step / floor: how much faster the step would be if everything else were free." in out
     assert "N without the position embedding, the tied LM head at the padded 50304-token vocabulary" in out
-    losses = {name: float(value) for name, value in re.findall(r"([\w-]+) (\d+\.\d+)", out.split("First-step")[1])}
-    assert set(losses) == set(variants) - {"ours-fp32-efficient"}  # CPUs have no memory-efficient kernel
+
+    def first_losses(text: str) -> dict[str, float]:
+        return {name: float(value) for name, value in re.findall(r"([\w-]+) (\d+\.\d+)", text.split("First-step")[1])}
+
+    losses, fp32 = first_losses(out), first_losses(one_out)
+    assert set(fp32) == set(in_one) - {"ours-fp32-efficient"}  # CPUs have no memory-efficient kernel
+    assert max(fp32.values()) - min(fp32.values()) <= 1e-4
+    assert losses["hf-fp32"] == fp32["hf-fp32"]  # the same batch and weights in every process
     defaults = train_throughput.variant_settings(
         ["ours-defaults"], torch.device("cpu"), TrainArguments(output_dir=str(tmp_path))
     )["ours-defaults"]
-    fp32 = [v for name, v in losses.items() if name != "ours-defaults"]
-    assert max(fp32) - min(fp32) <= 1e-4
     tolerance = 2e-2 if defaults.mixed_precision == "bf16" else 1e-4  # bf16 autocast where the CPU has bf16
-    assert abs(losses["ours-defaults"] - losses["ours-fp32"]) <= tolerance
-    assert "| ours-fp32-efficient |" in out and "no efficient attention kernel here" in out
+    assert abs(losses["ours-defaults"] - fp32["ours-fp32"]) <= tolerance
+    assert "| ours-fp32-efficient |" in one_out and "no efficient attention kernel here" in one_out
     assert f"| ours-defaults | {defaults.describe('cpu')} |" in out
-    assert "quickstart:2x32: round 1/2 (warm-up) done" in result.stderr  # progress, for a run cut off by a limit
-    assert "quickstart:2x32: round 2/2 (timed) done" in result.stderr and "peak memory" not in result.stderr
-    assert re.search(r"Paired speed-ups .*: ours-fp32 vs hf-fp32 \d+\.\d\dx;", out)  # one timed round: no quartiles
+    assert "quickstart:2x32: round 1/2 (warm-up) done" in err  # progress, for a run cut off by a limit
+    assert "quickstart:2x32: round 2/2 (timed) done" in err and "peak memory" not in err
+    assert re.search(r"Paired speed-ups .*: ours-defaults vs hf-fp32 \d+\.\d\dx\n", out)  # one round: no quartiles
     # The trainer's malloc tuning is for ours-defaults only: the two settings ran in two worker processes
-    assert "glibc malloc: tuned (tune_cpu_malloc) for ours-defaults; glibc's default for hf-fp32, ours-fp32," in out
+    assert "glibc malloc: tuned (tune_cpu_malloc) for ours-defaults; glibc's default for hf-fp32. Each variant" in out
+    assert "glibc malloc: default, for every variant, all in one process." in one_out
 
 
 def test_step_floor_counts_matmul_attention_clip_and_adamw():
