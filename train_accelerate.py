@@ -436,6 +436,21 @@ _EXCHANGES = itertools.count()
 HEARTBEAT_S = 2.0
 SILENT_S = 30.0  # 15 heartbeats: a thread on a loaded machine is late by seconds, not by half a minute
 POLL_S = 1.0  # how often a process that waits looks at the others' answers and heartbeats
+# what a process does during each setup step with heartbeats, for the guess of a silent process's message, and what a
+# process not done within the store's timeout there is told ({within}: that timeout)
+HEARTBEAT_STEPS = {
+    "setup": (
+        ", while it prepared its data",
+        "has not finished its setup within {within} (--ddp_timeout: a first preparation of its data?): prepare the "
+        "data on each machine beforehand (python -m modeling_gpt2_scratch.data prepare with the run's data flags, "
+        "--output_dir the folder its log names), or raise --ddp_timeout, then start every machine again.",
+    ),
+    "the data check": (
+        "",
+        "has not finished the data check within {within}, though it only reads its data folder's manifest.json there "
+        "(a hung network file system?): see its machine's log, then start every machine again.",
+    ),
+}
 
 
 def process_name(rank: int) -> str:
@@ -455,6 +470,7 @@ class Heartbeats:
         import torch.distributed as dist
 
         self.accelerator, self.step = accelerator, step
+        self.killed_while, self.not_finished = HEARTBEAT_STEPS[step]
         self.store = dist.distributed_c10d._get_default_store()
         self.prefix = f"gpt2_scratch/alive/{step}/{next(_EXCHANGES)}"
 
@@ -535,18 +551,13 @@ class Heartbeats:
                 elif now - heard[rank][1] > SILENT_S:
                     raise ValueError(
                         f"{process_name(rank)} stopped answering during {self.step} (no heartbeat for "
-                        f"{SILENT_S:g} s): killed outright (by the OOM killer, say, while it prepared its data)? See "
-                        "its machine's log, then start every machine again."
+                        f"{SILENT_S:g} s): killed outright (by the OOM killer, say{self.killed_while})? See its "
+                        "machine's log, then start every machine again."
                     )
             if now > deadline:
                 timeout = self.store.timeout.total_seconds()
                 within = f"{timeout / 60:g} minutes" if timeout >= 60 else f"{timeout:g} s"
-                raise ValueError(
-                    f"{process_name(waiting_for[0])} has not finished its {self.step} within {within} (--ddp_timeout: "
-                    "a first preparation of its data?): prepare the data on each machine beforehand (python -m "
-                    "modeling_gpt2_scratch.data prepare with the run's data flags, --output_dir the folder its log "
-                    "names), or raise --ddp_timeout, then start every machine again."
-                )
+                raise ValueError(f"{process_name(waiting_for[0])} {self.not_finished.format(within=within)}")
             time.sleep(POLL_S)
 
 

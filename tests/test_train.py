@@ -1782,6 +1782,44 @@ def test_two_machines_stop_soon_with_one_error_line_when_a_process_is_killed_dur
     assert not (out / "metrics.jsonl").exists()
 
 
+@pytest.mark.parametrize("step", ["setup", "the data check"])
+@pytest.mark.parametrize("beating", [False, True], ids=["silent", "beating"])
+def test_a_process_that_does_not_answer_is_told_what_it_was_doing_there(monkeypatch, step, beating):
+    """The data check (just after the setup) only reads each machine's manifest: a process silent there was not
+    killed 'while it prepared its data', and one that beats but does not answer is stuck, not preparing for longer
+    than --ddp_timeout (the setup's advice, to prepare the data beforehand, does not apply)."""
+    import datetime
+    import types
+
+    import torch.distributed as dist
+
+    store = dist.HashStore()
+    store.set_timeout(datetime.timedelta(seconds=1))  # the process group's timeout: 1 s, not 30 minutes
+    monkeypatch.setattr(dist.distributed_c10d, "_get_default_store", lambda: store)
+    monkeypatch.setattr(train_accelerate, "SILENT_S", 0.3 if not beating else 60.0)
+    monkeypatch.setattr(train_accelerate, "POLL_S", 0.05)
+    main_process = train_accelerate.Heartbeats(types.SimpleNamespace(process_index=0), step)
+    process_1 = train_accelerate.Heartbeats(types.SimpleNamespace(process_index=1), step)
+    process_1.prefix = main_process.prefix  # the same exchange on both (numbered in each process alike)
+    keys = ["answer/0", "answer/1"]
+    store.set(keys[0], "")
+    with process_1.beating() if beating else contextlib.nullcontext(), pytest.raises(ValueError) as err:
+        main_process.wait(keys)  # process 1 never answers
+    if not beating:
+        killed = ", while it prepared its data" if step == "setup" else ""
+        assert str(err.value) == (
+            f"process 1 stopped answering during {step} (no heartbeat for 0.3 s): killed outright (by the OOM killer, "
+            f"say{killed})? See its machine's log, then start every machine again."
+        )
+    elif step == "setup":
+        assert str(err.value).startswith("process 1 has not finished its setup within 1 s (--ddp_timeout: a first")
+    else:
+        assert str(err.value) == (
+            "process 1 has not finished the data check within 1 s, though it only reads its data folder's "
+            "manifest.json there (a hung network file system?): see its machine's log, then start every machine again."
+        )
+
+
 @pytest.mark.slow
 def test_each_machine_logs_its_own_data_preparation(corpus, data_dir, tmp_path):
     """Only the main process logged: machine 1's terminal showed nothing while it prepared its data, which may take
