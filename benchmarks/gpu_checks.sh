@@ -3,7 +3,8 @@
 #   BUDGET=540 OUT=gpu_out bash benchmarks/gpu_checks.sh
 # Needs the project's requirements (transformers >= 5.24) and, for the trainer run, tiny Shakespeare shards prepared
 # beforehand: DATA_DIR=<folder prepared with --val_fraction 0.1> TEXT=<the .txt it came from> (the trainer reuses
-# them; `datasets` is needed only to tokenize). Each part's output goes to $OUT; BENCHMARKS.md's GPU sections came
+# them; `datasets` is needed only to tokenize). AB_DIR=<another commit's files>: that commit's benchmark against this
+# one's first (below). Each part's output goes to $OUT; BENCHMARKS.md's GPU sections came
 # from these commands on H200s (2026-11-26). There, the CUDA parity tests took 60 s, 3 compiled variants at 16x1024
 # with their memory children 146 s, 2 without them 50-70 s, a trainer run of 8 steps 65-80 s (micro-batch 32: step 1
 # compiles for 29-49 s); 3 variants at 64x1024 did not finish in 200 s, nor did `-autotune` variants. Inductor's
@@ -25,6 +26,18 @@ mark environment
 mark "CUDA parity tests (about a minute)"
 timeout "$(left 120)" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -30 \
   | tee "$OUT/pytest_cuda.txt"
+
+if [ -n "$AB_DIR" ]; then
+  # BENCHMARKS.md, 2026-11-28: ours-defaults peaked 1.6 GiB higher at 16x1024 than on 2026-11-26 (CUDA only: not on a
+  # CPU), and the trainer ran ~10% slower per micro-step. AB_DIR holds another commit's files (git archive REV | tar
+  # -x -C DIR), e.g. 62cdd29 or 5f6df4c^, whose benchmark imports its own model: both, one after the other, twice.
+  # A benchmark before c82a9e0 does not wait for the loss and the gradient norm: compare its times with that in mind.
+  for tree in "$AB_DIR" . "$AB_DIR" .; do
+    mark "ours-defaults at 124m:16x1024 from $tree"
+    timeout "$(left 100)" python3 "$tree/benchmarks/train_throughput.py" --runs 124m:16x1024 --variants ours-defaults \
+      --warmup 3 --steps 8 2>&1 | tee -a "$OUT/ab.md"
+  done
+fi
 
 mark "training throughput, 124m:16x1024 (the issue's GPU target)"
 timeout "$(left 230)" python3 benchmarks/train_throughput.py --runs 124m:16x1024 2>&1 | tee "$OUT/tt16.md"
