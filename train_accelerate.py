@@ -1042,6 +1042,59 @@ def clip_gradients(accelerator: Accelerator, model: torch.nn.Module, max_norm: f
     return total_norm
 
 
+# one device or DDP: parameters are plain tensors, which torch's fused AdamW flags with a plain `found_inf`
+PLAIN_TENSOR_PARAMETERS = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+
+
+def guarded_optimizer_step(
+    accelerator: Accelerator,
+    optimizer: torch.optim.Optimizer,
+    loss_and_seconds: torch.Tensor,
+    grad_norm: torch.Tensor,
+    train_args: TrainArguments,
+    step: int,
+) -> list[float]:
+    """`optimizer.step()` unless the loss or the gradient norm is not finite, which raises `TrainingError` with the
+    weights unmoved (under fp16 a non-finite norm is the gradient scaler's to skip instead). Returns `[loss, seconds,
+    grad_norm]` (`loss_and_seconds` is a device tensor of two, `grad_norm` one of one), read from the device once.
+
+    With torch's fused AdamW (the trainer's default on GPUs and CPUs) the check runs on the device: the optimizer gets
+    the flag `found_inf` (as fp16's gradient scaler passes it), its kernel skips a flagged update (weights, moments and
+    step count) itself, and the host reads the values once, after launching AdamW. A GPU so never waits idle for the
+    host between the backward pass and AdamW, which two reads before AdamW cost it (about 9 ms of a 34 ms 124M step
+    of one micro-step on an H200, BENCHMARKS.md). Elsewhere (foreach AdamW, fp16's scaler, FSDP's sharded or
+    DeepSpeed's parameters) the host reads first and steps only when both values are finite.
+    """
+    values = torch.cat([loss_and_seconds.float(), grad_norm.reshape(1).to(loss_and_seconds.device).float()])
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps torch's
+    on_device = (
+        accelerator.scaler is None
+        and getattr(inner, "_step_supports_amp_scaling", False)  # torch's fused AdamW
+        and accelerator.distributed_type in PLAIN_TENSOR_PARAMETERS
+    )
+    if on_device:
+        inner.found_inf = (~torch.isfinite(values)).any().float()
+        try:
+            optimizer.step()
+        finally:
+            del inner.found_inf
+    train_loss, seconds, norm = values.tolist()
+    if not math.isfinite(train_loss):
+        raise TrainingError(
+            f"non-finite loss ({train_loss}) at step {step}; nothing was saved: lower --max_lr, check the data, "
+            f"{_how_to_go_on(train_args)}"
+        )
+    if not math.isfinite(norm) and accelerator.mixed_precision != "fp16":  # fp16's scaler skips such steps
+        precision = "" if accelerator.mixed_precision == "no" else " or use --mixed_precision no"
+        raise TrainingError(
+            f"non-finite gradient norm ({norm}) at step {step}, with a finite loss; nothing was saved: lower "
+            f"--max_lr{precision}, {_how_to_go_on(train_args)}"
+        )
+    if not on_device:
+        optimizer.step()
+    return [train_loss, seconds, norm]
+
+
 def train_step(
     accelerator: Accelerator,
     forward: torch.nn.Module,
@@ -1093,23 +1146,13 @@ def train_step(
             accelerator.step = micro_steps_before
             raise StepInterrupted
     seconds = torch.tensor(time.perf_counter() - started, dtype=torch.float32, device=accelerator.device)
-    stats = accelerator.reduce(torch.stack([loss_sum / grad_accum, seconds]), reduction="mean").tolist()
-    train_loss, step_seconds = stats
-    if not math.isfinite(train_loss):
-        raise TrainingError(
-            f"non-finite loss ({train_loss}) at step {step}; nothing was saved: lower --max_lr, check the data, "
-            f"{_how_to_go_on(train_args)}"
-        )
-    grad_norm = clip_gradients(accelerator, model, train_args.grad_clip).item()
-    if not math.isfinite(grad_norm) and accelerator.mixed_precision != "fp16":  # fp16's scaler skips such steps
-        precision = "" if accelerator.mixed_precision == "no" else " or use --mixed_precision no"
-        raise TrainingError(
-            f"non-finite gradient norm ({grad_norm}) at step {step}, with a finite loss; nothing was saved: lower "
-            f"--max_lr{precision}, {_how_to_go_on(train_args)}"
-        )
+    loss_and_seconds = accelerator.reduce(torch.stack([loss_sum / grad_accum, seconds]), reduction="mean")
+    grad_norm = clip_gradients(accelerator, model, train_args.grad_clip)
     lr = scheduler.get_last_lr()[0]
     scale = accelerator.scaler.get_scale() if accelerator.scaler is not None else None  # fp16's loss scale
-    optimizer.step()
+    train_loss, step_seconds, grad_norm = guarded_optimizer_step(
+        accelerator, optimizer, loss_and_seconds, grad_norm, train_args, step
+    )
     # fp16: an overflowing step moves neither the weights nor the schedule. Fused AdamW skips it in its own kernel, so
     # accelerate's `step_was_skipped` stays False (accelerate issue 4242); the scaler backs its scale off only then.
     if not (optimizer.step_was_skipped or (scale is not None and accelerator.scaler.get_scale() < scale)):

@@ -32,6 +32,8 @@ if [ -n "$AB_DIR" ]; then
   # CPU), and the trainer ran ~10% slower per micro-step. AB_DIR holds another commit's files (git archive REV | tar
   # -x -C DIR), e.g. 62cdd29 or 5f6df4c^, whose benchmark imports its own model: both, one after the other, twice.
   # A benchmark before c82a9e0 does not wait for the loss and the gradient norm: compare its times with that in mind.
+  # 10002ea, the last commit whose step reads them before AdamW (two waits), measures what the one read after it
+  # (guarded_optimizer_step, found_inf) gave.
   for tree in "$AB_DIR" . "$AB_DIR" .; do
     mark "ours-defaults at 124m:16x1024 from $tree"
     timeout "$(left 100)" python3 "$tree/benchmarks/train_throughput.py" --runs 124m:16x1024 --variants ours-defaults \

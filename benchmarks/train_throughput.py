@@ -18,7 +18,8 @@ first four are the default set:
 - `ours-defaults`: the scratch model with exactly `train_accelerate.py`'s default speed settings for this device:
   its own `build_accelerator` (mixed precision), compile / fused AdamW / TF32 / glibc malloc tuning resolved from
   `TrainArguments()` defaults, and its step (`accelerator.accumulate`, `accelerator.backward`, its
-  `clip_gradients`; the loss and the gradient norm read before AdamW, as `train_step` reads them).
+  `clip_gradients`, its `guarded_optimizer_step`: the finite checks of the loss and the gradient norm, and its one
+  read of the device).
 - `hf-defaults`: HF under exactly the trainer's defaults for this device (on CPU: no compile; on CUDA the same as
   `hf-defaults-compile`).
 - `ours-defaults-compile`: ours with the trainer's defaults plus `torch.compile` (on CUDA the same as
@@ -117,6 +118,7 @@ from train_accelerate import (  # noqa: E402
     clip_gradients,
     compile_forward,
     cpu_threads,
+    guarded_optimizer_step,
     malloc_tuning_on,
     speed_flags,
 )
@@ -483,16 +485,16 @@ def make_step(
                         loss = loss_of(x, y)
                     with record_function(PHASES[1]):
                         accelerator.backward(loss)
-                # train_step reads the loss (to check it is finite) and then the gradient norm before AdamW: two waits
-                # for the device, after which a GPU idles while the host launches the next kernels
-                value = loss.item()
                 with record_function(PHASES[2]):
                     if settings.torch_clip:
-                        accelerator.clip_grad_norm_(model.parameters(), train_args.grad_clip).item()
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), train_args.grad_clip)
                     else:
-                        clip_gradients(accelerator, model, train_args.grad_clip).item()
-                with record_function(PHASES[3]):
-                    optimizer.step()
+                        grad_norm = clip_gradients(accelerator, model, train_args.grad_clip)
+                with record_function(PHASES[3]):  # train_step's checks and its one read of the device
+                    seconds = torch.zeros((), device=device)
+                    value = guarded_optimizer_step(
+                        accelerator, optimizer, torch.stack([loss.detach().float(), seconds]), grad_norm, train_args, 1
+                    )[0]
                     optimizer.zero_grad(set_to_none=not cudagraphs)
                 return value
             else:

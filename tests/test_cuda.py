@@ -237,3 +237,41 @@ def test_fused_loss_weight_gradient_does_not_overflow_in_float16_on_cuda(compile
         del logits
         grad[torch.arange(n, device=CUDA), targets] -= 1
         assert column_errors(grad.t() @ h16.double() / n) <= 5e-3
+
+
+def test_a_training_step_waits_for_the_gpu_once_after_launching_adamw(tmp_path):
+    """`train_step` with fused AdamW: the loss and the gradient norm are checked on the GPU (`found_inf`) and read in
+    one transfer after AdamW is launched, so the GPU never idles between the backward pass and AdamW while the host
+    waits (two reads before AdamW cost the benchmark about 9 ms of a 34 ms step on an H200)."""
+    import math
+    import warnings
+
+    import train_accelerate
+    from modeling_gpt2_scratch.training import TrainArguments, build_optimizer, build_scheduler
+
+    args = TrainArguments(output_dir=str(tmp_path), max_steps=10, warmup_steps=2)
+    accelerator = train_accelerate.build_accelerator(args)
+    accelerator.gradient_accumulation_steps = 2
+    torch.manual_seed(0)
+    model = GPT2ScratchForCausalLM(GPT2ScratchConfig(**SHAPE))
+    optimizer = build_optimizer(model, args, fused=True)
+    scheduler = build_scheduler(optimizer, args)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    x = random_ids(4, 64).cpu()
+    batch = (x, torch.roll(x, -1, dims=1))
+    loader = type("OneBatch", (), {"next_batch": lambda self: batch})()
+    train_accelerate.train_step(accelerator, model, model, optimizer, scheduler, loader, args, 1)  # lazy state
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        optimizer.optimizer.register_step_pre_hook(lambda *args: caught.append("AdamW launched"))
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            record = train_accelerate.train_step(accelerator, model, model, optimizer, scheduler, loader, args, 2)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    events = [
+        e if isinstance(e, str) else "sync" for e in caught if isinstance(e, str) or "synchronizing" in str(e.message)
+    ]
+    assert events == ["AdamW launched", "sync"]
+    assert math.isfinite(record["train_loss"]) and math.isfinite(record["grad_norm"])

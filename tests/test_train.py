@@ -2650,18 +2650,80 @@ def test_a_non_finite_gradient_norm_stops_without_saving(corpus, data_dir, tmp_p
     assert {p.name: p.stat().st_mtime_ns for p in list_checkpoints(out)[-1].iterdir()} == good
 
 
-def _train_step_parts(corpus, data_dir, gradient_accumulation_steps: int) -> tuple:
+def _train_step_parts(corpus, data_dir, gradient_accumulation_steps: int, fused: bool = False) -> tuple:
     """What `train_step` takes, for a tiny model on a CPU accelerator: args, accelerator, model, optimizer,
     scheduler, loader."""
     train_args = parse_arguments(["--dataset", str(corpus), *TINY])[2]
     accelerator = train_accelerate.build_accelerator(train_args)
     accelerator.gradient_accumulation_steps = gradient_accumulation_steps
+    torch.manual_seed(0)
     model = GPT2ScratchForCausalLM(GPT2ScratchConfig(n_layer=1, n_head=2, n_embd=32, n_positions=64))
-    optimizer = train_accelerate.build_optimizer(model, train_args, fused=False)
+    optimizer = train_accelerate.build_optimizer(model, train_args, fused=fused)
     scheduler = build_scheduler(optimizer, train_args)
     model, optimizer = accelerator.prepare(model, optimizer)
     loader = ShardedTokenLoader(data_dir, "train", batch_size=4, seq_len=32)
     return train_args, accelerator, model, optimizer, scheduler, loader
+
+
+def _optimizer_snapshot(model, optimizer) -> list[torch.Tensor]:
+    """The weights and every AdamW state tensor (moments, step counts), copied."""
+    inner = optimizer.optimizer
+    return [p.detach().clone() for p in model.parameters()] + [
+        t.detach().clone() for p in model.parameters() for t in inner.state.get(p, {}).values()
+    ]
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-checked-on-the-device", "unfused-checked-on-the-host"])
+@pytest.mark.parametrize("fault", ["loss", "grad_norm"])
+def test_a_non_finite_step_leaves_weights_moments_and_schedule_as_they_were(
+    corpus, data_dir, monkeypatch, fused, fault
+):
+    """Fused AdamW is launched before the host sees the loss and the gradient norm: it gets `found_inf` and must skip
+    the update itself, so that the error's "nothing was saved" leaves the state of the last good step in memory too;
+    the host-checked optimizer must not be stepped at all."""
+    train_args, accelerator, model, optimizer, scheduler, loader = _train_step_parts(corpus, data_dir, 2, fused)
+    train_accelerate.train_step(accelerator, model, model, optimizer, scheduler, loader, train_args, 1)
+    before, last_epoch = _optimizer_snapshot(model, optimizer), scheduler.last_epoch
+    forward = model
+    if fault == "loss":
+
+        def forward(**kwargs):
+            out = model(**kwargs)
+            out.loss = out.loss * float("nan")
+            return out
+
+    else:
+        monkeypatch.setattr(train_accelerate, "clip_gradients", lambda *args: torch.tensor(float("inf")))
+    with pytest.raises(
+        train_accelerate.TrainingError,
+        match=f"non-finite {'loss' if fault == 'loss' else 'gradient norm'} .* at step 2",
+    ):
+        train_accelerate.train_step(accelerator, forward, model, optimizer, scheduler, loader, train_args, 2)
+    after = _optimizer_snapshot(model, optimizer)
+    assert len(after) == len(before) and all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
+    assert scheduler.last_epoch == last_epoch
+    assert not hasattr(optimizer.optimizer, "found_inf")  # the flag is not left for the next step
+
+
+def test_the_fused_step_checked_on_the_device_equals_the_one_checked_on_the_host(corpus, data_dir, monkeypatch):
+    """A finite step is the same, bit for bit, whether fused AdamW got `found_inf` (zero) or the host read first."""
+    results = []
+    for plain in (train_accelerate.PLAIN_TENSOR_PARAMETERS, ()):
+        monkeypatch.setattr(train_accelerate, "PLAIN_TENSOR_PARAMETERS", plain)
+        train_args, accelerator, model, optimizer, scheduler, loader = _train_step_parts(corpus, data_dir, 2, True)
+        calls = []
+        optimizer.optimizer.register_step_pre_hook(
+            lambda opt, args, kwargs, _c=calls: _c.append(hasattr(opt, "found_inf"))
+        )
+        records = [
+            train_accelerate.train_step(accelerator, model, model, optimizer, scheduler, loader, train_args, step)
+            for step in (1, 2, 3)
+        ]
+        assert calls == [bool(plain)] * 3  # each path ran where it was meant to
+        results.append(([(r["train_loss"], r["grad_norm"]) for r in records], _optimizer_snapshot(model, optimizer)))
+    (device_records, device_state), (host_records, host_state) = results
+    assert device_records == host_records
+    assert all(torch.equal(a, b) for a, b in zip(device_state, host_state, strict=True))
 
 
 def test_a_step_the_fp16_scaler_skips_leaves_the_schedule_where_it_was(corpus, data_dir, monkeypatch):
