@@ -1111,8 +1111,9 @@ def train_step(
 
     `accelerator.accumulate` skips the gradient all-reduce on all but the last micro-step and `accelerator.backward`
     divides each micro-loss by the accumulation steps, so the update is the mean over the whole batch, the same for
-    1 process x 2k micro-steps as for 2 processes x k. A non-finite loss or gradient norm raises before the optimizer
-    moves (under fp16 the gradient scaler skips such a step instead, and the schedule waits with it).
+    1 process x 2k micro-steps as for 2 processes x k. A non-finite loss or gradient norm raises with the weights
+    unmoved (`guarded_optimizer_step`; under fp16 the gradient scaler skips such a step instead, and the schedule
+    waits with it).
     `cudagraphs` (`compile_forward`): the gradients stay in their buffers, zeroed instead of freed.
 
     `stop_requested` (a collective check, asked on every rank alike) is asked between micro-steps. When it answers
