@@ -159,6 +159,13 @@ def cpu_threads(train_args: TrainArguments, num_processes: int) -> int:
 
 def build_accelerator(train_args: TrainArguments) -> Accelerator:
     """The Accelerator with the resolved mixed precision, gradient accumulation and trackers."""
+    for engine, variable in (("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"), ("Megatron-LM", "ACCELERATE_USE_MEGATRON_LM")):
+        if os.environ.get(variable, "false").lower() in ("true", "1"):  # what `accelerate launch` sets from its config
+            raise ValueError(
+                f"accelerate launch asked for {engine} ({variable}), whose engine steps the optimizer inside the "
+                f"backward pass; this trainer clips, checks and steps AdamW itself after it: launch with a config "
+                f"without {engine} (multi-GPU DDP: `accelerate config`, or `accelerate launch --multi_gpu`)."
+            )
     cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "false").lower() not in ("true", "1")
     precision = train_args.mixed_precision.lower()
     # bf16 tensor cores (Ampere+): torch's default also says True for GPUs that only emulate bf16 (V100, T4)

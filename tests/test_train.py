@@ -412,6 +412,20 @@ def test_mixed_precision_the_device_lacks(corpus, data_dir, tmp_path):
         run(corpus, data_dir, tmp_path / "run", "--mixed_precision", "fp16")
 
 
+@pytest.mark.parametrize("variable", ["ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_MEGATRON_LM"])
+def test_an_engine_that_steps_inside_the_backward_is_refused_in_one_line(
+    corpus, data_dir, tmp_path, monkeypatch, variable
+):
+    """DeepSpeed's engine clips and steps in `accelerator.backward` (and its `clip_grad_norm_` gives a float or None):
+    the trainer's guard of a non-finite step could not hold, so the launch is refused before anything runs."""
+    monkeypatch.setenv(variable, "true")
+    with pytest.raises(
+        ValueError, match=rf"^accelerate launch asked for .* \({variable}\), .*: launch with a config without"
+    ):
+        run(corpus, data_dir, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_non_finite_loss_stops_without_saving(corpus, data_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
     run(corpus, data_dir, out, "--max_steps", "4", "--save_every", "2", "--eval_every", "0")
