@@ -1067,10 +1067,10 @@ def guarded_optimizer_step(
 
     With torch's fused AdamW (the trainer's default on GPUs and CPUs) the check runs on the device: the optimizer gets
     the flag `found_inf` (as fp16's gradient scaler passes it), its kernel skips a flagged update (weights, moments and
-    step count) itself, and the host reads the values once, after launching AdamW. A GPU so never waits idle for the
-    host between the backward pass and AdamW, which two reads before AdamW cost it (about 9 ms of a 34 ms 124M step
-    of one micro-step on an H200, BENCHMARKS.md). Elsewhere (foreach AdamW, fp16's scaler, FSDP's sharded or
-    DeepSpeed's parameters) the host reads first and steps only when both values are finite.
+    step count) itself, and the host reads the values once, after launching AdamW. So a GPU does not wait idle for
+    the host between the backward pass and AdamW, as it did with two reads before AdamW (about 9 ms of a 34 ms 124M
+    step of one micro-step on an H200, BENCHMARKS.md). Elsewhere (unfused AdamW, fp16's scaler, FSDP's sharded
+    parameters) the host reads first and steps only when both values are finite.
     """
     values = torch.cat([loss_and_seconds.float(), grad_norm.reshape(1).to(loss_and_seconds.device).float()])
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps torch's
