@@ -1056,14 +1056,16 @@ PLAIN_TENSOR_PARAMETERS = (DistributedType.NO, DistributedType.MULTI_CPU, Distri
 def guarded_optimizer_step(
     accelerator: Accelerator,
     optimizer: torch.optim.Optimizer,
-    loss_and_seconds: torch.Tensor,
+    loss: torch.Tensor,
     grad_norm: torch.Tensor,
     train_args: TrainArguments,
     step: int,
+    also_read: torch.Tensor | None = None,
 ) -> list[float]:
-    """`optimizer.step()` unless the loss or the gradient norm is not finite, which raises `TrainingError` with the
-    weights unmoved (under fp16 a non-finite norm is the gradient scaler's to skip instead). Returns `[loss, seconds,
-    grad_norm]` (`loss_and_seconds` is a device tensor of two, `grad_norm` one of one), read from the device once.
+    """`optimizer.step()` unless the loss or the gradient norm (device scalars) is not finite, which raises
+    `TrainingError` with the weights unmoved (under fp16 a non-finite norm is the gradient scaler's to skip instead).
+    Returns `[loss, grad_norm, *also_read]` (`also_read`: more device values the caller wants), read from the device
+    in one transfer.
 
     With torch's fused AdamW (the trainer's default on GPUs and CPUs) the check runs on the device: the optimizer gets
     the flag `found_inf` (as fp16's gradient scaler passes it), its kernel skips a flagged update (weights, moments and
@@ -1072,7 +1074,8 @@ def guarded_optimizer_step(
     step of one micro-step on an H200, BENCHMARKS.md). Elsewhere (unfused AdamW, fp16's scaler, FSDP's sharded
     parameters) the host reads first and steps only when both values are finite.
     """
-    values = torch.cat([loss_and_seconds.float(), grad_norm.reshape(1).to(loss_and_seconds.device).float()])
+    checked = torch.stack([loss.float().reshape(()), grad_norm.to(loss.device).float().reshape(())])
+    values = checked if also_read is None else torch.cat([checked, also_read.float().reshape(-1)])
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps torch's
     on_device = (
         accelerator.scaler is None
@@ -1080,12 +1083,13 @@ def guarded_optimizer_step(
         and accelerator.distributed_type in PLAIN_TENSOR_PARAMETERS
     )
     if on_device:
-        inner.found_inf = (~torch.isfinite(values)).any().float()
+        inner.found_inf = (~torch.isfinite(checked)).any().float()
         try:
             optimizer.step()
         finally:
             del inner.found_inf
-    train_loss, seconds, norm = values.tolist()
+    read = values.tolist()
+    train_loss, norm = read[:2]
     if not math.isfinite(train_loss):
         raise TrainingError(
             f"non-finite loss ({train_loss}) at step {step}; nothing was saved: lower --max_lr, check the data, "
@@ -1099,7 +1103,7 @@ def guarded_optimizer_step(
         )
     if not on_device:
         optimizer.step()
-    return [train_loss, seconds, norm]
+    return read
 
 
 def train_step(
@@ -1154,12 +1158,12 @@ def train_step(
             accelerator.step = micro_steps_before
             raise StepInterrupted
     seconds = torch.tensor(time.perf_counter() - started, dtype=torch.float32, device=accelerator.device)
-    loss_and_seconds = accelerator.reduce(torch.stack([loss_sum / grad_accum, seconds]), reduction="mean")
+    loss, seconds = accelerator.reduce(torch.stack([loss_sum / grad_accum, seconds]), reduction="mean")
     grad_norm = clip_gradients(accelerator, model, train_args.grad_clip)
     lr = scheduler.get_last_lr()[0]
     scale = accelerator.scaler.get_scale() if accelerator.scaler is not None else None  # fp16's loss scale
-    train_loss, step_seconds, grad_norm = guarded_optimizer_step(
-        accelerator, optimizer, loss_and_seconds, grad_norm, train_args, step
+    train_loss, grad_norm, step_seconds = guarded_optimizer_step(
+        accelerator, optimizer, loss, grad_norm, train_args, step, also_read=seconds
     )
     # fp16: an overflowing step moves neither the weights nor the schedule. Fused AdamW skips it in its own kernel, so
     # accelerate's `step_was_skipped` stays False (accelerate issue 4242); the scaler backs its scale off only then.

@@ -491,10 +491,7 @@ def make_step(
                     else:
                         grad_norm = clip_gradients(accelerator, model, train_args.grad_clip)
                 with record_function(PHASES[3]):  # train_step's checks and its one read of the device
-                    seconds = torch.zeros((), device=device)
-                    value = guarded_optimizer_step(
-                        accelerator, optimizer, torch.stack([loss.detach().float(), seconds]), grad_norm, train_args, 1
-                    )[0]
+                    value = guarded_optimizer_step(accelerator, optimizer, loss.detach(), grad_norm, train_args, 1)[0]
                     optimizer.zero_grad(set_to_none=not cudagraphs)
                 return value
             else:
