@@ -739,7 +739,11 @@ class GPT2ScratchModel(GPT2ScratchPreTrainedModel):
         for block in self.h:
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
-            hidden_states, attn_weights = block(hidden_states, causal_mask, cache=cache, **kwargs)
+            # position_ids go along to the attention function, as in HF's GPT-2: flash attention gets no mask
+            # without padding and tells packed sequences apart by their restarting positions alone
+            hidden_states, attn_weights = block(
+                hidden_states, causal_mask, cache=cache, position_ids=position_ids, **kwargs
+            )
             if output_attentions and attn_weights is not None:  # sdpa/flash give none: `()`, as transformers' models
                 all_attentions += (attn_weights,)
         hidden_states = self.ln_f(hidden_states)

@@ -228,6 +228,51 @@ def test_packed_sequences_by_position_ids_attend_within_themselves(attn_implemen
     torch.testing.assert_close(out[:, 5:], second, rtol=1e-5, atol=1e-5)
 
 
+def varlen_cpu_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """flash_attention_2's contract on a CPU: no mask without padding (`flash_attention_mask`), and packed sequences
+    told apart by their restarting `position_ids` alone, as `_flash_attention_forward` does (varlen attention)."""
+    from transformers.modeling_flash_attention_utils import _is_packed_sequence, prepare_fa_kwargs_from_position_ids
+
+    assert attention_mask is None  # no padding here: flash gets no mask
+    position_ids = kwargs.get("position_ids")
+    bounds = [0, query.shape[2]]
+    if position_ids is not None and _is_packed_sequence(position_ids, query.shape[0]):
+        (cu_seq_lens, _), _ = prepare_fa_kwargs_from_position_ids(position_ids)
+        bounds = cu_seq_lens.tolist()
+    out = torch.cat(
+        [
+            torch.nn.functional.scaled_dot_product_attention(
+                *(x[:, :, s:e] for x in (query, key, value)), is_causal=True, scale=scaling
+            )
+            for s, e in zip(bounds[:-1], bounds[1:], strict=False)
+        ],
+        dim=2,
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def test_packed_sequences_by_position_ids_attend_within_themselves_under_flash_attention():
+    """Under flash attention the mask is None without padding, so the attention function sees the packing only in
+    the `position_ids` keyword (DataCollatorWithFlattening's padding-free batches). The blocks pass them on, as HF's
+    GPT-2 does; without them the second sequence attended to the first (off by 0.2). Checked on a CPU with an
+    attention function of flash's contract, registered as transformers registers its own."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import flash_attention_mask
+
+    AttentionInterface.register("varlen_cpu", varlen_cpu_attention)
+    AttentionMaskInterface.register("varlen_cpu", flash_attention_mask)
+    _, model = make_pair()
+    model.set_attn_implementation("varlen_cpu")
+    assert model.config._attn_implementation == "varlen_cpu"
+    ids = random_ids(1, 14)  # one packed row, as DataCollatorWithFlattening makes
+    position_ids = torch.cat([torch.arange(5), torch.arange(9)]).unsqueeze(0)
+    with torch.no_grad():
+        out = model(ids, position_ids=position_ids, use_cache=False).logits
+        first, second = model(ids[:, :5], use_cache=False).logits, model(ids[:, 5:], use_cache=False).logits
+    torch.testing.assert_close(out[:, :5], first, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[:, 5:], second, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 def test_attention_implementations_agree(attn_implementation):
     torch.manual_seed(0)
