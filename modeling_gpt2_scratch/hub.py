@@ -27,7 +27,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path, PureWindowsPath
 from typing import Any, Literal
@@ -1082,7 +1082,8 @@ def stage_folder(
     language: str = DEFAULT_LANGUAGE,
 ) -> list[StagedFile]:
     """Write the Hub repository's files into `out_dir` (created; if it exists, it must be empty or hold an earlier
-    staging, `staged_before`, which is replaced).
+    staging, `staged_before`, which is replaced). A staging that fails or is interrupted leaves nothing behind: the
+    files it wrote are removed, and `out_dir` too where this call created it, so the same call can be retried.
 
     `fmt="scratch"`: `GPT2ScratchForCausalLM.save_pretrained` (weights, `config.json` with `auto_map`, the code
     files, `generation_config.json`). `fmt="gpt2"`: `model.to_hf_gpt2().save_pretrained` (a plain `GPT2LMHeadModel`,
@@ -1122,6 +1123,7 @@ def stage_folder(
             f"{out_dir} is not an empty folder, nor one staged by push_to_hub.py: pass a new or empty folder to stage "
             "into, or delete this one."
         )
+    created = not out_dir.exists()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # read-only storage, a file on its path: was a bare "[Errno 30] Read-only file system"
@@ -1129,7 +1131,35 @@ def stage_folder(
             f"Cannot stage into {out_dir} ({err.strerror or one_line(err)}): pass a folder you can write to with "
             "--local-dir."
         ) from err
+    try:
+        return _stage_into(source, out_dir, repo_id, fmt, license, revision, license_name, license_link, language)
+    except BaseException:
+        # the folder was empty (or an earlier staging, removed above): all in it is this staging's, cut short (a full
+        # disk, Ctrl-C). Leave none of it: a retry of the same command would find a folder it may not stage into.
+        with suppress(OSError):
+            if created:
+                shutil.rmtree(out_dir)
+            else:
+                for path in out_dir.iterdir():
+                    if path.is_dir() and not path.is_symlink():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink()
+        raise
 
+
+def _stage_into(
+    source: ModelSource,
+    out_dir: Path,
+    repo_id: str,
+    fmt: Format,
+    license: str,
+    revision: str | None,
+    license_name: str | None,
+    license_link: str | None,
+    language: str,
+) -> list[StagedFile]:
+    """`stage_folder`'s writing, into the existing, empty `out_dir`."""
     model = load_model(source)
     checkpoint = source.model_dir if source.kind == "checkpoint" else None
     info = read_run_info(source.run_dir, step=source.step if checkpoint else None, checkpoint_dir=checkpoint)

@@ -712,11 +712,14 @@ def test_a_run_fine_tuned_from_gpt2s_old_id_names_its_repository_and_the_relatio
     assert "fine-tuned from `openai-community/gpt2`" in card.text
 
 
+@pytest.mark.parametrize("existed", [False, True], ids=["new-folder", "empty-folder"])
 @pytest.mark.parametrize("fails", ["weights", "tokenizer"])
 def test_a_full_disk_while_staging_is_a_one_line_error_naming_the_folder(
-    tiny_run, tmp_path, monkeypatch, capsys, fails
+    tiny_run, tmp_path, monkeypatch, capsys, fails, existed
 ):
-    """What safetensors and tokenizers raise on a full disk (seen on a full tmpfs): it was a traceback."""
+    """What safetensors and tokenizers raise on a full disk (seen on a full tmpfs): it was a traceback. The staging
+    cut short is removed (the folder too, where the call made it), so the same command works once there is space:
+    the weights it had written made the folder neither empty nor a staging, and the retry was refused."""
     import tokenizers
     from safetensors import SafetensorError
 
@@ -728,10 +731,16 @@ def test_a_full_disk_while_staging_is_a_one_line_error_naming_the_folder(
     target = (GPT2ScratchForCausalLM, "save_pretrained") if fails == "weights" else (tokenizers.Tokenizer, "save")
     monkeypatch.setattr(*target, disk_full)
     out = tmp_path / "out"
-    line = _run_main_expect_error([str(tiny_run.run_dir), "--repo-id", REPO_ID, "--dry-run", "--local-dir", str(out)],
-                                  capsys)  # fmt: skip
+    if existed:
+        out.mkdir()
+    argv = [str(tiny_run.run_dir), "--repo-id", REPO_ID, "--dry-run", "--local-dir", str(out)]
+    line = _run_main_expect_error(argv, capsys)
     assert line.startswith(f"error: Staging into {out} failed (") and "No space left on device" in line, line
     assert line.endswith("is its disk full? Free space there, or stage on another disk with --local-dir."), line
+    assert (list(out.iterdir()) == []) if existed else not out.exists()
+    monkeypatch.undo()  # space again: the same command stages
+    assert push_to_hub.main(argv) == 0
+    assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()
 
 
 def test_corrupt_weights_are_a_one_line_error(tiny_run, tmp_path, capsys):
