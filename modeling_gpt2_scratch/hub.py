@@ -512,11 +512,22 @@ def load_model(source: ModelSource) -> GPT2ScratchForCausalLM:
 
 
 def load_tokenizer(source: ModelSource, model_max_length: int) -> PreTrainedTokenizerBase:
-    """The run's saved tokenizer (in the export, or the run's `final/`), else a fresh GPT-2 tokenizer."""
+    """The run's saved tokenizer (in the export, or the run's `final/`), else a fresh GPT-2 tokenizer.
+
+    Raises:
+        ValueError: saved tokenizer files that do not load (cut short, corrupt), naming them and what to do.
+    """
     candidates = [source.model_dir] + ([source.run_dir / "final"] if source.run_dir is not None else [])
     for folder in candidates:
         if all((folder / name).is_file() for name in TOKENIZER_FILES):
-            return AutoTokenizer.from_pretrained(folder)
+            try:
+                return AutoTokenizer.from_pretrained(folder)
+            except Exception as err:  # JSON errors, tokenizers' bare Exception, a config of the wrong type, ...
+                files = " and ".join(str(folder / name) for name in TOKENIZER_FILES)
+                raise ValueError(
+                    f"Cannot load the tokenizer in {files} ({one_line(err)}): truncated or corrupt files? Export the "
+                    "run again, or delete both (the trainer's tokenizer is GPT-2's, which is then staged afresh)."
+                ) from err
     return get_hf_tokenizer(model_max_length=model_max_length)
 
 
@@ -576,7 +587,7 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
     rows = []
     if not path.is_file():
         return rows
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():  # a damaged byte spoils its line, not the file
         try:
             row = json.loads(line)
         except ValueError:

@@ -743,6 +743,32 @@ def test_a_full_disk_while_staging_is_a_one_line_error_naming_the_folder(
     assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()
 
 
+@pytest.mark.parametrize("damage", ["tokenizer.json cut short", "tokenizer_config.json not a mapping"])
+def test_corrupt_tokenizer_files_are_a_one_line_error_naming_them(tiny_run, tmp_path, capsys, damage):
+    """A bare JSON error naming no file, or an AttributeError traceback, before."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run.run_dir, run_dir)
+    name = damage.split()[0]
+    path = run_dir / "final" / name
+    path.write_text(path.read_text()[:300] if "cut short" in damage else "[]")
+    line = _run_main_expect_error([str(run_dir), "--repo-id", REPO_ID, "--dry-run"], capsys)
+    assert line.startswith(f"error: Cannot load the tokenizer in {run_dir / 'final' / 'tokenizer.json'} and "), line
+    assert line.endswith("Export the run again, or delete both (the trainer's tokenizer is GPT-2's, which is then "
+                         "staged afresh)."), line  # fmt: skip
+
+
+def test_a_damaged_byte_in_metrics_costs_its_line_only(tiny_run, tmp_path):
+    """metrics.jsonl with a byte that is not UTF-8 (disk damage): the other lines still make the card's numbers;
+    the whole push stopped on a UnicodeDecodeError naming no file."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run.run_dir, run_dir)
+    with open(run_dir / "metrics.jsonl", "ab") as f:
+        f.write(b'{"step": 999, "train_loss": 1.0, "note": "\xc3')
+    assert hub._read_metrics(run_dir / "metrics.jsonl") == hub._read_metrics(tiny_run.run_dir / "metrics.jsonl")
+    stage_folder(run_dir, tmp_path / "repo", REPO_ID)
+    assert (tmp_path / "repo" / "README.md").is_file()
+
+
 def test_corrupt_weights_are_a_one_line_error(tiny_run, tmp_path, capsys):
     run_dir = tmp_path / "run"
     shutil.copytree(tiny_run.run_dir, run_dir)
