@@ -61,6 +61,7 @@ from modeling_gpt2_scratch.training import (
     build_optimizer,
     build_scheduler,
     cannot_write_output_dir,
+    check_branch_into_a_folder_of_its_own,
     check_checkpoint_fits,
     check_no_checkpoints_ahead,
     check_no_finished_run,
@@ -89,6 +90,7 @@ from modeling_gpt2_scratch.training import (
     resolve_flag,
     resolve_resume,
     restore_interrupted_replaces,
+    run_folder_of,
     tune_cpu_malloc,
     write_json_atomic,
 )
@@ -1228,8 +1230,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
             check_overwrite_keeps_inputs(train_args.output_dir, inputs | {"dataset": data_args.dataset})
         model = build_seeded_model(model_args, train_args, accelerator.process_index)  # before the data: fails at once
         if resume_from is not None:
+            check_branch_into_a_folder_of_its_own(resume_from, train_args.output_dir)
             check_checkpoint_fits(resume_from, model.config, accelerator.num_processes)
-            changed = data_flag_changes(Path(train_args.output_dir) / RUN_CONFIG_NAME, data_args)
+            changed = data_flag_changes(run_folder_of(resume_from, train_args.output_dir) / RUN_CONFIG_NAME, data_args)
             if changed:  # before any data is prepared: --overwrite_data would otherwise rebuild the shards for nothing
                 raise ValueError(
                     f"--resume {resume_from}: the run trained on other data ({'; '.join(changed)}); resume with the "
@@ -1308,10 +1311,11 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
             )
         check_no_checkpoints_ahead(train_args.output_dir, state.step)
         changes = precision_changes + apply_optimizer_flags(optimizer, scheduler, train_args)
-        changes += schedule_flag_changes(output_dir / RUN_CONFIG_NAME, run_config["training"])
+        resumed_config = run_folder_of(resume_from, output_dir) / RUN_CONFIG_NAME  # the run the checkpoint is from
+        changes += schedule_flag_changes(resumed_config, run_config["training"])
         changes += [  # weights and dropout continue from the checkpoint's RNG states: the seed reaches the samples
             f"{change} (the samples' seed only)"
-            for change in flag_changes(output_dir / RUN_CONFIG_NAME, "training", run_config["training"], ("seed",))
+            for change in flag_changes(resumed_config, "training", run_config["training"], ("seed",))
         ]
         saved_config = Path(resume_from) / "config.json"
         saved_dropout = json.loads(saved_config.read_text()).get("resid_pdrop") if saved_config.is_file() else None

@@ -128,7 +128,8 @@ class TrainArguments:
     resume: str | None = field(
         default=None,
         metadata={
-            "help": "Continue a run: 'latest' (newest checkpoint in output_dir) or a path. Optimizer, schedule and "
+            "help": "Continue a run: 'latest' (newest checkpoint in output_dir) or a path (another folder's "
+            "checkpoint: into a new or empty output_dir). Optimizer, schedule and "
             "batch flags given now (max_lr, min_lr_ratio, betas, eps, weight_decay, grad_clip, warmup_steps, "
             "max_steps, total_batch_tokens, micro_batch_size, fused_adamw), --dropout and --seed (the samples') apply "
             "from the next step; the model's size flags and the data flags that change the token stream must be "
@@ -882,6 +883,42 @@ def check_no_finished_run(output_dir: str | os.PathLike) -> None:
         raise ValueError(
             f"--output_dir {output_dir} holds a finished run ({names}): continue it with --resume latest (and a "
             "higher --max_steps), replace it with --overwrite_output_dir true, or use another --output_dir."
+        )
+
+
+def run_folder_of(checkpoint: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
+    """The folder of the run a checkpoint continues: the one it lies in (`RUN/checkpoints/step_N`), whose
+    `run_config.json` a resume compares its flags with; `output_dir` for a checkpoint copied out of its run."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else Path(output_dir)
+
+
+def check_branch_into_a_folder_of_its_own(checkpoint: str | os.PathLike, output_dir: str | os.PathLike) -> None:
+    """Refuse to continue a checkpoint of another folder (a branch, or a checkpoint copied elsewhere) in an
+    `--output_dir` that holds a run of its own: checkpoints, a finished run, or a run's metrics and configuration
+    (unless that run branched from the same checkpoint: then this is its retry). The resume would delete that run's `final/` (an export no checkpoint of this run holds), keep its metrics up to
+    the checkpoint's step beside the branch's, and compare the flags with its configuration.
+
+    Raises:
+        ValueError: naming what the folder holds and the ways on.
+    """
+    output_dir = Path(output_dir)
+    if Path(checkpoint).resolve().parent == (output_dir / "checkpoints").resolve():
+        return  # one of the folder's own checkpoints
+    try:  # the folder's run branched from this very checkpoint: a retry (its later checkpoints are refused later)
+        branched_from = json.loads((output_dir / RUN_CONFIG_NAME).read_text())["training"]["resume"]
+        if branched_from not in (None, "latest") and Path(branched_from).resolve() == Path(checkpoint).resolve():
+            return
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    found = [output_dir / "checkpoints"] if list_checkpoints(output_dir) else []
+    found += [output_dir / name for name in (*FINISHED_RUN_FILES, METRICS_NAME, RUN_CONFIG_NAME)]
+    names = ", ".join(path.name + ("/" if path.is_dir() else "") for path in found if path.exists())
+    if names:
+        raise ValueError(
+            f"--resume {checkpoint}: a checkpoint of another folder, and --output_dir {output_dir} holds a run of its "
+            f"own ({names}), which the resumed run would mix with and replace: continue it in a new or empty "
+            "--output_dir."
         )
 
 

@@ -2599,6 +2599,39 @@ def test_a_branch_stopped_in_its_first_step_saves_into_its_own_folder(corpus, da
     assert [p.name for p in list_checkpoints(branch)] == ["step_0000002"]
 
 
+def test_a_branch_into_a_folder_holding_another_run_is_refused_and_keeps_it(corpus, data_dir, tmp_path, monkeypatch):
+    """`--resume` of another folder's checkpoint into an --output_dir with a finished run of its own: it deleted that
+    run's final/ (a model no checkpoint held) and kept its metrics beside the branch's. A branch into a new folder
+    is checked against the run its checkpoint came from (another --val_fraction: refused before any data), and a
+    retry of a branch into its own folder goes on."""
+    base, other, branch = tmp_path / "base", tmp_path / "other", tmp_path / "branch"
+    run(corpus, data_dir, base, "--max_steps", "2", "--save_every", "2", "--eval_every", "0")
+    run(corpus, data_dir, other, "--max_steps", "2", "--save_every", "0", "--eval_every", "0", "--seed", "7")
+    before = {p.relative_to(other): p.read_bytes() for p in other.rglob("*") if p.is_file()}
+    resume = str(list_checkpoints(base)[-1])
+    with pytest.raises(ValueError) as err:
+        run(corpus, data_dir, other, "--max_steps", "4", "--eval_every", "0", "--resume", resume)
+    assert str(err.value) == (
+        f"--resume {resume}: a checkpoint of another folder, and --output_dir {other} holds a run of its own (final/, "
+        "run_summary.json, metrics.jsonl, run_config.json), which the resumed run would mix with and replace: "
+        "continue it in a new or empty --output_dir."
+    )
+    assert {p.relative_to(other): p.read_bytes() for p in other.rglob("*") if p.is_file()} == before
+    with pytest.raises(ValueError, match=r"the run trained on other data \(--val_fraction 0.1 -> 0.2\)"):
+        run(corpus, data_dir, branch, "--max_steps", "4", "--resume", resume, "--val_fraction", "0.2")
+    assert not branch.exists()
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("the machine went down")
+
+    with monkeypatch.context() as patch, pytest.raises(RuntimeError, match="went down"):
+        patch.setattr(train_accelerate, "train_step", crash)
+        run(corpus, data_dir, branch, "--max_steps", "4", "--eval_every", "0", "--resume", resume)
+    assert (branch / "run_config.json").is_file() and not list_checkpoints(branch)
+    summary = run(corpus, data_dir, branch, "--max_steps", "4", "--eval_every", "0", "--resume", resume)  # a retry
+    assert summary["steps"] == 4 and [row["step"] for row in metrics(branch)] == [3, 4]
+
+
 def test_a_stop_signal_during_an_evaluation_drops_it_and_saves(corpus, data_dir, tmp_path, monkeypatch):
     """A long evaluation must not outlast torchrun's 30 s between its SIGTERM and its SIGKILL: the evaluation stops
     after the current batch, and the step it followed is saved (without a val loss)."""
