@@ -311,6 +311,22 @@ def _flag_names() -> set[str]:
     return {f.name for cls in ALL_ARGUMENT_CLASSES for f in dataclasses.fields(cls)}
 
 
+def _scalars_as_written(mapping: yaml.MappingNode) -> dict[str, str]:
+    """The text of each scalar value of a YAML mapping, by key, merge keys (`<<: *defaults`) included: the mapping's
+    own keys win over merged ones, and earlier merged mappings over later ones, as YAML merges them."""
+    own, merged = {}, []
+    for key, node in mapping.value:
+        if key.tag == "tag:yaml.org,2002:merge":
+            merged += node.value if isinstance(node, yaml.SequenceNode) else [node]
+        else:
+            own[key.value] = node.value if isinstance(node, yaml.ScalarNode) else None
+    for node in merged:
+        if isinstance(node, yaml.MappingNode):
+            for key, text in _scalars_as_written(node).items():
+                own.setdefault(key, text)
+    return {key: text for key, text in own.items() if text is not None}
+
+
 def load_preset(path: str | os.PathLike) -> dict[str, Any]:
     """The flat `{flag: value}` mapping of a YAML preset.
 
@@ -333,14 +349,14 @@ def load_preset(path: str | os.PathLike) -> dict[str, Any]:
         ) from err
     if not isinstance(values, dict):
         raise ValueError(f"Preset {path} must be a YAML mapping of flag: value.")
-    unknown = sorted(set(values) - _flag_names() - {"config"})
+    unknown = sorted(set(values) - _flag_names() - {"config"}, key=str)  # keys may be numbers, booleans or null
     if unknown:
         raise ValueError(
             f"Preset {path} has unknown keys {unknown}: use the trainer's flags (python train_accelerate.py --help)."
         )
     text_flags = {f.name for cls in ALL_ARGUMENT_CLASSES for f in dataclasses.fields(cls) if f.type in (str, "str")}
-    root = yaml.compose(text)  # the scalars as written
-    written = {key.value: node.value for key, node in root.value if isinstance(node, yaml.ScalarNode)} if root else {}
+    root = yaml.compose(text)
+    written = _scalars_as_written(root) if root else {}
     for key, value in values.items():
         if key in ("output_dir", "data_dir", "resume") and isinstance(value, str):
             values[key] = os.path.expanduser(value)  # a folder's ~/, as the shell expands the command line's

@@ -2465,6 +2465,26 @@ def test_a_preset_value_is_read_as_its_flag_on_the_command_line(tmp_path):
     assert (data_args.num_proc, train_args.min_lr_ratio) == (2, 0.0)
 
 
+def test_a_preset_s_merged_keys_are_read_as_written_too(tmp_path):
+    """`<<: *defaults` (a YAML merge key): a text flag given a number there raised a KeyError traceback, since only
+    the top-level keys' text was looked up; the preset's own keys win over merged ones, earlier merges over later."""
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("dataset: x.txt\n<<: [{sample_prompt: 1.10, dataset_revision: 0123456, text_column: 2.50}, "
+                      "{text_column: 7.0, split: 1:30}]\nsample_prompt: 012\n")  # fmt: skip
+    _, data_args, train_args = parse_arguments(["--config", str(preset)])
+    written = (train_args.sample_prompt, data_args.dataset_revision, data_args.text_column, data_args.split)
+    assert written == ("012", "0123456", "2.50", "1:30")
+
+
+def test_a_preset_key_that_is_not_text_is_named_with_the_unknown_ones(tmp_path):
+    """A key YAML reads as a number, a boolean or null beside a misspelt flag: sorting them raised a TypeError."""
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("dataset: x.txt\n1: 2\nmax_step: 3\n~: 5\n")
+    result = cli("--config", str(preset))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"Preset {preset} has unknown keys [1, None, 'max_step']" in result.stderr, result.stderr
+
+
 def test_a_preset_s_folders_expand_the_home_folder(tmp_path, monkeypatch):
     """As the shell expands `~/` on the command line: `output_dir: ~/runs/x` made a folder named `~` here."""
     monkeypatch.setenv("HOME", str(tmp_path))
