@@ -912,8 +912,9 @@ def run_folder_of(checkpoint: str | os.PathLike, output_dir: str | os.PathLike) 
 def check_branch_into_a_folder_of_its_own(checkpoint: str | os.PathLike, output_dir: str | os.PathLike) -> None:
     """Refuse to continue a checkpoint of another folder (a branch, or a checkpoint copied elsewhere) in an
     `--output_dir` that holds a run of its own: checkpoints, a finished run, or a run's metrics and configuration
-    (unless that run branched from the same checkpoint: then this is its retry). The resume would delete that run's `final/` (an export no checkpoint of this run holds), keep its metrics up to
-    the checkpoint's step beside the branch's, and compare the flags with its configuration.
+    (unless that run branched from the same checkpoint: then this is its retry). The resume would delete that run's
+    `final/` (an export no checkpoint of this run holds) and keep its metrics up to the checkpoint's step beside the
+    branch's.
 
     Raises:
         ValueError: naming what the folder holds and the ways on.
