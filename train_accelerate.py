@@ -320,6 +320,24 @@ def attn_implementation_errors(name: str):
         raise ValueError(message) from err
 
 
+def check_attention_trains_on(name: str, device: torch.device) -> None:
+    """Refuse, before any data is prepared, an attention kernel that cannot train on `device`: torch's flex attention
+    has no backward on a CPU (torch 2.13: "FlexAttention does not support backward on CPU"), which failed the first
+    step with a traceback. Asked of torch on a tiny input (it refuses at once, before compiling anything), so a
+    torch that adds the backward is let through."""
+    if name != "flex_attention" or device.type != "cpu":
+        return
+    from torch.nn.attention.flex_attention import flex_attention
+
+    x = torch.zeros(1, 1, 16, 16, requires_grad=True)
+    try:
+        flex_attention(x, x, x)
+    except NotImplementedError as err:
+        raise ValueError(
+            f"--attn_implementation {name}: {one_line(err)} Pass sdpa (the default) or eager to train on a CPU."
+        ) from err
+
+
 def build_model(model_args: ModelArguments, train_args: TrainArguments) -> GPT2ScratchForCausalLM:
     """A random GPT-2 of the requested size, or pretrained weights (`--init_from`: `load_init_from`)."""
     if model_args.init_from:
@@ -1229,6 +1247,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
             inputs = {"init_from": model_args.init_from, "data_dir": resolve_data_dir(data_args, train_args)}
             check_overwrite_keeps_inputs(train_args.output_dir, inputs | {"dataset": data_args.dataset})
         model = build_seeded_model(model_args, train_args, accelerator.process_index)  # before the data: fails at once
+        check_attention_trains_on(model.config._attn_implementation, device)
         if resume_from is not None:
             check_branch_into_a_folder_of_its_own(resume_from, train_args.output_dir)
             check_checkpoint_fits(resume_from, model.config, accelerator.num_processes)

@@ -3085,6 +3085,18 @@ def test_an_attention_kernel_transformers_cannot_use_is_one_line_naming_the_flag
             assert str(err.value).endswith("installed. Install it, or pass sdpa (the default) or eager."), err.value
 
 
+def test_flex_attention_on_a_cpu_is_one_line_before_any_data_is_prepared(tmp_path, corpus):
+    """torch's flex attention has no backward on a CPU: the run prepared the data, built the model and then failed
+    its first step with a NotImplementedError traceback (README: a value the run cannot use is one line, first)."""
+    result = cli("--dataset", str(corpus), *TINY, "--attn_implementation", "flex_attention",
+                 "--data_dir", str(tmp_path / "data"), "--output_dir", str(tmp_path / "run"))  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    line = result.stderr.strip()
+    assert line.startswith("error: --attn_implementation flex_attention: FlexAttention does not support backward")
+    assert line.endswith(". Pass sdpa (the default) or eager to train on a CPU.") and "\n" not in line, line
+    assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("name", ["missing", "runs/old/final", "a_file"])
 def test_an_init_from_folder_that_is_not_there_names_the_flag(tmp_path, monkeypatch, name):
     """transformers took a missing path for a Hub id ("Repo id must be in the form ...") and a file for a config
