@@ -1130,6 +1130,11 @@ def _check_args(args: DataArguments) -> None:
         raise ValueError(f"--num_proc must be at least 1, got {args.num_proc!r}.")
     if not args.text_column:
         raise ValueError("--text_column must name a column, got an empty string.")
+    if not str(args.dataset).strip():  # an unset shell variable: Path("") is ".", the working folder read as corpus
+        raise ValueError(
+            "--dataset is empty: pass a text file, a folder or glob of data files, or a Hub dataset id such as "
+            "karpathy/tiny_shakespeare."
+        )
 
 
 def _cannot_write(out: Path, err: OSError) -> str:
@@ -1171,19 +1176,24 @@ def prepare_dataset(
     _check_args(args)
     out = Path(output_dir)
     try:
-        source = _resolve_source(args.dataset, exclude=out)
-    except FileNotFoundError:
+        source, missing = _resolve_source(args.dataset, exclude=out), None
+    except FileNotFoundError as err:
+        source, missing = None, err
+    # a path that matches nothing now, or a name that no local path has now (`corpus`, `data/mine`: taken for a Hub
+    # id), may be where the folder's shards were prepared from: archived since, or the shards copied elsewhere
+    if missing is not None or source.hub_id is not None:
         manifest = _prepared_from_missing_corpus(out, args)
-        if manifest is None:
-            raise
-        logger.warning(
-            "--dataset %r is not there (any more); reusing the shards in %s that were prepared from it (%s), as they "
-            "are: the corpus itself cannot be checked.",
-            args.dataset,
-            out,
-            manifest["source"].get("description"),
-        )
-        return out / MANIFEST_NAME
+        if manifest is not None:
+            logger.warning(
+                "--dataset %r is not there (any more); reusing the shards in %s that were prepared from it (%s), as "
+                "they are: the corpus itself cannot be checked.",
+                args.dataset,
+                out,
+                manifest["source"].get("description"),
+            )
+            return out / MANIFEST_NAME
+        if missing is not None:
+            raise missing
     if out.exists() and not out.is_dir():
         raise ValueError(f"{str(out)!r} is a file; pass a folder (--output_dir; trainer: --data_dir).")
     try:

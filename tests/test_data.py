@@ -1109,6 +1109,34 @@ def test_a_prepared_folder_that_cannot_be_written_is_reused(tmp_path, corpus, mo
     assert _mtimes(tmp_path / "out") == before
 
 
+@pytest.mark.parametrize("name", ["texts", "texts/", "data/texts"])
+def test_shards_are_reused_when_a_corpus_named_like_a_hub_id_is_gone(tmp_path, corpus, monkeypatch, caplog, name):
+    """A folder named without `./` (`texts`, `data/texts`) reads as a Hub id once it is gone: the same command said
+    "prepared with a different source (local file ...; now Hub dataset texts)" and offered --overwrite, which would
+    have streamed a Hub dataset of that name."""
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / name.rstrip("/")
+    folder.mkdir(parents=True)
+    (folder / "a.txt").write_text(corpus.read_text()[:20_000])
+    prepare(name, tmp_path / "out", shard_size=1000)
+    tokens = read_split(tmp_path / "out", "train")
+    folder.rename(tmp_path / "archived")
+    with caplog.at_level("WARNING", logger=data.logger.name):
+        assert prepare(name, tmp_path / "out", shard_size=1000) == tmp_path / "out" / MANIFEST_NAME
+    assert f"--dataset {name!r} is not there (any more); reusing the shards" in caplog.text
+    assert np.array_equal(read_split(tmp_path / "out", "train"), tokens)
+
+
+@pytest.mark.parametrize("name", ["", "  "])
+def test_an_empty_dataset_is_a_one_line_error_not_the_working_folder(tmp_path, monkeypatch, name):
+    """`--dataset "$CORPUS"` with the variable unset: Path("") is ".", and the working folder was read as the corpus."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("not a corpus " * 100)
+    with pytest.raises(ValueError, match=r"^--dataset is empty: pass a text file, a folder or glob of data files"):
+        prepare(name, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_shards_are_reused_when_their_corpus_is_gone(tmp_path, corpus, caplog):
     """Shards kept after the text was archived (or copied with their folder): the same command trains on them, with
     a warning; other settings, or another path, still need the corpus."""
