@@ -270,7 +270,8 @@ def init_from_source(model_args: ModelArguments) -> str | None:
 
 def load_init_from(source: str) -> GPT2ScratchForCausalLM:
     """`--init_from`'s model: a gpt2-scratch model (this trainer's `final/`, or a repository `push_to_hub.py` made in
-    the scratch format) as it is, else Hugging Face GPT-2 weights converted (`from_hf_gpt2`).
+    the scratch format) as it is, else Hugging Face GPT-2 weights converted (`from_hf_gpt2`); in float32, the
+    master weights mixed precision trains, whatever dtype the folder was saved in.
 
     Raises:
         FileNotFoundError: `source` is a file, or a path (`./x`, `/x`, `~/x`, `a/b/c`: no Hub id) that is not there.
@@ -285,10 +286,12 @@ def load_init_from(source: str) -> GPT2ScratchForCausalLM:
             "id such as gpt2."
         )
     source = str(path) if path.exists() else source
+    # float32 whatever the folder was saved in: transformers loads a bf16/fp16 folder in its own dtype, and AdamW then
+    # stepped half-precision weights (most updates rounded away; fp16 LayerNorms failed under bf16 autocast)
     try:
         if isinstance(transformers.AutoConfig.from_pretrained(source), GPT2ScratchConfig):  # the package registers it
-            return GPT2ScratchForCausalLM.from_pretrained(source)
-        return GPT2ScratchForCausalLM.from_hf_gpt2(source)
+            return GPT2ScratchForCausalLM.from_pretrained(source, dtype=torch.float32)
+        return GPT2ScratchForCausalLM.from_hf_gpt2(source, dtype=torch.float32)
     except OSError as err:  # transformers' message spans lines
         raise OSError(f"--init_from {source}: {one_line(err)}") from err
     except ValueError as err:  # from_hf_gpt2: not a GPT-2 checkpoint (a Llama's), or one without some weights

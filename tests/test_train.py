@@ -3047,6 +3047,34 @@ def test_init_from_a_runs_own_export_continues_from_its_weights(tmp_path, corpus
         assert torch.equal(model.state_dict()[name], tensor), name
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["gpt2", "scratch"])
+def test_init_from_a_half_precision_folder_trains_float32_weights(tmp_path, corpus, data_dir, kind, dtype):
+    """A folder saved in bf16 or fp16 loaded in its own dtype, so AdamW stepped half-precision weights: from a bf16
+    folder about 70% of a run's updates were rounded away without a word, from an fp16 one the first step failed
+    under bf16 autocast ("mixed dtype (CPU): expect parameter to have scalar type of Float"). Now the weights are
+    the folder's, upcast to float32, and the run trains and exports float32."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=64))
+    model = hf if kind == "gpt2" else GPT2ScratchForCausalLM.from_hf_gpt2(hf)
+    model.to(dtype).save_pretrained(tmp_path / "init")
+    saved = model.state_dict()
+    model_args, _, train_args = parse_arguments(
+        ["--dataset", str(corpus), *TINY, "--init_from", str(tmp_path / "init")]
+    )
+    loaded = train_accelerate.build_model(model_args, train_args)
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    name = "transformer.h.0.mlp.c_fc.weight"
+    expected = saved[name].float().t() if kind == "gpt2" else saved[name].float()  # GPT-2's Conv1D: transposed
+    assert torch.equal(loaded.state_dict()[name], expected)
+    run(corpus, data_dir, tmp_path / "run", "--init_from", str(tmp_path / "init"), "--max_steps", "1",
+        "--eval_every", "0", "--mixed_precision", "bf16")  # fmt: skip
+    final = GPT2ScratchForCausalLM.from_pretrained(tmp_path / "run" / "final")
+    assert {p.dtype for p in final.parameters()} == {torch.float32}
+
+
 def test_every_process_starts_from_the_same_weights_and_draws_its_own_dropout_masks():
     """Every process seeded alike dropped the same positions in each micro-step (two processes were not two
     independent draws, as one process with twice the accumulation is); nanoGPT offsets each rank's seed."""
