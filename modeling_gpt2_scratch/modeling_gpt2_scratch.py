@@ -57,6 +57,14 @@ class Linear(nn.Linear):
 
     decoding_pack: dict | None = None  # {} while `packed_decoding` is on, then {"current": (key, the pack)}
 
+    def __getstate__(self) -> dict:
+        """What `deepcopy`, `pickle` and `torch.save` copy: all but the decoding pack. A copy taken while `generate()`
+        runs (another thread, a streamer's callback) failed on MKL's pack, an opaque tensor, or kept packing on for
+        good (an empty pack dict reads as an outer `packed_decoding` block); the copy starts without one."""
+        state = super().__getstate__()
+        state.pop("decoding_pack", None)
+        return state
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pack = None if torch.compiler.is_compiling() else self.decoding_pack  # compiled code never reads the pack
         if (

@@ -988,6 +988,47 @@ def test_threads_can_share_one_model_for_packed_decoding(pair):
 
 
 @needs_mkl
+@pytest.mark.parametrize("when", [1, 3], ids=["before-any-pack", "with-packs"])
+def test_a_copy_taken_while_generate_runs_has_no_packs_and_decodes_alike(pair, when):
+    """A snapshot from a streamer's callback (or another thread) while `generate()` decodes with packed weights:
+    with packs made, `deepcopy`, `pickle` and `torch.save` failed on MKL's opaque pack ("Cannot access storage of
+    OpaqueTensorImpl"); before any, the copy kept an empty pack dict, so it took every later `generate()` for a
+    nested block and packed for good, ignoring `pack_decoding_weights = False` and later `weight.data` changes."""
+    import copy
+    import io
+    import pickle
+
+    from transformers.generation.streamers import BaseStreamer
+
+    _, model = pair
+    prompt = random_ids(4, 6)
+    copies = []
+
+    class Snapshot(BaseStreamer):
+        calls = 0
+
+        def put(self, value):
+            Snapshot.calls += 1
+            if Snapshot.calls == when:
+                buffer = io.BytesIO()
+                torch.save(model, buffer)
+                buffer.seek(0)
+                copies.extend([copy.deepcopy(model), pickle.loads(pickle.dumps(model))])
+                copies.append(torch.load(buffer, weights_only=False))
+
+        def end(self):
+            pass
+
+    expected = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    assert torch.equal(model.generate(prompt, max_new_tokens=6, do_sample=False, streamer=Snapshot()), expected)
+    assert len(copies) == 3
+    for snapshot in copies:
+        assert all(m.decoding_pack is None for m in linears(snapshot))
+        assert torch.equal(snapshot.generate(prompt, max_new_tokens=6, do_sample=False), expected)
+        assert all(m.decoding_pack is None for m in linears(snapshot))  # its own block ended: no packs kept
+
+
+@needs_mkl
 def test_no_packs_below_four_rows_with_grad_or_when_switched_off(pair, packs_made, monkeypatch):
     _, model = pair
     model.generate(random_ids(3, 8), max_new_tokens=4, do_sample=False)  # 3 decoding rows
