@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 
@@ -35,10 +36,10 @@ def random_seed(text: str) -> int:
 
 
 def positive_float(text: str) -> float:
-    """A number > 0 (a time budget)."""
-    value = _number(float, text, 0.0, "a number > 0")
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number > 0")
+    """A finite number > 0 (a time budget: nan compared false with every elapsed time, so no budget stopped a run)."""
+    value = _number(float, text, 0.0, "a finite number > 0")
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number > 0")
     return value
 
 

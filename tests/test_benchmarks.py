@@ -385,7 +385,8 @@ def test_bad_numbers_are_one_line_usage_errors(capsys):
     from cli import non_negative_int, positive_float, positive_int
 
     assert positive_int("3") == 3 and non_negative_int("0") == 0 and positive_float("0.5") == 0.5
-    for parse, text in ((positive_int, "0"), (positive_int, "x"), (non_negative_int, "-1"), (positive_float, "0")):
+    for parse, text in ((positive_int, "0"), (positive_int, "x"), (non_negative_int, "-1"), (positive_float, "0"),
+                        (positive_float, "nan"), (positive_float, "inf")):  # fmt: skip
         with pytest.raises(argparse.ArgumentTypeError, match=re.escape(repr(text))):
             parse(text)
     bad = [
