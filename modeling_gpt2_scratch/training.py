@@ -264,8 +264,10 @@ class TrainArguments:
                 raise ValueError(f"--{name} must be a positive integer, got {getattr(self, name)}.")
         for name in ("warmup_steps", "eval_every", "sample_every", "save_every", "cpu_threads", "grad_clip",
                      "weight_decay"):  # fmt: skip
-            if getattr(self, name) < 0:
+            if not getattr(self, name) >= 0:  # nan too: --grad_clip nan clipped nothing, --weight_decay nan gave nan
                 raise ValueError(f"--{name} must be 0 or more, got {getattr(self, name)}.")
+            if getattr(self, name) == math.inf:
+                raise ValueError(f"--{name} must be a finite number, got inf.")
         if not 0 <= self.seed < 2**32:  # numpy's range (set_seed seeds numpy too); was its error, after the data
             raise ValueError(f"--seed must be between 0 and {2**32 - 1}, got {self.seed}.")
         if self.loss_chunk_elements < 0:
@@ -274,7 +276,7 @@ class TrainArguments:
                 f"{self.loss_chunk_elements}."
             )
         for name in ("max_lr", "eps"):
-            if not getattr(self, name) > 0:
+            if not 0 < getattr(self, name) < math.inf:
                 raise ValueError(f"--{name} must be a positive number, got {getattr(self, name)}.")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(

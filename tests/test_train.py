@@ -293,6 +293,11 @@ def test_tf32_is_on_unless_switched_off_either_way(flags, tf32):
         ("--seed", "-1", "--seed must be between 0 and 4294967295, got -1."),
         ("--dropout", "1.5", "--dropout must be in [0, 1), got 1.5."),
         ("--seed", str(2**32), "--seed must be between 0 and 4294967295, got 4294967296."),
+        # nan compares false: --grad_clip nan clipped nothing, --weight_decay nan trained until the loss was nan
+        ("--grad_clip", "nan", "--grad_clip must be 0 or more, got nan."),
+        ("--weight_decay", "nan", "--weight_decay must be 0 or more, got nan."),
+        ("--weight_decay", "inf", "--weight_decay must be a finite number, got inf."),
+        ("--max_lr", "inf", "--max_lr must be a positive number, got inf."),
     ],
 )
 def test_bad_training_flags_fail_at_parsing(flag, value, message):
