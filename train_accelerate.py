@@ -1254,7 +1254,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         if resume_from is not None:
             check_branch_into_a_folder_of_its_own(resume_from, train_args.output_dir)
             check_checkpoint_fits(resume_from, model.config, accelerator.num_processes)
-            changed = data_flag_changes(run_folder_of(resume_from, train_args.output_dir) / RUN_CONFIG_NAME, data_args)
+            # the configuration of the run the checkpoint is from, which the resume's flags are checked against
+            resumed_config = run_folder_of(resume_from, train_args.output_dir) / RUN_CONFIG_NAME
+            changed = data_flag_changes(resumed_config, data_args)
             if changed:  # before any data is prepared: --overwrite_data would otherwise rebuild the shards for nothing
                 raise ValueError(
                     f"--resume {resume_from}: the run trained on other data ({'; '.join(changed)}); resume with the "
@@ -1333,7 +1335,6 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
             )
         check_no_checkpoints_ahead(train_args.output_dir, state.step)
         changes = precision_changes + apply_optimizer_flags(optimizer, scheduler, train_args)
-        resumed_config = run_folder_of(resume_from, output_dir) / RUN_CONFIG_NAME  # the run the checkpoint is from
         changes += schedule_flag_changes(resumed_config, run_config["training"])
         changes += [  # weights and dropout continue from the checkpoint's RNG states: the seed reaches the samples
             f"{change} (the samples' seed only)"
