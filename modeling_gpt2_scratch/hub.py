@@ -1081,6 +1081,38 @@ def staged_before(folder: Path) -> bool:
     return isinstance(metadata, dict) and "gpt2-scratch" in (metadata.get("tags") or [])
 
 
+@contextmanager
+def _staging_into(out_dir: Path) -> Iterator[None]:
+    """Create `out_dir` (new, empty, or an earlier staging emptied) for the `with` body to stage into. A body that
+    fails or is interrupted (a full disk, Ctrl-C) leaves nothing behind: what it wrote is removed, and `out_dir` too
+    where this made it. Otherwise a retry of the same command found a folder that was neither empty nor a staging.
+
+    Raises:
+        OSError: `out_dir` cannot be created (read-only storage, a file on its path), naming it.
+    """
+    created = not out_dir.exists()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # was a bare "[Errno 30] Read-only file system"
+        raise OSError(
+            f"Cannot stage into {out_dir} ({err.strerror or one_line(err)}): pass a folder you can write to with "
+            "--local-dir."
+        ) from err
+    try:
+        yield
+    except BaseException:
+        with suppress(OSError):
+            if created:
+                shutil.rmtree(out_dir)
+            else:  # all in it is this staging's: the folder was empty, or an earlier staging emptied
+                for path in out_dir.iterdir():
+                    if path.is_dir() and not path.is_symlink():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink()
+        raise
+
+
 def stage_folder(
     source: ModelSource | str | Path,
     out_dir: str | Path,
@@ -1134,77 +1166,41 @@ def stage_folder(
             f"{out_dir} is not an empty folder, nor one staged by push_to_hub.py: pass a new or empty folder to stage "
             "into, or delete this one."
         )
-    created = not out_dir.exists()
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:  # read-only storage, a file on its path: was a bare "[Errno 30] Read-only file system"
-        raise OSError(
-            f"Cannot stage into {out_dir} ({err.strerror or one_line(err)}): pass a folder you can write to with "
-            "--local-dir."
-        ) from err
-    try:
-        return _stage_into(source, out_dir, repo_id, fmt, license, revision, license_name, license_link, language)
-    except BaseException:
-        # the folder was empty (or an earlier staging, removed above): all in it is this staging's, cut short (a full
-        # disk, Ctrl-C). Leave none of it: a retry of the same command would find a folder it may not stage into.
-        with suppress(OSError):
-            if created:
-                shutil.rmtree(out_dir)
-            else:
-                for path in out_dir.iterdir():
-                    if path.is_dir() and not path.is_symlink():
-                        shutil.rmtree(path)
-                    else:
-                        path.unlink()
-        raise
-
-
-def _stage_into(
-    source: ModelSource,
-    out_dir: Path,
-    repo_id: str,
-    fmt: Format,
-    license: str,
-    revision: str | None,
-    license_name: str | None,
-    license_link: str | None,
-    language: str,
-) -> list[StagedFile]:
-    """`stage_folder`'s writing, into the existing, empty `out_dir`."""
-    model = load_model(source)
-    checkpoint = source.model_dir if source.kind == "checkpoint" else None
-    info = read_run_info(source.run_dir, step=source.step if checkpoint else None, checkpoint_dir=checkpoint)
-    logger.info("Staging %s (%s format) from %s into %s", repo_id, fmt, source.model_dir, out_dir)
-    saved = model.to_hf_gpt2().eval() if fmt == "gpt2" else model
-    try:
-        saved.save_pretrained(out_dir)
-        save_tokenizer(load_tokenizer(source, model_max_length=model.config.n_positions), out_dir)
-    except (OSError, SafetensorError) as err:  # a full disk: "No space left on device (os error 28)"; was a traceback
-        raise OSError(
-            f"Staging into {out_dir} failed ({one_line(err)}): is its disk full? Free space there, or "
-            "stage on another disk with --local-dir."
-        ) from err
-    _drop_loader_options(out_dir / "tokenizer_config.json")
-    if info.loss_curve is not None and info.loss_curve_rows:
-        plot_losses(info.loss_curve_rows, out_dir / "loss.png")
-    elif info.loss_curve is not None:
-        shutil.copyfile(info.loss_curve, out_dir / "loss.png")
-    num_parameters = sum(p.numel() for p in saved.parameters())  # gpt2: GPT-2's 50,257 rows, not the padded ones
-    card = build_model_card(
-        model,
-        repo_id,
-        info,
-        fmt=fmt,
-        source=source,
-        license=license,
-        num_parameters=num_parameters,
-        revision=revision,
-        license_name=license_name,
-        license_link=license_link,
-        language=language,
-    )
-    card.save(out_dir / "README.md")
-    return list_files(out_dir)
+    with _staging_into(out_dir):
+        model = load_model(source)
+        checkpoint = source.model_dir if source.kind == "checkpoint" else None
+        info = read_run_info(source.run_dir, step=source.step if checkpoint else None, checkpoint_dir=checkpoint)
+        logger.info("Staging %s (%s format) from %s into %s", repo_id, fmt, source.model_dir, out_dir)
+        saved = model.to_hf_gpt2().eval() if fmt == "gpt2" else model
+        try:
+            saved.save_pretrained(out_dir)
+            save_tokenizer(load_tokenizer(source, model_max_length=model.config.n_positions), out_dir)
+        except (OSError, SafetensorError) as err:  # a full disk: "No space left on device (os error 28)"
+            raise OSError(
+                f"Staging into {out_dir} failed ({one_line(err)}): is its disk full? Free space there, or "
+                "stage on another disk with --local-dir."
+            ) from err
+        _drop_loader_options(out_dir / "tokenizer_config.json")
+        if info.loss_curve is not None and info.loss_curve_rows:
+            plot_losses(info.loss_curve_rows, out_dir / "loss.png")
+        elif info.loss_curve is not None:
+            shutil.copyfile(info.loss_curve, out_dir / "loss.png")
+        num_parameters = sum(p.numel() for p in saved.parameters())  # gpt2: GPT-2's 50,257 rows, not the padded ones
+        card = build_model_card(
+            model,
+            repo_id,
+            info,
+            fmt=fmt,
+            source=source,
+            license=license,
+            num_parameters=num_parameters,
+            revision=revision,
+            license_name=license_name,
+            license_link=license_link,
+            language=language,
+        )
+        card.save(out_dir / "README.md")
+        return list_files(out_dir)
 
 
 def _require_online() -> None:
