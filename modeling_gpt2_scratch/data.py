@@ -679,7 +679,7 @@ def _iter_documents(
                 else:
                     counts.documents += 1
         return
-    if ds.column_names is not None:
+    if ds.column_names:  # [] when the stream has no rows (a .jsonl of blank lines): that is an empty corpus
         if column not in ds.column_names:
             raise _missing_column(column, where, ds.column_names)
         ds = ds.select_columns([column])

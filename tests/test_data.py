@@ -563,7 +563,10 @@ def test_a_folder_without_data_files_errors(tmp_path):
     _one_line_error(excinfo)
 
 
-@pytest.mark.parametrize("name, content", [("empty.txt", ""), ("empty.jsonl", ""), ("blank.jsonl", '{"text": ""}\n')])
+@pytest.mark.parametrize(
+    "name, content",
+    [("empty.txt", ""), ("empty.jsonl", ""), ("blank.jsonl", '{"text": ""}\n'), ("blank_lines.jsonl", "\n \n\n")],
+)
 def test_an_empty_corpus_errors(tmp_path, name, content):
     (tmp_path / name).write_text(content)
     with pytest.raises(ValueError, match=r"Empty corpus") as excinfo:
