@@ -34,9 +34,10 @@ Decisions:
 * **Undecodable bytes** fail the prepare with the file and the byte offset; nothing is replaced silently (a training
   corpus with mojibake is worse than a clear stop). A UTF-8 byte-order mark at the start of a `.txt` file is dropped.
   A malformed or corrupt file fails it naming that file (among several, they are read again one by one to find it).
-* **Files.** A folder or glob lists files in sorted order, leaving out hidden ones, the output folder (when it lies
-  inside the corpus folder) and empty ones (0 bytes, or a Parquet file of no rows). Names are literal: `[`, `*`
-  in a file's name are not patterns. Only `text_column` is read from Parquet, and it must hold strings in every
+* **Files.** A folder or glob lists files in sorted order, leaving out hidden ones, the output folder, other
+  prepared folders and trainer run folders (a `run_config.json`, with their metrics and checkpoints) that lie inside
+  the corpus folder, and empty ones (0 bytes, or a Parquet file of no rows). Names are literal: `[`, `*` in a file's
+  name are not patterns. Only `text_column` is read from Parquet, and it must hold strings in every
   file (`datasets` would cast numbers to text); CSV cells are never read as missing ("NA", "null" are text).
   `datasets` reads every column of JSON files, so their other columns must be the same in every row and file;
   JSON rows are read as they are (a text column that holds a number in some row is an error, never JSON text).
@@ -260,10 +261,32 @@ def _first_magic(pattern: str) -> int:
     return min((i for i in (pattern.find(c) for c in "*?[") if i >= 0), default=len(pattern))
 
 
-def _not_prepared(files: list[Path]) -> list[Path]:
-    """`files` without the manifests of prepared folders (a `manifest.json` beside `train_*.bin` shards): another
-    prepared folder inside the corpus is not corpus."""
-    return [f for f in files if not (f.name == MANIFEST_NAME and any(f.parent.glob("train_*.bin")))]
+def _is_run_folder(folder: Path) -> bool:
+    """A trainer's run folder: its `run_config.json` (`training.RUN_CONFIG_NAME`) holds the model, data and training
+    settings."""
+    try:
+        config = json.loads((folder / "run_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and {"model", "data", "training"} <= config.keys()
+
+
+def _not_prepared(files: list[Path], root: Path) -> list[Path]:
+    """`files` (under `root`) without the manifests of prepared folders (a `manifest.json` beside `train_*.bin`
+    shards) and the files of trainer run folders (metrics.jsonl, JSON files, checkpoints): another prepared folder or
+    a run's `--output_dir` inside the corpus folder is not corpus."""
+    runs: dict[Path, bool] = {}  # each folder looked at once
+
+    def in_a_run(path: Path) -> bool:
+        return any(
+            runs.setdefault(folder, _is_run_folder(folder))
+            for folder in path.parents
+            if folder.is_relative_to(root) and folder != root
+        )
+
+    return [
+        f for f in files if not (f.name == MANIFEST_NAME and any(f.parent.glob("train_*.bin"))) and not in_a_run(f)
+    ]
 
 
 def _has_rows(path: Path) -> bool:
@@ -283,7 +306,8 @@ def _has_rows(path: Path) -> bool:
 def _resolve_source(name: str, exclude: Path | None = None) -> _Source:
     """Local file, folder or glob (sorted paths), else a Hub id. Raises for paths that match nothing.
 
-    Files under `exclude` (the output folder, when it lies inside the corpus folder) are not part of the corpus.
+    Files under `exclude` (the output folder, when it lies inside the corpus folder) are not part of the corpus, nor
+    are other prepared folders' manifests and trainer run folders (`_not_prepared`).
     """
     supported = "/".join(EXTENSION_BUILDERS)
     expanded = os.path.expanduser(name)
@@ -303,7 +327,8 @@ def _resolve_source(name: str, exclude: Path | None = None) -> _Source:
                 and p.suffix.lower() in EXTENSION_BUILDERS
                 and not any(part.startswith(".") for part in p.relative_to(path).parts)
                 and not _inside(p, exclude)
-            )
+            ),
+            path,
         )
         if not files:
             raise FileNotFoundError(
@@ -315,7 +340,8 @@ def _resolve_source(name: str, exclude: Path | None = None) -> _Source:
                 Path(p)
                 for p in glob.glob(expanded, recursive=True)
                 if os.path.isfile(p) and not _inside(Path(p), exclude)
-            )
+            ),
+            root,
         )
         if not files:
             raise FileNotFoundError(

@@ -880,6 +880,22 @@ def test_data_dir_of_other_settings_needs_overwrite_data(corpus, data_dir, tmp_p
     assert manifest["settings"]["val_fraction"] == 0.2
 
 
+def test_run_folders_inside_the_corpus_folder_are_not_read_as_data(corpus, tmp_path):
+    """A run's metrics.jsonl and JSON files made the next run on that folder fail ("mixes file types"); with a .jsonl
+    corpus they would have been read as documents or changed the corpus."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "plays.txt").write_text(corpus.read_text(encoding="utf-8")[:60_000], encoding="utf-8")
+    tokens = tmp_path / "tokens"
+    run(folder, tokens, folder / "runs" / "a", "--max_steps", "1", "--save_every", "1")
+    prepared = (tokens / "manifest.json").read_text()
+    run(folder, tokens, folder / "runs" / "b", "--max_steps", "1", "--save_every", "1")  # run a is not corpus
+    run(folder, tokens, folder / "runs" / "b", "--max_steps", "2", "--resume", "latest")  # nor is this run's own
+    assert [Path(f["path"]).name for f in json.loads(prepared)["source"]["files"]] == ["plays.txt"]
+    assert json.loads((tokens / "manifest.json").read_text())["source"] == json.loads(prepared)["source"]
+    assert metrics(folder / "runs" / "b")[-1]["step"] == 2
+
+
 def test_cpu_threads_default_to_the_cores_not_accelerates_one(corpus, data_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what `accelerate launch` without --cpu exports
     before = torch.get_num_threads()
