@@ -12,6 +12,13 @@ from transformers import PretrainedConfig
 # outputs and generate), the name it uses. An export loaded under 5.12, 5.18, 5.21 and 5.23 failed; under 5.24, ok.
 MIN_TRANSFORMERS_VERSION = "5.24"
 TANH_GELU_NAMES = ("gelu_new", "gelu_pytorch_tanh")  # transformers' two names for GPT-2's tanh-approximated GELU
+# `GPT2Config`'s attention variants this model does not implement, with the value of plain GPT-2 that it computes
+# (`reorder_and_upcast_attn` is not among them: it computes the same function, in float32 under fp16/bf16)
+PLAIN_GPT2_ATTENTION = {
+    "scale_attn_weights": True,
+    "scale_attn_by_inverse_layer_idx": False,
+    "add_cross_attention": False,
+}
 
 
 def _numbers(version: str) -> tuple[int, ...]:
@@ -117,6 +124,13 @@ class GPT2ScratchConfig(PretrainedConfig):
                 f"(tokenizer_vocab_size={self.tokenizer_vocab_size}): use vocab_size >= {self.tokenizer_vocab_size} "
                 "(50304 pads GPT-2's 50257 for speed)."
             )
+        for name, plain in PLAIN_GPT2_ATTENTION.items():  # a GPT2Config's fields passed on (`**gpt2.to_dict()`)
+            value = getattr(self, name, plain)
+            if value != plain:
+                raise ValueError(
+                    f"GPT2ScratchConfig.{name}={value!r} is not implemented: the attention computes plain GPT-2's "
+                    f"({name}={plain!r})."
+                )
         if self.activation_function not in TANH_GELU_NAMES:
             raise ValueError(
                 f"GPT2ScratchConfig.activation_function={self.activation_function!r} is not implemented: the MLP "

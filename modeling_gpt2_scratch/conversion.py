@@ -11,6 +11,7 @@ The module names are the same on both sides, so a conversion is a key-for-key co
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PretrainedConfig
 
-from .configuration_gpt2_scratch import TANH_GELU_NAMES, GPT2ScratchConfig
+from .configuration_gpt2_scratch import PLAIN_GPT2_ATTENTION, TANH_GELU_NAMES, GPT2ScratchConfig
 from .data import one_line
 
 if TYPE_CHECKING:
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
 TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 IGNORED_HF_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers, not weights
 VOCAB_MULTIPLE = 128  # pad the vocabulary to a multiple of this for fast matmuls
+
+logger = logging.getLogger(__name__)
 
 
 def _is_transposed(key: str) -> bool:
@@ -46,10 +49,8 @@ def config_from_hf(hf_config: GPT2Config, pad_vocab: bool = True) -> GPT2Scratch
     """
     unsupported = {
         "activation_function": (hf_config.activation_function, "gelu_new"),
-        "scale_attn_weights": (hf_config.scale_attn_weights, True),
-        "scale_attn_by_inverse_layer_idx": (hf_config.scale_attn_by_inverse_layer_idx, False),
-        "add_cross_attention": (hf_config.add_cross_attention, False),
-    }  # reorder_and_upcast_attn passes: it computes HF's eager attention in float32 under fp16/bf16, the same function
+        **{name: (getattr(hf_config, name), plain) for name, plain in PLAIN_GPT2_ATTENTION.items()},
+    }
     if hf_config.activation_function in TANH_GELU_NAMES:  # GPT-2's tanh GELU, under either of its names
         del unsupported["activation_function"]
     bad = [f"{name}={got!r} (need {want!r})" for name, (got, want) in unsupported.items() if got != want]
@@ -75,6 +76,7 @@ def config_from_hf(hf_config: GPT2Config, pad_vocab: bool = True) -> GPT2Scratch
         eos_token_id=hf_config.eos_token_id,
         pad_token_id=hf_config.pad_token_id,
         tie_word_embeddings=hf_config.tie_word_embeddings,
+        use_cache=hf_config.use_cache,
     )
 
 
@@ -97,6 +99,7 @@ def hf_config_from_scratch(config: GPT2ScratchConfig) -> GPT2Config:
         eos_token_id=config.eos_token_id,
         pad_token_id=config.pad_token_id,
         tie_word_embeddings=config.tie_word_embeddings,
+        use_cache=config.use_cache,
     )
 
 
@@ -262,6 +265,15 @@ def check_config_fits(config: GPT2ScratchConfig, inferred: GPT2ScratchConfig, hf
     rows = hf_model.get_input_embeddings().weight.shape[0]
     if config.tokenizer_vocab_size > rows:
         bad.append(f"tokenizer_vocab_size={config.tokenizer_vocab_size} (checkpoint: {rows} token rows)")
+    elif config.tokenizer_vocab_size < rows:  # a checkpoint padded already may mean it; added tokens would be lost
+        logger.warning(
+            "tokenizer_vocab_size=%d of the config leaves out the checkpoint's token rows %d-%d: they become padding "
+            "(logits -inf, never generated; to_hf_gpt2 drops them). Pass tokenizer_vocab_size=%d to keep them.",
+            config.tokenizer_vocab_size,
+            config.tokenizer_vocab_size,
+            rows - 1,
+            rows,
+        )
     head, embedding = hf_model.get_output_embeddings().weight, hf_model.get_input_embeddings().weight
     if config.tie_word_embeddings and head is not embedding and not torch.equal(head, embedding):
         bad.append("tie_word_embeddings=True (checkpoint: an LM head of its own)")
@@ -293,7 +305,7 @@ def from_hf_gpt2(
             lacks some of its weights, does not fit `config`, or ties its LM head in its config while the head is a
             tensor of its own (`check_tied_head`); `from_pretrained_kwargs` with an instance.
     """
-    from .modeling_gpt2_scratch import GPT2ScratchForCausalLM
+    from .modeling_gpt2_scratch import GPT2ScratchForCausalLM, pad_with_eos
 
     hf_model = load_hf_gpt2(source, **from_pretrained_kwargs)
     inferred = config_from_hf(hf_model.config, pad_vocab=pad_vocab)  # refuses the GPT-2 variants not implemented
@@ -310,8 +322,7 @@ def from_hf_gpt2(
     _same_attention(hf_model, model)
     if hf_model.generation_config is not None:  # its decoding settings (a pad token, max_length...) come along
         model.generation_config = copy.deepcopy(hf_model.generation_config)
-        if model.generation_config.pad_token_id is None:  # GPT-2 has no pad token: eos, as the model's default
-            model.generation_config.pad_token_id = config.eos_token_id
+        pad_with_eos(model.generation_config, config.eos_token_id)  # as the model's own default
     model.train(hf_model.training)
     return model
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
@@ -767,6 +767,15 @@ class GPT2ScratchModel(GPT2ScratchPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
+def pad_with_eos(generation_config: GenerationConfig | None, eos_token_id: int | list[int] | None) -> None:
+    """GPT-2 has no pad token: where `generation_config` has none, `generate()` pads with eos (the first id, where
+    several end a text: it takes one pad id)."""
+    if generation_config is not None and generation_config.pad_token_id is None:
+        if isinstance(eos_token_id, (list, tuple)):
+            eos_token_id = eos_token_id[0] if eos_token_id else None
+        generation_config.pad_token_id = eos_token_id
+
+
 class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
     """GPT-2 with its language-modelling head (tied to the token embedding).
 
@@ -788,8 +797,7 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
         self.transformer = GPT2ScratchModel(config)
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         self.post_init()
-        if self.generation_config is not None and self.generation_config.pad_token_id is None:
-            self.generation_config.pad_token_id = config.eos_token_id  # GPT-2 has no pad token: pad with eos
+        pad_with_eos(self.generation_config, config.eos_token_id)
 
     @classmethod
     def from_hf_gpt2(cls, source: str | Path | nn.Module, **kwargs) -> GPT2ScratchForCausalLM:

@@ -1479,10 +1479,13 @@ def test_a_config_that_does_not_fit_the_checkpoint_is_an_error_naming_the_field(
         from_hf_gpt2(hf, config=GPT2ScratchConfig(**{**SMALL, **config_kwargs}))
 
 
-def test_a_config_that_fits_the_checkpoint_converts_it():
+def test_a_config_that_fits_the_checkpoint_converts_it(caplog):
     torch.manual_seed(0)
     hf = GPT2LMHeadModel(GPT2Config(**SMALL, vocab_size=50304)).eval()  # nanoGPT's padded export: 47 unused rows
-    model = from_hf_gpt2(hf, config=GPT2ScratchConfig(**SMALL, resid_pdrop=0.1)).eval()
+    with caplog.at_level(logging.WARNING, logger="modeling_gpt2_scratch.conversion"):
+        model = from_hf_gpt2(hf, config=GPT2ScratchConfig(**SMALL, resid_pdrop=0.1)).eval()
+    # meant here, but the same config on a checkpoint with added tokens would turn them into padding: said aloud
+    assert "leaves out the checkpoint's token rows 50257-50303: they become padding" in caplog.text
     assert model.config.resid_pdrop == 0.1 and model.config.tokenizer_vocab_size == GPT2_VOCAB
     ids = random_ids(1, 8)
     with torch.no_grad():
@@ -1554,6 +1557,43 @@ def test_conversion_keeps_the_pad_token_and_generation_settings():
     assert back.generation_config.max_new_tokens == 7
     plain = GPT2ScratchForCausalLM.from_hf_gpt2(GPT2LMHeadModel(GPT2Config(**SMALL)))  # GPT-2: no pad token
     assert plain.config.pad_token_id is None and plain.generation_config.pad_token_id == 50256  # eos
+    uncached = GPT2ScratchForCausalLM.from_hf_gpt2(GPT2LMHeadModel(GPT2Config(**SMALL, use_cache=False)))
+    assert uncached.config.use_cache is False and uncached.to_hf_gpt2().config.use_cache is False
+
+
+@pytest.mark.parametrize("via", ["scratch", "from_hf"])
+def test_a_list_of_eos_ids_pads_with_the_first_and_generates_as_gpt2_does(via):
+    """`GPT2Config` allows several eos ids; the whole list became the pad token and every `generate()` failed with
+    "'<' not supported between instances of 'list' and 'int'"."""
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(**SMALL, eos_token_id=[5, 7])).eval()
+    if via == "from_hf":
+        model = GPT2ScratchForCausalLM.from_hf_gpt2(hf).eval()
+    else:
+        model = GPT2ScratchForCausalLM(GPT2ScratchConfig(**SMALL, eos_token_id=[5, 7])).eval()
+        model.load_state_dict(GPT2ScratchForCausalLM.from_hf_gpt2(hf).state_dict())
+    assert model.generation_config.pad_token_id == 5
+    ids = random_ids(2, 6)
+    kwargs = dict(max_new_tokens=5, do_sample=False, attention_mask=torch.ones_like(ids))
+    assert torch.equal(model.generate(ids, **kwargs), hf.generate(ids, pad_token_id=5, **kwargs))
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [("scale_attn_by_inverse_layer_idx", True), ("scale_attn_weights", False), ("add_cross_attention", True)],
+)
+def test_the_config_refuses_gpt2_attention_variants_it_does_not_implement(name, value):
+    """A config built from a `GPT2Config`'s fields (or an edited config.json) kept them and computed plain GPT-2:
+    logits off by 0.03 for `scale_attn_by_inverse_layer_idx`, without a word."""
+    with pytest.raises(ValueError, match=rf"GPT2ScratchConfig\.{name}={value} is not implemented"):
+        GPT2ScratchConfig(**{**SMALL, name: value})
+    fields = GPT2Config(**SMALL, **{name: value}).to_dict()
+    fields.pop("model_type")
+    with pytest.raises(ValueError, match=rf"{name}={value} is not implemented"):
+        GPT2ScratchConfig(**fields)
+    plain = GPT2Config(**SMALL).to_dict()  # GPT-2's own values of them pass
+    plain.pop("model_type")
+    assert GPT2ScratchConfig(**plain).n_embd == SMALL["n_embd"]
 
 
 def test_unsupported_gpt2_variant_raises():
