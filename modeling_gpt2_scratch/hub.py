@@ -1172,9 +1172,11 @@ def stage_folder(
         info = read_run_info(source.run_dir, step=source.step if checkpoint else None, checkpoint_dir=checkpoint)
         logger.info("Staging %s (%s format) from %s into %s", repo_id, fmt, source.model_dir, out_dir)
         saved = model.to_hf_gpt2().eval() if fmt == "gpt2" else model
+        # outside the `try`: GPT-2's BPE ranks not found is an error of its own (a FileNotFoundError), not a full disk
+        tokenizer = load_tokenizer(source, model_max_length=model.config.n_positions)
         try:
             saved.save_pretrained(out_dir)
-            save_tokenizer(load_tokenizer(source, model_max_length=model.config.n_positions), out_dir)
+            save_tokenizer(tokenizer, out_dir)
         except (OSError, SafetensorError) as err:  # a full disk: "No space left on device (os error 28)"
             raise OSError(
                 f"Staging into {out_dir} failed ({one_line(err)}): is its disk full? Free space there, or "

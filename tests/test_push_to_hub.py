@@ -757,6 +757,25 @@ def test_corrupt_tokenizer_files_are_a_one_line_error_naming_them(tiny_run, tmp_
                          "staged afresh)."), line  # fmt: skip
 
 
+def test_gpt2s_ranks_not_found_is_their_own_one_line_error_not_a_full_disk(tiny_run, tmp_path, capsys, monkeypatch):
+    """A folder without tokenizer files gets GPT-2's tokenizer afresh; offline without tiktoken's cache, that error
+    was rewritten as "Staging ... failed (...): is its disk full?", whose fix does not help."""
+    from modeling_gpt2_scratch.tokenization import EncodingFilesNotFoundError
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run.run_dir, run_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (run_dir / "final" / name).unlink()
+    message = "Cannot load GPT-2's BPE ranks for tiktoken: not in tiktoken's cache. Set TIKTOKEN_CACHE_DIR."
+
+    def no_ranks(**kwargs):
+        raise EncodingFilesNotFoundError(message)
+
+    monkeypatch.setattr(hub, "get_hf_tokenizer", no_ranks)
+    line = _run_main_expect_error([str(run_dir), "--repo-id", REPO_ID, "--dry-run"], capsys)
+    assert line == f"error: {message}"
+
+
 def test_a_damaged_byte_in_metrics_costs_its_line_only(tiny_run, tmp_path):
     """metrics.jsonl with a byte that is not UTF-8 (disk damage): the other lines still make the card's numbers;
     the whole push stopped on a UnicodeDecodeError naming no file."""
