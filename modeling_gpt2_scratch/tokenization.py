@@ -255,6 +255,21 @@ def get_hf_tokenizer(
     )
 
 
+def _merges_as_strings(path: Path) -> None:
+    """Rewrite the BPE merges of the `tokenizer.json` at `path` as `"first second"` strings, the form GPT-2's Hub
+    file has and every `tokenizers` reads. The `tokenizers` of transformers v5 writes them as pairs, which
+    `tokenizers` < 0.20 (transformers < 4.45) cannot parse ("data did not match any variant of untagged enum
+    ModelWrapper"). Merges with a space in a part (no byte-level BPE has one) keep the pair form."""
+    if not path.is_file():
+        return
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    merges = saved.get("model", {}).get("merges") or []
+    if not all(isinstance(merge, list) and len(merge) == 2 and " " not in "".join(merge) for merge in merges):
+        return
+    saved["model"]["merges"] = [" ".join(merge) for merge in merges]
+    path.write_text(json.dumps(saved, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
 def save_tokenizer(tokenizer: PreTrainedTokenizerBase, folder: str | os.PathLike) -> tuple[str, ...]:
     """`tokenizer.save_pretrained(folder)`, plus GPT-2's `vocab.json` and `merges.txt` (`VOCAB_FILES`).
 
@@ -265,7 +280,8 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerBase, folder: str | os.PathLike
     GPT-2's printable alphabet, `<|endoftext|>` included) to its id, in id order, and `merges.txt` lists the merges in
     rank order after a `#version: 0.2` line, one `first second` pair and a newline each. For GPT-2's tokenizer
     (`get_hf_tokenizer`) both are byte for byte OpenAI's files. A tokenizer whose model is not a BPE one is saved as
-    `save_pretrained` saves it.
+    `save_pretrained` saves it. The merges in `tokenizer.json` are written as strings, as in GPT-2's Hub file, so
+    transformers 4.x before 4.45 reads it too (`_merges_as_strings`).
 
     Returns:
         The paths written, as `save_pretrained` returns them, then the two files'.
@@ -285,6 +301,7 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerBase, folder: str | os.PathLike
     model = json.loads(backend.to_str())["model"] if backend is not None else {}
     if model.get("type") != "BPE":
         return saved
+    _merges_as_strings(Path(folder) / "tokenizer.json")
     vocab_path, merges_path = (Path(folder) / name for name in VOCAB_FILES)
     vocab = dict(sorted(model["vocab"].items(), key=lambda item: item[1]))  # in id order, as OpenAI's encoder.json
     vocab_path.write_bytes(json.dumps(vocab).encode())

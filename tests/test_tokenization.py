@@ -174,6 +174,24 @@ def test_save_tokenizer_adds_gpt2s_vocab_json_and_merges_txt(tmp_path, monkeypat
         assert from_files(text).input_ids == get_encoding().encode(text, allowed_special="all")
 
 
+def test_saved_tokenizer_json_holds_its_merges_as_strings_as_gpt2s_does(tmp_path, monkeypatch):
+    """transformers v5's `tokenizers` writes merges as pairs, which `tokenizers` < 0.20 (transformers < 4.45) cannot
+    parse ("data did not match any variant of untagged enum ModelWrapper"); GPT-2's Hub file has "Ġ t" strings,
+    which every version reads. Checked by hand with transformers 4.44.2: `AutoTokenizer` opens the export."""
+    import tokenizers
+
+    save_tokenizer(get_hf_tokenizer(), tmp_path)
+    saved = json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8"))
+    _, merges = gpt2_vocab_and_merges()
+    assert saved["model"]["merges"] == [" ".join(merge) for merge in merges]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    raw = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    for text in [*EDGE_CASES.values(), LITERAL_EOT]:
+        expected = get_encoding().encode(text, allowed_special="all")
+        assert reloaded(text).input_ids == raw.encode(text).ids == expected
+
+
 def test_save_tokenizer_writes_no_bpe_files_for_another_kind_of_tokenizer(tmp_path):
     from tokenizers import Tokenizer
     from tokenizers.models import WordPiece
