@@ -35,6 +35,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.utils import logging
 from transformers.utils.deprecation import deprecate_kwarg
 
@@ -89,18 +90,18 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
-def check_label_ids(labels: torch.Tensor | None, real_vocab: int, name: str) -> None:
-    """Refuse a label outside the tokenizer's ids (`0 .. real_vocab - 1`, or `IGNORE_INDEX`), on a CPU and in eager
+def check_label_ids(labels: torch.Tensor | None, real_vocab: int, name: str, ignore_index: int = IGNORE_INDEX) -> None:
+    """Refuse a label outside the tokenizer's ids (`0 .. real_vocab - 1`, or `ignore_index`), on a CPU and in eager
     mode only: where reading the labels costs nothing. One in the padded ids would give an infinite loss, one past
     them an index error from the loss. On a GPU the check would wait for the device every step, so it is not made
     there (`transformers`' GPT-2 fails with a device-side assert instead)."""
     if labels is None or labels.device.type != "cpu" or torch.compiler.is_compiling():
         return
-    bad = labels[(labels != IGNORE_INDEX) & ((labels < 0) | (labels >= real_vocab))]
+    bad = labels[(labels != ignore_index) & ((labels < 0) | (labels >= real_vocab))]
     if bad.numel():
         raise ValueError(
             f"{name}: id {bad[0].item()} is outside the model's {real_vocab} token ids (0-{real_vocab - 1}, or "
-            f"{IGNORE_INDEX} for a position without a target); were they made with another tokenizer?"
+            f"{ignore_index} for a position without a target); were they made with another tokenizer?"
         )
 
 
@@ -1017,6 +1018,8 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
                 (`shift_labels[:, t]` is the token after `input_ids[:, t]`), as the training loader yields them;
                 used instead of `labels`. Not a named parameter, as in `transformers`' models: `Trainer` takes
                 every forward parameter with "label" in its name for a label it must find in each batch.
+            ignore_index (keyword, read from `kwargs`): the label value that counts for nothing (default `-100`), as
+                `transformers`' causal-LM loss takes it.
             logits_to_keep: compute logits only for the last `n` positions (0 = all), or for the given positions
                 (1-D: of every row; 2-D integer: per row; 2-D boolean mask: the logits of its `True` positions, flat),
                 as `transformers`' `slice_logits_to_keep`.
@@ -1041,8 +1044,9 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
             raise ValueError("skip_logits=True needs labels or shift_labels (it only computes the loss).")
         if (input_ids is None) != (inputs_embeds is None):  # else the base model's error
             check_input_shape(input_ids, inputs_embeds)  # before the tied embedding's lookup, which would hide it
-        check_label_ids(labels, self.config.tokenizer_vocab_size, "labels")
-        check_label_ids(shift_labels, self.config.tokenizer_vocab_size, "shift_labels")
+        ignore_index = kwargs.get("ignore_index", IGNORE_INDEX)  # as `transformers`' ForCausalLMLoss takes it
+        check_label_ids(labels, self.config.tokenizer_vocab_size, "labels", ignore_index)
+        check_label_ids(shift_labels, self.config.tokenizer_vocab_size, "shift_labels", ignore_index)
         # the fused loss reads `lm_head.weight`; a wrapped head (PEFT/LoRA, hooks) is called as usual instead, and
         # so it is under `torch.func` transforms (`grad`, `vmap`), which cannot run its `autograd.Function`, and under
         # `torch.export`, whose default (non-strict) tracing runs that function's forward with autograd recording
@@ -1080,18 +1084,18 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
                     f"of the input, of shape {(B, T)}: pass {name} of the input's shape."
                 )
             if shift_labels is None:  # position t predicts token t+1; the last position has no target
-                shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+                shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
             shift_labels = shift_labels.reshape(-1).to(hidden_states.device)
             normalizer = kwargs.get("num_items_in_batch")  # Trainer's token count across accumulation steps
             if normalizer is None:
-                normalizer = (shift_labels != IGNORE_INDEX).sum()
+                normalizer = (shift_labels != ignore_index).sum()
             loss = LinearCrossEntropy.apply(
                 hidden_states.reshape(-1, hidden_states.shape[-1]),
                 self.lm_head.weight,
                 shift_labels,
                 real_vocab,
                 torch.as_tensor(normalizer, dtype=torch.float32, device=hidden_states.device),
-                IGNORE_INDEX,
+                ignore_index,
                 LinearCrossEntropy.chunks(shift_labels.shape[0], self.loss_chunk_rows(hidden_states.device)),
                 tied_gradient,
                 torch.is_grad_enabled(),  # else the loss alone: no gradients computed for a backward that never runs
@@ -1116,3 +1120,10 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
         )
         return output if return_dict else output.to_tuple()
+
+
+# `Trainer` with `label_smoothing_factor` computes the loss itself, and shifts the labels (position t predicts t+1)
+# only for the classes it finds by name among transformers' causal LMs; `AutoModelForCausalLM.register` does not list
+# a class there, and remote code registers nothing. Unlisted, each position was scored against its own input token.
+# Listing the name changes nothing else: the Auto classes look the model type up in the config names first.
+MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault(GPT2ScratchConfig.model_type, GPT2ScratchForCausalLM.__name__)

@@ -2125,6 +2125,45 @@ def test_trainer_with_gradient_accumulation_logs_the_token_mean_of_the_step(tmp_
     assert logged == pytest.approx([expected], abs=1e-5)
 
 
+def test_trainer_with_label_smoothing_shifts_the_labels_as_for_gpt2(tmp_path):
+    """`Trainer` computes a smoothed loss itself, shifting the labels only for the class names it lists as causal LMs;
+    this one was not listed (`AutoModelForCausalLM.register` does not list it), so each position was scored against
+    its own input token: 10.49 where `GPT2LMHeadModel` had 10.81."""
+    from transformers import Trainer, TrainingArguments
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    hf, model = make_pair()
+    ids = random_ids(2, 16)
+    args = TrainingArguments(tmp_path, label_smoothing_factor=0.1, report_to="none", use_cpu=True)
+    losses = []
+    for network in (hf.eval(), model.eval()):
+        with torch.no_grad():
+            losses.append(Trainer(model=network, args=args).compute_loss(network, {"input_ids": ids, "labels": ids}))
+            shifted = LabelSmoother(epsilon=0.1)(network(ids), ids, shift_labels=True)
+    assert losses[1].item() == pytest.approx(losses[0].item(), abs=1e-5)
+    assert losses[1].item() == pytest.approx(shifted.item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_the_ignore_index_keyword_works_as_for_gpt2(mode):
+    """`ignore_index=` reaches `transformers`' loss in `GPT2LMHeadModel`; here the label check refused any other
+    value, and the training loss (fused) ignored -100 only: another loss and other gradients, without a word."""
+    hf, model = make_pair(**SMALL, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # train mode: no dropout
+    ids = random_ids(3, 10)
+    for ignore_index in (-1, 7):
+        labels = ids.clone()
+        labels[0, :5] = ignore_index
+        results = []
+        for network in (hf, model):
+            network.train(mode == "train")
+            network.zero_grad(set_to_none=True)
+            loss = network(ids, labels=labels, ignore_index=ignore_index).loss
+            loss.backward()
+            results.append((loss.item(), network.transformer.h[0].mlp.c_fc.bias.grad.clone()))
+        assert results[1][0] == pytest.approx(results[0][0], abs=1e-5)
+        torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-6)
+
+
 # --- resizing the vocabulary -----------------------------------------------------------------------------------------
 
 
