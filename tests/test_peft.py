@@ -42,6 +42,26 @@ def test_an_adapter_made_for_hf_gpt2_gives_hf_logits_on_the_scratch_model(hf_and
     assert (ours_lora(x).logits - base_logits).abs().max() > 1e-2  # the adapter counts
 
 
+def test_an_adapter_on_hf_gpt2s_lm_head_loads_onto_a_model_converted_without_padding(tmp_path):
+    """Such an adapter holds the head's 50,257 rows (its `lora_B`, and the base weight PEFT saves with it): onto the
+    default model's 50,304 rows it fails on their shapes; `pad_vocab=False` keeps GPT-2's (README, PEFT)."""
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(**NO_DROPOUT))
+    padded, unpadded = (
+        GPT2ScratchForCausalLM.from_hf_gpt2(hf),
+        GPT2ScratchForCausalLM.from_hf_gpt2(hf, pad_vocab=False),
+    )
+    hf_lora = get_peft_model(hf, lora_config(target_modules=["c_attn", "lm_head"], fan_in_fan_out=True))
+    hf_lora.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(RuntimeError, match=r"size mismatch for .*lm_head"):
+        PeftModel.from_pretrained(padded, tmp_path / "adapter")
+    ours_lora = PeftModel.from_pretrained(unpadded, tmp_path / "adapter")
+    x = ids()
+    torch.testing.assert_close(ours_lora(x).logits, hf_lora(x).logits, atol=1e-5, rtol=1e-5)
+    with hf_lora.disable_adapter():
+        assert (hf_lora(x).logits - ours_lora(x).logits).abs().max() > 1e-2  # the adapter counts
+
+
 def test_lora_training_follows_hf_gpt2_step_by_step_and_moves_only_the_adapter(hf_and_ours_with_one_adapter):
     hf_lora, ours_lora = hf_and_ours_with_one_adapter
     frozen = {k: v.clone() for k, v in ours_lora.get_base_model().state_dict().items() if "lora" not in k}
