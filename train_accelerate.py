@@ -66,6 +66,7 @@ from modeling_gpt2_scratch.training import (
     check_no_checkpoints_ahead,
     check_no_finished_run,
     check_output_dir_not_a_file,
+    check_output_dir_not_the_corpus,
     check_output_dir_writable,
     check_overwrite_keeps_inputs,
     checkpoint_dir,
@@ -1229,6 +1230,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         logger.warning("--malloc_tuning: this C library has no mallopt (not glibc); left as it is.")
     accelerator.gradient_accumulation_steps = gradient_accumulation_steps(train_args, accelerator.num_processes)
     check_output_dir_not_a_file(train_args.output_dir)  # every process alike
+    check_output_dir_not_the_corpus(train_args.output_dir, data_args.dataset)
     failure = None
     if accelerator.is_main_process:  # before anything reads the run folder, or prepares the data
         try:

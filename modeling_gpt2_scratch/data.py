@@ -36,9 +36,10 @@ Decisions:
   A malformed or corrupt file fails it naming that file (among several, they are read again one by one to find it).
 * **Files.** A folder or glob lists files in sorted order, leaving out hidden ones, the output folder, other
   prepared folders and trainer run folders (a `run_config.json`, with their metrics and checkpoints) that lie inside
-  the corpus folder, and empty ones (0 bytes, or a Parquet file of no rows). Names are literal: `[`, `*` in a file's
-  name are not patterns. Only `text_column` is read from Parquet, and it must hold strings in every
-  file (`datasets` would cast numbers to text); CSV cells are never read as missing ("NA", "null" are text).
+  the corpus folder, and empty ones (0 bytes, JSON files of blank lines, or a Parquet file of no rows). Names are
+  literal: `[`, `*` in a file's name are not patterns. Only `text_column` is read from Parquet, and it must hold
+  strings in every file (`datasets` would cast numbers to text); CSV cells are never read as missing ("NA", "null"
+  are text).
   `datasets` reads every column of JSON files, so their other columns must be the same in every row and file;
   JSON rows are read as they are (a text column that holds a number in some row is an error, never JSON text).
 * **Validation split.** With `val_split` (Hub datasets), that split. Otherwise the last `val_fraction` of the train
@@ -275,23 +276,41 @@ def _not_prepared(files: list[Path], root: Path) -> list[Path]:
     """`files` (under `root`) without the manifests of prepared folders (a `manifest.json` beside `train_*.bin`
     shards) and the files of trainer run folders (metrics.jsonl, JSON files, checkpoints): another prepared folder or
     a run's `--output_dir` inside the corpus folder is not corpus."""
-    runs: dict[Path, bool] = {}  # each folder looked at once
+    depth = len(root.parts)
+    in_run: dict[Path, bool] = {}  # per folder below `root`: it or a folder above it (up to `root`) is a run folder
 
-    def in_a_run(path: Path) -> bool:
-        return any(
-            runs.setdefault(folder, _is_run_folder(folder))
-            for folder in path.parents
-            if folder.is_relative_to(root) and folder != root
-        )
+    def in_a_run(folder: Path) -> bool:
+        if len(folder.parts) <= depth:  # `root` itself, or above it
+            return False
+        if folder not in in_run:
+            in_run[folder] = _is_run_folder(folder) or in_a_run(folder.parent)
+        return in_run[folder]
 
     return [
-        f for f in files if not (f.name == MANIFEST_NAME and any(f.parent.glob("train_*.bin"))) and not in_a_run(f)
+        f
+        for f in files
+        if not (f.name == MANIFEST_NAME and any(f.parent.glob("train_*.bin"))) and not in_a_run(f.parent)
     ]
 
 
+def _all_left_out(name: str, listed: list[Path]) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"The {len(listed)} file(s) --dataset {name!r} lists lie in trainer run folders or are prepared shards' "
+        f"manifests (e.g. {str(listed[0])!r}), which are not read as corpus; copy them out, or point --dataset at "
+        "other files."
+    )
+
+
 def _has_rows(path: Path) -> bool:
-    """False for a 0-byte file or a Parquet file of no rows (which `datasets` cannot read); they are skipped."""
+    """False for a 0-byte file, a JSON file of whitespace only (blank lines) or a Parquet file of no rows (which
+    `datasets` cannot read, or reads with no columns, failing beside other files); they are skipped."""
     if path.stat().st_size == 0:
+        return False
+    if path.suffix.lower() in (".jsonl", ".json"):
+        with open(path, "rb") as f:  # the first bytes, as a rule: only blank lines read on to the end
+            while chunk := f.read(1 << 16):
+                if chunk.strip():
+                    return True
         return False
     if path.suffix.lower() == ".parquet":
         import pyarrow.parquet as pq
@@ -319,34 +338,32 @@ def _resolve_source(name: str, exclude: Path | None = None) -> _Source:
     if path.is_file():
         files = [path]
     elif path.is_dir():
-        files = _not_prepared(
-            sorted(
-                p
-                for p in path.rglob("*")
-                if p.is_file()
-                and p.suffix.lower() in EXTENSION_BUILDERS
-                and not any(part.startswith(".") for part in p.relative_to(path).parts)
-                and not _inside(p, exclude)
-            ),
-            path,
+        listed = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file()
+            and p.suffix.lower() in EXTENSION_BUILDERS
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            and not _inside(p, exclude)
         )
-        if not files:
+        files = _not_prepared(listed, path)
+        if not listed:
             raise FileNotFoundError(
                 f"No {supported} files under folder {name!r}; point --dataset at a folder, file or glob of such files."
             )
-    elif glob.has_magic(expanded):
-        files = _not_prepared(
-            sorted(
-                Path(p)
-                for p in glob.glob(expanded, recursive=True)
-                if os.path.isfile(p) and not _inside(Path(p), exclude)
-            ),
-            root,
-        )
         if not files:
+            raise _all_left_out(name, listed)
+    elif glob.has_magic(expanded):
+        listed = sorted(
+            Path(p) for p in glob.glob(expanded, recursive=True) if os.path.isfile(p) and not _inside(Path(p), exclude)
+        )
+        files = _not_prepared(listed, root)
+        if not listed:
             raise FileNotFoundError(
                 f"No files matched {name!r}; fix the pattern (and quote it so the shell does not expand it)."
             )
+        if not files:
+            raise _all_left_out(name, listed)
     elif _looks_like_path(name):
         raise FileNotFoundError(
             f"Dataset path {name!r} not found; pass an existing {supported} file, a folder or a glob of them, "

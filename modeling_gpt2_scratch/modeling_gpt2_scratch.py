@@ -624,6 +624,7 @@ class GPT2ScratchModel(GPT2ScratchPreTrainedModel):
 
     def __init__(self, config: GPT2ScratchConfig):
         super().__init__(config)
+        config.validate_architecture()  # again: a field set after the config was made (`add_cross_attention`, ...)
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token embeddings
         self.wpe = nn.Embedding(config.n_positions, config.n_embd)  # learned position embeddings
         self.drop = nn.Dropout(config.embd_pdrop)

@@ -424,6 +424,31 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, Data
     return model_args, data_args, train_args
 
 
+def local_corpus_root(dataset: str) -> Path:
+    """The path a local `--dataset` names (a file or folder), or a glob's fixed folder (`a/*/b.txt` -> `a`)."""
+    local = Path(os.path.expanduser(dataset))
+    for index, part in enumerate(local.parts):
+        if glob.has_magic(part):
+            return Path(*local.parts[:index]) if index else Path(".")
+    return local
+
+
+def check_output_dir_not_the_corpus(output_dir: str | os.PathLike, dataset: str) -> None:
+    """Refuse an `--output_dir` that is the local corpus folder (`--dataset`, or a glob's fixed folder): the run's
+    own files (`run_config.json`, `metrics.jsonl`, checkpoints) would be read as data by its next start. A run
+    folder inside the corpus folder is left out of it (`data.py`), and a corpus inside the run folder is read.
+
+    Raises:
+        ValueError: naming both flags and the fix.
+    """
+    root = local_corpus_root(dataset)
+    if dataset and root.is_dir() and root.resolve() == Path(output_dir).resolve():
+        raise ValueError(
+            f"--output_dir {output_dir} is the corpus folder of --dataset {dataset}: the run's own files would be read "
+            "as data; put the run in another folder (e.g. runs/NAME)."
+        )
+
+
 def resolve_data_dir(data_args: DataArguments, train_args: TrainArguments) -> Path:
     """`--data_dir`, or `data/<dataset name>[-<config>]` so prepared shards are shared by runs on the same corpus.
 
@@ -437,11 +462,7 @@ def resolve_data_dir(data_args: DataArguments, train_args: TrainArguments) -> Pa
     if data_args.dataset_config:
         name += f"-{data_args.dataset_config}"
     data_dir = Path("data") / re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_.")
-    local = Path(os.path.expanduser(dataset))
-    for index, part in enumerate(local.parts):  # a glob's fixed folder
-        if glob.has_magic(part):
-            local = Path(*local.parts[:index]) if index else Path(".")
-            break
+    local = local_corpus_root(dataset)
     if local.exists():
         ours, theirs = data_dir.resolve(), local.resolve()
         if ours == theirs or ours.is_relative_to(theirs) or theirs.is_relative_to(ours):

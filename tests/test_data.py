@@ -710,6 +710,32 @@ def test_another_prepared_folder_inside_the_corpus_is_not_read_as_data(tmp_path,
     assert [Path(f["path"]).name for f in read_manifest(tmp_path / "tokens-v2")["source"]["files"]] == [f"a.{kind}"]
 
 
+def test_files_only_in_run_folders_are_a_one_line_error_saying_so(tmp_path, monkeypatch):
+    """A glob whose matches all lie in trainer run folders said "No files matched", though they did."""
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "corpus" / "run1"
+    run.mkdir(parents=True)
+    (run / "run_config.json").write_text(json.dumps({"model": {}, "data": {}, "training": {}}))
+    (run / "notes.txt").write_text("text kept in a run folder")
+    with pytest.raises(FileNotFoundError, match=r"The 1 file\(s\) --dataset 'corpus/run\*/notes.txt' lists lie in "):
+        prepare("corpus/run*/notes.txt", tmp_path / "out")
+    prepare("corpus/run1/*.txt", tmp_path / "out")  # a run folder named as the corpus's own folder is read
+    assert read_split(tmp_path / "out", "train").tolist()[1:] == get_encoding().encode_ordinary(
+        "text kept in a run folder"
+    )
+
+
+def test_a_jsonl_of_blank_lines_beside_other_files_is_skipped(tmp_path):
+    """It was read with no columns, and `datasets` failed to cast the next file's to them (or the other way round,
+    depending on the names' order)."""
+    corpus = tmp_path / "mine"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_text("\n \n\n")
+    write_jsonl(corpus / "b.jsonl", [{"text": "alpha"}])
+    prepare(corpus, tmp_path / "out")
+    assert read_split(tmp_path / "out", "train").tolist() == expected_stream(["alpha"])
+
+
 @pytest.mark.parametrize("dataset", ["data/raw", "data/raw/*.jsonl", "data/raw/a.jsonl", "data/*/a.jsonl"])
 def test_a_corpus_inside_the_output_folder_is_read(tmp_path, monkeypatch, dataset):
     """Only an output folder inside the corpus is skipped; a corpus inside the output folder is the corpus."""

@@ -1591,6 +1591,10 @@ def test_the_config_refuses_gpt2_attention_variants_it_does_not_implement(name, 
     fields.pop("model_type")
     with pytest.raises(ValueError, match=rf"{name}={value} is not implemented"):
         GPT2ScratchConfig(**fields)
+    config = GPT2ScratchConfig(**SMALL)
+    setattr(config, name, value)  # after the config was made (`EncoderDecoderModel` sets add_cross_attention)
+    with pytest.raises(ValueError, match=rf"{name}={value} is not implemented"):
+        GPT2ScratchForCausalLM(config)
     plain = GPT2Config(**SMALL).to_dict()  # GPT-2's own values of them pass
     plain.pop("model_type")
     assert GPT2ScratchConfig(**plain).n_embd == SMALL["n_embd"]

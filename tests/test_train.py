@@ -896,6 +896,17 @@ def test_run_folders_inside_the_corpus_folder_are_not_read_as_data(corpus, tmp_p
     assert metrics(folder / "runs" / "b")[-1]["step"] == 2
 
 
+@pytest.mark.parametrize("dataset", ["{corpus}", "{corpus}/*.txt"])
+def test_a_run_in_the_corpus_folder_itself_is_refused_before_anything_is_written(corpus, tmp_path, dataset):
+    """Its own run_config.json and metrics.jsonl would have been read as data at its next start."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    shutil.copy(corpus, folder / "plays.txt")
+    with pytest.raises(ValueError, match=r"--output_dir .* is the corpus folder of --dataset .*: the run's own files"):
+        run(dataset.format(corpus=folder), tmp_path / "tokens", folder, "--max_steps", "1")
+    assert sorted(p.name for p in folder.iterdir()) == ["plays.txt"] and not (tmp_path / "tokens").exists()
+
+
 def test_cpu_threads_default_to_the_cores_not_accelerates_one(corpus, data_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what `accelerate launch` without --cpu exports
     before = torch.get_num_threads()
