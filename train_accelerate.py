@@ -11,6 +11,7 @@ checkpoints, metrics.jsonl / loss.png / trackers, and a Hub-ready `final/` folde
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import json
 import logging
@@ -481,6 +482,16 @@ HEARTBEAT_STEPS = {
         "has not finished the data check within {within}, though it only reads its data folder's manifest.json there "
         "(a hung network file system?): see its machine's log, then start every machine again.",
     ),
+    "the shared folder check": (
+        "",
+        "has not finished the shared folder check within {within}, though it only looks for a file in its "
+        "--output_dir (a hung network file system?): see its machine's log, then start every machine again.",
+    ),
+    "the checkpoint check": (
+        "",
+        "has not finished the checkpoint check within {within}, though it only hashes the weights it loaded (a hung "
+        "device?): see its machine's log, then start every machine again.",
+    ),
 }
 
 
@@ -697,32 +708,39 @@ def check_shared_output_dir(accelerator: Accelerator, output_dir: Path) -> None:
     import uuid
 
     failure, name = None, ""
-    if accelerator.is_main_process:
-        marker = output_dir / f".tmp-shared-{uuid.uuid4().hex}"
-        try:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            marker.touch()
-            name = marker.name
-        except OSError as err:  # a folder it may not write: the main process's message, not the others'
-            failure = cannot_write_output_dir(output_dir, err)
-    main_answer = exchange(accelerator, "shared_output_dir", json.dumps([str(output_dir), name]))[0]
-    main_output_dir, name = json.loads(main_answer)
-    if not accelerator.is_main_process:
-        marker = output_dir / name  # no name: the main process failed, and says why below
-        deadline = time.monotonic() + SHARED_FOLDER_WAIT
-        while name and not marker.is_file() and time.monotonic() < deadline:  # a network file system may be late
-            time.sleep(1.0)
+    marker = output_dir / f".tmp-shared-{uuid.uuid4().hex}"
+    # heartbeats: a process stopped meanwhile (Ctrl-C in the wait below, SIGKILL) is not waited for until the timeout
+    heartbeats = Heartbeats(accelerator, "the shared folder check")
+    try:
+        with heartbeats.beating():
+            if accelerator.is_main_process:
+                try:
+                    output_dir.mkdir(parents=True, exist_ok=True)
+                    marker.touch()
+                    name = marker.name
+                except OSError as err:  # a folder it may not write: the main process's message, not the others'
+                    failure = cannot_write_output_dir(output_dir, err)
+            answers = exchange(accelerator, "shared_output_dir", json.dumps([str(output_dir), name]), heartbeats)
+            main_output_dir, name = json.loads(answers[0])
+            if not accelerator.is_main_process:
+                found = output_dir / name  # no name: the main process failed, and says why below
+                deadline = time.monotonic() + SHARED_FOLDER_WAIT
+                while name and not found.is_file() and time.monotonic() < deadline:  # a network file system is late
+                    time.sleep(1.0)
+                    with contextlib.suppress(OSError):
+                        os.listdir(output_dir)  # opening the folder asks an NFS server for its attributes again
+                if name and not found.is_file():
+                    failure = (
+                        f"--output_dir {output_dir} of process {accelerator.process_index} is not the main "
+                        f"process's {main_output_dir}: every machine must reach one shared folder (a network file "
+                        "system), where each process adds its RNG state to the checkpoints."
+                    )
+            # after every process looked
+            failure = first_failure(accelerator, failure, output_dir / ".tmp-shared", heartbeats)
+    finally:
+        if accelerator.is_main_process:
             with contextlib.suppress(OSError):
-                os.listdir(output_dir)  # opening the folder asks an NFS server for its attributes again
-        if name and not marker.is_file():
-            failure = (
-                f"--output_dir {output_dir} of process {accelerator.process_index} is not the main process's "
-                f"{main_output_dir}: every machine must reach one shared folder (a network file system), where each "
-                "process adds its RNG state to the checkpoints."
-            )
-    failure = first_failure(accelerator, failure, output_dir / ".tmp-shared")  # after every process looked
-    if accelerator.is_main_process:
-        marker.unlink(missing_ok=True)
+                marker.unlink(missing_ok=True)
     if failure is not None:
         raise ValueError(failure)
 
@@ -804,6 +822,44 @@ def check_same_data(accelerator: Accelerator, data_args: DataArguments, data_dir
             )
 
 
+def weights_digest(model: torch.nn.Module) -> str:
+    """A hash of the model's tensors' bytes (names, shapes, dtypes and values): the same weights give the same digest
+    on every machine, whatever the device."""
+    digest = hashlib.blake2b(digest_size=12)
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name} {tuple(tensor.shape)} {tensor.dtype}".encode())
+        digest.update(tensor.detach().reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_same_checkpoint(accelerator: Accelerator, resume_from: Path, step: int, model: torch.nn.Module) -> None:
+    """Refuse machines that resumed other checkpoints: `--resume` is a path of each machine (checked only as given or
+    not, `check_same_flags`), and `--resume latest` reads each machine's listing of a shared folder, which a network
+    file system may serve stale. DDP makes the weights the same only when it wraps the model, before the checkpoint
+    is loaded: each machine trained its own weights without a word (at another step, its collectives failed against
+    the others'). Compares the step and a digest of the weights (`weights_digest`), through the store, with heartbeats
+    as in the setup.
+
+    Raises:
+        ValueError: on every process, naming the first process whose checkpoint differs from the main process's.
+    """
+    if not several_machines(accelerator):
+        return  # one machine: the same command, the same folder
+    heartbeats = Heartbeats(accelerator, "the checkpoint check")
+    with heartbeats.beating():
+        mine = json.dumps([str(resume_from), step, weights_digest(accelerator.unwrap_model(model))])
+        answers = exchange(accelerator, "checkpoint", mine, heartbeats)
+    (main_path, *main_state), *others = map(json.loads, answers)
+    for rank, (path, *state) in enumerate(others, start=1):
+        if state != main_state:
+            what = "other weights" if state[0] == main_state[0] else f"step {state[0]}"
+            raise ValueError(
+                f"the machines resumed other checkpoints: process {rank} {path} ({what}), the main process "
+                f"{main_path} (step {main_state[0]}); resume the same checkpoint on every machine (pass its path: "
+                "--resume latest reads each machine's listing of the folder)."
+            )
+
+
 def replace_folder(tmp: Path, final: Path) -> None:
     """Put the complete folder `tmp` at `final` by renames alone: an existing `final` moves to `.tmp-old-<name>` first
     and is deleted last, so a crash leaves one of the two whole (the `.tmp-` names are cleaned by the next save; an old
@@ -841,15 +897,19 @@ def save_checkpoint(accelerator: Accelerator, model: GPT2ScratchForCausalLM, tra
     """
     final = checkpoint_dir(train_args.output_dir, step)
     tmp = final.parent / f".tmp-{final.name}"
+    failure = None  # caught on each process, so that one failing never leaves the others waiting at a barrier
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        try:
+            tmp.mkdir(parents=True)
+        except WRITE_ERRORS as err:  # a full disk, or the folder gone read-only: the others fail on the missing tmp
+            failure = err
     accelerator.wait_for_everyone()
-    failure = None  # caught on each process, so that one failing never leaves the others waiting at a barrier
-    try:
-        accelerator.save_state(str(tmp))  # each process its own RNG state, the main one the rest
-    except WRITE_ERRORS as err:  # a full disk: torch.save says "unexpected pos", safetensors "os error 28"
-        failure = err
+    if failure is None:
+        try:
+            accelerator.save_state(str(tmp))  # each process its own RNG state, the main one the rest
+        except WRITE_ERRORS as err:  # a full disk: torch.save says "unexpected pos", safetensors "os error 28"
+            failure = err
     accelerator.wait_for_everyone()  # every process's files are written before the main one flushes the folder
     if accelerator.is_main_process and failure is None:
         try:
@@ -1327,6 +1387,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     saved_step = None  # the step of the checkpoint on disk that holds this run's state
     if resume_from is not None:
         precision_changes = load_checkpoint(accelerator, resume_from)
+        check_same_checkpoint(accelerator, resume_from, state.step, model)
         accelerator.step = 0  # accelerate's micro-step count: restart at a step boundary (the accumulation may differ)
         if Path(resume_from).resolve() == checkpoint_dir(output_dir, state.step).resolve():
             saved_step = state.step  # a branch into another --output_dir has no checkpoint of its own yet
@@ -1599,8 +1660,9 @@ def shown_by_another_process(message: str) -> bool:
     printing its own showed it once per process. One process alone (no launcher, or `accelerate launch` of one):
     False. Before the processes join (arguments, presets: the same on every process of a machine), only each
     machine's first process (`LOCAL_RANK` 0) prints. Once they have joined, the main process prints and leaves its
-    message in torch.distributed's store; another prints its own unless the main process's is the same, or when
-    none comes within `ERROR_WAIT_S` seconds (a fault of its own, while the main process waits for it).
+    message in torch.distributed's store, and each other machine's first process prints too (its machine's log,
+    which may be all its user sees, shows the error); another prints its own unless the main process's is the same,
+    or when none comes within `ERROR_WAIT_S` seconds (a fault of its own, while the main process waits for it).
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
@@ -1614,6 +1676,8 @@ def shown_by_another_process(message: str) -> bool:
         store = dist.distributed_c10d._get_default_store()  # the launcher's rendezvous store: no collective
         if dist.get_rank() == 0:
             store.set(ERROR_STORE_KEY, message)
+            return False
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # another machine's first process: that machine's log shows it
             return False
         store.wait([ERROR_STORE_KEY], datetime.timedelta(seconds=ERROR_WAIT_S))
         return store.get(ERROR_STORE_KEY).decode() == message

@@ -750,6 +750,7 @@ def cpu_supports_bf16() -> bool:
 # what `accelerator.save_state` writes besides weights and optimizer: the main process's RNG states, and the trainer's
 # scheduler, train loader and TrainState (`register_for_checkpointing`, in that order)
 CHECKPOINT_STATE_FILES = ("random_states_0.pkl", *(f"custom_checkpoint_{i}.pkl" for i in range(3)))
+RNG_STATE = "random_states_{}.pkl"  # each process's, by its rank
 
 
 def checkpoint_dir(output_dir: str | os.PathLike, step: int) -> Path:
@@ -990,8 +991,20 @@ def check_checkpoint_fits(checkpoint: str | os.PathLike, config: Any, num_proces
 
     Raises:
         ValueError: one line listing the differences, before `load_state` fails on the tensors' shapes.
+        FileNotFoundError: a process's RNG state missing (a copy cut short): counted, the files had named another
+            number of processes, whose resume the train loader's saved state then refused.
     """
     saved_processes = len(list(Path(checkpoint).glob("random_states_*.pkl")))
+    loader_state = Path(checkpoint) / CHECKPOINT_STATE_FILES[2]  # the train loader's, with its world size
+    with contextlib.suppress(Exception):  # unreadable: load_state names it
+        saved_processes = int(torch.load(loader_state, weights_only=True)["world_size"])
+    rng_states = [RNG_STATE.format(rank) for rank in range(saved_processes)]
+    missing = [name for name in rng_states if not (Path(checkpoint) / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"--resume {checkpoint}: an incomplete checkpoint (no {', '.join(missing)}); pass another step_N folder, "
+            "or start a new run from its weights with --init_from."
+        )
     if saved_processes and saved_processes != num_processes:
         raise ValueError(
             f"--resume {checkpoint}: the checkpoint was saved by {saved_processes} process"

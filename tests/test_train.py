@@ -452,24 +452,37 @@ def test_non_finite_loss_stops_without_saving(corpus, data_dir, tmp_path, monkey
         run(corpus, data_dir, tmp_path / "new", "--max_steps", "2")  # nothing to resume from
 
 
+@pytest.mark.parametrize("full_at", ["optimizer.bin", "its folder"])
 def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_last_checkpoint(
-    corpus, data_dir, tmp_path, monkeypatch, capsys
+    corpus, data_dir, tmp_path, monkeypatch, capsys, full_at
 ):
+    """The folder's case: its `mkdir` ran outside what reports a failed save to every process: a bare "[Errno 28]"
+    line on the main process, a gloo traceback on the others."""
     out = tmp_path / "run"
     argv = ["--dataset", str(corpus), "--data_dir", str(data_dir), "--output_dir", str(out), *TINY]
     argv += ["--max_steps", "4", "--save_every", "2", "--eval_every", "0", "--keep_last", "1"]
-    real_save = torch.save
+    real_save, real_mkdir = torch.save, Path.mkdir
 
     def disk_full_at_step_4(obj, f, *args, **kwargs):
         if ".tmp-step_0000004" in str(f) and str(f).endswith("optimizer.bin"):
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 6784 vs 6676")  # ENOSPC
         return real_save(obj, f, *args, **kwargs)
 
-    monkeypatch.setattr(torch, "save", disk_full_at_step_4)
+    def no_folder_at_step_4(self, *args, **kwargs):
+        if self.name == ".tmp-step_0000004":
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    if full_at == "optimizer.bin":
+        monkeypatch.setattr(torch, "save", disk_full_at_step_4)
+        said = "unexpected pos"
+    else:
+        monkeypatch.setattr(Path, "mkdir", no_folder_at_step_4)
+        said = "No space left on device"
     assert train_accelerate.main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert "Traceback" not in "\n".join(err)
-    assert re.fullmatch(r"error: saving checkpoint .*step_0000004 failed \(.*unexpected pos.*\): is its disk full\? .*"
+    assert re.fullmatch(rf"error: saving checkpoint .*step_0000004 failed \(.*{said}.*\): is its disk full\? .*"
                         r"then --resume latest \(the last good checkpoint stays\)\.", err[-1])  # fmt: skip
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_0000002"]  # the partial save's space freed
     assert resolve_resume("latest", out) == out / "checkpoints" / "step_0000002"
@@ -1555,7 +1568,7 @@ def test_two_machines_started_with_other_flags_stop_with_one_error_line(corpus, 
     args += ["--total_batch_tokens", "512", "--max_steps", "2", "--eval_every", "0"]
     results = launch_two_machines(args, ([], flags))
     errors = error_lines_of_both_failed(results)
-    assert errors == [
+    assert errors == 2 * [  # one line on each machine
         f"error: the processes run with other flags: {differ}; start every machine with the same flags (only paths, "
         "--num_proc, --cpu_threads, --malloc_tuning and --overwrite_data may differ)."
     ], results[0].stderr[-3000:]
@@ -1603,11 +1616,49 @@ def test_two_machines_without_one_shared_output_dir_stop_with_one_error_line(cor
     mine, theirs = tmp_path / "machine0" / "run", tmp_path / "machine1" / "run"
     results = launch_two_machines(args, (["--output_dir", str(mine)], ["--output_dir", str(theirs)]), script=script)
     errors = error_lines_of_both_failed(results)
-    assert errors == [
+    assert errors == 2 * [
         f"error: --output_dir {theirs} of process 1 is not the main process's {mine}: every machine must reach one "
         "shared folder (a network file system), where each process adds its RNG state to the checkpoints."
     ], results[0].stderr[-3000:]
     assert not (mine / "checkpoints").exists() and not (mine / "metrics.jsonl").exists()
+
+
+KILLED_IN_THE_SHARED_FOLDER_WAIT = """
+import os, signal, sys, threading
+sys.path.insert(0, {repo!r})
+import train_accelerate
+train_accelerate.SILENT_S = 4.0  # not 30 s
+real_check = train_accelerate.check_shared_output_dir
+def check_shared_output_dir(*args):  # machine 1 killed (or Ctrl-C) while it looks for the main process's file
+    if os.environ["RANK"] == "1":
+        threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGKILL)).start()
+    real_check(*args)
+train_accelerate.check_shared_output_dir = check_shared_output_dir
+sys.exit(train_accelerate.main())
+"""
+
+
+@pytest.mark.slow
+def test_a_machine_killed_in_the_shared_folder_wait_stops_the_other_soon_without_leaving_its_file(
+    corpus, data_dir, tmp_path
+):
+    """The main machine waited for it until the process group's timeout (30 minutes by default), then stopped with a
+    `DistStoreError` traceback, its `.tmp-shared-*` file left in the run folder."""
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_IN_THE_SHARED_FOLDER_WAIT.format(repo=str(REPO)))
+    args = ["--dataset", str(corpus), "--data_dir", str(data_dir), *TINY, "--total_batch_tokens", "512"]
+    args += ["--max_steps", "2", "--eval_every", "0"]
+    mine, theirs = tmp_path / "machine0" / "run", tmp_path / "machine1" / "run"  # machine 1 waits for the file
+    started = time.monotonic()
+    results = launch_two_machines(args, (["--output_dir", str(mine)], ["--output_dir", str(theirs)]), script=script)
+    errors = error_lines_of_both_failed(results)
+    assert errors == [
+        "error: process 1 stopped answering during the shared folder check (no heartbeat for 4 s): killed outright "
+        "(by the OOM killer, say)? See its machine's log, then start every machine again."
+    ], results[0].stderr[-3000:]
+    assert "[rank0]: Traceback" not in results[0].stderr
+    assert time.monotonic() - started < train_accelerate.SHARED_FOLDER_WAIT
+    assert not list(mine.glob(".tmp-shared-*"))
 
 
 MAIN_PROCESS_CANNOT_WRITE = """
@@ -1635,7 +1686,7 @@ def test_two_machines_stop_at_once_when_the_main_process_cannot_leave_its_file(c
     args += ["--total_batch_tokens", "512", "--max_steps", "2", "--eval_every", "0"]
     started = time.monotonic()
     errors = error_lines_of_both_failed(launch_two_machines(args, ([], []), script=script))
-    assert errors == [
+    assert errors == 2 * [
         f"error: --output_dir {out}: cannot write there (Permission denied); pass a folder you can write to."
     ]
     assert time.monotonic() - started < train_accelerate.SHARED_FOLDER_WAIT
@@ -1651,7 +1702,7 @@ def test_a_setup_error_of_one_machine_stops_the_other_with_its_one_error_line(co
     own = (["--dataset", str(corpus), "--data_dir", str(data_dir)], ["--dataset", str(missing)])
     results = launch_two_machines(args, (own[0], [*own[1], "--data_dir", str(tmp_path / "machine1" / "data")]), 90)
     errors = error_lines_of_both_failed(results)
-    assert errors == [
+    assert errors == 2 * [
         f"error: on process 1: Dataset path '{missing}' not found; pass an existing .txt/.jsonl/.json/.parquet/.csv "
         "file, a folder or a glob of them, or a Hub dataset id such as karpathy/tiny_shakespeare."
     ], results[0].stderr[-3000:]
@@ -1676,7 +1727,7 @@ def test_two_machines_with_other_corpora_stop_with_one_error_line(corpus, data_d
         train, val = (sum(entry["tokens"] for entry in manifest["splits"][split]) for split in ("train", "val"))
         return f"{train:,} train and {val:,} val tokens (source {manifest['source']['fingerprint'][:12]})"
 
-    assert errors == [
+    assert errors == 2 * [
         f"error: the machines prepared other data: --dataset {other} gave process 1 {prepared(other.parent / 'data')},"
         f" the main process's --dataset {corpus} gave {prepared(data_dir)}; pass the same corpus on every machine "
         "(each may hold its copy at another path)."
@@ -2062,6 +2113,36 @@ def test_resume_is_exact_with_two_processes(corpus, data_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_two_machines_that_resume_other_checkpoints_stop_with_one_error_line_each(corpus, data_dir, tmp_path):
+    """--resume is a path of each machine (and `latest` each machine's listing of a shared folder, which a network
+    file system may serve stale): machines that loaded checkpoints with other weights each trained their own copy
+    and reported success (at other steps, their collectives failed with gloo's traceback)."""
+    from safetensors.torch import save_file
+
+    args = ["--dataset", str(corpus), "--data_dir", str(data_dir), *TINY, "--total_batch_tokens", "512"]
+    args += ["--max_steps", "4", "--save_every", "2", "--eval_every", "0"]
+    straight, other = tmp_path / "straight", tmp_path / "other"
+    result = launch_two(*args, "--max_steps", "2", "--output_dir", str(straight))
+    assert result.returncode == 0, result.stderr[-3000:]
+    shutil.copytree(straight, other)
+    weights = other / "checkpoints" / "step_0000002" / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["transformer.ln_f.bias"] += 1e-3  # the same step, other weights (another run's, say)
+    save_file(tensors, weights, {"format": "pt"})
+    branch = tmp_path / "branch"
+    own = [["--resume", str(folder / "checkpoints" / "step_0000002")] for folder in (straight, other)]
+    results = launch_two_machines([*args, "--output_dir", str(branch)], (own[0], own[1]), 120)
+    errors = error_lines_of_both_failed(results)
+    expected = (
+        f"error: the machines resumed other checkpoints: process 1 {other}/checkpoints/step_0000002 (other weights), "
+        f"the main process {straight}/checkpoints/step_0000002 (step 2); resume the same checkpoint on every machine "
+        "(pass its path: --resume latest reads each machine's listing of the folder)."
+    )
+    assert errors == [expected, expected], results[0].stderr[-3000:] + results[1].stderr[-3000:]  # one per machine
+    assert not (branch / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
 def test_sigterm_to_the_one_process_launcher_alone_still_saves_a_checkpoint(corpus, data_dir, tmp_path):
     """accelerate's one-process launcher passes no signal on and dies of it: the trainer gets a SIGTERM of its own
     (PR_SET_PDEATHSIG) and saves, instead of training on orphaned until something kills it."""
@@ -2440,11 +2521,17 @@ def test_a_resume_with_another_process_count_is_one_line_before_the_data_is_prep
     out = tmp_path / "run"
     run(corpus, data_dir, out, "--max_steps", "2", "--eval_every", "0")
     checkpoint = list_checkpoints(out)[-1]
-    shutil.copy(checkpoint / "random_states_0.pkl", checkpoint / "random_states_1.pkl")  # as 2 processes save it
+    loader = checkpoint / "custom_checkpoint_1.pkl"  # the train loader's state: as 2 processes save it
+    torch.save(torch.load(loader, weights_only=True) | {"world_size": 2}, loader)
     new_data = tmp_path / "new_shards"  # a data folder not prepared yet: the check comes first
     argv = ["--dataset", str(corpus), "--data_dir", str(new_data), "--output_dir", str(out), *TINY]
+    argv += ["--max_steps", "4", "--resume", str(checkpoint)]
+    # one process's RNG state lost (a copy cut short): counted, the files said 1 process, which the loader refused
+    with pytest.raises(FileNotFoundError, match=r"an incomplete checkpoint \(no random_states_1\.pkl\)") as err:
+        train_accelerate.train(*parse_arguments(argv))
+    shutil.copy(checkpoint / "random_states_0.pkl", checkpoint / "random_states_1.pkl")
     with pytest.raises(ValueError, match=r"saved by 2 processes, this run has 1.*--num_processes 2") as err:
-        train_accelerate.train(*parse_arguments([*argv, "--max_steps", "4", "--resume", "latest"]))
+        train_accelerate.train(*parse_arguments(argv))
     assert "\n" not in str(err.value) and not new_data.exists()
 
 
