@@ -185,15 +185,37 @@ def build_accelerator(train_args: TrainArguments) -> Accelerator:
         )
     elif precision == "fp16" and not cuda:
         raise ValueError("--mixed_precision fp16 needs a CUDA GPU; use bf16 or no on this device.")
-    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()  # `accelerate launch --mixed_precision`
-    if launcher != "no" and launcher != precision:
+    sizes = (
+        "WORLD_SIZE",
+        "PMI_SIZE",
+        "OMPI_COMM_WORLD_SIZE",
+        "MV2_COMM_WORLD_SIZE",
+    )  # torchrun's, MPI's (accelerate's)
+    if "ACCELERATE_MIXED_PRECISION" in os.environ and "MASTER_PORT" in os.environ and not any(map(os.getenv, sizes)):
+        # accelerate's simple launcher, asked for several processes or machines, starts this one process alone
+        raise ValueError(
+            "accelerate launch asked for several processes or machines (MASTER_PORT is set) but started this one "
+            "alone, which would train on its own into the shared --output_dir: launch with --multi_gpu "
+            "--num_processes N (CPUs too: torchrun processes joined by gloo), or under mpirun (distributed_type "
+            "MULTI_CPU), or --cpu for one process (and unset MASTER_PORT)."
+        )
+    asked = os.environ.get(
+        "ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1"
+    )  # Accelerator reads it; the trainer sets its own
+    if asked != "1":
         logger.warning(
-            "accelerate launch asked for mixed precision %s, but this script's --mixed_precision %s decides (%s): "
-            "pass --mixed_precision %s to the script instead.",
+            "ACCELERATE_GRADIENT_ACCUMULATION_STEPS=%s is not used: the accumulation follows from --total_batch_tokens "
+            "(total_batch_tokens / (micro_batch_size x seq_len x processes)).",
+            asked,
+        )
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()  # `accelerate launch --mixed_precision`
+    if launcher != "no" and launcher != precision:  # its "no" is also its default: not told from no choice
+        logger.warning(
+            "accelerate launch asked for mixed precision %s, but this script's --mixed_precision %s decides (%s)%s",
             launcher,
             train_args.mixed_precision,
             precision,
-            launcher,
+            f": pass --mixed_precision {launcher} to the script instead." if launcher != "fp16" or cuda else ".",
         )
     dynamo = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower()  # `accelerate launch --dynamo_backend`
     if dynamo != "no":
@@ -1059,6 +1081,16 @@ def data_flag_changes(previous_config: Path, data_args: DataArguments) -> list[s
     return flag_changes(previous_config, "data", asdict(data_args), RESUME_DATA_FLAGS, {"dataset": same_dataset})
 
 
+def _parent_is_accelerate() -> bool:
+    """Whether the parent process is `accelerate launch` (its command line names accelerate), not a shell that has
+    accelerate's variables exported (a plain `python train_accelerate.py` must outlive its shell)."""
+    try:
+        parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()  # `accelerate launch`, `-m accelerate...launch`
+    except OSError:
+        return False
+    return b"accelerate" in parent and b"launch" in parent
+
+
 def signal_when_the_launcher_dies() -> signal.Signals | None:
     """Have Linux signal this process when the launcher that started it dies; returns the signal (None: not set).
 
@@ -1078,7 +1110,7 @@ def signal_when_the_launcher_dies() -> signal.Signals | None:
         return None
     if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun's processes: their parent is its agent
         sig = signal.SIGKILL
-    elif "ACCELERATE_DYNAMO_BACKEND" in os.environ:  # accelerate's one-process launcher
+    elif "ACCELERATE_DYNAMO_BACKEND" in os.environ and _parent_is_accelerate():  # accelerate's one-process launcher
         sig = signal.SIGTERM
     else:  # no launcher: the parent is a shell, whose exit must not stop the run
         return None
@@ -1407,16 +1439,33 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         saved_dropout = json.loads(saved_config.read_text()).get("resid_pdrop") if saved_config.is_file() else None
         if saved_dropout is not None and saved_dropout != unwrapped.config.resid_pdrop:  # applies, as at --init_from
             changes.append(f"--dropout {saved_dropout} -> {unwrapped.config.resid_pdrop}")
+        # the weights descend from what the run started from (--init_from), whatever this start's flag says: the
+        # record stays, for the model card's base model (a resume without the flag had erased it)
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            started = json.loads(resumed_config.read_text())["model"]
+            start = {key: started.get(key) for key in ("init_from", "init_from_source")}
+            if start["init_from"] != model_args.init_from:
+                changes.append(
+                    f"--init_from {model_args.init_from} (the weights are the checkpoint's: the run stays recorded as "
+                    f"started from {start['init_from'] or 'scratch'})"
+                )
+            run_config["model"] |= start
         logger.info("resumed from %s at step %d", resume_from, state.step)
         if changes:
             logger.info("resume: this run's flags replace the checkpoint's: %s", "; ".join(changes))
     # on every process: an --output_dir that is a file fails them all alike, instead of the main process alone (the
     # others then died in their first collective, a traceback below its one-line error)
     output_dir.mkdir(parents=True, exist_ok=True)
+    earlier_peak = None
     if accelerator.is_main_process:  # after a resume that worked: a failed one leaves the run's files as they were
         if resume_from is None and train_args.overwrite_output_dir and list_checkpoints(output_dir):
             logger.info("--overwrite_output_dir: deleting the checkpoints in %s", output_dir / "checkpoints")
             shutil.rmtree(output_dir / "checkpoints")
+        # the peak of a resumed run's earlier starts, also what came after their last logged step (evaluation,
+        # checkpoint, export), which only their run_summary.json holds
+        if resume_from is not None:
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                earlier_peak = json.loads((output_dir / RUN_SUMMARY_NAME).read_text()).get("peak_memory_mib")
         # the end-of-run files of a run replaced (--overwrite_output_dir), or of one that goes on past its export
         stale = finished_run_files(output_dir) if resume_from is None or state.step < train_args.max_steps else []
         # first, an older export a re-export's crash kept aside: it would take final/'s free name at the next start
@@ -1566,6 +1615,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         memory = peak_memory_mib(device)  # this process's; a resumed run's earlier processes logged theirs
         peaks = [r["peak_memory_mib"] for r in logged if r.get("peak_memory_mib") is not None]
         peaks += [] if memory is None else [round(memory)]
+        peaks += [earlier_peak] if isinstance(earlier_peak, (int, float)) else []
         summary = {
             "steps": state.step,
             "tokens_seen": state.tokens,

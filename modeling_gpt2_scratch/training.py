@@ -1006,11 +1006,15 @@ def check_checkpoint_fits(checkpoint: str | os.PathLike, config: Any, num_proces
             "or start a new run from its weights with --init_from."
         )
     if saved_processes and saved_processes != num_processes:
+        launch = (
+            f"accelerate launch --multi_gpu --num_processes {saved_processes}"
+            if saved_processes > 1
+            else "a plain accelerate launch, or python train_accelerate.py"
+        )
         raise ValueError(
             f"--resume {checkpoint}: the checkpoint was saved by {saved_processes} process"
             f"{'es' if saved_processes > 1 else ''}, this run has {num_processes}; each keeps its own place in the "
-            f"data: resume with {saved_processes} (accelerate launch --num_processes {saved_processes}), or start a "
-            "new run from its weights with --init_from."
+            f"data: resume with {saved_processes} ({launch}), or start a new run from its weights with --init_from."
         )
     path = Path(checkpoint) / "config.json"
     if not path.is_file():

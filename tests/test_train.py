@@ -920,6 +920,26 @@ def test_a_run_in_the_corpus_folder_itself_is_refused_before_anything_is_written
     assert sorted(p.name for p in folder.iterdir()) == ["plays.txt"] and not (tmp_path / "tokens").exists()
 
 
+def test_a_resume_keeps_the_runs_peak_memory_and_its_init_from_record(corpus, data_dir, tmp_path, monkeypatch, caplog):
+    """An export-only resume wrote the peak of metrics.jsonl and itself, lower than the earlier start's (its
+    evaluation, checkpoint and export came after its last logged step); a resume without --init_from recorded the
+    run as trained from scratch (the model card's base model gone)."""
+    run(corpus, data_dir, tmp_path / "base", "--max_steps", "1", "--save_every", "0")
+    out = tmp_path / "tuned"
+    run(
+        corpus, data_dir, out, "--max_steps", "2", "--save_every", "1", "--init_from", str(tmp_path / "base" / "final")
+    )
+    summary = json.loads((out / "run_summary.json").read_text())
+    (out / "run_summary.json").write_text(json.dumps(summary | {"peak_memory_mib": 10**6}))  # the earlier peak
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")
+    with caplog.at_level(logging.WARNING, logger="train_accelerate"):
+        run(corpus, data_dir, out, "--max_steps", "2", "--resume", "latest")  # only exports
+    assert "ACCELERATE_GRADIENT_ACCUMULATION_STEPS=4 is not used" in caplog.text
+    assert json.loads((out / "run_summary.json").read_text())["peak_memory_mib"] == 10**6
+    model = json.loads((out / "run_config.json").read_text())["model"]
+    assert model["init_from"] == str(tmp_path / "base" / "final") and model["init_from_source"] == "local"
+
+
 def test_cpu_threads_default_to_the_cores_not_accelerates_one(corpus, data_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what `accelerate launch` without --cpu exports
     before = torch.get_num_threads()
@@ -2140,6 +2160,40 @@ def test_two_machines_that_resume_other_checkpoints_stop_with_one_error_line_eac
     )
     assert errors == [expected, expected], results[0].stderr[-3000:] + results[1].stderr[-3000:]  # one per machine
     assert not (branch / "metrics.jsonl").exists()
+
+
+def test_a_plain_run_with_accelerates_variables_exported_outlives_its_shell(monkeypatch):
+    """accelerate's one-process launcher is found by its command line, not by its variables: exported in a shell
+    (`export ACCELERATE_DYNAMO_BACKEND=no`), they made a plain `python train_accelerate.py` stop with the shell."""
+    asked = []
+    monkeypatch.setattr(train_accelerate, "die_with_parent", lambda sig: asked.append(sig) or True)
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "no")
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    monkeypatch.setattr(train_accelerate, "_parent_is_accelerate", lambda: False)  # pytest's parent: a shell, say
+    assert train_accelerate.signal_when_the_launcher_dies() is None and asked == []
+    monkeypatch.setattr(train_accelerate, "_parent_is_accelerate", lambda: True)
+    assert train_accelerate.signal_when_the_launcher_dies() == signal.SIGTERM and asked == [signal.SIGTERM]
+
+
+def test_accelerates_simple_launcher_asked_for_two_processes_is_refused_not_run_alone(corpus, data_dir, tmp_path):
+    """Without --multi_gpu it starts one plain process (MASTER_PORT set, no WORLD_SIZE), which trained alone; one per
+    machine across machines, each into the shared folder (metrics.jsonl with every step twice)."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1"]
+    launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29577"]
+    args = ["--dataset", str(corpus), "--data_dir", str(data_dir), "--output_dir", str(tmp_path / "run"), *TINY]
+    result = subprocess.run(
+        [*launch, str(REPO / "train_accelerate.py"), *args, "--max_steps", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [
+        "error: accelerate launch asked for several processes or machines (MASTER_PORT is set) but started this one "
+        "alone, which would train on its own into the shared --output_dir: launch with --multi_gpu --num_processes N "
+        "(CPUs too: torchrun processes joined by gloo), or under mpirun (distributed_type MULTI_CPU), or --cpu for "
+        "one process (and unset MASTER_PORT)."
+    ], result.stderr[-3000:]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 @pytest.mark.slow
