@@ -681,6 +681,9 @@ def check_same_flags(accelerator: Accelerator, *arguments) -> None:
     never made (a crash, or a hang until the process group's timeout). Every process sends its flags through
     torch.distributed's store, as `first_failure` does, and all raise the same error, which the main process prints.
 
+    `--mixed_precision` is compared as resolved (`auto`: bf16 where the device has it), so machines whose devices
+    differ in bf16 (an A100 beside a V100) do not train in two precisions, the run's files recording the main one's.
+
     Raises:
         ValueError: the first flag that differs, with the main process's value and another's.
     """
@@ -693,6 +696,8 @@ def check_same_flags(accelerator: Accelerator, *arguments) -> None:
         if name not in PER_MACHINE_FLAGS
     }
     raw = {name: value for section in arguments for name, value in asdict(section).items()}
+    # as each process resolved it: `auto` picks bf16 where the device has it, which machines may differ in
+    flags["mixed_precision"] = raw["mixed_precision"] = accelerator.mixed_precision
     (main_flags, main_raw), *others = map(json.loads, exchange(accelerator, "flags", json.dumps([flags, raw])))
     for rank, (other_flags, other_raw) in enumerate(others, start=1):
         differ = [name for name in main_flags if other_flags.get(name) != main_flags[name]]

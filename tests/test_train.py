@@ -1993,6 +1993,33 @@ def test_two_processes_check_a_second_run_in_the_same_processes_against_its_own_
     assert result.stderr.count("both runs accepted") == 2
 
 
+BF16_ON_THE_MAIN_PROCESS_ONLY = """
+import os, sys
+sys.path.insert(0, {repo!r})
+import train_accelerate
+train_accelerate.cpu_supports_bf16 = lambda: os.environ["RANK"] == "0"  # machines with and without bf16 hardware
+sys.exit(train_accelerate.main())
+"""
+
+
+@pytest.mark.slow
+def test_processes_whose_auto_precision_differs_stop_with_one_error_line(corpus, data_dir, tmp_path):
+    """`--mixed_precision auto` is the same flag everywhere, resolved by each device: a process without bf16 trained
+    in fp32 beside bf16 ones, and the run's files said bf16."""
+    script = tmp_path / "bf16_on_main.py"
+    script.write_text(BF16_ON_THE_MAIN_PROCESS_ONLY.format(repo=str(REPO)))
+    args = ["--dataset", str(corpus), "--data_dir", str(data_dir), "--output_dir", str(tmp_path / "run"), *TINY]
+    result = launch_two(*args, "--max_steps", "1", "--total_batch_tokens", "512", "--mixed_precision", "auto",
+                        script=script, timeout=120)  # fmt: skip
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [
+        "error: the processes run with other flags: --mixed_precision no on process 1, bf16 on the main process; "
+        "start every machine with the same flags (only paths, --num_proc, --cpu_threads, --malloc_tuning and "
+        "--overwrite_data may differ)."
+    ], result.stderr[-3000:]
+
+
 REPORT_TIMEOUTS = """
 import os, sys
 sys.path.insert(0, {repo!r})
