@@ -191,7 +191,7 @@ def build_accelerator(train_args: TrainArguments) -> Accelerator:
         "OMPI_COMM_WORLD_SIZE",
         "MV2_COMM_WORLD_SIZE",
     )  # torchrun's, MPI's (accelerate's)
-    if "ACCELERATE_MIXED_PRECISION" in os.environ and "MASTER_PORT" in os.environ and not any(map(os.getenv, sizes)):
+    if "MASTER_PORT" in os.environ and not any(map(os.getenv, sizes)) and _set_by_the_launcher("MASTER_PORT"):
         # accelerate's simple launcher, asked for several processes or machines, starts this one process alone
         raise ValueError(
             "accelerate launch asked for several processes or machines (MASTER_PORT is set) but started this one "
@@ -509,6 +509,11 @@ HEARTBEAT_STEPS = {
         "has not finished the shared folder check within {within}, though it only looks for a file in its "
         "--output_dir (a hung network file system?): see its machine's log, then start every machine again.",
     ),
+    "the checkpoint load": (
+        ", while it loaded the checkpoint",
+        "has not loaded the checkpoint within {within} (a slow network file system?): see its machine's log, then "
+        "raise --ddp_timeout, or start every machine again.",
+    ),
     "the checkpoint check": (
         "",
         "has not finished the checkpoint check within {within}, though it only hashes the weights it loaded (a hung "
@@ -697,12 +702,18 @@ def check_same_flags(accelerator: Accelerator, *arguments) -> None:
     }
     raw = {name: value for section in arguments for name, value in asdict(section).items()}
     # as each process resolved it: `auto` picks bf16 where the device has it, which machines may differ in
-    flags["mixed_precision"] = raw["mixed_precision"] = accelerator.mixed_precision
+    flags["mixed_precision"] = accelerator.mixed_precision
     (main_flags, main_raw), *others = map(json.loads, exchange(accelerator, "flags", json.dumps([flags, raw])))
     for rank, (other_flags, other_raw) in enumerate(others, start=1):
         differ = [name for name in main_flags if other_flags.get(name) != main_flags[name]]
         if differ:
             name = differ[0]
+            if name == "mixed_precision" and other_raw[name] == main_raw[name]:  # the same flag, other devices
+                raise ValueError(
+                    f"--mixed_precision {main_raw[name]} resolved to {other_flags[name]} on process {rank} and to "
+                    f"{main_flags[name]} on the main process (their devices differ in bf16 support): pass the same "
+                    "explicit --mixed_precision (no, say) on every machine."
+                )
             if name in PATH_FLAGS:  # compared as given or not (a path may differ)
                 theirs, main = ("given" if flags[name] else "not given" for flags in (other_flags, main_flags))
             else:
@@ -929,7 +940,7 @@ def save_checkpoint(accelerator: Accelerator, model: GPT2ScratchForCausalLM, tra
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             tmp.mkdir(parents=True)
-        except WRITE_ERRORS as err:  # a full disk, or the folder gone read-only: the others fail on the missing tmp
+        except WRITE_ERRORS as err:  # a full disk, or the folder gone read-only: the save stops on every process
             failure = err
     accelerator.wait_for_everyone()
     if failure is None:
@@ -1094,6 +1105,19 @@ def _parent_is_accelerate() -> bool:
     except OSError:
         return False
     return b"accelerate" in parent and b"launch" in parent
+
+
+def _set_by_the_launcher(variable: str) -> bool:
+    """Whether `accelerate launch` (the parent) set `variable` for this process: the parent's own environment lacks
+    it. accelerate's simple launcher sets `MASTER_PORT` only when asked for several processes or machines; one a
+    cluster's job script exports reaches its own environment too."""
+    if not _parent_is_accelerate():
+        return False
+    try:
+        entries = Path(f"/proc/{os.getppid()}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return not any(entry.startswith(f"{variable}=".encode()) for entry in entries)
 
 
 def signal_when_the_launcher_dies() -> signal.Signals | None:
@@ -1423,7 +1447,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     }
     saved_step = None  # the step of the checkpoint on disk that holds this run's state
     if resume_from is not None:
-        precision_changes = load_checkpoint(accelerator, resume_from)
+        # every process's load, then the check: a slower machine's load is not taken for a silent one, and an error
+        # of one machine's load (a file its listing lacks) reaches the others as that error
+        with stop_together(accelerator, "the checkpoint load"):
+            precision_changes = load_checkpoint(accelerator, resume_from)
         check_same_checkpoint(accelerator, resume_from, state.step, model)
         accelerator.step = 0  # accelerate's micro-step count: restart at a step boundary (the accumulation may differ)
         if Path(resume_from).resolve() == checkpoint_dir(output_dir, state.step).resolve():
@@ -1449,7 +1476,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             started = json.loads(resumed_config.read_text())["model"]
             start = {key: started.get(key) for key in ("init_from", "init_from_source")}
-            if start["init_from"] != model_args.init_from:
+            if model_args.init_from is not None and start["init_from"] != model_args.init_from:
                 changes.append(
                     f"--init_from {model_args.init_from} (the weights are the checkpoint's: the run stays recorded as "
                     f"started from {start['init_from'] or 'scratch'})"
