@@ -185,12 +185,8 @@ def build_accelerator(train_args: TrainArguments) -> Accelerator:
         )
     elif precision == "fp16" and not cuda:
         raise ValueError("--mixed_precision fp16 needs a CUDA GPU; use bf16 or no on this device.")
-    sizes = (
-        "WORLD_SIZE",
-        "PMI_SIZE",
-        "OMPI_COMM_WORLD_SIZE",
-        "MV2_COMM_WORLD_SIZE",
-    )  # torchrun's, MPI's (accelerate's)
+    # the world size as torchrun and MPI give it (accelerate reads these)
+    sizes = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
     if "MASTER_PORT" in os.environ and not any(map(os.getenv, sizes)) and _set_by_the_launcher("MASTER_PORT"):
         # accelerate's simple launcher, asked for several processes or machines, starts this one process alone
         raise ValueError(
@@ -199,9 +195,8 @@ def build_accelerator(train_args: TrainArguments) -> Accelerator:
             "--num_processes N (CPUs too: torchrun processes joined by gloo), or under mpirun (distributed_type "
             "MULTI_CPU), or --cpu for one process (and unset MASTER_PORT)."
         )
-    asked = os.environ.get(
-        "ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1"
-    )  # Accelerator reads it; the trainer sets its own
+    # Accelerator reads it; the trainer sets its own accumulation over it
+    asked = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")
     if asked != "1":
         logger.warning(
             "ACCELERATE_GRADIENT_ACCUMULATION_STEPS=%s is not used: the accumulation follows from --total_batch_tokens "

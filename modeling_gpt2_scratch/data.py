@@ -257,9 +257,13 @@ def _inside(path: Path, folder: Path | None) -> bool:
     return folder is not None and path.resolve().is_relative_to(folder.resolve())
 
 
-def _first_magic(pattern: str) -> int:
-    """The index of the first glob character (`*`, `?`, `[`) in `pattern`."""
-    return min((i for i in (pattern.find(c) for c in "*?[") if i >= 0), default=len(pattern))
+def local_corpus_root(dataset: str) -> Path:
+    """The path a local `--dataset` names (a file or folder), or a glob's fixed folder (`a/*/b.txt` -> `a`)."""
+    local = Path(os.path.expanduser(dataset))
+    for index, part in enumerate(local.parts):
+        if glob.has_magic(part):
+            return Path(*local.parts[:index]) if index else Path(".")
+    return local
 
 
 def _is_run_folder(folder: Path) -> bool:
@@ -331,8 +335,7 @@ def _resolve_source(name: str, exclude: Path | None = None) -> _Source:
     supported = "/".join(EXTENSION_BUILDERS)
     expanded = os.path.expanduser(name)
     path = Path(expanded)
-    # a glob's fixed folder: "data/*/a.jsonl" -> "data" (`Path("data/").parent` would be ".")
-    root = path if not glob.has_magic(expanded) else Path(os.path.dirname(expanded[: _first_magic(expanded)]))
+    root = local_corpus_root(name)  # a glob's fixed folder: "data/*/a.jsonl" -> "data"
     if exclude is not None and _inside(root, exclude):
         exclude = None  # the corpus lies inside the output folder: only an output folder inside the corpus is skipped
     if path.is_file():

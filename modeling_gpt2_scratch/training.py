@@ -30,7 +30,7 @@ from accelerate.utils import SCALER_NAME
 from transformers import HfArgumentParser
 from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup_lr_rate
 
-from .data import DataArguments, fsync_dir, one_line_parse_errors, unrecognized_arguments
+from .data import DataArguments, fsync_dir, local_corpus_root, one_line_parse_errors, unrecognized_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -424,15 +424,6 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, Data
     return model_args, data_args, train_args
 
 
-def local_corpus_root(dataset: str) -> Path:
-    """The path a local `--dataset` names (a file or folder), or a glob's fixed folder (`a/*/b.txt` -> `a`)."""
-    local = Path(os.path.expanduser(dataset))
-    for index, part in enumerate(local.parts):
-        if glob.has_magic(part):
-            return Path(*local.parts[:index]) if index else Path(".")
-    return local
-
-
 def check_output_dir_not_the_corpus(output_dir: str | os.PathLike, dataset: str) -> None:
     """Refuse an `--output_dir` that is the local corpus folder (`--dataset`, or a glob's fixed folder): the run's
     own files (`run_config.json`, `metrics.jsonl`, checkpoints) would be read as data by its next start. A run
@@ -749,8 +740,8 @@ def cpu_supports_bf16() -> bool:
 
 # what `accelerator.save_state` writes besides weights and optimizer: the main process's RNG states, and the trainer's
 # scheduler, train loader and TrainState (`register_for_checkpointing`, in that order)
-CHECKPOINT_STATE_FILES = ("random_states_0.pkl", *(f"custom_checkpoint_{i}.pkl" for i in range(3)))
 RNG_STATE = "random_states_{}.pkl"  # each process's, by its rank
+CHECKPOINT_STATE_FILES = (RNG_STATE.format(0), *(f"custom_checkpoint_{i}.pkl" for i in range(3)))
 
 
 def checkpoint_dir(output_dir: str | os.PathLike, step: int) -> Path:
